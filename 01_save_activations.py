@@ -1,0 +1,37 @@
+"""Stage 01: run the dataset through the model and save one layer's activations.
+
+    python 01_save_activations.py                      # the local preset (embedded model and corpus)
+    python 01_save_activations.py --preset=bielik      # the specification's Bielik-1.5B run
+    python 01_save_activations.py --list-layers        # every layer name of the model
+
+Writes store/runs/<run_id>/ (shards + metadata.json) and, last, store/run_id.txt.
+"""
+import sys
+
+from saekit.data import load_texts
+from saekit.models import detect_device, layer_names, load_model, resolve_layer
+from saekit.stage import record_settings, start_stage
+from saekit.store import save_activations
+
+settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
+device = detect_device(settings.DEVICE)
+model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
+
+if "list-layers" in flags:
+    print("\n".join(layer_names(model)))
+    sys.exit(0)
+resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
+
+texts = load_texts(settings.HF_DATASET, settings.DATA_SPLIT, settings.TEXT_FIELD, settings.DATA_LIMIT)
+print(texts.summary())
+
+run_dir = save_activations(
+    model, tokenizer, texts.texts, settings.LAYER_SIGNATURE, settings.store,
+    max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
+    dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS,
+    metadata={"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
+              "text_field": settings.TEXT_FIELD, "skipped_empty": texts.skipped_empty,
+              "device": str(device), "settings": settings.as_dict()},
+)
+record_settings(settings, "01_save_activations")
+print(f"saved activations to {run_dir}; {settings.store / 'run_id.txt'} names it")

