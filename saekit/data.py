@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import PipelineError
 from .settings import PROJECT_ROOT
 
 EMBEDDED_DATASET = "embedded"
@@ -18,7 +19,7 @@ EMBEDDED_CORPUS = PROJECT_ROOT / "data" / "stories.jsonl"
 EMBEDDED_SPLITS = ("train", "heldout")
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """A dataset that cannot give texts, with what to do about it."""
 
 

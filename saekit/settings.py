@@ -14,11 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .errors import PipelineError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_VAR = "SAE_ARGS"
 
 
-class SettingsError(ValueError):
+class SettingsError(PipelineError, ValueError):
     """A preset or override that config.py does not accept."""
 
 

@@ -1,9 +1,12 @@
 """What every stage does first: read the settings, say them, and keep a copy beside its artifacts."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .atomic import write_json
+from .errors import PipelineError
 from .settings import Settings, check_flags, flags, load_settings
 
 
@@ -14,6 +17,7 @@ def start_stage(name: str, args: list[str] | None = None,
     Scripts pass sys.argv[1:]; notebooks pass nothing, and the overrides come from SAE_ARGS.
     """
     if args is not None:
+        sys.excepthook = _print_pipeline_errors
         check_flags(args, set(allowed_flags))
     settings = load_settings(args)
     torch.manual_seed(settings.SEED)
@@ -24,3 +28,12 @@ def start_stage(name: str, args: list[str] | None = None,
 def record_settings(settings: Settings, stage: str) -> None:
     """store/settings/<stage>.json: the settings that made the stage's artifacts."""
     write_json(settings.store / "settings" / f"{stage}.json", settings.as_dict())
+
+
+
+def _print_pipeline_errors(kind, error, traceback) -> None:
+    """A mistake the user can fix ends a script with its message alone; anything else, a traceback."""
+    if isinstance(error, PipelineError):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, traceback)

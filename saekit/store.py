@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import PipelineError
 from .atomic import atomic_path, write_json, write_text
 from .models import forward_to_layer, resolve_layer
 
@@ -31,7 +32,7 @@ RUN_ID_FILE = "run_id.txt"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class StoreError(RuntimeError):
+class StoreError(PipelineError, RuntimeError):
     """Missing or mismatched activations, with the stage to run."""
 
 
@@ -169,15 +170,25 @@ class ActivationRun:
         """[n_tokens, 3] int32: token id, document index, position (small enough to load whole)."""
         return np.concatenate([self.shard_tokens(i) for i in range(len(self.meta["shards"]))])
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Activations of global rows [start, stop) as float32, read across shards."""
+    def rows(self, start: int, stop: int, dtype: np.dtype = np.float32) -> np.ndarray:
+        """Activations of global rows [start, stop), read across shards."""
         offsets = self.shard_offsets()
         parts = []
         for i in range(len(offsets) - 1):
             lo, hi = max(start, offsets[i]), min(stop, offsets[i + 1])
             if lo < hi:
-                parts.append(np.asarray(self.shard_acts(i)[lo - offsets[i]:hi - offsets[i]], dtype=np.float32))
-        return np.concatenate(parts) if parts else np.zeros((0, self.d_model), np.float32)
+                parts.append(np.asarray(self.shard_acts(i)[lo - offsets[i]:hi - offsets[i]], dtype=dtype))
+        return np.concatenate(parts) if parts else np.zeros((0, self.d_model), dtype)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Activations of the given global rows (sorted), as float32."""
+        offsets = self.shard_offsets()
+        parts = []
+        for i in range(len(offsets) - 1):
+            local = indices[(indices >= offsets[i]) & (indices < offsets[i + 1])] - offsets[i]
+            if len(local):
+                parts.append(np.asarray(self.shard_acts(i)[local], dtype=np.float32))
+        return np.concatenate(parts)
 
     def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
         for lo in range(start, stop, chunk):
@@ -222,3 +233,33 @@ def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -
         raise StoreError(f"activation run {run.run_id} was saved from " + " and ".join(problems)
                          + ". Run stage 01 with the current settings (python 01_save_activations.py), "
                          "or pass the settings that run used.")
+
+
+def shuffled_batches(run: ActivationRun, start: int, stop: int, batch_size: int, buffer_tokens: int,
+                     rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Rows [start, stop) in random order, in batches, holding at most about `buffer_tokens` rows.
+
+    The range is cut into chunks read contiguously from the memory-mapped shards, in a random chunk
+    order; each buffer of chunks is shuffled row by row. When the whole range fits in the buffer
+    this is a full shuffle; beyond that, memory stays flat whatever the size of the run.
+    Batches keep the stored dtype (float16 by default); the trainer converts each to float32.
+    """
+    chunk = max(batch_size, min(buffer_tokens // 16, 16384))
+    chunks = [(lo, min(stop, lo + chunk)) for lo in range(start, stop, chunk)]
+    order = rng.permutation(len(chunks))
+    carry = np.zeros((0, run.d_model), DTYPES[run.meta["dtype"]])
+    next_chunk = 0
+    while next_chunk < len(order):
+        parts, filled = [carry], len(carry)
+        while next_chunk < len(order) and filled < buffer_tokens:
+            lo, hi = chunks[order[next_chunk]]
+            parts.append(run.rows(lo, hi, dtype=carry.dtype))
+            filled += hi - lo
+            next_chunk += 1
+        buffer = np.concatenate(parts)
+        buffer = buffer[rng.permutation(len(buffer))]
+        last = next_chunk == len(order)
+        n_out = len(buffer) if last else len(buffer) // batch_size * batch_size
+        for lo in range(0, n_out, batch_size):
+            yield buffer[lo:lo + batch_size]
+        carry = buffer[n_out:]

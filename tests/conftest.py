@@ -68,3 +68,25 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
     tiny_model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_features: int = 48,
+                       active: int = 3, seed: int = 0, dtype: str = "float32", shard_tokens: int = 1000,
+                       poison_row: int | None = None):
+    """An activation run whose tokens are sparse sums of known unit directions (plus noise):
+    a TopK SAE with enough latents should reconstruct it almost perfectly."""
+    from saekit.store import RunWriter, open_run
+
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_features, d, generator=g)
+    features /= features.norm(dim=1, keepdim=True)
+    which = torch.stack([torch.randperm(n_features, generator=g)[:active] for _ in range(n_tokens)])
+    coef = 0.5 + torch.rand(n_tokens, active, generator=g)
+    x = (coef.unsqueeze(2) * features[which]).sum(1) + 0.01 * torch.randn(n_tokens, d, generator=g) + 0.3
+    if poison_row is not None:
+        x[poison_row] = float("inf")
+    docs = torch.arange(n_tokens) // 50
+    writer = RunWriter(store_dir, "synthetic", d, dtype, shard_tokens)
+    writer.add(x, torch.zeros(n_tokens, dtype=torch.long), docs, torch.arange(n_tokens) % 50)
+    writer.finish({"model_id": "synthetic", "layer_signature": "synthetic", "n_documents": int(docs[-1]) + 1})
+    return open_run(store_dir)

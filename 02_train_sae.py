@@ -1,0 +1,38 @@
+"""Stage 02: train a TopK SAE on the activations saved by stage 01.
+
+    python 02_train_sae.py                  # settings from config.py
+    python 02_train_sae.py --TOP_K=16       # any setting, per run
+    python 02_train_sae.py --resume         # continue an interrupted run from its last epoch
+
+Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically), and a
+checkpoint after every epoch (store/sae_model/checkpoint.pt).
+"""
+import sys
+
+from saekit.atomic import write_json
+from saekit.models import detect_device
+from saekit.stage import record_settings, start_stage
+from saekit.store import check_run_matches, open_run
+from saekit.train import TrainConfig, train_sae
+
+settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
+run = open_run(settings.store)
+check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+print(f"activations: run {run.run_id}, {run.n_tokens} tokens x {run.d_model} ({run.meta['dtype']})")
+
+model_dir = settings.store / "sae_model"
+sae, record = train_sae(run, TrainConfig.from_settings(settings), checkpoint_path=model_dir / "checkpoint.pt",
+                        resume="resume" in flags, device=detect_device(settings.DEVICE))
+
+provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
+              "activation_run_id": run.run_id, "input_scale": record["input_scale"],
+              "heldout_start_row": record["heldout_start_row"], "settings": settings.as_dict()}
+sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
+write_json(settings.store / "training_history.json", {**provenance, **record})
+record_settings(settings, "02_train_sae")
+
+final = record["history"][-1]
+print(f"held-out FVU {final['heldout_fvu']:.3f} (R^2 {final['heldout_r2']:.3f}), L0 {final['heldout_l0']:.2f}, "
+      f"dead {final['heldout_dead']}/{record['n_latents']}, dense {final['heldout_dense']}, "
+      f"{final['tokens_per_s']:.0f} tokens/s")
+print(f"saved {model_dir / 'topk_sae.pt'} and {settings.store / 'training_history.json'}")

@@ -1,0 +1,230 @@
+"""Training a TopK SAE on stored activations: the recipe of Gao et al. (2024), as EleutherAI's
+sparsify and OpenAI's sparse_autoencoder run it.
+
+Recipe, and where each piece comes from:
+- Inputs scaled to unit mean squared norm, so one learning rate suits any layer or model
+  (Gao et al. 2024, sec. 2.1); the scale is folded back into the weights when saving.
+- b_dec starts at the geometric median of a sample (Bricken et al. 2023); W_enc = W_dec^T with
+  unit-norm decoder rows (Gao et al. 2024, sec. 2.4; Conerly et al. 2024).
+- Every step: the decoder-gradient component parallel to each row is removed, and rows are
+  renormalised after the step (Bricken et al. 2023), so the code scale lives in the encoder.
+- Loss: FVU of the batch (squared error over the batch's total variance), plus AuxK: the top
+  k_aux = d/2 dead latents reconstruct the residual, weight 1/32 (Gao et al. 2024, sec. A.2).
+  A latent is dead when it has not fired within DEAD_WINDOW_TOKENS training tokens.
+- Adam, lr = 2e-4 / sqrt(n_latents / 2^14) unless LR is set (Gao et al. 2024, sec. 2.3), linear
+  warmup, cosine decay to MIN_LR_FRACTION, gradient-norm clipping.
+- Batches shuffled across the whole run (store.shuffled_batches); the last HELDOUT_FRACTION of
+  documents are never trained on and give every epoch's metrics.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .atomic import save_torch
+from .errors import PipelineError
+from .metrics import ReconstructionStats
+from .sae import TopKSAE
+from .store import ActivationRun, shuffled_batches
+
+
+class TrainingDiverged(PipelineError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    n_latents_multiplier: int = 4
+    k: int = 8
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 0.0
+    warmup_steps: int = 100
+    min_lr_fraction: float = 0.1
+    grad_clip: float = 1.0
+    auxk_coef: float = 1 / 32
+    auxk_k: int = 0
+    dead_window_tokens: int = 0
+    heldout_fraction: float = 0.1
+    shuffle_buffer_tokens: int = 262144
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, s) -> "TrainConfig":
+        return cls(s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.WARMUP_STEPS,
+                   s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
+                   s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED)
+
+
+def scaled_lr(n_latents: int) -> float:
+    return 2e-4 / math.sqrt(n_latents / 2 ** 14)
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """Weiszfeld's algorithm, started from the mean."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() < 1e-6 * median.norm().clamp_min(1e-8):
+            return new
+        median = new
+    return median
+
+
+def training_sample(run: ActivationRun, stop: int, n: int = 16384) -> torch.Tensor:
+    """Up to n rows spread evenly over the training range, float32."""
+    indices = np.unique(np.linspace(0, stop - 1, min(n, stop)).astype(np.int64))
+    return torch.from_numpy(run.take(indices))
+
+
+def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+              total_variance: torch.Tensor) -> torch.Tensor:
+    """How well the top k_aux dead latents reconstruct what the live ones missed (Gao et al. 2024).
+
+    Only the dead latents' rows enter the products, so this costs little once few are dead.
+    """
+    dead_idx = dead.nonzero().squeeze(1)
+    k_aux = min(k_aux, len(dead_idx))
+    pre = (x - sae.b_dec.detach()) @ sae.W_enc[dead_idx].T + sae.b_enc[dead_idx]
+    top = pre.topk(k_aux, dim=-1, sorted=False)
+    # k_aux is close to the dead count, so a dense product over the dead rows is the cheap way
+    codes = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
+    recon = codes @ sae.W_dec[dead_idx]
+    return ((recon - residual) ** 2).sum() / total_variance
+
+
+@torch.no_grad()
+def evaluate(sae: TopKSAE, run: ActivationRun, start: int, stop: int, batch_size: int = 4096,
+             input_scale: float = 1.0, device: str | torch.device = "cpu") -> ReconstructionStats:
+    """Reconstruction and sparsity of rows [start, stop), in the units of the stored activations."""
+    stats = ReconstructionStats(sae.n_latents)
+    for chunk in run.iter_rows(start, stop, batch_size):
+        x = torch.from_numpy(chunk).to(device)
+        values, indices = sae.encode(x * input_scale)
+        stats.update(x, sae.decode(values, indices) / input_scale, values, indices)
+    return stats
+
+
+def _lr_factor(step: int, warmup: int, total: int, min_fraction: float) -> float:
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    progress = min(step / max(total, 1), 1.0)
+    return warm * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None = None, resume: bool = False,
+              device: str | torch.device = "cpu", progress: bool = True,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """Train on `run`; return the SAE (working on raw activations) and its record.
+
+    The record holds the per-epoch history, the final held-out latent frequencies, the input
+    scale, the initial weights and the held-out boundary. A checkpoint is written after every
+    epoch; with `resume`, training continues from it to the same result as an uninterrupted run.
+    """
+    heldout_start = run.heldout_start(cfg.heldout_fraction)
+    d, n_latents = run.d_model, cfg.n_latents_multiplier * run.d_model
+    k_aux = cfg.auxk_k or d // 2
+    steps_per_epoch = math.ceil(heldout_start / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    window = cfg.dead_window_tokens or min(10_000_000, max(heldout_start // 2, cfg.batch_size))
+    lr = cfg.lr or scaled_lr(n_latents)
+
+    sample = training_sample(run, heldout_start)
+    scale = float(1 / sample.pow(2).sum(1).mean().sqrt())
+    sae = TopKSAE(d, n_latents, cfg.k)
+    sae.init_weights(geometric_median(sample * scale), torch.Generator().manual_seed(cfg.seed))
+    init = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone()}
+    sae.to(device).train()
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_fraction))
+    tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+    history: list[dict[str, Any]] = []
+    fingerprint = {"run_id": run.run_id, "config": asdict(cfg)}
+    first_epoch = 0
+
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if ckpt["fingerprint"] != fingerprint:
+            raise PipelineError(
+                f"the checkpoint {checkpoint_path} was made with other settings or activations "
+                f"({ckpt['fingerprint']}); drop --resume to start afresh, or pass the settings it used")
+        sae.load_state_dict(ckpt["sae"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        tokens_since_fired = ckpt["tokens_since_fired"].to(device)
+        history, first_epoch = ckpt["history"], ckpt["epoch"] + 1
+        print(f"resuming after epoch {first_epoch} of {cfg.epochs} from {checkpoint_path}")
+
+    stats = None
+    for epoch in range(first_epoch, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
+        bar = tqdm(shuffled_batches(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, rng),
+                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress)
+        loss_sum, fvu_sum, seen, train_time = 0.0, 0.0, 0, 0.0
+        for step, batch in enumerate(bar):
+            started = time.perf_counter()
+            x = torch.from_numpy(batch).to(device, torch.float32) * scale
+            values, indices = sae.encode(x)
+            x_hat = sae.decode(values, indices)
+            residual = x - x_hat
+            total_variance = (x - x.mean(0)).pow(2).sum()
+            batch_fvu = residual.pow(2).sum() / total_variance
+            with torch.no_grad():
+                tokens_since_fired += len(x)
+                tokens_since_fired[indices[values > 0]] = 0
+                dead = tokens_since_fired >= window
+            loss = batch_fvu
+            if dead.any():
+                loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), dead, k_aux, total_variance)
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint (after epoch {epoch}) is kept at {checkpoint_path}" \
+                    if epoch and checkpoint_path else "no epoch had finished, so there is no checkpoint"
+                raise TrainingDiverged(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}. "
+                    "Lower LR (or check the activations for inf/NaN) and train again.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.project_decoder_grad()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            sae.normalize_decoder()
+            train_time += time.perf_counter() - started
+            loss_sum += loss.item() * len(x)
+            fvu_sum += batch_fvu.item() * len(x)
+            seen += len(x)
+            bar.set_postfix(loss=f"{loss.item():.4f}", fvu=f"{batch_fvu.item():.3f}", dead=int(dead.sum()))
+        bar.close()
+
+        sae.eval()
+        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device)
+        sae.train()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_fvu": fvu_sum / seen,
+                  **{f"heldout_{k}": v for k, v in stats.summary().items()},
+                  "dead_in_window": int(dead.sum()), "lr": schedule.get_last_lr()[0],
+                  "tokens_per_s": seen / train_time, "train_tokens": seen}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if checkpoint_path is not None:
+            save_torch(checkpoint_path, {"fingerprint": fingerprint, "epoch": epoch, "sae": sae.state_dict(),
+                                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                         "tokens_since_fired": tokens_since_fired, "history": history})
+
+    sae.eval()
+    if stats is None:  # resumed after the last epoch: nothing left to train
+        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device)
+    sae.fold_input_scale(scale)
+    record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": scale,
+              "heldout_start_row": heldout_start, "n_latents": n_latents, "lr": lr, "dead_window_tokens": window,
+              "k_aux": k_aux, "init": init, "config": asdict(cfg)}
+    return sae, record
