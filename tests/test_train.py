@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_synthetic_run
+from saekit import train as train_module
+from saekit.store import shuffled_batches
+from saekit.train import TrainConfig, TrainingDiverged, evaluate, train_sae
+
+CFG = dict(n_latents_multiplier=4, k=3, epochs=4, batch_size=128, lr=3e-3, warmup_steps=10,
+           heldout_fraction=0.2, shuffle_buffer_tokens=2048)
+
+
+def test_trains_on_sparse_synthetic_data(tmp_path):
+    run = make_synthetic_run(tmp_path, dtype="float16")
+    sae, record = train_sae(run, TrainConfig(**{**CFG, "epochs": 8}), progress=False)
+    last = record["history"][-1]
+    assert last["heldout_fvu"] < 0.2 and last["heldout_l0"] <= 3
+    fvus = [h["heldout_fvu"] for h in record["history"]]
+    assert all(a >= b for a, b in zip(fvus, fvus[1:]))  # held-out FVU falls every epoch
+    # the returned SAE works on raw activations: its own held-out FVU matches the history's
+    stats = evaluate(sae, run, record["heldout_start_row"], run.n_tokens)
+    assert abs(stats.fvu - last["heldout_fvu"]) < 1e-4
+    assert len(record["latent_frequency"]) == 64
+    assert not torch.equal(record["init"]["W_enc"], sae.W_enc.detach())
+
+
+def test_shuffled_batches_cover_every_row_once_and_differ_between_epochs(tmp_path):
+    run = make_synthetic_run(tmp_path, n_tokens=3000)
+    all_rows = run.rows(0, 2500)
+    orders = []
+    for epoch in range(2):
+        batches = list(shuffled_batches(run, 0, 2500, 100, 700, np.random.default_rng([0, epoch])))
+        seen = np.concatenate(batches)
+        assert len(seen) == 2500 and all(len(b) == 100 for b in batches)
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(all_rows, axis=0))
+        orders.append(seen)
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_streaming_holds_at_most_one_buffer(tmp_path):
+    run = make_synthetic_run(tmp_path, n_tokens=6000)
+    read = {"rows": 0}
+    real_rows = run.rows
+
+    def counting_rows(start, stop, dtype=np.float32):
+        read["rows"] += stop - start
+        return real_rows(start, stop, dtype)
+
+    run.rows = counting_rows
+    yielded, held = 0, []
+    for batch in shuffled_batches(run, 0, 6000, 64, 1024, np.random.default_rng(0)):
+        yielded += len(batch)
+        held.append(read["rows"] - yielded)
+    assert yielded == 6000 and max(held) <= 1024 + 64 * 16
+
+
+def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
+    run = make_synthetic_run(tmp_path)
+    cfg = TrainConfig(**CFG)
+    straight, straight_record = train_sae(run, cfg, checkpoint_path=tmp_path / "a.pt", progress=False)
+
+    short = TrainConfig(**{**CFG})
+    stop_after = 2
+
+    def interrupt(record):
+        if record["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(run, short, checkpoint_path=tmp_path / "b.pt", progress=False, on_epoch=interrupt)
+    resumed, resumed_record = train_sae(run, short, checkpoint_path=tmp_path / "b.pt", resume=True, progress=False)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(straight, name), getattr(resumed, name)), name
+    assert [h["heldout_fvu"] for h in straight_record["history"]] == [h["heldout_fvu"] for h in resumed_record["history"]]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    run = make_synthetic_run(tmp_path)
+    train_sae(run, TrainConfig(**{**CFG, "epochs": 1}), checkpoint_path=tmp_path / "c.pt", progress=False)
+    with pytest.raises(Exception, match="other settings"):
+        train_sae(run, TrainConfig(**{**CFG, "epochs": 1, "k": 2}), checkpoint_path=tmp_path / "c.pt",
+                  resume=True, progress=False)
+
+
+def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run = make_synthetic_run(tmp_path)
+    real = train_module.shuffled_batches
+    epochs = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        epochs["n"] += 1
+        for batch in real(*args, **kwargs):
+            if epochs["n"] == 2:
+                batch = batch.copy()
+                batch[0, 0] = np.nan
+            yield batch
+
+    monkeypatch.setattr(train_module, "shuffled_batches", poisoned)
+    ckpt = tmp_path / "d.pt"
+    with pytest.raises(TrainingDiverged, match="(?s)became nan at epoch 2.*last good checkpoint \\(after epoch 1\\)"):
+        train_sae(run, TrainConfig(**CFG), checkpoint_path=ckpt, progress=False)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["sae"].values())
