@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -189,3 +191,20 @@ def forward_to_layer(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor
     if not captured:
         raise RuntimeError("the layer was never called during the forward pass")
     return captured[0]
+
+
+@contextmanager
+def replaced_output(layer: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the layer's output is replace(output): how an SAE is spliced into a model
+    and how a layer is ablated."""
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (replace(output[0]),) + output[1:]
+        return replace(output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

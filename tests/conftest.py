@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny randomly initialised Llama and a word-level tokenizer, built offline."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,3 +92,26 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
     writer.add(x, torch.zeros(n_tokens, dtype=torch.long), docs, torch.arange(n_tokens) % 50)
     writer.finish({"model_id": "synthetic", "layer_signature": "synthetic", "n_documents": int(docs[-1]) + 1})
     return open_run(store_dir)
+
+
+def run_stage(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run a stage script the way a user does; fail the test with its output if it fails."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_args(tmp_path_factory, tiny_model_dir) -> list[str]:
+    """Settings for a whole pipeline on the tiny model and the test stories, with stages 01-02 run."""
+    folder = tmp_path_factory.mktemp("smoke")
+    stories = folder / "stories.jsonl"
+    stories.write_text("\n".join(json.dumps({"text": s}) for s in STORIES * 3))
+    args = [f"--MODEL_ID={tiny_model_dir}", f"--LAYER_SIGNATURE={TINY_LAYER}", f"--HF_DATASET={stories}",
+            f"--STORE_DIR={folder / 'store'}", "--DATA_LIMIT=24", "--EVAL_DATA_LIMIT=8", "--MAX_LENGTH=24",
+            "--EPOCHS=3", "--BATCH_SIZE_TRAIN=64", "--N_LATENTS_MULTIPLIER=2", "--TOP_K=4", "--WARMUP_STEPS=2",
+            "--HELDOUT_FRACTION=0.25", "--DEVICE=cpu", "--TOP_N_EXAMPLES=3", "--N_LATENTS_TO_NAME=2"]
+    run_stage("01_save_activations.py", args)
+    run_stage("02_train_sae.py", args)
+    return args

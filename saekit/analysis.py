@@ -1,0 +1,136 @@
+"""Stage 03: everything that decides whether training worked, computed from the stored artifacts.
+
+The notebook calls these in order, prints the results and draws them with saekit.plots; the
+verdict is also written to store/analysis.json.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import write_json
+from .data import load_texts
+from .errors import PipelineError
+from .metrics import ReconstructionStats, splice_metrics
+from .models import detect_device, load_model, resolve_layer
+from .sae import TopKSAE
+from .settings import Settings
+from .store import ActivationRun, open_run
+
+
+@dataclass
+class TrainedSAE:
+    """The SAE of stage 02 with its history and the activations it was trained on."""
+
+    sae: TopKSAE
+    meta: dict[str, Any]
+    history: dict[str, Any]
+    run: ActivationRun
+
+    @property
+    def heldout_start(self) -> int:
+        return self.meta["heldout_start_row"]
+
+
+def load_trained_sae(settings: Settings) -> TrainedSAE:
+    store = settings.store
+    sae, meta = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
+    history_file = store / "training_history.json"
+    if not history_file.exists():
+        raise PipelineError(f"{history_file} is missing. Run stage 02: python 02_train_sae.py")
+    history = json.loads(history_file.read_text())
+    if history.get("activation_run_id") != meta["activation_run_id"]:
+        raise PipelineError("training_history.json and topk_sae.pt come from different runs. "
+                            "Run stage 02 again: python 02_train_sae.py")
+    for key, setting in (("model_id", "MODEL_ID"), ("layer_signature", "LAYER_SIGNATURE")):
+        if meta[key] != getattr(settings, setting):
+            raise PipelineError(f"the SAE was trained on {key} {meta[key]!r} but {setting} is "
+                                f"{getattr(settings, setting)!r}. Run stages 01-02 with these settings, "
+                                "or pass the ones the SAE used.")
+    return TrainedSAE(sae, meta, history, open_run(store, meta["activation_run_id"]))
+
+
+@torch.no_grad()
+def heldout_tokens(trained: TrainedSAE, batch_size: int = 4096) -> dict[str, Any]:
+    """Reconstruction of every held-out token: overall stats, and L0 and error per token."""
+    sae, run = trained.sae, trained.run
+    stats = ReconstructionStats(sae.n_latents)
+    l0, sq_err = [], []
+    for chunk in run.iter_rows(trained.heldout_start, run.n_tokens, batch_size):
+        x = torch.from_numpy(chunk)
+        values, indices = sae.encode(x)
+        x_hat = sae.decode(values, indices)
+        stats.update(x, x_hat, values, indices)
+        l0.append((values > 0).sum(1).numpy())
+        sq_err.append(((x - x_hat) ** 2).sum(1).double().numpy())
+    per_token_variance = stats.total_variance / stats.n_tokens
+    return {"stats": stats, "summary": stats.summary(), "l0_per_token": np.concatenate(l0),
+            "per_token_fvu": np.concatenate(sq_err) / per_token_variance}
+
+
+def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]]:
+    """How far each weight matrix moved from its initialisation, and its value statistics."""
+    report = {}
+    for name in ("W_enc", "W_dec"):
+        trained_w = getattr(trained.sae, name).detach()
+        init_w = trained.meta["init"][name]
+        report[name] = {"relative_change": float((trained_w - init_w).norm() / init_w.norm()),
+                        "mean": float(trained_w.mean()), "std": float(trained_w.std()),
+                        "init_mean": float(init_w.mean()), "init_std": float(init_w.std())}
+    return report
+
+
+def mean_training_activation(run: ActivationRun, stop: int, batch_size: int = 65536) -> torch.Tensor:
+    total = np.zeros(run.d_model, np.float64)
+    for chunk in run.iter_rows(0, stop, batch_size):
+        total += chunk.sum(0, dtype=np.float64)
+    return torch.from_numpy(total / stop).float()
+
+
+def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True) -> dict[str, float]:
+    """CE and KL with the SAE spliced into the model, on EVAL_SPLIT texts."""
+    device = detect_device(settings.DEVICE)
+    model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    texts = load_texts(settings.HF_DATASET, settings.EVAL_SPLIT, settings.TEXT_FIELD, settings.EVAL_DATA_LIMIT)
+    sae = trained.sae.to(device)
+    mean = mean_training_activation(trained.run, trained.heldout_start)
+    result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
+                            batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
+    result["n_texts"] = len(texts)
+    return result
+
+
+def verdict(settings: Settings, k: int, heldout: dict[str, float], weights: dict[str, dict[str, float]],
+            splice: dict[str, float]) -> list[dict[str, Any]]:
+    """Each check with its value, threshold and PASS/FAIL; thresholds come from config."""
+    checks = [
+        ("L0 equals TOP_K", heldout["l0"], f"= {k} (±1%)", abs(heldout["l0"] - k) <= 0.01 * k),
+        ("dead latents (held-out)", heldout["dead_fraction"], f"<= {settings.MAX_DEAD_FRACTION}",
+         heldout["dead_fraction"] <= settings.MAX_DEAD_FRACTION),
+        ("held-out FVU", heldout["fvu"], f"<= {settings.MAX_HELDOUT_FVU}", heldout["fvu"] <= settings.MAX_HELDOUT_FVU),
+        ("CE-loss recovered vs mean-ablation", splice["ce_recovered_vs_mean"], f">= {settings.MIN_CE_RECOVERED}",
+         splice["ce_recovered_vs_mean"] >= settings.MIN_CE_RECOVERED),
+        ("delta CE (nats)", splice["delta_ce"], f"<= {settings.MAX_DELTA_CE}", splice["delta_ce"] <= settings.MAX_DELTA_CE),
+        ("W_enc moved from its initialisation", weights["W_enc"]["relative_change"],
+         f">= {settings.MIN_WEIGHT_CHANGE}", weights["W_enc"]["relative_change"] >= settings.MIN_WEIGHT_CHANGE),
+        ("W_dec moved from its initialisation", weights["W_dec"]["relative_change"],
+         f">= {settings.MIN_WEIGHT_CHANGE}", weights["W_dec"]["relative_change"] >= settings.MIN_WEIGHT_CHANGE),
+    ]
+    return [{"check": name, "value": float(value), "threshold": threshold, "result": "PASS" if ok else "FAIL"}
+            for name, value, threshold, ok in checks]
+
+
+def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],
+                   weights: dict[str, Any], splice: dict[str, float]) -> dict[str, Any]:
+    payload = {"passed": all(c["result"] == "PASS" for c in checks), "checks": checks, "heldout": heldout,
+               "weights": weights, "splice": splice, "activation_run_id": trained.run.run_id,
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "settings": settings.as_dict()}
+    write_json(settings.store / "analysis.json", payload)
+    return payload

@@ -1,0 +1,50 @@
+"""Run the pipeline's notebooks headless and keep the executed copies under store/notebooks/.
+
+    python -m saekit.notebooks 03_analyze_training.ipynb [--KEY=value ...]
+
+Settings overrides reach the notebook through SAE_ARGS, as when a user starts Jupyter with it.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .atomic import atomic_path
+from .settings import PROJECT_ROOT, load_settings
+
+
+def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: int = 3600) -> Path:
+    """Execute `notebook` top to bottom; return the path of the executed copy (and its .html)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    args = list(args or [])
+    settings = load_settings(args)
+    notebook = Path(notebook)
+    nb = nbformat.read(notebook, as_version=4)
+    previous = os.environ.get("SAE_ARGS")
+    os.environ["SAE_ARGS"] = shlex.join(args)
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    finally:
+        if previous is None:
+            os.environ.pop("SAE_ARGS", None)
+        else:
+            os.environ["SAE_ARGS"] = previous
+    out = settings.store / "notebooks" / notebook.name
+    with atomic_path(out) as tmp:
+        nbformat.write(nb, tmp)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    with atomic_path(out.with_suffix(".html")) as tmp:
+        tmp.write_text(html)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m saekit.notebooks NOTEBOOK.ipynb [--KEY=value ...]")
+    print(f"executed {run_notebook(sys.argv[1], sys.argv[2:])}")

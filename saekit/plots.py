@@ -1,0 +1,133 @@
+"""Figures for the analysis and concept stages: the training-visualisation utilities that mi_crow
+lacks. Each function returns a matplotlib Figure and, given `save_to`, also writes it as a PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _finish(fig, save_to: str | Path | None):
+    fig.tight_layout()
+    if save_to is not None:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_to, dpi=110)
+    return fig
+
+
+def training_curves(history: Sequence[dict[str, Any]], k: int, n_latents: int, save_to=None):
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss (FVU + AuxK)")
+    axes[0].plot(epochs, [h["heldout_fvu"] for h in history], "s-", label="held-out FVU")
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].legend()
+    axes[1].plot(epochs, [h["heldout_r2"] for h in history], "o-", color="tab:green")
+    axes[1].set(title="held-out R² = 1 − FVU", xlabel="epoch", ylim=(min(0, min(h["heldout_r2"] for h in history)), 1))
+    axes[2].plot(epochs, [h["heldout_l0"] for h in history], "o-", color="tab:purple", label="held-out L0")
+    axes[2].axhline(k, color="grey", ls="--", label=f"TOP_K = {k}")
+    axes[2].set(title="L0 (active latents per token)", xlabel="epoch", ylim=(0, k * 1.3))
+    axes[2].legend()
+    axes[3].plot(epochs, [100 * h["heldout_dead"] / n_latents for h in history], "o-", color="tab:red",
+                 label="never fire on held-out")
+    axes[3].plot(epochs, [100 * h["dead_in_window"] / n_latents for h in history], "s--", color="tab:orange",
+                 label="dead in training window")
+    axes[3].set(title="dead latents (%)", xlabel="epoch")
+    axes[3].legend()
+    return _finish(fig, save_to)
+
+
+def l0_distribution(l0_per_token: np.ndarray, k: int, save_to=None):
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    values, counts = np.unique(l0_per_token, return_counts=True)
+    ax.bar(values, counts / counts.sum(), color="tab:purple")
+    ax.axvline(k, color="grey", ls="--", label=f"TOP_K = {k}")
+    ax.set(title=f"L0 per held-out token (mean {l0_per_token.mean():.2f})", xlabel="active latents", ylabel="share of tokens")
+    ax.legend()
+    return _finish(fig, save_to)
+
+
+def weights_against_init(trained: dict[str, np.ndarray], init: dict[str, np.ndarray], save_to=None):
+    fig, axes = plt.subplots(1, len(trained), figsize=(6 * len(trained), 3.4))
+    for ax, name in zip(np.atleast_1d(axes), trained):
+        lo, hi = np.percentile(np.concatenate([trained[name].ravel(), init[name].ravel()]), [0.1, 99.9])
+        bins = np.linspace(lo, hi, 80)
+        ax.hist(init[name].ravel(), bins=bins, alpha=0.6, density=True, label="initialisation")
+        ax.hist(trained[name].ravel(), bins=bins, alpha=0.6, density=True, label="trained")
+        change = np.linalg.norm(trained[name] - init[name]) / np.linalg.norm(init[name])
+        ax.set(title=f"{name} values (relative change {change:.2f})", xlabel="weight", ylabel="density")
+        ax.legend()
+    return _finish(fig, save_to)
+
+
+def decoder_geometry(W_dec: np.ndarray, max_latents: int = 4096, seed: int = 0, save_to=None):
+    """Row norms, and pairwise and nearest-neighbour cosine similarity of decoder rows."""
+    rng = np.random.default_rng(seed)
+    rows = W_dec if len(W_dec) <= max_latents else W_dec[rng.choice(len(W_dec), max_latents, replace=False)]
+    norms = np.linalg.norm(W_dec, axis=1)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    np.fill_diagonal(cos, np.nan)
+    pairs = cos[np.triu_indices(len(cos), 1)]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.4))
+    axes[0].hist(norms, bins=60, color="tab:blue")
+    axes[0].set(title=f"decoder row norms (mean {norms.mean():.3f})", xlabel="‖W_dec[i]‖")
+    axes[1].hist(pairs, bins=120, color="tab:green", density=True)
+    axes[1].set(title="pairwise decoder cosine similarity", xlabel="cos", yscale="log")
+    axes[2].hist(np.nanmax(cos, axis=1), bins=60, color="tab:orange")
+    axes[2].set(title="max cosine to any other latent", xlabel="cos")
+    return _finish(fig, save_to)
+
+
+def reconstruction_error(per_token_fvu: np.ndarray, save_to=None):
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    hi = np.percentile(per_token_fvu, 99.5)
+    ax.hist(np.clip(per_token_fvu, 0, hi), bins=80, color="tab:red")
+    ax.axvline(np.median(per_token_fvu), color="k", ls="--", label=f"median {np.median(per_token_fvu):.3f}")
+    ax.set(title="per-token reconstruction error on held-out tokens", xlabel="‖x − x̂‖² / mean ‖x − x̄‖²", ylabel="tokens")
+    ax.legend()
+    return _finish(fig, save_to)
+
+
+def latent_frequency(frequencies: np.ndarray, dense_threshold: float = 0.1, save_to=None):
+    freq = np.asarray(frequencies)
+    dead = int((freq == 0).sum())
+    dense = int((freq > dense_threshold).sum())
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    live = np.log10(freq[freq > 0])
+    ax.hist(live, bins=60, density=True, color="tab:blue", label=f"live latents ({len(live)})")
+    ax.axvline(np.log10(dense_threshold), color="tab:red", ls="--", label=f"dense > {dense_threshold:.0%} ({dense})")
+    ax.set(title=f"latent firing frequency on held-out tokens — {dead} dead (never fire)",
+           xlabel="log10 firing frequency", ylabel="density")
+    ax.legend()
+    return _finish(fig, save_to)
+
+
+def cross_entropy_bars(splice: dict[str, float], save_to=None):
+    names = ["clean", "sae", "mean", "zero"]
+    labels = ["clean", "SAE spliced", "mean-ablated", "zero-ablated"]
+    values = [splice[f"ce_{n}"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    bars = ax.bar(labels, values, color=["tab:green", "tab:blue", "tab:orange", "tab:red"])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set(title=f"next-token CE (nats); recovered vs mean-ablation {splice['ce_recovered_vs_mean']:.1%}",
+           ylim=(min(values) * 0.95, max(values) * 1.03))
+    return _finish(fig, save_to)
+
+
+def most_active_latents(frequencies: np.ndarray, labels: dict[int, str] | None = None, top: int = 20, save_to=None):
+    freq = np.asarray(frequencies)
+    order = np.argsort(-freq)[:top]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    axes[0].hist(freq[freq > 0], bins=60, color="tab:blue", log=True)
+    axes[0].set(title="firing frequency of live latents", xlabel="share of tokens", ylabel="latents (log)")
+    names = [f"{i}: {labels.get(int(i), '')}"[:38] if labels else str(i) for i in order]
+    axes[1].barh(range(len(order))[::-1], freq[order], color="tab:green")
+    axes[1].set_yticks(range(len(order))[::-1], names, fontsize=8)
+    axes[1].set(title=f"top {top} latents by firing frequency", xlabel="share of tokens")
+    return _finish(fig, save_to)

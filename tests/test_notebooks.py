@@ -1,0 +1,32 @@
+"""The notebooks run headless on smoke artifacts (tiny model, test stories), as `make demo` runs them."""
+import json
+from pathlib import Path
+
+from conftest import ROOT
+from saekit.notebooks import run_notebook
+from saekit.settings import load_settings
+
+
+def test_analysis_notebook_writes_its_verdict(smoke_args):
+    executed = run_notebook(ROOT / "03_analyze_training.ipynb", smoke_args)
+    store = load_settings(smoke_args).store
+    assert executed.exists() and executed.with_suffix(".html").exists()
+    report = json.loads((store / "analysis.json").read_text())
+    checks = {c["check"]: c for c in report["checks"]}
+    assert set(checks) >= {"L0 equals TOP_K", "dead latents (held-out)", "held-out FVU",
+                           "CE-loss recovered vs mean-ablation", "delta CE (nats)", "W_enc moved from its initialisation"}
+    assert all(c["result"] in ("PASS", "FAIL") for c in report["checks"])
+    assert report["passed"] == all(c["result"] == "PASS" for c in report["checks"])
+    assert checks["L0 equals TOP_K"]["result"] == "PASS"  # TopK gives exactly k on any SAE
+    assert checks["W_enc moved from its initialisation"]["result"] == "PASS"
+    assert 0 <= report["heldout"]["fvu"] and report["splice"]["n_predictions"] > 0
+    assert report["splice"]["ce_clean"] <= report["splice"]["ce_zero"] + 1.0
+    for figure in ("training_curves", "l0_distribution", "weights_vs_init", "decoder_geometry",
+                   "reconstruction_error", "latent_frequency", "cross_entropy"):
+        assert (store / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+def test_notebooks_are_committed_without_outputs():
+    for notebook in ROOT.glob("*.ipynb"):
+        cells = json.loads(Path(notebook).read_text())["cells"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"), notebook
