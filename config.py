@@ -61,7 +61,7 @@ TOP_N_EXAMPLES = 10
 CONTEXT_TOKENS = 10  # tokens each side of the peak kept with an example
 QUANTILE_EXAMPLES = 2  # examples kept per activation quantile (4 quantiles)
 NON_ACTIVATING_EXAMPLES = 5
-N_LATENTS_TO_NAME = 32  # the most frequent live latents get a model-written name; 0 = all live
+N_LATENTS_TO_NAME = 32  # the most frequent live latents get a model-written name; 0 = all live, -1 = none
 NAMING_MODEL_ID = "embedded"  # a larger local folder or hub id names better
 NAMING_MAX_NEW_TOKENS = 16
 

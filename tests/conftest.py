@@ -115,3 +115,12 @@ def smoke_args(tmp_path_factory, tiny_model_dir) -> list[str]:
     run_stage("01_save_activations.py", args)
     run_stage("02_train_sae.py", args)
     return args
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a minimal chat template, for the code paths that prompt a model."""
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", unk_token="[UNK]")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
