@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 NB_RUN := $(PY) -m saekit.notebooks
 
-.PHONY: demo test test-all bench setup clean-store
+.PHONY: demo test test-all setup clean-store
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): requirements.txt
 demo: $(STAMP)
 	$(PY) 01_save_activations.py $(ARGS)
 	$(PY) 02_train_sae.py $(ARGS)
+	$(NB_RUN) 03_analyze_training.ipynb $(ARGS)
+	$(NB_RUN) 04_name_sae_concepts.ipynb $(ARGS)
+	$(NB_RUN) 05_show_concepts.ipynb $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

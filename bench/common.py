@@ -1,0 +1,63 @@
+"""Shared by the benchmarks: settings, timing, peak memory and where results are written."""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from saekit.atomic import write_json  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+@contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    box: dict[str, float] = {}
+    start = time.perf_counter()
+    yield box
+    box["seconds"] = time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dense_fp32_gflops(m: int = 4096, k: int = 576, n: int = 2304, repeats: int = 20) -> float:
+    """This machine's fp32 matmul throughput on an SAE-shaped product, measured now."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
+def save_result(name: str, command: str, result: dict[str, Any]) -> Path:
+    path = RESULTS / f"{name}.json"
+    write_json(path, {"command": command, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                      "torch": torch.__version__, **result})
+    return path
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
