@@ -3,10 +3,9 @@
 Both read stage 04's store/concepts.json and store/top_texts.json. The notebook gets HTML strings
 from `latent_html`; store/dashboard.html is one self-contained file (no server, no network) with
 every live latent's data embedded as JSON and a small script that draws the table and a latent's
-view in the browser. The parts of a view that are small and the same for every reader (header,
-statistics, histogram, logit lens) are rendered here once and embedded as markup; the token
-contexts, the bulk of the data, travel as numbers and are drawn by the page itself, which keeps
-the file about six times smaller than pre-rendered spans would.
+view in the browser. A latent's header, statistics, histogram and logit lens are rendered here,
+once, for both; its token contexts, the bulk of the data, travel as numbers that the page draws,
+which keeps the file several times smaller than pre-rendered spans would.
 """
 from __future__ import annotations
 
@@ -137,6 +136,7 @@ CSS = """
 .sae-stats { color: #444; margin: .2em 0 .6em; }
 .sae-row { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
 .sae-lens ol { margin: .2em 0; padding-left: 1.6em; }
+.sae-lens code { white-space: pre; }
 .sae-lens .v { color: #777; font-size: 90%; }
 .sae-examples { margin: .6em 0; }
 .sae-ex { display: flex; gap: .8em; margin: .15em 0; }
@@ -197,7 +197,7 @@ def _score(value: float | None) -> str:
 
 
 def _lens_list(title: str, pairs: list[list[Any]]) -> str:
-    items = "".join(f'<li>{html.escape(_visible(token))} <span class="v">{value:+.2f}</span></li>'
+    items = "".join(f'<li><code>{html.escape(_visible(token))}</code> <span class="v">{value:+.2f}</span></li>'
                     for token, value in pairs)
     return f"<div><b>{title}</b><ol>{items}</ol></div>"
 
@@ -221,22 +221,22 @@ def latent_summary_html(index: int, latent: dict[str, Any]) -> str:
             f'{_lens_list("suppresses", lens["suppressed"])}</div></div>')
 
 
-def _example_groups(concepts: Concepts, index: int) -> list[tuple[str, list[dict[str, Any]]]]:
+def _example_groups(concepts: Concepts, index: int, top: int | None = None) -> list[tuple[str, list[dict[str, Any]]]]:
     latent = concepts.latents[index]
-    return [("top activations", concepts.top_texts.get(index, [])),
+    return [("top activations", concepts.top_texts.get(index, [])[:top]),
             ("sampled by activation quantile (4 = highest)", latent.get("quantile_examples", [])),
             ("not activating", latent.get("non_activating", []))]
 
 
 def latent_html(concepts: Concepts, index: int, top: int = 10) -> str:
-    """Everything about one latent as an HTML fragment for the notebook (style included)."""
+    """Everything about one latent as an HTML fragment for the notebook (style included); `top`
+    limits the top activations shown."""
     latent = concepts.latents[index]
     sections = []
-    for title, examples in _example_groups(concepts, index):
-        shown = examples[:top]
+    for title, examples in _example_groups(concepts, index, top):
         rows = "".join(("" if "quantile" not in e else f'<div class="sae-quantile">quantile {e["quantile"]}</div>')
-                       + context_html(e, latent["max_activation"]) for e in shown)
-        sections.append(f'<div class="sae-examples"><b>{title}</b> ({len(shown)} of {len(examples)}){rows}</div>')
+                       + context_html(e, latent["max_activation"]) for e in examples)
+        sections.append(f'<div class="sae-examples"><b>{title}</b> ({len(examples)}){rows}</div>')
     return f'<style>{CSS}</style><div class="sae-latent">{latent_summary_html(index, latent)}{"".join(sections)}</div>'
 
 
@@ -247,8 +247,8 @@ def show_latent(concepts: Concepts, query: int | str, top: int = 10) -> int | No
     hits = search(concepts, query)
     if not hits:
         dead = isinstance(query, int) and 0 <= query < concepts.n_latents
-        print(f"latent {query} is dead: it never fired on stage 04's texts" if dead
-              else f"no live latent matches {query!r} (indices 0..{concepts.n_latents - 1}, or part of a label or name)")
+        print(f"latent {query} is dead: it never fired on stage 04's texts" if dead else
+              f"no live latent matches {query!r} (indices 0..{concepts.n_latents - 1}, or part of a label or name)")
         return None
     if len(hits) > 1:
         listed = ", ".join(f"{i} ({concepts.title(i)})" for i in hits[:10])
@@ -370,7 +370,8 @@ function compare(a, b) {  // missing values sort last in either direction
 
 function renderTable() {
   const q = search.value.trim().toLowerCase();
-  const rows = data.latents.filter(l => matches(l, q)).sort((a, b) => compare(a[sortKey], b[sortKey]) || a.index - b.index);
+  const rows = data.latents.filter(l => matches(l, q))
+    .sort((a, b) => compare(a[sortKey], b[sortKey]) || a.index - b.index);
   tbody.replaceChildren(...rows.map(l => {
     const tr = el("tr", {"data-latent": l.index}, ...columns.map(([key, , kind]) =>
       el("td", {class: kind === "text" ? "" : "num"}, fmt[kind](l[key]))));
@@ -387,8 +388,8 @@ function renderTable() {
 function contextRow(example, maxActivation) {
   const acts = example.acts || example.tokens.map(() => 0);
   const ctx = el("span", {class: "sae-ctx"}, ...example.tokens.map((token, j) => {
-    const span = el("span", {class: j === example.peak ? "sae-tok sae-peak" : "sae-tok", title: String(+acts[j].toPrecision(4))},
-                    token.replaceAll("\n", "↵"));
+    const span = el("span", {class: j === example.peak ? "sae-tok sae-peak" : "sae-tok",
+                             title: String(+acts[j].toPrecision(4))}, token.replaceAll("\n", "↵"));
     if (acts[j] > 0) span.style.background = `rgba(${SHADE}, ${Math.min(1, acts[j] / maxActivation).toFixed(2)})`;
     return span;
   }));
@@ -398,6 +399,7 @@ function contextRow(example, maxActivation) {
 function showLatent(index) {
   const l = byIndex.get(index);
   selected = index;
+  view.dataset.latent = index;
   for (const tr of tbody.children) tr.classList.toggle("selected", Number(tr.dataset.latent) === index);
   if (!l) {
     view.replaceChildren(el("p", {}, `Latent ${index} is dead (it never fired on the texts) or does not exist.`));
@@ -405,11 +407,10 @@ function showLatent(index) {
   }
   const summary = el("div", {});
   summary.innerHTML = l.summary_html;
-  view.dataset.latent = index;
   view.replaceChildren(summary, ...l.groups.map(g => el("div", {class: "sae-examples"},
     el("b", {}, g.title), ` (${g.examples.length})`,
-    ...g.examples.flatMap(e => e.quantile ? [el("div", {class: "sae-quantile"}, `quantile ${e.quantile}`), contextRow(e, l.max_activation)]
-                                          : [contextRow(e, l.max_activation)]))));
+    ...g.examples.flatMap(e => [...(e.quantile ? [el("div", {class: "sae-quantile"}, `quantile ${e.quantile}`)] : []),
+                                contextRow(e, l.max_activation)]))));
 }
 
 function applyHash() {

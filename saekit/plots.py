@@ -131,3 +131,15 @@ def most_active_latents(frequencies: np.ndarray, labels: dict[int, str] | None =
     axes[1].set_yticks(range(len(order))[::-1], names, fontsize=8)
     axes[1].set(title=f"top {top} latents by firing frequency", xlabel="share of tokens")
     return _finish(fig, save_to)
+
+
+def peak_tokens(rows: Sequence[dict[str, Any]], save_to=None):
+    """The tokens that most often carry a latent's peak (rows of saekit.dashboard.peak_tokens)."""
+    tokens = [repr(r["token"]) for r in rows][::-1]  # repr shows a token's leading space
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.4), sharey=True)
+    axes[0].barh(tokens, [r["examples"] for r in rows][::-1], color="tab:blue")
+    axes[0].set(title="peak token of top examples", xlabel="examples")
+    axes[1].barh(tokens, [r["mean_score"] for r in rows][::-1], color="tab:orange")
+    axes[1].set(title="mean score at that peak", xlabel="activation")
+    axes[0].tick_params(axis="y", labelsize=8)
+    return _finish(fig, save_to)

@@ -18,10 +18,11 @@ MODEL_ID = "fixture-model"
 
 
 def _example(words: list[str], peak: int, score: float, doc: int, zero: bool = False) -> dict:
+    tokens = [w if j == 0 else " " + w for j, w in enumerate(words)]  # as decoded one by one: with their spaces
     lo, hi = max(0, peak - 4), min(len(words), peak + 5)
     acts = [0.0 if zero else round(score * 0.5 ** abs(j - peak), 4) for j in range(lo, hi)]
-    return {"text": " ".join(words), "score": 0.0 if zero else score, "token_str": words[peak], "token_idx": peak + 1,
-            "doc_index": doc, "context": {"tokens": words[lo:hi], "activations": acts, "peak": peak - lo}}
+    return {"text": "".join(tokens), "score": 0.0 if zero else score, "token_str": tokens[peak], "token_idx": peak + 1,
+            "doc_index": doc, "context": {"tokens": tokens[lo:hi], "activations": acts, "peak": peak - lo}}
 
 
 def write_concept_store(store: Path, n_latents: int = 16, live: tuple[int, ...] = (1, 4, 7, 9, 12),
@@ -75,7 +76,7 @@ def test_tables_search_and_summary(concepts):
     assert dashboard.search(concepts, 3) == [] and dashboard.search(concepts, "no such thing") == []
     assert set(dashboard.search(concepts, '"')) == {1, 4, 7, 9, 12}
     peaks = dashboard.peak_tokens(concepts)
-    assert {"token": "dog", "examples": 1, "latents": 1, "mean_score": 3.0} in peaks
+    assert {"token": " dog", "examples": 1, "latents": 1, "mean_score": 3.0} in peaks
     assert [p["examples"] for p in peaks] == sorted((p["examples"] for p in peaks), reverse=True)
     stats = dashboard.summary(concepts)
     assert (stats["live latents"], stats["dead latents"], stats["named latents"]) == (5, 11, 1)
@@ -95,7 +96,7 @@ def test_latent_html_escapes_text_and_marks_the_peak(concepts):
     page = dashboard.latent_html(concepts, 12)
     assert "<img" not in page and "&lt;/script&gt;&lt;img" in page
     page = dashboard.latent_html(concepts, 7)
-    assert re.search(r'class="sae-tok sae-peak" style="background: rgba\([^)]*, 1.00\)"[^>]*>dog</span>', page)
+    assert re.search(r'class="sae-tok sae-peak" style="background: rgba\([^)]*, 1.00\)"[^>]*> dog</span>', page)
     assert "<svg" in page and "up7_0" in page and "down7_9" in page and "dogs and pets" in page
 
 
@@ -106,7 +107,36 @@ def test_dashboard_is_self_contained_and_escaped(concepts, tmp_path):
     assert "<" not in data  # so no text inside can close the script element
     latents = json.loads(data)["latents"]
     assert [l["index"] for l in latents] == [1, 4, 7, 9, 12]
-    assert next(l for l in latents if l["index"] == 12)["groups"][0]["examples"][0]["tokens"][3] == NASTY
+    assert next(l for l in latents if l["index"] == 12)["groups"][0]["examples"][0]["tokens"][3] == " " + NASTY
+
+
+def test_dashboard_reads_what_stage_04_writes(tiny_model, tiny_tokenizer, tmp_path):
+    import torch
+
+    from saekit import concepts as stage04
+    from saekit.models import resolve_layer
+    from saekit.sae import TopKSAE
+
+    sae = TopKSAE(32, 64, 4)
+    sae.init_weights(torch.zeros(32), torch.Generator().manual_seed(0))
+    col = stage04.collect(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), sae.eval(), STORIES,
+                          top_n=3, context_tokens=2, sample_size=8, background_texts=4, max_length=20, batch_size=4,
+                          progress=False)
+    meta = {"model_id": MODEL_ID, "layer_signature": TINY_LAYER, "dataset": "stories", "split": "heldout"}
+    top_texts, exported = stage04.build_exports(col, tiny_model, tiny_tokenizer, sae, context_tokens=2, per_quantile=1,
+                                                non_activating=2, meta=meta)
+    stage04.write_exports(tmp_path, top_texts, exported)
+    concepts = dashboard.load_concepts(load_settings([f"--STORE_DIR={tmp_path}", f"--MODEL_ID={MODEL_ID}",
+                                                      f"--LAYER_SIGNATURE={TINY_LAYER}"]))
+    live = sorted(concepts.latents)
+    assert live == sorted(int(i) for i in exported["latents"]) and len(live) > 5
+    assert all("sae-peak" in dashboard.latent_html(concepts, i) for i in live)
+    assert dashboard.summary(concepts)["live latents"] == len(live) and dashboard.peak_tokens(concepts)
+    data = dashboard.dashboard_data(concepts)
+    assert sorted(l["index"] for l in data["latents"]) == live
+    for latent in data["latents"]:
+        top = latent["groups"][0]["examples"]
+        assert top and all(e["tokens"][e["peak"]] for e in top) and "<svg" in latent["summary_html"]
 
 
 def _chromium_dom(page: Path, fragment: str, tmp_path: Path) -> str:
@@ -133,8 +163,8 @@ def test_dashboard_renders_in_headless_chromium(concepts, tmp_path):
     assert _rows(dom) == [7] and "1 of 5 live latents" in dom
     view = dom[dom.index('<section id="view"'):]
     assert 'data-latent="7"' in view[:200] and "latent 7: dogs and pets" in view
-    assert re.search(r'<span class="sae-tok sae-peak"[^>]*>dog</span>', view)  # the peak, outlined
-    assert re.search(r'<span class="sae-tok" title="1.5" style="background: rgba\(255, 127, 14, 0\.5\);">big', view)
+    assert re.search(r'<span class="sae-tok sae-peak"[^>]*> dog</span>', view)  # the peak, outlined
+    assert re.search(r'<span class="sae-tok" title="1.5" style="background: rgba\(255, 127, 14, 0\.5\);"> big', view)
     assert "<svg" in view and "up7_0" in view and "down7_9" in view
     assert "quantile 4" in view and "not activating" in view
 

@@ -116,7 +116,8 @@ def generate_batch(model, tokenizer, prompts: list[str], seed: int, max_new_toke
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
-            **enc, do_sample=True, temperature=0.8, top_p=0.95, repetition_penalty=1.1,
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, temperature=0.8,
+            top_p=0.95, repetition_penalty=1.1,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--model", default="embedded", help="'embedded' or a local transformers folder")
     ap.add_argument("--cache-dir", default="store/models", help="where the embedded model's weights are cached")
     ap.add_argument("--out", default="data/stories.jsonl")
+    ap.add_argument("--max-batches", type=int, default=200, help="give up if the filters leave too few stories")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -163,6 +165,9 @@ def main() -> None:
     start, batch_index, new_tokens = time.time(), 0, 0
     bar = tqdm(total=target, desc="stories kept", unit="story")
     while len(kept) < target:
+        if batch_index >= args.max_batches:
+            sys.exit(f"error: after {batch_index} batches only {len(kept)} of {target} stories passed the filters "
+                     f"(dropped: {dict(dropped)}); raise --max-batches or relax --min-words")
         prompts = [make_prompt(rng) for _ in range(args.batch_size)]
         if batch_index in done:
             records = done[batch_index]
