@@ -57,7 +57,8 @@ def load_concepts(settings: Settings) -> Concepts:
     paths = [store / CONCEPTS_FILE, store / TOP_TEXTS_FILE]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise PipelineError(f"{', '.join(missing)} missing from {store}. Run stage 04 first: it finds "
+        raise PipelineError(f"{', '.join(missing)} missing from {store}. Run stage 04 first "
+                            "(04_name_sae_concepts.ipynb): it finds "
                             "each latent's concepts and writes them there.")
     concepts = json.loads(paths[0].read_text())
     top_texts = json.loads(paths[1].read_text())

@@ -64,11 +64,11 @@ def tiny_model(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
+def tiny_model_dir(tmp_path_factory, tiny_model, chat_tokenizer) -> Path:
     """The tiny model saved as a local transformers folder, as a hub download would be."""
     path = tmp_path_factory.mktemp("tiny_model")
     tiny_model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
     return path
 
 
@@ -111,7 +111,8 @@ def smoke_args(tmp_path_factory, tiny_model_dir) -> list[str]:
     args = [f"--MODEL_ID={tiny_model_dir}", f"--LAYER_SIGNATURE={TINY_LAYER}", f"--HF_DATASET={stories}",
             f"--STORE_DIR={folder / 'store'}", "--DATA_LIMIT=24", "--EVAL_DATA_LIMIT=8", "--MAX_LENGTH=24",
             "--EPOCHS=3", "--BATCH_SIZE_TRAIN=64", "--N_LATENTS_MULTIPLIER=2", "--TOP_K=4", "--WARMUP_STEPS=2",
-            "--HELDOUT_FRACTION=0.25", "--DEVICE=cpu", "--TOP_N_EXAMPLES=3", "--N_LATENTS_TO_NAME=2"]
+            "--HELDOUT_FRACTION=0.25", "--DEVICE=cpu", "--TOP_N_EXAMPLES=3", "--N_LATENTS_TO_NAME=2",
+            f"--NAMING_MODEL_ID={tiny_model_dir}", "--NAMING_MAX_NEW_TOKENS=4"]
     run_stage("01_save_activations.py", args)
     run_stage("02_train_sae.py", args)
     return args
