@@ -38,13 +38,13 @@ TOP_K = 8
 EPOCHS = 10
 BATCH_SIZE_TRAIN = 1024
 LR = 0.0  # 0 = scale with the number of latents: LR_BASE / sqrt(n_latents / 2**14) (Gao et al. 2024)
-LR_BASE = 1.5e-3  # Gao et al. use 2e-4 for runs of billions of tokens; short CPU runs need more (observations.md)
+LR_BASE = 1e-3  # Gao et al. use 2e-4 for runs of billions of tokens; short CPU runs need more (observations.md)
 WARMUP_STEPS = 100
 MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of LR
 GRAD_CLIP = 1.0
 AUXK_COEF = 1 / 32
 AUXK_K = 0  # 0 = d_in / 2
-DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = half an epoch, at most 10M
+DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = a tenth of an epoch, at most 10M
 HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
 SHUFFLE_BUFFER_TOKENS = 262144  # activations held in memory at once while streaming from disk
 SEED = 0

@@ -9,8 +9,9 @@ latent that never wins a TopK slot gets no examples (mi_crow ranks by pre-activa
 observations.md).
 
 Beside the top N, a uniform sample of each latent's activating texts (random priorities through
-the same buffers) gives examples per activation quantile, and a fixed background sample of texts
-gives non-activating examples and n-gram background counts.
+the same buffers) gives examples per activation quantile; a fixed background sample of texts, kept
+with its sparse codes, gives non-activating windows (where the latent is silent throughout) and
+n-gram background counts.
 
 Naming. Every live latent gets a deterministic label without any model (the first rule that fits:
 dominant peak token, next-token pattern, logit-lens outputs, distinctive n-grams), scored as a
@@ -44,7 +45,7 @@ from .sae import TopKSAE
 
 HIST_EDGES = np.logspace(-3, 3, 61)  # activation histogram bins (log-spaced: any layer's scale fits)
 QUANTILES = 4
-NAME_PROMPT_VERSION = 1
+NAME_PROMPT_VERSION = 2
 
 
 class ExampleBuffer:
@@ -88,8 +89,8 @@ class Collection:
     max_activation: torch.Tensor
     histogram: torch.Tensor
     background_docs: list[int]
-    background_fired: torch.Tensor  # [n_latents, len(background_docs)] bool
-    background_ids: list[list[int]]
+    background_ids: list[list[int]]  # real token ids of each background text
+    background_latents: list[torch.Tensor]  # [tokens, k] indices of the latents firing on each token (-1: none)
     n_tokens: int
     tokens_per_s: float
 
@@ -125,8 +126,8 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, top_n: i
     background_docs = sorted(np.random.default_rng(seed).choice(len(texts), min(background_texts, len(texts)),
                                                                  replace=False).tolist())
     background_slot = {doc: i for i, doc in enumerate(background_docs)}
-    background_fired = torch.zeros(n, len(background_docs), dtype=torch.bool)
     background_ids: list[list[int]] = [[] for _ in background_docs]
+    background_latents: list[torch.Tensor] = [torch.empty(0, sae.k, dtype=torch.long) for _ in background_docs]
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     codes_of = _LayerCodes(model, layer, sae)
     device = next(model.parameters()).device
@@ -169,11 +170,12 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, top_n: i
 
         for b, d in enumerate(docs.tolist()):
             if d in background_slot:
-                background_fired[:, background_slot[d]] = fired[:, b]
+                top_k = codes[b][real[b]].topk(sae.k, dim=1)
                 background_ids[background_slot[d]] = ids[b][real[b]].tolist()
+                background_latents[background_slot[d]] = torch.where(top_k.values > 0, top_k.indices, -1)
 
     return Collection(texts, top, sample, fire_counts, activation_sums, max_activation, histogram, background_docs,
-                      background_fired, background_ids, n_tokens, n_tokens / (time.perf_counter() - started))
+                      background_ids, background_latents, n_tokens, n_tokens / (time.perf_counter() - started))
 
 
 # --- turning the buffers into examples ---------------------------------------------------------
@@ -219,17 +221,26 @@ def _quantile_examples(examples: list[dict[str, Any]], per_quantile: int) -> lis
 
 def _non_activating(col: Collection, latent: int, count: int, window: int, tokens: TokenStrings,
                     rng: np.random.Generator) -> list[dict[str, Any]]:
-    slots = (~col.background_fired[latent]).nonzero().squeeze(1).tolist()
+    """Up to `count` windows of background texts where the latent is silent on every token."""
     examples = []
-    for slot in slots[:count]:
+    for slot in rng.permutation(len(col.background_docs)).tolist():
         ids = col.background_ids[slot]
-        start = int(rng.integers(0, max(1, len(ids) - window + 1)))
+        silent = ~(col.background_latents[slot] == latent).any(1).numpy()
+        # window starts whose whole window is silent: a sliding count of silent tokens
+        run = np.convolve(silent.astype(int), np.ones(min(window, len(ids)), int), mode="valid")
+        starts = np.flatnonzero(run == min(window, len(ids)))
+        if not len(starts):
+            continue
+        start = int(rng.choice(starts))
         window_ids = ids[start:start + window]
+        middle = len(window_ids) // 2
         examples.append({"text": col.texts[col.background_docs[slot]], "score": 0.0,
-                         "token_str": tokens(window_ids[len(window_ids) // 2]), "token_idx": start + len(window_ids) // 2,
+                         "token_str": tokens(window_ids[middle]), "token_idx": start + middle,
                          "doc_index": col.background_docs[slot],
                          "context": {"tokens": [tokens(i) for i in window_ids], "activations": [0.0] * len(window_ids),
-                                     "peak": len(window_ids) // 2}})
+                                     "peak": middle}})
+        if len(examples) == count:
+            break
     return examples
 
 
@@ -342,31 +353,43 @@ def _window_text(example: dict[str, Any]) -> str:
     return "".join(example["context"]["tokens"]).replace("\n", " ").strip()
 
 
-def naming_prompt(examples: list[dict[str, Any]]) -> str:
+_NAMING_QUESTION = "What do the marked words have in common? Answer with a short phrase."
+# Two worked examples teach a small instruct model the format; without them SmolLM2-135M copies a line.
+_NAMING_EXAMPLES = [
+    ("1. The<< cat>> sat on the mat.\n2. A little<< dog>> barked at the door.\n3. The<< bird>> sang a song.",
+     "animals"),
+    ("1. They played all day<<.>>\n2. She went home<<.>> Then\n3. It was fun<<.>>", "the end of a sentence"),
+]
+
+
+def naming_messages(examples: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The chat that asks for a latent's name: two worked examples, then its highlighted contexts."""
     lines = "\n".join(f"{i + 1}. {_highlighted(e).strip()}" for i, e in enumerate(examples))
-    return ("Each line below is a piece of a story. In every line one word is marked like <<this>>.\n"
-            f"{lines}\n"
-            "What do the marked words have in common? Answer with a short phrase of at most six words.")
+    messages = [{"role": "system", "content": "You name the pattern behind words marked <<like this>>."}]
+    for shown, answer in _NAMING_EXAMPLES:
+        messages += [{"role": "user", "content": f"{shown}\n{_NAMING_QUESTION}"},
+                     {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": f"{lines}\n{_NAMING_QUESTION}"}]
 
 
-def _chat(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+def _chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _clean_name(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line.strip(" \"'.*:").removeprefix("The marked words are").strip()[:80] or "(no name)"
+    return line.strip(" \"'.*:")[:80] or "(no name)"
 
 
 @torch.no_grad()
-def write_names(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy one-line answers to `prompts`."""
+def write_names(model, tokenizer, chats: list[list[dict[str, str]]], max_new_tokens: int,
+                batch_size: int = 8) -> list[str]:
+    """Greedy one-line answers to `chats`."""
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     names = []
     try:
-        for lo in range(0, len(prompts), batch_size):
-            enc = tokenizer([_chat(tokenizer, p) for p in prompts[lo:lo + batch_size]], return_tensors="pt",
+        for lo in range(0, len(chats), batch_size):
+            enc = tokenizer([_chat(tokenizer, c) for c in chats[lo:lo + batch_size]], return_tensors="pt",
                             padding=True, add_special_tokens=False).to(next(model.parameters()).device)
             out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -381,7 +404,8 @@ def write_names(model, tokenizer, prompts: list[str], max_new_tokens: int, batch
 def detection_votes(model, tokenizer, name: str, windows: list[str], batch_size: int = 16) -> list[bool]:
     """For each window, does the model answer Yes (over No) to "does this text contain <name>"?"""
     yes, no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
-    prompts = [_chat(tokenizer, f'Pattern: {name}\nText: {w}\nDoes the text contain the pattern? Answer Yes or No.')
+    prompts = [_chat(tokenizer, [{"role": "user", "content": f"Pattern: {name}\nText: {w}\n"
+                                                             "Does the text contain the pattern? Answer Yes or No."}])
                for w in windows]
     votes = []
     tokenizer.padding_side = "left"  # the answer's logits sit at the last position of every row
@@ -408,7 +432,7 @@ def name_latents(model, tokenizer, latents: dict[int, dict[str, Any]], cache_pat
     bar = tqdm(total=len(latents), initial=len(latents) - len(todo), desc="naming latents", disable=not progress)
     for lo in range(0, len(todo), batch_size):
         batch = todo[lo:lo + batch_size]
-        names = write_names(model, tokenizer, [naming_prompt(latents[i]["top"][:8]) for i in batch], max_new_tokens,
+        names = write_names(model, tokenizer, [naming_messages(latents[i]["top"][:8]) for i in batch], max_new_tokens,
                             batch_size)
         for i, name in zip(batch, names):
             # plain windows: the marked peak would give the answer away

@@ -120,11 +120,14 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
         valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
         clean_logp = _next_token_logprobs(model, enc)
         sums["clean"].nll += _nll(clean_logp, targets, valid)
+        clean_p = clean_logp.exp()
+        # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
+        neg_entropy = (clean_p * clean_logp).sum(-1)
         for name, replace in variants.items():
             with replaced_output(layer, replace):
                 logp = _next_token_logprobs(model, enc)
             sums[name].nll += _nll(logp, targets, valid)
-            sums[name].kl += float((clean_logp.exp() * (clean_logp - logp)).sum(-1)[valid].double().sum())
+            sums[name].kl += float((neg_entropy - (clean_p * logp).sum(-1))[valid].double().sum())
         n_predictions += int(valid.sum())
     ce = {name: s.nll / n_predictions for name, s in sums.items()}
     result = {f"ce_{name}": value for name, value in ce.items()}

@@ -10,10 +10,11 @@ Recipe, and where each piece comes from:
   renormalised after the step (Bricken et al. 2023), so the code scale lives in the encoder.
 - Loss: FVU of the batch (squared error over the batch's total variance), plus AuxK: the top
   k_aux = d/2 dead latents reconstruct the residual, weight 1/32 (Gao et al. 2024, sec. A.2).
-  A latent is dead when it has not fired within DEAD_WINDOW_TOKENS training tokens.
+  A latent is dead when it has not fired within DEAD_WINDOW_TOKENS training tokens (by default a
+  tenth of an epoch, at most 10M: Gao et al.'s 10M suits runs of billions of tokens).
 - Adam, lr = LR_BASE / sqrt(n_latents / 2^14) unless LR is set: the scaling of Gao et al. 2024
   (sec. 2.3), whose base of 2e-4 suits runs of billions of tokens; a run of a million tokens on a
-  CPU needs a larger base (1.5e-3 measured best, observations.md). Linear warmup, cosine decay to
+  CPU needs a larger base (1e-3 measured best, observations.md). Linear warmup, cosine decay to
   MIN_LR_FRACTION, gradient-norm clipping.
 - Batches shuffled across the whole run (store.shuffled_batches); the last HELDOUT_FRACTION of
   documents are never trained on and give every epoch's metrics.
@@ -44,21 +45,23 @@ class TrainingDiverged(PipelineError):
 
 @dataclass
 class TrainConfig:
-    n_latents_multiplier: int = 4
-    k: int = 8
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 0.0
-    lr_base: float = 1.5e-3
-    warmup_steps: int = 100
-    min_lr_fraction: float = 0.1
-    grad_clip: float = 1.0
-    auxk_coef: float = 1 / 32
-    auxk_k: int = 0
-    dead_window_tokens: int = 0
-    heldout_fraction: float = 0.1
-    shuffle_buffer_tokens: int = 262144
-    seed: int = 0
+    """The training settings of config.py (TrainConfig.from_settings), in the trainer's own names."""
+
+    n_latents_multiplier: int
+    k: int
+    epochs: int
+    batch_size: int
+    lr: float
+    lr_base: float
+    warmup_steps: int
+    min_lr_fraction: float
+    grad_clip: float
+    auxk_coef: float
+    auxk_k: int
+    dead_window_tokens: int
+    heldout_fraction: float
+    shuffle_buffer_tokens: int
+    seed: int
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
@@ -137,7 +140,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     k_aux = cfg.auxk_k or d // 2
     steps_per_epoch = math.ceil(heldout_start / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    window = cfg.dead_window_tokens or min(10_000_000, max(heldout_start // 2, cfg.batch_size))
+    # a tenth of an epoch: long enough that a latent of average frequency fires ~k*window/n times in it
+    window = cfg.dead_window_tokens or min(10_000_000, max(heldout_start // 10, cfg.batch_size))
     lr = cfg.lr or scaled_lr(n_latents, cfg.lr_base)
 
     sample = training_sample(run, heldout_start)

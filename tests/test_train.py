@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,15 +7,21 @@ import torch
 from conftest import make_synthetic_run
 from saekit import train as train_module
 from saekit.store import shuffled_batches
+from saekit.settings import load_settings
 from saekit.train import TrainConfig, TrainingDiverged, evaluate, train_sae
 
-CFG = dict(n_latents_multiplier=4, k=3, epochs=4, batch_size=128, lr=3e-3, warmup_steps=10,
-           heldout_fraction=0.2, shuffle_buffer_tokens=2048)
+SMALL = dict(n_latents_multiplier=4, k=3, epochs=4, batch_size=128, lr=3e-3, warmup_steps=10,
+             heldout_fraction=0.2, shuffle_buffer_tokens=2048)
+
+
+def _cfg(**overrides) -> TrainConfig:
+    """config.py's training settings, sized down for the synthetic runs."""
+    return replace(TrainConfig.from_settings(load_settings([])), **{**SMALL, **overrides})
 
 
 def test_trains_on_sparse_synthetic_data(tmp_path):
     run = make_synthetic_run(tmp_path, dtype="float16")
-    sae, record = train_sae(run, TrainConfig(**{**CFG, "epochs": 8}), progress=False)
+    sae, record = train_sae(run, _cfg(epochs=8), progress=False)
     last = record["history"][-1]
     assert last["heldout_fvu"] < 0.2 and last["heldout_l0"] <= 3
     fvus = [h["heldout_fvu"] for h in record["history"]]
@@ -57,10 +65,10 @@ def test_streaming_holds_at_most_one_buffer(tmp_path):
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
     run = make_synthetic_run(tmp_path)
-    cfg = TrainConfig(**CFG)
+    cfg = _cfg()
     straight, straight_record = train_sae(run, cfg, checkpoint_path=tmp_path / "a.pt", progress=False)
 
-    short = TrainConfig(**{**CFG})
+    short = _cfg()
     stop_after = 2
 
     def interrupt(record):
@@ -77,9 +85,9 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     run = make_synthetic_run(tmp_path)
-    train_sae(run, TrainConfig(**{**CFG, "epochs": 1}), checkpoint_path=tmp_path / "c.pt", progress=False)
+    train_sae(run, _cfg(epochs=1), checkpoint_path=tmp_path / "c.pt", progress=False)
     with pytest.raises(Exception, match="other settings"):
-        train_sae(run, TrainConfig(**{**CFG, "epochs": 1, "k": 2}), checkpoint_path=tmp_path / "c.pt",
+        train_sae(run, _cfg(epochs=1, k=2), checkpoint_path=tmp_path / "c.pt",
                   resume=True, progress=False)
 
 
@@ -99,6 +107,6 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     monkeypatch.setattr(train_module, "shuffled_batches", poisoned)
     ckpt = tmp_path / "d.pt"
     with pytest.raises(TrainingDiverged, match="(?s)became nan at epoch 2.*last good checkpoint \\(after epoch 1\\)"):
-        train_sae(run, TrainConfig(**CFG), checkpoint_path=ckpt, progress=False)
+        train_sae(run, _cfg(), checkpoint_path=ckpt, progress=False)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["sae"].values())
