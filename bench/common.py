@@ -46,7 +46,7 @@ def dense_fp32_gflops(m: int = 4096, k: int = 576, n: int = 2304, repeats: int =
 
 def save_result(name: str, command: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
-    write_json(path, {"command": command, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    write_json(path, {"command": command.strip(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                       "torch": torch.__version__, **result})
     return path

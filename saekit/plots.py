@@ -65,22 +65,26 @@ def weights_against_init(trained: dict[str, np.ndarray], init: dict[str, np.ndar
     return _finish(fig, save_to)
 
 
-def decoder_geometry(W_dec: np.ndarray, max_latents: int = 4096, seed: int = 0, save_to=None):
-    """Row norms, and pairwise and nearest-neighbour cosine similarity of decoder rows."""
+def decoder_geometry(W_dec: np.ndarray, W_enc: np.ndarray, max_latents: int = 4096, seed: int = 0, save_to=None):
+    """Decoder and encoder row norms, and pairwise and nearest-neighbour cosine of decoder rows."""
     rng = np.random.default_rng(seed)
     rows = W_dec if len(W_dec) <= max_latents else W_dec[rng.choice(len(W_dec), max_latents, replace=False)]
-    norms = np.linalg.norm(W_dec, axis=1)
+    dec_norms, enc_norms = np.linalg.norm(W_dec, axis=1), np.linalg.norm(W_enc, axis=1)
     unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     cos = unit @ unit.T
     np.fill_diagonal(cos, np.nan)
     pairs = cos[np.triu_indices(len(cos), 1)]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 3.4))
-    axes[0].hist(norms, bins=60, color="tab:blue")
-    axes[0].set(title=f"decoder row norms (mean {norms.mean():.3f})", xlabel="‖W_dec[i]‖")
-    axes[1].hist(pairs, bins=120, color="tab:green", density=True)
-    axes[1].set(title="pairwise decoder cosine similarity", xlabel="cos", yscale="log")
-    axes[2].hist(np.nanmax(cos, axis=1), bins=60, color="tab:orange")
-    axes[2].set(title="max cosine to any other latent", xlabel="cos")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 3.4))
+    # decoder rows are renormalised every step, so their histogram is one bar: the range shows it
+    axes[0].hist(dec_norms, bins=40, range=(0.9, 1.1), color="tab:blue")
+    axes[0].set(title=f"decoder row norms (unit by construction; max |1 − ‖·‖| {np.abs(dec_norms - 1).max():.1e})",
+                xlabel="‖W_dec[i]‖")
+    axes[1].hist(enc_norms, bins=60, color="tab:purple")
+    axes[1].set(title="encoder row norms (the code scale)", xlabel="‖W_enc[i]‖")
+    axes[2].hist(pairs, bins=120, color="tab:green", density=True)
+    axes[2].set(title="pairwise decoder cosine similarity", xlabel="cos", yscale="log")
+    axes[3].hist(np.nanmax(cos, axis=1), bins=60, color="tab:orange")
+    axes[3].set(title="max cosine to any other latent", xlabel="cos")
     return _finish(fig, save_to)
 
 
