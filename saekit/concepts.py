@@ -45,7 +45,7 @@ from .sae import TopKSAE
 
 HIST_EDGES = np.logspace(-3, 3, 61)  # activation histogram bins (log-spaced: any layer's scale fits)
 QUANTILES = 4
-NAME_PROMPT_VERSION = 2
+NAME_PROMPT_VERSION = 3
 
 
 class ExampleBuffer:
@@ -353,27 +353,21 @@ def _window_text(example: dict[str, Any]) -> str:
     return "".join(example["context"]["tokens"]).replace("\n", " ").strip()
 
 
-_NAMING_QUESTION = "What do the marked words have in common? Answer with a short phrase."
-# Two worked examples teach a small instruct model the format; without them SmolLM2-135M copies a line.
-_NAMING_EXAMPLES = [
-    ("1. The<< cat>> sat on the mat.\n2. A little<< dog>> barked at the door.\n3. The<< bird>> sang a song.",
-     "animals"),
-    ("1. They played all day<<.>>\n2. She went home<<.>> Then\n3. It was fun<<.>>", "the end of a sentence"),
-]
+# SmolLM2-135M copies any example it is shown as a "name" (a worked example, or the first context),
+# so the prompt lists the marked words on a line of their own and the answer is begun for it.
+_NAME_PREFIX = "They are"
 
 
 def naming_messages(examples: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The chat that asks for a latent's name: two worked examples, then its highlighted contexts."""
-    lines = "\n".join(f"{i + 1}. {_highlighted(e).strip()}" for i, e in enumerate(examples))
-    messages = [{"role": "system", "content": "You name the pattern behind words marked <<like this>>."}]
-    for shown, answer in _NAMING_EXAMPLES:
-        messages += [{"role": "user", "content": f"{shown}\n{_NAMING_QUESTION}"},
-                     {"role": "assistant", "content": answer}]
-    return messages + [{"role": "user", "content": f"{lines}\n{_NAMING_QUESTION}"}]
+    """The chat that asks for a latent's name from its highlighted contexts and its peak tokens."""
+    contexts = "\n".join(f"- {_highlighted(e).strip()}" for e in examples[:4])
+    words = ", ".join(dict.fromkeys(e["token_str"].strip() or repr(e["token_str"]) for e in examples))
+    return [{"role": "user", "content": f"Examples:\n{contexts}\nThe marked words: {words}.\n"
+                                        "Describe what the marked words have in common in a few words."}]
 
 
-def _chat(tokenizer, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _chat(tokenizer, messages: list[dict[str, str]], answer_prefix: str = "") -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
 
 
 def _clean_name(text: str) -> str:
@@ -389,10 +383,12 @@ def write_names(model, tokenizer, chats: list[list[dict[str, str]]], max_new_tok
     names = []
     try:
         for lo in range(0, len(chats), batch_size):
-            enc = tokenizer([_chat(tokenizer, c) for c in chats[lo:lo + batch_size]], return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(next(model.parameters()).device)
-            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            enc = tokenizer([_chat(tokenizer, c, _NAME_PREFIX) for c in chats[lo:lo + batch_size]],
+                            return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(next(model.parameters()).device)
+            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
             names += [_clean_name(t) for t in tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:],
                                                                       skip_special_tokens=True)]
     finally:
