@@ -25,10 +25,11 @@ a rough first-order view of what the latent promotes, not a measurement.
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import write_json, write_text
-from .models import forward_to_layer
+from .data import load_texts
+from .errors import PipelineError
+from .models import detect_device, forward_to_layer, load_model, resolve_layer
 from .sae import TopKSAE
 
 HIST_EDGES = np.logspace(-3, 3, 61)  # activation histogram bins (log-spaced: any layer's scale fits)
@@ -112,8 +115,6 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, top_n: i
             sample_size: int, background_texts: int, max_length: int, batch_size: int, seed: int = 0,
             progress: bool = True) -> Collection:
     """One pass over `texts` with the SAE attached at `layer`."""
-    import time
-
     n = sae.n_latents
     window = 2 * context_tokens + 1
     generator = torch.Generator().manual_seed(seed)
@@ -510,10 +511,6 @@ def run_concepts(settings, progress: bool = True) -> dict:
     """Stage 04 from the settings: collect, label, name the most frequent latents, write the exports.
 
     Returns the concepts export (store/concepts.json)."""
-    from .data import load_texts
-    from .errors import PipelineError
-    from .models import detect_device, load_model, resolve_layer
-
     device = detect_device(settings.DEVICE)
     sae, sae_meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
     if (sae_meta["model_id"], sae_meta["layer_signature"]) != (settings.MODEL_ID, settings.LAYER_SIGNATURE):

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+
+from .models import replaced_output
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than this share of tokens is "dense"
 
@@ -101,10 +104,6 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     run over every real next-token prediction (padding excluded); log-probabilities are float32,
     their sums float64.
     """
-    from tqdm.auto import tqdm
-
-    from .models import replaced_output
-
     device = next(model.parameters()).device
     variants = {
         "sae": reconstruct,

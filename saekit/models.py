@@ -157,12 +157,6 @@ def resolve_layer(model: nn.Module, signature: str) -> nn.Module:
     return model.get_submodule(names[signature])
 
 
-def layer_index(signature: str) -> int | None:
-    """The block number in a signature such as ..._layers_15_post_attention_layernorm."""
-    match = re.search(r"_layers_(\d+)_", signature)
-    return int(match.group(1)) if match else None
-
-
 class _StopForward(Exception):
     pass
 
