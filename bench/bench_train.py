@@ -54,7 +54,7 @@ def run_mi_crow(settings, run, heldout_start):
         with timer() as t:
             result = sae.train(store, "acts", layer, config)
     engine = sae.sae_engine.eval()
-    stats = ReconstructionStats(sae.n_latents if hasattr(sae, "n_latents") else engine.nb_concepts)
+    stats = ReconstructionStats(settings.N_LATENTS_MULTIPLIER * d)
     with torch.no_grad():
         for chunk in run.iter_rows(heldout_start, run.n_tokens, 4096):
             x = torch.from_numpy(chunk)

@@ -16,11 +16,12 @@ import torch
 from .atomic import write_json
 from .data import load_texts
 from .errors import PipelineError
-from .metrics import ReconstructionStats, splice_metrics
+from .metrics import splice_metrics
 from .models import detect_device, load_model, resolve_layer
-from .sae import TopKSAE
+from .sae import TopKSAE, check_sae_matches
 from .settings import Settings
 from .store import ActivationRun, open_run
+from .train import evaluate
 
 
 @dataclass
@@ -47,30 +48,15 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
     if history.get("activation_run_id") != meta["activation_run_id"]:
         raise PipelineError("training_history.json and topk_sae.pt come from different runs. "
                             "Run stage 02 again: python 02_train_sae.py")
-    for key, setting in (("model_id", "MODEL_ID"), ("layer_signature", "LAYER_SIGNATURE")):
-        if meta[key] != getattr(settings, setting):
-            raise PipelineError(f"the SAE was trained on {key} {meta[key]!r} but {setting} is "
-                                f"{getattr(settings, setting)!r}. Run stages 01-02 with these settings, "
-                                "or pass the ones the SAE used.")
+    check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     return TrainedSAE(sae, meta, history, open_run(store, meta["activation_run_id"]))
 
 
-@torch.no_grad()
-def heldout_tokens(trained: TrainedSAE, batch_size: int = 4096) -> dict[str, Any]:
+def heldout_tokens(trained: TrainedSAE) -> dict[str, Any]:
     """Reconstruction of every held-out token: overall stats, and L0 and error per token."""
-    sae, run = trained.sae, trained.run
-    stats = ReconstructionStats(sae.n_latents)
-    l0, sq_err = [], []
-    for chunk in run.iter_rows(trained.heldout_start, run.n_tokens, batch_size):
-        x = torch.from_numpy(chunk)
-        values, indices = sae.encode(x)
-        x_hat = sae.decode(values, indices)
-        stats.update(x, x_hat, values, indices)
-        l0.append((values > 0).sum(1).numpy())
-        sq_err.append(((x - x_hat) ** 2).sum(1).double().numpy())
-    per_token_variance = stats.total_variance / stats.n_tokens
-    return {"stats": stats, "summary": stats.summary(), "l0_per_token": np.concatenate(l0),
-            "per_token_fvu": np.concatenate(sq_err) / per_token_variance}
+    stats = evaluate(trained.sae, trained.run, trained.heldout_start, trained.run.n_tokens, per_token=True)
+    return {"stats": stats, "summary": stats.summary(), "l0_per_token": stats.per_token_l0(),
+            "per_token_fvu": stats.per_token_fvu()}
 
 
 def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]]:

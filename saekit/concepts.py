@@ -42,9 +42,8 @@ from tqdm.auto import tqdm
 
 from .atomic import write_json, write_text
 from .data import load_texts
-from .errors import PipelineError
 from .models import detect_device, forward_to_layer, load_model, resolve_layer
-from .sae import TopKSAE
+from .sae import TopKSAE, check_sae_matches
 
 HIST_EDGES = np.logspace(-3, 3, 61)  # activation histogram bins (log-spaced: any layer's scale fits)
 QUANTILES = 4
@@ -98,18 +97,6 @@ class Collection:
     tokens_per_s: float
 
 
-class _LayerCodes:
-    """SAE codes of the hooked layer's output; the forward pass stops right after that layer."""
-
-    def __init__(self, model, layer, sae: TopKSAE):
-        self.model, self.layer, self.sae = model, layer, sae
-
-    @torch.no_grad()
-    def __call__(self, enc) -> torch.Tensor:
-        hidden = forward_to_layer(self.model, self.layer, enc.input_ids, enc.attention_mask)
-        return self.sae.dense_codes(hidden.float())  # [B, T, n_latents]
-
-
 @torch.no_grad()
 def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, top_n: int, context_tokens: int,
             sample_size: int, background_texts: int, max_length: int, batch_size: int, seed: int = 0,
@@ -130,7 +117,6 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, top_n: i
     background_ids: list[list[int]] = [[] for _ in background_docs]
     background_latents: list[torch.Tensor] = [torch.empty(0, sae.k, dtype=torch.long) for _ in background_docs]
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    codes_of = _LayerCodes(model, layer, sae)
     device = next(model.parameters()).device
     offsets = torch.arange(-context_tokens, context_tokens + 1)
     n_tokens, started = 0, time.perf_counter()
@@ -138,7 +124,9 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, top_n: i
     for start in tqdm(range(0, len(texts), batch_size), desc="collecting concepts", unit="batch", disable=not progress):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length).to(device)
-        codes = codes_of(enc).cpu()
+        # the SAE is hooked on at the layer, and the forward pass stops right after it
+        hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
+        codes = sae.dense_codes(hidden.float()).cpu()  # [B, T, n_latents]
         ids, real = enc.input_ids.cpu(), enc.attention_mask.cpu().bool()
         countable = real & ~torch.isin(ids, special_ids)  # special tokens never count as a peak
         codes *= countable.unsqueeze(2)
@@ -513,10 +501,7 @@ def run_concepts(settings, progress: bool = True) -> dict:
     Returns the concepts export (store/concepts.json)."""
     device = detect_device(settings.DEVICE)
     sae, sae_meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
-    if (sae_meta["model_id"], sae_meta["layer_signature"]) != (settings.MODEL_ID, settings.LAYER_SIGNATURE):
-        raise PipelineError(f"the SAE was trained on {sae_meta['model_id']!r} at {sae_meta['layer_signature']!r}, "
-                            "not on MODEL_ID / LAYER_SIGNATURE of these settings. Run stages 01-02 with them, "
-                            "or pass the settings the SAE used.")
+    check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
     layer = resolve_layer(model, settings.LAYER_SIGNATURE)
     texts = load_texts(settings.HF_DATASET, settings.EVAL_SPLIT, settings.TEXT_FIELD, settings.EVAL_DATA_LIMIT)

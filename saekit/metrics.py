@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,7 +34,10 @@ class ReconstructionStats:
     sum_sq_x: float = 0.0
     sum_sq_err: float = 0.0
     l0_total: int = 0
+    per_token: bool = False  # also keep each token's L0 and squared error (stage 03's histograms)
     fire_counts: torch.Tensor = field(init=False)
+    _token_l0: list[torch.Tensor] = field(init=False, default_factory=list)
+    _token_sq_err: list[torch.Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.long)
@@ -43,8 +47,12 @@ class ReconstructionStats:
         x64 = x.double()
         self.sum_x = x64.sum(0) if self.sum_x is None else self.sum_x + x64.sum(0)
         self.sum_sq_x += float((x64 ** 2).sum())
-        self.sum_sq_err += float(((x64 - x_hat.double()) ** 2).sum())
+        sq_err = ((x64 - x_hat.double()) ** 2).sum(1)
+        self.sum_sq_err += float(sq_err.sum())
         active = values > 0
+        if self.per_token:
+            self._token_l0.append(active.sum(1).cpu())
+            self._token_sq_err.append(sq_err.cpu())
         self.l0_total += int(active.sum())
         self.fire_counts += torch.bincount(indices[active].flatten().cpu(), minlength=self.n_latents)
         self.n_tokens += len(x)
@@ -69,6 +77,13 @@ class ReconstructionStats:
     @property
     def frequencies(self) -> torch.Tensor:
         return self.fire_counts.double() / max(self.n_tokens, 1)
+
+    def per_token_l0(self) -> np.ndarray:
+        return torch.cat(self._token_l0).numpy()
+
+    def per_token_fvu(self) -> np.ndarray:
+        """Each token's squared error over the average token's variance."""
+        return torch.cat(self._token_sq_err).numpy() / (self.total_variance / self.n_tokens)
 
     def summary(self) -> dict[str, float]:
         freq = self.frequencies

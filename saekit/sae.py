@@ -169,3 +169,12 @@ class TopKSAE(nn.Module):
         sae = cls(blob["d_in"], blob["n_latents"], blob["k"])
         sae.load_state_dict(blob["state_dict"])
         return sae.to(device).eval(), blob["metadata"]
+
+
+def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: str) -> None:
+    """Stop a stage from attaching an SAE to a model or layer other than the one it was trained on."""
+    for key, setting, value in (("model_id", "MODEL_ID", model_id),
+                                ("layer_signature", "LAYER_SIGNATURE", layer_signature)):
+        if metadata[key] != value:
+            raise SAEFileError(f"the SAE was trained on {key} {metadata[key]!r} but {setting} is {value!r}. "
+                               "Run stages 01-02 with these settings, or pass the ones the SAE used.")

@@ -30,7 +30,6 @@ def record_settings(settings: Settings, stage: str) -> None:
     write_json(settings.store / "settings" / f"{stage}.json", settings.as_dict())
 
 
-
 def _print_pipeline_errors(kind, error, traceback) -> None:
     """A mistake the user can fix ends a script with its message alone; anything else, a traceback."""
     if isinstance(error, PipelineError):

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import PipelineError
 from .atomic import atomic_path, write_json, write_text
+from .errors import PipelineError
 from .models import forward_to_layer, resolve_layer
 
 RUN_ID_FILE = "run_id.txt"

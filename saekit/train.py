@@ -110,9 +110,10 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead: torch
 
 @torch.no_grad()
 def evaluate(sae: TopKSAE, run: ActivationRun, start: int, stop: int, batch_size: int = 4096,
-             input_scale: float = 1.0, device: str | torch.device = "cpu") -> ReconstructionStats:
+             input_scale: float = 1.0, device: str | torch.device = "cpu",
+             per_token: bool = False) -> ReconstructionStats:
     """Reconstruction and sparsity of rows [start, stop), in the units of the stored activations."""
-    stats = ReconstructionStats(sae.n_latents)
+    stats = ReconstructionStats(sae.n_latents, per_token=per_token)
     for chunk in run.iter_rows(start, stop, batch_size):
         x = torch.from_numpy(chunk).to(device)
         values, indices = sae.encode(x * input_scale)
