@@ -1,0 +1,71 @@
+"""Stage 03's CE goal against the SAE's size, sparsity, epochs and training data, in one run.
+
+Each configuration (a set of setting overrides on top of config.py) trains an SAE on the store's
+current activations (stage 01's run) without touching store/sae_model, then splices it into the
+model on the same EVAL_SPLIT texts: held-out FVU, ΔCE, CE-loss recovered against mean- and
+zero-ablation, and KL, as stage 03 computes them. Fewer training documents are had by holding
+more out (HELDOUT_FRACTION), with epochs raised so every configuration takes the same number of
+steps; their held-out FVU is then over more documents, their CE over the same texts.
+
+    .venv/bin/python bench/ce_frontier.py                         # the configurations below
+    .venv/bin/python bench/ce_frontier.py "--TOP_K=128"           # others, one per argument
+
+The configurations below write bench/results/ce_frontier.json; others, ce_frontier_custom.json.
+"""
+import shlex
+import sys
+
+from common import save_result, table, timer
+
+from saekit.analysis import mean_training_activation
+from saekit.data import load_texts
+from saekit.metrics import splice_metrics
+from saekit.models import load_model, resolve_layer
+from saekit.settings import load_settings
+from saekit.store import open_run
+from saekit.train import TrainConfig, evaluate, train_sae
+
+CONFIGURATIONS = [
+    "",  # the embedded default
+    "--HELDOUT_FRACTION=0.775 --EPOCHS=40",  # a quarter of the training documents
+    "--HELDOUT_FRACTION=0.55 --EPOCHS=20",  # half
+    "--EPOCHS=30",
+    "--TOP_K=16",
+    "--TOP_K=32",
+    "--TOP_K=64",
+    "--N_LATENTS_MULTIPLIER=16 --TOP_K=32",
+]
+EVAL_TEXTS = 100
+
+configurations = sys.argv[1:] or CONFIGURATIONS
+base = load_settings([])
+run = open_run(base.store)
+model, tokenizer = load_model(base.MODEL_ID, "cpu", cache_dir=base.store / "models")
+layer = resolve_layer(model, base.LAYER_SIGNATURE)
+texts = load_texts(base.HF_DATASET, base.EVAL_SPLIT, base.TEXT_FIELD, EVAL_TEXTS).texts
+
+rows = []
+for overrides in configurations:
+    settings = load_settings(shlex.split(overrides))
+    with timer() as t:
+        sae, record = train_sae(run, TrainConfig.from_settings(settings), progress=False)
+    heldout_start = record["heldout_start_row"]
+    heldout = evaluate(sae, run, heldout_start, run.n_tokens).summary()
+    splice = splice_metrics(model, tokenizer, layer, texts, sae, mean_training_activation(run, heldout_start),
+                            settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE, progress=False)
+    row = {"overrides": overrides or "(default)", "train_tokens": heldout_start, "train_seconds": t["seconds"],
+           "heldout_fvu": heldout["fvu"], "dead": heldout["dead"], "delta_ce": splice["delta_ce"],
+           "recovered_vs_mean": splice["ce_recovered_vs_mean"], "recovered_vs_zero": splice["ce_recovered_vs_zero"],
+           "kl": splice["kl_sae"], "splice": splice}
+    rows.append(row)
+    print(table([row], ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "kl",
+                        "train_seconds"]), flush=True)
+
+columns = ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "recovered_vs_zero",
+           "kl", "train_seconds"]
+print(table(rows, columns))
+goal = {"min_recovered_vs_mean": base.MIN_CE_RECOVERED, "max_delta_ce": base.MAX_DELTA_CE}
+path = save_result("ce_frontier" if configurations is CONFIGURATIONS else "ce_frontier_custom",
+                   "bench/ce_frontier.py " + " ".join(shlex.quote(c) for c in sys.argv[1:]),
+                   {"run_id": run.run_id, "eval_texts": len(texts), "goal": goal, "results": rows})
+print(f"wrote {path}")
