@@ -36,6 +36,8 @@ CONFIGURATIONS = [
     "--N_LATENTS_MULTIPLIER=16 --TOP_K=32",
 ]
 EVAL_TEXTS = 100
+COLUMNS = ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "recovered_vs_zero",
+           "kl", "train_seconds"]
 
 configurations = sys.argv[1:] or CONFIGURATIONS
 base = load_settings([])
@@ -58,12 +60,9 @@ for overrides in configurations:
            "recovered_vs_mean": splice["ce_recovered_vs_mean"], "recovered_vs_zero": splice["ce_recovered_vs_zero"],
            "kl": splice["kl_sae"], "splice": splice}
     rows.append(row)
-    print(table([row], ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "kl",
-                        "train_seconds"]), flush=True)
+    print(table([row], COLUMNS), flush=True)
 
-columns = ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "recovered_vs_zero",
-           "kl", "train_seconds"]
-print(table(rows, columns))
+print(table(rows, COLUMNS))
 goal = {"min_recovered_vs_mean": base.MIN_CE_RECOVERED, "max_delta_ce": base.MAX_DELTA_CE}
 path = save_result("ce_frontier" if configurations is CONFIGURATIONS else "ce_frontier_custom",
                    "bench/ce_frontier.py " + " ".join(shlex.quote(c) for c in sys.argv[1:]),
