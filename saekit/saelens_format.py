@@ -1,0 +1,131 @@
+"""TopK SAEs in SAELens's on-disk format: a folder holding `cfg.json` and `sae_weights.safetensors`.
+
+Stage 02 writes its SAE this way too (next to topk_sae.pt), so that `sae_lens.SAE.load_from_disk`
+loads it and reconstructs exactly as this project does; stages 03-05 read such a folder through
+`load_saelens` (setting SAE_PATH), so an SAE trained with SAELens, or a pretrained one downloaded
+by hand, can be analysed here. Only JSON and safetensors are read or written: loading runs no code.
+
+SAELens 6 conventions this module relies on (sae_lens/saes/topk_sae.py, sae.py):
+- W_enc is stored [d_in, d_sae], the transpose of this project's [n_latents, d_in]; W_dec, b_enc
+  and b_dec have this project's shapes.
+- encode = ReLU(TopK(W_enc^T (x - b_dec) + b_enc)) when `apply_b_dec_to_input`, the same as
+  TopKSAE.encode; decode = codes @ W_dec + b_dec.
+- `rescale_acts_by_decoder_norm` multiplies the pre-activations by each decoder row's norm before
+  the TopK and divides the codes by it before decoding: equivalent to scaling encoder rows up and
+  decoder rows down by that norm, which `load_saelens` folds into the weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import PipelineError
+from .sae import TopKSAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+# the config layout written here is SAELens 6's; an older version number would make SAELens
+# convert the file as a pre-6 config
+SAELENS_CONFIG_VERSION = "6.0.0"
+
+
+class SAELensFormatError(PipelineError):
+    pass
+
+
+def is_saelens_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: str,
+                 metadata: dict[str, Any] | None = None) -> Path:
+    """Write `sae` as a SAELens TopK SAE into `folder`, replacing what was there as one step.
+
+    `metadata` (JSON values: run id, settings, ...) goes into cfg.json's "metadata" beside
+    model_name and hook_name; SAELens keeps it and ignores what it does not know.
+    """
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    weights = {"W_enc": sae.W_enc.detach().T, "b_enc": sae.b_enc.detach(),
+               "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
+    save_file({name: w.float().cpu().contiguous() for name, w in weights.items()}, str(partial / WEIGHTS_FILE))
+    cfg = {"architecture": "topk", "d_in": sae.d_in, "d_sae": sae.n_latents, "k": sae.k,
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+           "rescale_acts_by_decoder_norm": False, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"sae_lens_version": SAELENS_CONFIG_VERSION, "model_name": model_name,
+                        "hook_name": hook_name, **(metadata or {})}}
+    (partial / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    # swap the folders so a reader sees the old pair or the new pair, never one file of each
+    old = folder.with_name(folder.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        folder.rename(old)
+    partial.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
+def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
+    """(sae, cfg) from a SAELens folder holding a TopK SAE; cfg is cfg.json as a dict.
+
+    The SAE behaves exactly as SAELens's TopKSAE with that config, on raw activations.
+    """
+    folder = Path(folder)
+    if not is_saelens_folder(folder):
+        raise SAELensFormatError(f"{folder} is not an SAE in SAELens's format (it needs {CFG_FILE} and "
+                                 f"{WEIGHTS_FILE}). Set SAE_PATH to such a folder, or to '' for stage 02's SAE.")
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise SAELensFormatError(f"{folder / CFG_FILE} cannot be read as JSON: {err}") from None
+    architecture = cfg.get("architecture") or ("topk" if cfg.get("activation_fn") == "topk" else "standard")
+    if architecture != "topk":
+        raise SAELensFormatError(f"{folder} holds a {architecture!r} SAE; stages 03-05 analyse TopK SAEs only "
+                                 "(architecture 'topk' in cfg.json)")
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize != "none":
+        raise SAELensFormatError(f"{folder} normalises its inputs at run time ({normalize!r}), which needs "
+                                 "statistics the folder does not hold; only 'none' is supported")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+            weights = {name: f.get_tensor(name).float() for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise SAELensFormatError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {err}") from None
+    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(weights)
+    if missing:
+        raise SAELensFormatError(f"{folder / WEIGHTS_FILE} lacks {', '.join(sorted(missing))}")
+
+    W_enc, b_enc, W_dec, b_dec = (weights[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    d_in, d_sae = W_enc.shape
+    if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise SAELensFormatError(f"{folder}: weight shapes W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
+                                 f"b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)} do not fit together")
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        norms = W_dec.norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):
+        # x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc): the same codes from centred inputs
+        b_enc = b_enc + b_dec @ W_enc
+    if not isinstance(k, int) or not 0 < k <= d_sae:
+        raise SAELensFormatError(f"{folder / CFG_FILE}: k must be an integer in 1..{d_sae}, got {k!r}")
+
+    sae = TopKSAE(d_in, d_sae, k)
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc.T)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+    return sae.to(device).eval(), cfg

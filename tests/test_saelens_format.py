@@ -1,0 +1,132 @@
+"""The SAELens-format export and loader. The round trip through SAELens itself runs in the peer venv
+that `make bench-peers` creates (bench/.venv-saelens), and is skipped where it is absent (CI)."""
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+from saekit.sae import TopKSAE
+from saekit.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
+
+SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
+
+
+def _trained_looking_sae(d=12, n=40, k=5, seed=0) -> TopKSAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, n, k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(n, d, generator=g))
+        sae.W_dec.copy_(torch.randn(n, d, generator=g) / d ** 0.5)
+        sae.b_enc.copy_(torch.randn(n, generator=g) * 0.3)
+        sae.b_dec.copy_(torch.randn(d, generator=g))
+    return sae.eval()
+
+
+def _saelens_reference(cfg: dict, weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """SAELens 6's TopK forward written out densely (sae_lens/saes/topk_sae.py), for comparison."""
+    sae_in = x - weights["b_dec"] * cfg.get("apply_b_dec_to_input", True)
+    pre = sae_in @ weights["W_enc"] + weights["b_enc"]
+    norms = weights["W_dec"].norm(dim=1)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        pre = pre * norms
+    top = pre.topk(cfg["k"], dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        codes = codes / norms
+    return codes @ weights["W_dec"] + weights["b_dec"]
+
+
+def test_export_and_load_reproduce_the_reconstruction(tmp_path):
+    sae = _trained_looking_sae()
+    folder = save_saelens(sae, tmp_path / "saelens", "some/model", "some_layer", {"activation_run_id": "r1"})
+    assert sorted(p.name for p in folder.iterdir()) == [CFG_FILE, WEIGHTS_FILE]
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (12, 40, 5)
+    assert cfg["metadata"]["hook_name"] == "some_layer" and cfg["metadata"]["activation_run_id"] == "r1"
+
+    x = torch.randn(200, 12)
+    with torch.no_grad():
+        expected = sae(x)
+        torch.testing.assert_close(_saelens_reference(cfg, load_file(folder / WEIGHTS_FILE), x), expected)
+        loaded, loaded_cfg = load_saelens(folder)
+        assert torch.equal(loaded(x), expected) and loaded_cfg == cfg
+
+
+def test_saving_again_replaces_the_folder_whole(tmp_path):
+    save_saelens(_trained_looking_sae(seed=0), tmp_path / "saelens", "m", "h")
+    second = _trained_looking_sae(seed=1)
+    save_saelens(second, tmp_path / "saelens", "m", "h")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saelens"]
+    assert torch.equal(load_saelens(tmp_path / "saelens")[0].W_enc, second.W_enc)
+
+
+@pytest.mark.parametrize("rescale, apply_b_dec", [(True, True), (False, False), (True, False)])
+def test_options_saelens_applies_at_run_time_are_folded_into_the_weights(tmp_path, rescale, apply_b_dec):
+    g = torch.Generator().manual_seed(3)
+    weights = {"W_enc": torch.randn(12, 40, generator=g), "b_enc": torch.randn(40, generator=g),
+               "W_dec": torch.randn(40, 12, generator=g) * 3, "b_dec": torch.randn(12, generator=g)}
+    cfg = {"architecture": "topk", "d_in": 12, "d_sae": 40, "k": 6, "dtype": "float32",
+           "apply_b_dec_to_input": apply_b_dec, "rescale_acts_by_decoder_norm": rescale,
+           "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12"}}
+    save_file(weights, str(tmp_path / WEIGHTS_FILE))
+    (tmp_path / CFG_FILE).write_text(json.dumps(cfg))
+    x = torch.randn(300, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(load_saelens(tmp_path)[0](x), _saelens_reference(cfg, weights, x),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_what_it_cannot_read_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(SAELensFormatError, match="needs cfg.json"):
+        load_saelens(tmp_path)
+    folder = save_saelens(_trained_looking_sae(), tmp_path / "s", "m", "h")
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    (folder / CFG_FILE).write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
+    with pytest.raises(SAELensFormatError, match="TopK SAEs only"):
+        load_saelens(folder)
+    (folder / CFG_FILE).write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    with pytest.raises(SAELensFormatError, match="normalises its inputs"):
+        load_saelens(folder)
+    (folder / CFG_FILE).write_text(json.dumps(cfg))
+    (folder / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(SAELensFormatError, match="not a readable safetensors"):
+        load_saelens(folder)
+
+
+@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="SAELens venv absent: make bench-peers creates it")
+def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
+    """Both directions, in SAELens itself: SAE.load_from_disk on our export reconstructs as we do,
+    and a TopK SAE that SAELens saves (decoder-norm rescaling on) loads here with its reconstruction."""
+    sae = _trained_looking_sae()
+    save_saelens(sae, tmp_path / "ours", "m", "h")
+    x = torch.randn(256, 12)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    script = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from sae_lens import SAE
+        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+        x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
+        ours = SAE.load_from_disk({str(tmp_path / "ours")!r})
+        torch.manual_seed(0)
+        theirs = TopKSAE(TopKSAEConfig(d_in=12, d_sae=40, k=5, rescale_acts_by_decoder_norm=True))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.normal_()
+            theirs.W_dec.mul_(2.5)
+            theirs.save_model({str(tmp_path / "theirs")!r})
+            save_file({{"ours": ours(x), "theirs": theirs(x)}}, {str(tmp_path / "out.safetensors")!r})
+        print(type(ours).__name__)
+    """)
+    proc = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "TopKSAE"
+    out = load_file(tmp_path / "out.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(out["ours"], sae(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_saelens(tmp_path / "theirs")[0](x), out["theirs"], rtol=1e-4, atol=1e-4)
