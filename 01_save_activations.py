@@ -8,7 +8,7 @@ Writes store/runs/<run_id>/ (shards + metadata.json) and, last, store/run_id.txt
 """
 import sys
 
-from saekit.data import load_texts
+from saekit.data import load_role_texts
 from saekit.models import detect_device, layer_names, load_model, resolve_layer
 from saekit.stage import record_settings, start_stage
 from saekit.store import save_activations
@@ -22,7 +22,7 @@ if "list-layers" in flags:
     sys.exit(0)
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
 
-texts = load_texts(settings.HF_DATASET, settings.DATA_SPLIT, settings.TEXT_FIELD, settings.DATA_LIMIT)
+texts = load_role_texts(settings, "train")
 print(texts.summary())
 
 run_dir = save_activations(

@@ -4,12 +4,13 @@
     python 02_train_sae.py --TOP_K=16       # any setting, per run
     python 02_train_sae.py --resume         # continue an interrupted run from its last epoch
 
-Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically), and a
-checkpoint after every epoch (store/sae_model/checkpoint.pt).
+Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically; the history
+names the SAE by its checksum, so a reader can tell a matched pair), and a checkpoint after every
+epoch (store/sae_model/checkpoint.pt). Every file loads without running code.
 """
 import sys
 
-from saekit.atomic import write_json
+from saekit.integrity import write_sealed_json
 from saekit.models import detect_device
 from saekit.stage import record_settings, start_stage
 from saekit.store import check_run_matches, open_run
@@ -27,8 +28,8 @@ sae, record = train_sae(run, TrainConfig.from_settings(settings), checkpoint_pat
 provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
               "activation_run_id": run.run_id, "input_scale": record["input_scale"],
               "heldout_start_row": record["heldout_start_row"], "settings": settings.as_dict()}
-sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
-write_json(settings.store / "training_history.json", {**provenance, **record})
+sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
+write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
 record_settings(settings, "02_train_sae")
 
 final = record["history"][-1]

@@ -5,7 +5,8 @@ Three ways to change one:
   * per run on the command line:  python 02_train_sae.py --TOP_K=16
   * name a preset:                python 01_save_activations.py --preset=bielik
     (or set PRESET below). A preset is a set of overrides applied on top of these defaults;
-    `--preset=path/to/file.py` reads UPPER_CASE constants from a file instead.
+    `--preset=path/to/file.py` reads UPPER_CASE = literal lines from a file instead (read as data,
+    never run).
 Notebooks take the same overrides from the SAE_ARGS environment variable,
 e.g. SAE_ARGS="--preset=bielik --TOP_K=16" jupyter lab.
 
@@ -23,7 +24,9 @@ DEVICE = "auto"  # auto = cuda, then mps, then cpu
 # --- data ---------------------------------------------------------------------------------
 HF_DATASET = "embedded"  # "embedded" = data/stories.jsonl; or a hub id, or a local .txt/.jsonl/.parquet file
 DATA_SPLIT = "train"  # split for stages 01-02
-EVAL_SPLIT = "heldout"  # split for evaluation (stage 03) and the concept stages (04-05)
+EVAL_DATASET = ""  # texts for evaluation (stage 03) and the concept stages (04-05); "" = HF_DATASET
+EVAL_SPLIT = "heldout"  # split of EVAL_DATASET for stages 03-05; must differ from DATA_SPLIT on one dataset
+EVAL_SHARE = 0.1  # a local file has no splits: this share of its documents (by text hash) is kept for evaluation
 TEXT_FIELD = "text"
 DATA_LIMIT = 1000  # texts for stage 01
 EVAL_DATA_LIMIT = 200  # texts for stages 03-04

@@ -5,7 +5,6 @@ verdict is also written to store/analysis.json.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -14,11 +13,12 @@ import numpy as np
 import torch
 
 from .atomic import write_json
-from .data import load_texts
+from .data import load_role_texts
 from .errors import PipelineError
 from .metrics import splice_metrics
 from .models import detect_device, load_model, resolve_layer
-from .sae import TopKSAE, check_sae_matches
+from .integrity import read_sealed_json
+from .sae import RERUN_02, TopKSAE, check_sae_matches
 from .settings import Settings
 from .store import ActivationRun, open_run
 from .train import evaluate
@@ -41,13 +41,10 @@ class TrainedSAE:
 def load_trained_sae(settings: Settings) -> TrainedSAE:
     store = settings.store
     sae, meta = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
-    history_file = store / "training_history.json"
-    if not history_file.exists():
-        raise PipelineError(f"{history_file} is missing. Run stage 02: python 02_train_sae.py")
-    history = json.loads(history_file.read_text())
-    if history.get("activation_run_id") != meta["activation_run_id"]:
-        raise PipelineError("training_history.json and topk_sae.pt come from different runs. "
-                            "Run stage 02 again: python 02_train_sae.py")
+    history = read_sealed_json(store / "training_history.json", RERUN_02)
+    if history.get("sae_id") != meta["sae_id"]:
+        raise PipelineError("training_history.json and topk_sae.pt do not belong together (stage 02 was "
+                            f"interrupted between them, or one was replaced). {RERUN_02}")
     check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     return TrainedSAE(sae, meta, history, open_run(store, meta["activation_run_id"]))
 
@@ -83,12 +80,15 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     device = detect_device(settings.DEVICE)
     model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
     layer = resolve_layer(model, settings.LAYER_SIGNATURE)
-    texts = load_texts(settings.HF_DATASET, settings.EVAL_SPLIT, settings.TEXT_FIELD, settings.EVAL_DATA_LIMIT)
+    texts = load_role_texts(settings, "eval")
     sae = trained.sae.to(device)
     mean = mean_training_activation(trained.run, trained.heldout_start)
     result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
+    # evaluation must score what training never saw: count evaluation texts that stage 01 embedded
+    seen = set(trained.run.document_hashes().tolist())
+    result["eval_texts_in_training"] = sum(h in seen for h in texts.hashes())
     return result
 
 
@@ -96,6 +96,8 @@ def verdict(settings: Settings, k: int, heldout: dict[str, float], weights: dict
             splice: dict[str, float]) -> list[dict[str, Any]]:
     """Each check with its value, threshold and PASS/FAIL; thresholds come from config."""
     checks = [
+        ("evaluation texts that stage 01 saw", splice["eval_texts_in_training"], "= 0",
+         splice["eval_texts_in_training"] == 0),
         ("L0 equals TOP_K", heldout["l0"], f"= {k} (±1%)", abs(heldout["l0"] - k) <= 0.01 * k),
         ("dead latents (held-out)", heldout["dead_fraction"], f"<= {settings.MAX_DEAD_FRACTION}",
          heldout["dead_fraction"] <= settings.MAX_DEAD_FRACTION),
@@ -116,6 +118,7 @@ def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[st
                    weights: dict[str, Any], splice: dict[str, float]) -> dict[str, Any]:
     payload = {"passed": all(c["result"] == "PASS" for c in checks), "checks": checks, "heldout": heldout,
                "weights": weights, "splice": splice, "activation_run_id": trained.run.run_id,
+               "sae_id": trained.meta["sae_id"],
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "settings": settings.as_dict()}
     write_json(settings.store / "analysis.json", payload)

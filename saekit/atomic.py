@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import PipelineError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -17,17 +19,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any error the temp file is removed and the old `path`, if any, is left untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise StoreWriteError(_cannot_write(path, err)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp_path, path)
+    except OSError as err:  # a full disk, a file-size limit, a folder made read-only meanwhile
+        raise StoreWriteError(_cannot_write(path, err)) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+class StoreWriteError(PipelineError, OSError):
+    """A file that could not be written; what was there before is left as it was."""
+
+
+def _cannot_write(path: Path, err: OSError) -> str:
+    return (f"cannot write {path}: {err.strerror or err}. Nothing there was changed; free disk space or "
+            "make the folder writable (or set STORE_DIR to one that is), then run the stage again.")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -49,10 +65,15 @@ def _json_default(value: Any) -> Any:
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """torch.save of plain data (tensors, dicts, lists, numbers, strings): what torch.load reads back
+    with weights_only=True, which runs no code."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch reports a failed write (a full disk, say) as RuntimeError
+            raise StoreWriteError(_cannot_write(Path(path), OSError(str(err)))) from None
 
 
 def _umask() -> int:

@@ -3,13 +3,18 @@ datasets (a hub id or a local copy of one, through `datasets.load_dataset`).
 
 Every source goes through the same rules: empty and whitespace-only texts are skipped and
 counted, a missing text field or an empty result is an error that says what to set.
+
+Training (stages 01-02) and evaluation (stages 03-05) texts never overlap: `load_role_texts` reads
+each from its own split, or, where both come from one source without splits (a local file), splits
+it by a hash of each document, the same way every time.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import PipelineError
 from .settings import PROJECT_ROOT
@@ -30,6 +35,9 @@ class Texts:
     skipped_empty: int = 0
     fields: list[str] = field(default_factory=list)
 
+    def hashes(self) -> list[int]:
+        return [document_hash(t) for t in self.texts]
+
     def __len__(self) -> int:
         return len(self.texts)
 
@@ -37,7 +45,13 @@ class Texts:
         return f"{len(self.texts)} texts from {self.source} ({self.skipped_empty} empty or whitespace-only skipped)"
 
 
-def _collect(records: Iterable[Any], text_field: str | None, limit: int | None, source: str) -> Texts:
+def document_hash(text: str) -> int:
+    """A document's identity across stages: the first 8 bytes of its SHA-256, as an unsigned int."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
+
+
+def _collect(records: Iterable[Any], text_field: str | None, limit: int | None, source: str,
+             keep: Callable[[str], bool] | None = None) -> Texts:
     texts: list[str] = []
     skipped = 0
     fields: list[str] = []
@@ -57,28 +71,101 @@ def _collect(records: Iterable[Any], text_field: str | None, limit: int | None, 
         if not isinstance(text, str) or not text.strip():
             skipped += 1
             continue
+        if keep is not None and not keep(text):
+            continue
         texts.append(text)
         if limit and len(texts) >= limit:
             break
     if not texts:
         raise DatasetError(
             f"{source} gave no texts ({skipped} empty or whitespace-only skipped). "
-            "Check HF_DATASET, DATA_SPLIT / EVAL_SPLIT and TEXT_FIELD."
+            "Check HF_DATASET, DATA_SPLIT / EVAL_SPLIT and TEXT_FIELD"
+            + (" (and EVAL_SHARE: a split-less file gives evaluation that share of its documents)." if keep else ".")
         )
     return Texts(texts, source, skipped, fields)
 
 
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, or one error naming the line that is not UTF-8."""
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err.strerror}") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"{path}:{n} is not valid UTF-8 (byte {err.start + 1} of the line); "
+                                   "save the file as UTF-8") from None
+
+
 def _jsonl_records(path: Path) -> Iterable[dict]:
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DatasetError(f"{path}:{n} is not valid JSON ({err})") from err
+    for n, line in _lines(path):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{path}:{n} is not valid JSON ({err})") from None
 
 
-def load_texts(dataset: str, split: str = "train", text_field: str = "text", limit: int | None = None) -> Texts:
+def _parquet_records(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetError(f"{path} is not a readable parquet file ({err})") from None
+
+
+def is_splitless(dataset: str) -> bool:
+    """A local file has no splits; the embedded corpus and `datasets` sources do."""
+    return Path(dataset).suffix.lower() in (".txt", ".jsonl", ".parquet")
+
+
+def in_eval_share(text: str, share: float) -> bool:
+    """Whether a document of a split-less source belongs to evaluation: decided by its hash alone,
+    so it does not depend on the file's order or on how many documents a stage reads."""
+    return document_hash(text) < share * 2 ** 64
+
+
+def load_role_texts(settings, role: str) -> Texts:
+    """The texts for training (role "train": DATA_SPLIT, DATA_LIMIT) or evaluation (role "eval":
+    EVAL_DATASET or HF_DATASET, EVAL_SPLIT, EVAL_DATA_LIMIT), never overlapping.
+
+    One split-less source for both: EVAL_SHARE of its documents (by hash) are evaluation's, the
+    rest training's. One source with splits: DATA_SPLIT and EVAL_SPLIT must differ.
+    """
+    train_source = settings.HF_DATASET
+    eval_source = settings.EVAL_DATASET or settings.HF_DATASET
+    dataset = train_source if role == "train" else eval_source
+    split = settings.DATA_SPLIT if role == "train" else settings.EVAL_SPLIT
+    limit = settings.DATA_LIMIT if role == "train" else settings.EVAL_DATA_LIMIT
+    if _same_source(train_source, eval_source):
+        if is_splitless(dataset):
+            share = settings.EVAL_SHARE
+            keep = (lambda t: in_eval_share(t, share)) if role == "eval" else (lambda t: not in_eval_share(t, share))
+            texts = load_texts(dataset, split, settings.TEXT_FIELD, limit, keep=keep)
+            part = f"the {share:.0%} evaluation share" if role == "eval" else f"all but the {share:.0%} evaluation share"
+            texts.source = f"{dataset} ({part}, chosen by document hash)"
+            return texts
+        if settings.DATA_SPLIT == settings.EVAL_SPLIT:
+            raise DatasetError(
+                f"DATA_SPLIT and EVAL_SPLIT are both {split!r} of {dataset}: evaluation would score texts the SAE "
+                "was trained on. Set EVAL_SPLIT to another split (e.g. validation), or EVAL_DATASET to other texts.")
+    return load_texts(dataset, split, settings.TEXT_FIELD, limit)
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def load_texts(dataset: str, split: str = "train", text_field: str = "text", limit: int | None = None,
+               keep: Callable[[str], bool] | None = None) -> Texts:
     """Up to `limit` non-empty texts (0 or None = all) from `dataset`.
 
     `dataset` is "embedded" (data/stories.jsonl, splits train and heldout), a .txt file (one text a
@@ -92,24 +179,23 @@ def load_texts(dataset: str, split: str = "train", text_field: str = "text", lim
         if not EMBEDDED_CORPUS.exists():
             raise DatasetError(f"{EMBEDDED_CORPUS} is missing; rebuild it with python tools/make_corpus.py")
         records = (r for r in _jsonl_records(EMBEDDED_CORPUS) if r.get("split") == split)
-        return _collect(records, text_field, limit, f"the embedded corpus ({split} split)")
+        return _collect(records, text_field, limit, f"the embedded corpus ({split} split)", keep)
 
     path = Path(dataset)
     suffix = path.suffix.lower()
-    if suffix in (".txt", ".jsonl", ".parquet"):
-        if not path.exists():
+    if is_splitless(dataset):
+        if not path.is_file():
             raise DatasetError(f"dataset file {path} does not exist")
         if suffix == ".txt":
-            return _collect(path.read_text().splitlines(), None, limit, str(path))
+            return _collect((line for _, line in _lines(path)), None, limit, str(path), keep)
         if suffix == ".jsonl":
-            return _collect(_jsonl_records(path), text_field, limit, str(path))
-        import pyarrow.parquet as pq
-
-        return _collect(pq.read_table(path).to_pylist(), text_field, limit, str(path))
-    return _load_hf(dataset, split, text_field, limit)
+            return _collect(_jsonl_records(path), text_field, limit, str(path), keep)
+        return _collect(_parquet_records(path), text_field, limit, str(path), keep)
+    return _load_hf(dataset, split, text_field, limit, keep)
 
 
-def _load_hf(dataset: str, split: str, text_field: str, limit: int | None) -> Texts:
+def _load_hf(dataset: str, split: str, text_field: str, limit: int | None,
+             keep: Callable[[str], bool] | None) -> Texts:
     import datasets
 
     datasets.disable_progress_bars()
@@ -123,4 +209,4 @@ def _load_hf(dataset: str, split: str, text_field: str, limit: int | None) -> Te
             "To fix it: give hub access, or save the dataset to a local folder or a .jsonl/.parquet "
             "file and set HF_DATASET to it, or use the embedded corpus with --preset=local."
         ) from err
-    return _collect(stream, text_field, limit, f"{dataset} ({split} split)")
+    return _collect(stream, text_field, limit, f"{dataset} ({split} split)", keep)

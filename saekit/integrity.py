@@ -49,6 +49,34 @@ def verify_file(path: str | os.PathLike, expected: str, rerun: str) -> None:
         raise IntegrityError(f"{path} is corrupt (its checksum does not match the one written with it). {rerun}")
 
 
+def content_digest(obj: Any) -> str:
+    """SHA-256 of a nest of dicts, lists, tensors/arrays and JSON values, independent of how it is
+    stored: what a file that holds weights records about itself, and checks when read back."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=str):
+                digest.update(json.dumps(str(key)).encode())
+                feed(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        elif hasattr(value, "detach") or hasattr(value, "tobytes"):
+            array = value.detach().cpu().contiguous().numpy() if hasattr(value, "detach") else value
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+        else:
+            digest.update(json.dumps(value, default=str).encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
+
 def _canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 

@@ -11,7 +11,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from nbclient.exceptions import CellExecutionError
+
 from .atomic import atomic_path
+from .errors import PipelineError, print_user_errors
 from .settings import PROJECT_ROOT, load_settings
 
 
@@ -24,12 +27,20 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     args = list(args or [])
     settings = load_settings(args)
     notebook = Path(notebook)
+    if not notebook.is_file():
+        raise NotebookError(f"no notebook {notebook}; the stages are 03_analyze_training.ipynb, "
+                            "04_name_sae_concepts.ipynb and 05_show_concepts.ipynb")
     nb = nbformat.read(notebook, as_version=4)
     previous = os.environ.get("SAE_ARGS")
     os.environ["SAE_ARGS"] = shlex.join(args)
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
+    except CellExecutionError:
+        message = _user_error_shown(nb)
+        if message is None:
+            raise
+        raise NotebookError(message.removeprefix("error: ")) from None
     finally:
         if previous is None:
             os.environ.pop("SAE_ARGS", None)
@@ -44,7 +55,23 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     return out
 
 
+class NotebookError(PipelineError):
+    """A notebook stopped on a mistake the user can fix; the message is the notebook's own."""
+
+
+def _user_error_shown(nb) -> str | None:
+    """The one-line message a stage showed for a user error (errors.show_user_errors_in_notebook), if
+    that is how the notebook stopped; None for any other error, which keeps its traceback."""
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                lines = output.get("traceback", [])
+                return lines[0] if len(lines) == 1 and lines[0].startswith("error: ") else None
+    return None
+
+
 if __name__ == "__main__":
+    sys.excepthook = print_user_errors
     if len(sys.argv) < 2:
         sys.exit("usage: python -m saekit.notebooks NOTEBOOK.ipynb [--KEY=value ...]")
     print(f"executed {run_notebook(sys.argv[1], sys.argv[2:])}")

@@ -22,8 +22,10 @@ from torch import nn
 
 from .atomic import save_torch
 from .errors import PipelineError
+from .integrity import IntegrityError, content_digest
 
-FORMAT = "saekit.topk_sae/1"
+FORMAT = "saekit.topk_sae/2"
+RERUN_02 = "Train it again: python 02_train_sae.py"
 
 
 # Autograd through W[indices] (and embedding_bag) accumulates the weight gradient with a sort of
@@ -150,25 +152,58 @@ class TopKSAE(nn.Module):
 
     # --- saving -----------------------------------------------------------------------------
 
-    def save(self, path: str | Path, **metadata: Any) -> None:
-        """Atomically write weights and metadata (layer, model id, run id, settings, ...)."""
-        save_torch(path, {"format": FORMAT, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
-                          "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-                          "metadata": metadata})
+    def save(self, path: str | Path, **metadata: Any) -> str:
+        """Atomically write weights and metadata (layer, model id, run id, settings, ...) as plain
+        tensors and values, with the checksum of all of it; return the SAE's id (its checksum, short)."""
+        blob = {"format": FORMAT, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "metadata": metadata}
+        blob["sha256"] = content_digest(blob)
+        save_torch(path, blob)
+        return sae_id(blob["sha256"])
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple["TopKSAE", dict[str, Any]]:
-        """(sae, metadata) from a file written by `save`."""
+        """(sae, metadata) from a file written by `save`; metadata["sae_id"] names these weights.
+
+        Reads with weights_only=True, so a crafted file cannot run code; checks the content checksum."""
         path = Path(path)
         if not path.exists():
             raise SAEFileError(f"no trained SAE at {path}. Run stage 02 first: python 02_train_sae.py")
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = load_plain(path, f"{RERUN_02}, or ask for the file again")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise SAEFileError(f"{path} is not an SAE saved by this project (format {FORMAT}); "
-                               "train one with python 02_train_sae.py")
+            raise SAEFileError(f"{path} is not an SAE saved by this version of the project (format {FORMAT}). "
+                               f"{RERUN_02}")
+        expected = blob.pop("sha256", None)
+        if expected != content_digest(blob):
+            raise IntegrityError(f"{path} is corrupt (its content does not match its checksum). {RERUN_02}")
         sae = cls(blob["d_in"], blob["n_latents"], blob["k"])
         sae.load_state_dict(blob["state_dict"])
-        return sae.to(device).eval(), blob["metadata"]
+        return sae.to(device).eval(), {**blob["metadata"], "sae_id": sae_id(expected)}
+
+
+def sae_id(digest: str) -> str:
+    """The short name of an SAE's weights that every artifact made from it records."""
+    return digest[:16]
+
+
+def load_plain(path: Path, rerun: str) -> Any:
+    """torch.load restricted to tensors and plain values: unpickling anything else (code) is refused."""
+    import pickle
+    import re
+    import warnings
+    import zipfile
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about a pickle protocol it then refuses anyway
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" (it asks for {found.group(1)})" if found else ""
+        raise IntegrityError(f"{path} does not read back as weights and plain values{what}: it is corrupt or was "
+                             f"not written by this project, and is not loaded, so no code in it runs. {rerun}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        raise IntegrityError(f"{path} is truncated or corrupt ({type(err).__name__}). {rerun}") from None
 
 
 def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: str) -> None:

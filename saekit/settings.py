@@ -2,17 +2,20 @@
 
 nanoGPT style: the settings are config.py's UPPER_CASE constants; `--KEY=value` overrides one for
 a run. Values are parsed as Python literals, so `--LR=3e-4` is a float and `--DEVICE=cpu` a string.
+A preset file is read as data: its UPPER_CASE literal assignments, never executed.
+Every value is checked against RULES (type and range) before any stage writes anything.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 from .errors import PipelineError
 
@@ -62,9 +65,11 @@ def _coerce(key: str, value: Any, default: Any, valid: list[str]) -> Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str) and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(value)  # a float after all, which the range check then refuses
     raise SettingsError(
         f"{key} must be a {expected.__name__} (its default is {default!r}), got {value!r} "
-        f"({type(value).__name__}).\nValid keys: {', '.join(valid)}"
+        f"({type(value).__name__}). Valid keys: {', '.join(valid)}"
     )
 
 
@@ -73,9 +78,32 @@ def _apply(values: dict[str, Any], overrides: dict[str, Any], source: str) -> No
     for key, value in overrides.items():
         if key not in values or key == "PRESETS":
             raise SettingsError(
-                f"unknown setting {key!r} in {source}.\nValid keys: {', '.join(valid)}"
+                f"unknown setting {key!r} in {source}. Valid keys: {', '.join(valid)}"
             )
         values[key] = _coerce(key, value, values[key], valid)
+
+
+def _preset_file(path: Path) -> dict[str, Any]:
+    """UPPER_CASE = literal assignments of a preset file, parsed, never run: a preset received from
+    someone else cannot execute code."""
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SettingsError(f"cannot read preset file {path}: {err}") from None
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+        if not isinstance(target, ast.Name) or not target.id.isupper():
+            raise SettingsError(f"{path}:{node.lineno}: a preset file holds only UPPER_CASE = value lines "
+                                "(it is read as data, not run)")
+        try:
+            values[target.id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise SettingsError(f"{path}:{node.lineno}: {target.id} must be a literal (a number, string, "
+                                "list, ...); preset files are read as data, not run") from None
+    return values
 
 
 def _preset_overrides(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -83,13 +111,97 @@ def _preset_overrides(name: str, presets: dict[str, dict[str, Any]]) -> dict[str
         path = Path(name)
         if not path.exists():
             raise SettingsError(f"preset file {name} does not exist")
-        return _constants(path)
+        return _preset_file(path)
     if name not in presets:
         raise SettingsError(
             f"unknown preset {name!r}. Presets: {', '.join(presets)}, or a path to a .py file "
-            "of UPPER_CASE constants"
+            "of UPPER_CASE = literal lines"
         )
     return presets[name]
+
+
+# --- ranges --------------------------------------------------------------------------------------
+# Each rule returns None for a good value or says what a good value is.
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"at least {low}"
+
+
+def _between(low: float, high: float, open_low: bool = False, open_high: bool = False) -> Callable[[Any], str | None]:
+    def rule(v):
+        ok = (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        return None if ok else f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    return rule
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"one of {', '.join(map(repr, choices))}"
+
+
+def _not_empty(v: str) -> str | None:
+    return None if v.strip() else "not empty"
+
+
+def _any(v: Any) -> None:
+    return None
+
+
+def _device(v: str) -> str | None:
+    import torch
+
+    if v in ("auto", "cpu"):
+        return None
+    if v == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return None if mps is not None and mps.is_available() else "auto or cpu (this machine has no mps device)"
+    if v == "cuda" or v.startswith("cuda:") and v[5:].isdigit():
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(v[5:]) if ":" in v else 0
+        if index < count:
+            return None
+        return (f"a device that exists here: auto, cpu or cuda:0..cuda:{count - 1}" if count
+                else "auto or cpu (this machine has no CUDA device)")
+    return "auto, cpu, cuda, cuda:N or mps"
+
+
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "PRESET": _any,
+    "MODEL_ID": _not_empty, "LAYER_SIGNATURE": _not_empty, "DEVICE": _device,
+    "HF_DATASET": _not_empty, "EVAL_DATASET": _any, "DATA_SPLIT": _not_empty, "EVAL_SPLIT": _not_empty,
+    "TEXT_FIELD": _not_empty, "EVAL_SHARE": _between(0, 1, open_low=True, open_high=True),
+    "DATA_LIMIT": _at_least(0), "EVAL_DATA_LIMIT": _at_least(0), "MAX_LENGTH": _at_least(2),
+    "BATCH_SIZE_SAVE": _at_least(1), "ACTIVATION_DTYPE": _one_of("float16", "float32"),
+    "SHARD_TOKENS": _at_least(1),
+    "N_LATENTS_MULTIPLIER": _at_least(1), "TOP_K": _at_least(1), "EPOCHS": _at_least(1),
+    "BATCH_SIZE_TRAIN": _at_least(1), "LR": _at_least(0), "LR_BASE": _between(0, 1, open_low=True),
+    "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
+    "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
+    "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),
+    "SEED": _at_least(0), "STORE_DIR": _not_empty,
+    "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
+    "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
+    "TOP_N_EXAMPLES": _at_least(1), "CONTEXT_TOKENS": _at_least(0), "QUANTILE_EXAMPLES": _at_least(0),
+    "NON_ACTIVATING_EXAMPLES": _at_least(0), "N_LATENTS_TO_NAME": _at_least(-1), "NAMING_MODEL_ID": _any,
+    "NAMING_MAX_NEW_TOKENS": _at_least(1),
+    "SCORING_EXAMPLES": _at_least(1), "LABEL_MAX_KEYS": _at_least(1), "LABEL_MIN_F1": _between(0, 1),
+    "NAMING_API_MODEL": _any, "NAMING_API_KEY_ENV": _not_empty, "NAME_MIN_SCORE": _between(0.5, 1),
+}
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Every setting within its range, or one error listing each one that is not."""
+    problems = []
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}={value!r} must be a finite number")
+            continue
+        rule = RULES.get(key)
+        if rule is None:
+            problems.append(f"{key} has no rule in saekit.settings.RULES (add one saying its valid range)")
+        elif (wrong := rule(value)) is not None:
+            problems.append(f"{key}={value!r} must be {wrong}")
+    if problems:
+        raise SettingsError("; ".join(problems))
 
 
 def load_settings(args: list[str] | None = None, config_path: str | os.PathLike | None = None) -> Settings:
@@ -119,6 +231,7 @@ def load_settings(args: list[str] | None = None, config_path: str | os.PathLike 
     _apply(values, overrides, "the command line")
     values["PRESET"] = preset
     values.pop("PRESETS", None)
+    check_values(values)
     return Settings(**values)
 
 

@@ -6,7 +6,7 @@ import sys
 import torch
 
 from .atomic import write_json
-from .errors import PipelineError
+from .errors import print_user_errors, show_user_errors_in_notebook
 from .settings import Settings, check_flags, flags, load_settings
 
 
@@ -17,8 +17,10 @@ def start_stage(name: str, args: list[str] | None = None,
     Scripts pass sys.argv[1:]; notebooks pass nothing, and the overrides come from SAE_ARGS.
     """
     if args is not None:
-        sys.excepthook = _print_pipeline_errors
+        sys.excepthook = print_user_errors
         check_flags(args, set(allowed_flags))
+    else:
+        show_user_errors_in_notebook()
     settings = load_settings(args)
     torch.manual_seed(settings.SEED)
     print(f"== {name} == preset {settings.PRESET!r}; effective settings:\n{settings.describe()}\n")
@@ -28,11 +30,3 @@ def start_stage(name: str, args: list[str] | None = None,
 def record_settings(settings: Settings, stage: str) -> None:
     """store/settings/<stage>.json: the settings that made the stage's artifacts."""
     write_json(settings.store / "settings" / f"{stage}.json", settings.as_dict())
-
-
-def _print_pipeline_errors(kind, error, traceback) -> None:
-    """A mistake the user can fix ends a script with its message alone; anything else, a traceback."""
-    if isinstance(error, PipelineError):
-        print(f"error: {error}", file=sys.stderr)
-    else:
-        sys.__excepthook__(kind, error, traceback)

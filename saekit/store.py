@@ -4,18 +4,23 @@ Layout of one run, store/runs/<run_id>/:
     shard_00000.acts.npy     [tokens, d_model]  float16 or float32, memory-mappable
     shard_00000.tokens.npy   [tokens, 3] int32  (token id, document index, position)
     ...
-    metadata.json            model, layer, dataset, tokenizer, settings, counts, dtype, time
+    documents.npy            [n_documents] uint64: each document's hash (data.document_hash)
+    metadata.json            model, layer, dataset, tokenizer, settings, counts, dtype, time, and
+                             the SHA-256 of every file above; sealed with its own checksum
 
 Only real tokens are stored (padding excluded). A run is written into runs/<run_id>.partial/;
 each shard file is written whole and renamed, metadata.json is written last, then the folder is
 renamed and store/run_id.txt is replaced. An interrupted run therefore leaves the previous run and
-run_id.txt as they were, and only a .partial folder behind.
+run_id.txt as they were, and only a .partial folder behind, which the next stage 01 removes.
+
+A reader checks each shard once per process, when first opened: its checksum, and that every value
+is finite. Corruption stops the stage with one line naming the file, not a model trained on it.
 """
 from __future__ import annotations
 
-import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,22 +29,35 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path, write_json, write_text
+from .atomic import atomic_path, write_text
 from .errors import PipelineError
+from .integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
+    write_sealed_json
 from .models import forward_to_layer, resolve_layer
 
 RUN_ID_FILE = "run_id.txt"
+DOCUMENTS_FILE = "documents.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
+RERUN_01 = "Run stage 01 again: python 01_save_activations.py"
 
 
 class StoreError(PipelineError, RuntimeError):
     """Missing or mismatched activations, with the stage to run."""
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    """Write `array` atomically; return the file's SHA-256."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object keeps np.save from appending .npy to the temp name
             np.save(f, array)
+    return sha256_file(path)
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise IntegrityError(f"{path} is truncated or not an array file ({err}). {RERUN_01}") from None
 
 
 class RunWriter:
@@ -51,6 +69,7 @@ class RunWriter:
         self.final_dir = Path(store_dir) / "runs" / run_id
         self.dir = self.final_dir.with_name(run_id + ".partial")
         self.dir.mkdir(parents=True, exist_ok=False)
+        (self.dir / "owner.pid").write_text(str(os.getpid()))  # lets a later run tell a live writer from a dead one
         self.run_id, self.d_model, self.dtype, self.shard_tokens = run_id, d_model, DTYPES[dtype], shard_tokens
         self._acts: list[np.ndarray] = []
         self._tokens: list[np.ndarray] = []
@@ -58,7 +77,13 @@ class RunWriter:
         self.shards: list[dict[str, Any]] = []
 
     def add(self, acts: torch.Tensor, token_ids: torch.Tensor, doc_idx: torch.Tensor, positions: torch.Tensor) -> None:
-        self._acts.append(acts.detach().to("cpu", torch.float32).numpy().astype(self.dtype))
+        stored = acts.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
+        if not np.isfinite(stored).all():
+            bad = sorted(set(doc_idx[torch.from_numpy(~np.isfinite(stored).all(1))].tolist()))
+            raise StoreError(f"the layer gave non-finite activations (inf or NaN in {np.dtype(self.dtype).name}) "
+                             f"for documents {bad[:10]}; nothing was saved. Use ACTIVATION_DTYPE='float32' if the "
+                             "values overflow float16, or check the model.")
+        self._acts.append(stored)
         self._tokens.append(torch.stack([token_ids, doc_idx, positions], 1).to(torch.int32).cpu().numpy())
         self._buffered += len(acts)
         while self._buffered >= self.shard_tokens:
@@ -67,19 +92,23 @@ class RunWriter:
     def _flush(self, n: int) -> None:
         acts, tokens = np.concatenate(self._acts), np.concatenate(self._tokens)
         name = f"shard_{len(self.shards):05d}"
-        _save_npy(self.dir / f"{name}.acts.npy", acts[:n])
-        _save_npy(self.dir / f"{name}.tokens.npy", tokens[:n])
-        self.shards.append({"name": name, "n_tokens": int(n)})
+        self.shards.append({"name": name, "n_tokens": int(n),
+                            "acts_sha256": _save_npy(self.dir / f"{name}.acts.npy", acts[:n]),
+                            "tokens_sha256": _save_npy(self.dir / f"{name}.tokens.npy", tokens[:n])})
         self._acts, self._tokens = [acts[n:]], [tokens[n:]]
         self._buffered -= n
 
-    def finish(self, metadata: dict[str, Any]) -> Path:
+    def finish(self, metadata: dict[str, Any], document_hashes: list[int] | None = None) -> Path:
+        """Write the last shard, the documents' hashes and the sealed metadata; publish the run."""
         if self._buffered:
             self._flush(self._buffered)
         metadata = {**metadata, "run_id": self.run_id, "d_model": self.d_model,
                     "dtype": np.dtype(self.dtype).name, "n_tokens": sum(s["n_tokens"] for s in self.shards),
                     "shards": self.shards}
-        write_json(self.dir / "metadata.json", metadata)
+        if document_hashes is not None:
+            metadata["documents_sha256"] = _save_npy(self.dir / DOCUMENTS_FILE, np.array(document_hashes, np.uint64))
+        write_sealed_json(self.dir / "metadata.json", metadata)
+        (self.dir / "owner.pid").unlink()
         self.dir.rename(self.final_dir)
         write_text(self.final_dir.parent.parent / RUN_ID_FILE, self.run_id + "\n")
         return self.final_dir
@@ -104,6 +133,7 @@ def save_activations(model, tokenizer, texts: list[str], layer_signature: str, s
     """
     layer = resolve_layer(model, layer_signature)
     device = next(model.parameters()).device
+    clean_stale_partials(Path(store_dir) / "runs")
     run_id = run_id or new_run_id(store_dir)
     writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens)
     started = time.perf_counter()
@@ -132,17 +162,22 @@ def save_activations(model, tokenizer, texts: list[str], layer_signature: str, s
         "seconds": round(time.perf_counter() - started, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return writer.finish(meta)
+    from .data import document_hash
+
+    return writer.finish(meta, [document_hash(t) for t in texts])
 
 
 # --- reading --------------------------------------------------------------------------------
 
 @dataclass
 class ActivationRun:
-    """A finished run, read lazily: activations are memory-mapped, never loaded whole."""
+    """A finished run, read lazily: activations are memory-mapped, never loaded whole.
+
+    Each shard is checked (checksum, finite values) the first time this object opens it."""
 
     path: Path
     meta: dict[str, Any]
+    _checked: set[int] = field(default_factory=set, repr=False)
 
     @property
     def run_id(self) -> str:
@@ -156,11 +191,48 @@ class ActivationRun:
     def d_model(self) -> int:
         return self.meta["d_model"]
 
+    def _shard_file(self, i: int, kind: str) -> Path:
+        return self.path / f"{self.meta['shards'][i]['name']}.{kind}.npy"
+
+    def check_shard(self, i: int) -> None:
+        """Checksums of shard i's files, and finite values, once per process."""
+        if i in self._checked:
+            return
+        shard = self.meta["shards"][i]
+        for kind in ("acts", "tokens"):
+            verify_file(self._shard_file(i, kind), shard[f"{kind}_sha256"], RERUN_01)
+        acts = _load_npy(self._shard_file(i, "acts"), mmap=True)
+        if acts.shape != (shard["n_tokens"], self.d_model):
+            raise IntegrityError(f"{self._shard_file(i, 'acts')} holds {acts.shape}, not the "
+                                 f"({shard['n_tokens']}, {self.d_model}) its metadata says. {RERUN_01}")
+        for lo in range(0, len(acts), 65536):
+            block = acts[lo:lo + 65536]
+            if not np.isfinite(block).all():
+                row = lo + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
+                raise IntegrityError(f"{self._shard_file(i, 'acts')} has a non-finite value at row {row}. {RERUN_01}")
+        self._checked.add(i)
+
+    def check_all(self, progress: bool = False) -> None:
+        """Check every shard now, so a stage fails before it writes anything rather than midway."""
+        for i in tqdm(range(len(self.meta["shards"])), desc="checking activations", unit="shard",
+                      disable=not progress):
+            self.check_shard(i)
+
     def shard_acts(self, i: int) -> np.ndarray:
-        return np.load(self.path / f"{self.meta['shards'][i]['name']}.acts.npy", mmap_mode="r")
+        self.check_shard(i)
+        return _load_npy(self._shard_file(i, "acts"), mmap=True)
 
     def shard_tokens(self, i: int) -> np.ndarray:
-        return np.load(self.path / f"{self.meta['shards'][i]['name']}.tokens.npy")
+        self.check_shard(i)
+        return _load_npy(self._shard_file(i, "tokens"))
+
+    def document_hashes(self) -> np.ndarray:
+        """[n_documents] uint64 hashes of the run's documents, in order (data.document_hash)."""
+        if "documents_sha256" not in self.meta:
+            raise StoreError(f"activation run {self.run_id} records no document hashes (made by an older "
+                             f"version). {RERUN_01}")
+        verify_file(self.path / DOCUMENTS_FILE, self.meta["documents_sha256"], RERUN_01)
+        return _load_npy(self.path / DOCUMENTS_FILE)
 
     def shard_offsets(self) -> np.ndarray:
         """Global row where each shard starts, plus the total at the end."""
@@ -216,10 +288,9 @@ def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:
         run_id = id_file.read_text().strip()
     path = store_dir / "runs" / run_id
     meta_file = path / "metadata.json"
-    if not meta_file.exists():
-        raise StoreError(f"activation run {run_id!r} is gone or incomplete ({meta_file} missing). "
-                         "Run stage 01 again: python 01_save_activations.py")
-    return ActivationRun(path, json.loads(meta_file.read_text()))
+    if not run_id or not meta_file.exists():
+        raise StoreError(f"activation run {run_id!r} is gone or incomplete ({meta_file} missing). {RERUN_01}")
+    return ActivationRun(path, read_sealed_json(meta_file, RERUN_01))
 
 
 def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -> None:

@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from .atomic import save_torch
 from .errors import PipelineError
+from .integrity import IntegrityError, content_digest
 from .metrics import ReconstructionStats
-from .sae import TopKSAE
+from .sae import TopKSAE, load_plain
 from .store import ActivationRun, shuffled_batches
 
 
@@ -127,6 +128,14 @@ def _lr_factor(step: int, warmup: int, total: int, min_fraction: float) -> float
     return warm * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    rerun = "Drop --resume to train afresh."
+    ckpt = load_plain(path, rerun)
+    if not isinstance(ckpt, dict) or ckpt.pop("sha256", None) != content_digest(ckpt):
+        raise IntegrityError(f"{path} is corrupt (its content does not match its checksum). {rerun}")
+    return ckpt
+
+
 def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None = None, resume: bool = False,
               device: str | torch.device = "cpu", progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
@@ -136,8 +145,12 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     scale, the initial weights and the held-out boundary. A checkpoint is written after every
     epoch; with `resume`, training continues from it to the same result as an uninterrupted run.
     """
-    heldout_start = run.heldout_start(cfg.heldout_fraction)
     d, n_latents = run.d_model, cfg.n_latents_multiplier * run.d_model
+    if cfg.k > n_latents:
+        raise PipelineError(f"TOP_K={cfg.k} must be at most the number of latents, "
+                            f"N_LATENTS_MULTIPLIER x d_model = {n_latents}")
+    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
+    heldout_start = run.heldout_start(cfg.heldout_fraction)
     k_aux = cfg.auxk_k or d // 2
     steps_per_epoch = math.ceil(heldout_start / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -160,7 +173,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     first_epoch = 0
 
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        ckpt = _load_checkpoint(checkpoint_path)
         if ckpt["fingerprint"] != fingerprint:
             raise PipelineError(
                 f"the checkpoint {checkpoint_path} was made with other settings or activations "
@@ -224,9 +237,10 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
         if on_epoch:
             on_epoch(record)
         if checkpoint_path is not None:
-            save_torch(checkpoint_path, {"fingerprint": fingerprint, "epoch": epoch, "sae": sae.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                         "tokens_since_fired": tokens_since_fired, "history": history})
+            ckpt = {"fingerprint": fingerprint, "epoch": epoch, "sae": sae.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "tokens_since_fired": tokens_since_fired, "history": history}
+            save_torch(checkpoint_path, {**ckpt, "sha256": content_digest(ckpt)})
 
     sae.eval()
     if stats is None:  # resumed after the last epoch: nothing left to train

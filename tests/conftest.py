@@ -73,8 +73,7 @@ def tiny_model_dir(tmp_path_factory, tiny_model, chat_tokenizer) -> Path:
 
 
 def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_features: int = 48,
-                       active: int = 3, seed: int = 0, dtype: str = "float32", shard_tokens: int = 1000,
-                       poison_row: int | None = None):
+                       active: int = 3, seed: int = 0, dtype: str = "float32", shard_tokens: int = 1000):
     """An activation run whose tokens are sparse sums of known unit directions (plus noise):
     a TopK SAE with enough latents should reconstruct it almost perfectly."""
     from saekit.store import RunWriter, open_run
@@ -85,8 +84,6 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
     which = torch.stack([torch.randperm(n_features, generator=g)[:active] for _ in range(n_tokens)])
     coef = 0.5 + torch.rand(n_tokens, active, generator=g)
     x = (coef.unsqueeze(2) * features[which]).sum(1) + 0.01 * torch.randn(n_tokens, d, generator=g) + 0.3
-    if poison_row is not None:
-        x[poison_row] = float("inf")
     docs = torch.arange(n_tokens) // 50
     writer = RunWriter(store_dir, "synthetic", d, dtype, shard_tokens)
     writer.add(x, torch.zeros(n_tokens, dtype=torch.long), docs, torch.arange(n_tokens) % 50)
@@ -107,11 +104,13 @@ def smoke_args(tmp_path_factory, tiny_model_dir) -> list[str]:
     """Settings for a whole pipeline on the tiny model and the test stories, with stages 01-02 run."""
     folder = tmp_path_factory.mktemp("smoke")
     stories = folder / "stories.jsonl"
-    stories.write_text("\n".join(json.dumps({"text": s}) for s in STORIES * 3))
+    # distinct documents: a split-less file is split between training and evaluation by document hash
+    texts = STORIES + [f"{a} {b}" for a in STORIES for b in STORIES if a != b]
+    stories.write_text("\n".join(json.dumps({"text": s}) for s in texts))
     args = [f"--MODEL_ID={tiny_model_dir}", f"--LAYER_SIGNATURE={TINY_LAYER}", f"--HF_DATASET={stories}",
             f"--STORE_DIR={folder / 'store'}", "--DATA_LIMIT=24", "--EVAL_DATA_LIMIT=8", "--MAX_LENGTH=24",
             "--EPOCHS=3", "--BATCH_SIZE_TRAIN=64", "--N_LATENTS_MULTIPLIER=2", "--TOP_K=4", "--WARMUP_STEPS=2",
-            "--HELDOUT_FRACTION=0.25", "--DEVICE=cpu", "--TOP_N_EXAMPLES=3", "--N_LATENTS_TO_NAME=2",
+            "--HELDOUT_FRACTION=0.25", "--EVAL_SHARE=0.25", "--DEVICE=cpu", "--TOP_N_EXAMPLES=3", "--N_LATENTS_TO_NAME=2",
             f"--NAMING_MODEL_ID={tiny_model_dir}", "--NAMING_MAX_NEW_TOKENS=4"]
     run_stage("01_save_activations.py", args)
     run_stage("02_train_sae.py", args)

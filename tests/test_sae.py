@@ -70,18 +70,18 @@ def test_folding_the_input_scale_gives_the_same_reconstruction_of_raw_inputs():
 def test_a_reloaded_sae_reproduces_its_reconstructions_exactly(tmp_path):
     sae = _sae().eval()
     x = torch.randn(20, 12)
-    sae.save(tmp_path / "sae.pt", layer_signature="L", model_id="m")
+    saved_id = sae.save(tmp_path / "sae.pt", layer_signature="L", model_id="m")
     loaded, meta = TopKSAE.load(tmp_path / "sae.pt")
     with torch.no_grad():
         assert torch.equal(loaded(x), sae(x))
-    assert meta == {"layer_signature": "L", "model_id": "m"} and loaded.k == 5
+    assert meta == {"layer_signature": "L", "model_id": "m", "sae_id": saved_id} and loaded.k == 5
 
 
 def test_load_errors_say_what_to_run(tmp_path):
     with pytest.raises(SAEFileError, match="Run stage 02"):
         TopKSAE.load(tmp_path / "missing.pt")
     torch.save({"something": "else"}, tmp_path / "other.pt")
-    with pytest.raises(SAEFileError, match="not an SAE saved by this project"):
+    with pytest.raises(SAEFileError, match="not an SAE saved by this version of the project"):
         TopKSAE.load(tmp_path / "other.pt")
 
 

@@ -108,5 +108,5 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
     ckpt = tmp_path / "d.pt"
     with pytest.raises(TrainingDiverged, match="(?s)became nan at epoch 2.*last good checkpoint \\(after epoch 1\\)"):
         train_sae(run, _cfg(), checkpoint_path=ckpt, progress=False)
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["sae"].values())
