@@ -65,9 +65,15 @@ TOP_N_EXAMPLES = 10
 CONTEXT_TOKENS = 10  # tokens each side of the peak kept with an example
 QUANTILE_EXAMPLES = 2  # examples kept per activation quantile (4 quantiles)
 NON_ACTIVATING_EXAMPLES = 5
+SCORING_EXAMPLES = 10  # activating and silent held-out windows per latent on which labels and names are scored
+LABEL_MAX_KEYS = 6  # most tokens (or n-grams) one label may list
+LABEL_MIN_F1 = 0.3  # a label scoring below this F1 on the held-out half is shown as "unexplained"
 N_LATENTS_TO_NAME = 32  # the most frequent live latents get a model-written name; 0 = all live, -1 = none
-NAMING_MODEL_ID = "embedded"  # a larger local folder or hub id names better
+NAMING_MODEL_ID = "none"  # none (the embedded 135M names at chance); a local folder / hub id; or an endpoint http://host:port/v1
+NAMING_API_MODEL = ""  # the model an endpoint is asked for; "" = the first it lists
+NAMING_API_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (the key is never stored)
 NAMING_MAX_NEW_TOKENS = 16
+NAME_MIN_SCORE = 0.7  # a name becomes the title only above its label's score and at least this (0.5 = chance)
 
 PRESETS = {
     "local": {},

@@ -13,7 +13,7 @@ import torch
 
 from common import save_result, table, timer
 
-from saekit.concepts import collect
+from saekit.collect import collect, text_peaks, top_peaks
 from saekit.data import load_texts
 from saekit.models import load_model, resolve_layer
 from saekit.sae import TopKSAE
@@ -32,9 +32,9 @@ batch, max_length, top_n = settings.BATCH_SIZE_SAVE, settings.MAX_LENGTH, settin
 n_tokens = sum(len(tokenizer(t, truncation=True, max_length=max_length).input_ids) for t in texts)
 
 with timer() as t_ours:
-    col = collect(model, tokenizer, layer, sae, texts, top_n=top_n, context_tokens=settings.CONTEXT_TOKENS,
-                  sample_size=16, background_texts=64, max_length=max_length, batch_size=batch, progress=False)
-ours_live = int((col.fire_counts > 0).sum())
+    codes = collect(model, tokenizer, layer, sae, texts, max_length=max_length, batch_size=batch, progress=False)
+    top_peaks(text_peaks(codes), top_n, sae.n_latents)  # the top texts, as mi_crow's tracker keeps them
+ours_live = len(set(codes.firing[1].tolist()))
 
 
 def mi_crow_tracking():

@@ -1,9 +1,15 @@
+"""Stage 04's collection and exports on the tiny model, and the notebook on smoke artifacts."""
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT, STORIES, TINY_LAYER
-from saekit import concepts as C
+from saekit import collect as C
+from saekit.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
+from saekit.integrity import IntegrityError
+from saekit.labels import lens_records
 from saekit.models import forward_to_layer, resolve_layer
 from saekit.notebooks import run_notebook
 from saekit.sae import TopKSAE
@@ -24,103 +30,109 @@ def _sae(d=32, n=64, k=4, dead=(5,)):
     return sae.eval()
 
 
-def _collect(model, tok, sae, top_n=3, texts=TEXTS):
-    return C.collect(model, tok, resolve_layer(model, TINY_LAYER), sae, texts, top_n=top_n, context_tokens=2,
-                     sample_size=8, background_texts=6, max_length=20, batch_size=5, progress=False)
+def _collect(model, tok, sae, texts=TEXTS):
+    return C.collect(model, tok, resolve_layer(model, TINY_LAYER), sae, texts, max_length=20, batch_size=5,
+                     progress=False)
 
 
-def test_streaming_buffers_match_a_brute_force_top_n(tiny_model, tiny_tokenizer):
+def _build(codes, model, tok, sae, **overrides):
+    live = sorted(set(codes.firing[1].tolist()))
+    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3)
+    return build_concepts(codes, lens_records(model, tok, sae, live), {"model_id": "tiny", "layer_signature": TINY_LAYER,
+                                                                        "sae_id": "sae-a", "k": sae.k},
+                          **{**settings, **overrides})
+
+
+def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokenizer):
     sae = _sae()
-    col = _collect(tiny_model, tiny_tokenizer, sae)
-    # brute force: every text alone, full codes, special tokens masked, max per (text, latent)
+    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    # brute force: every text alone, full codes, special tokens silent
     best = torch.zeros(len(TEXTS), sae.n_latents)
     for doc, text in enumerate(TEXTS):
         enc = tiny_tokenizer(text, return_tensors="pt", truncation=True, max_length=20)
         hidden = forward_to_layer(tiny_model, resolve_layer(tiny_model, TINY_LAYER), enc.input_ids, enc.attention_mask)
-        codes = sae.dense_codes(hidden)[0]
-        codes[torch.isin(enc.input_ids[0], torch.tensor(tiny_tokenizer.all_special_ids))] = 0
-        best[doc] = codes.max(0).values
+        dense = sae.dense_codes(hidden)[0]
+        dense[torch.isin(enc.input_ids[0], torch.tensor(tiny_tokenizer.all_special_ids))] = 0
+        start, stop = codes.doc_start[doc], codes.doc_start[doc + 1]
+        assert codes.token_ids[start:stop].tolist() == enc.input_ids[0].tolist()
+        mine = torch.zeros_like(dense)
+        for t in range(stop - start):
+            for latent, value in zip(codes.latents[start + t], codes.values[start + t]):
+                if latent >= 0:
+                    mine[t, latent] = float(value)
+        torch.testing.assert_close(mine, dense, rtol=1e-4, atol=1e-5)
+        best[doc] = dense.max(0).values
+    assert not codes.countable[codes.pos == 0].any()  # BOS never fires
+    peaks = C.text_peaks(codes)
+    top = C.top_peaks(peaks, 3, sae.n_latents)
     for latent in range(sae.n_latents):
         expected = sorted(best[:, latent][best[:, latent] > 0].tolist(), reverse=True)[:3]
-        got = [float(col.top.score[latent, s]) for s in col.top.entries(latent)]
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
-        docs = [int(col.top.doc[latent, s]) for s in col.top.entries(latent)]
+        np.testing.assert_allclose(peaks.value[top[latent]], expected, rtol=1e-4, atol=1e-5)
+        docs = codes.doc[peaks.token[top[latent]]]
         assert len(set(docs)) == len(docs)  # at most one example per text per latent
-    assert int(col.fire_counts.sum()) > 0
+    stats = C.latent_stats(codes)
+    assert stats.fire_counts[5] == 0 and stats.fire_counts.sum() == len(codes.firing[0])
+    assert stats.histogram.sum(1).tolist() == stats.fire_counts.tolist()
 
 
-def test_exports_schema_dead_latents_and_token_alignment(tiny_model, tiny_tokenizer):
+def test_exports_refer_to_texts_stored_once(tiny_model, tiny_tokenizer):
     sae = _sae()
-    col = _collect(tiny_model, tiny_tokenizer, sae)
-    top_texts, concepts = C.build_exports(col, tiny_model, tiny_tokenizer, sae, context_tokens=2, per_quantile=1,
-                                          non_activating=2, meta={"model_id": "tiny"})
-    assert set(top_texts) == {str(i) for i in range(sae.n_latents)}
-    assert top_texts["5"] == [] and "5" not in concepts["latents"]  # the dead latent
-    assert concepts["meta"]["live_latents"] == len(concepts["latents"]) > 0
-    for key, examples in top_texts.items():
-        for e in examples:
-            assert {"text", "score", "token_str", "token_idx", "doc_index", "context"} <= set(e)
-            ids = tiny_tokenizer(e["text"], truncation=True, max_length=20).input_ids
-            assert e["token_idx"] > 0  # BOS never counts as a peak
-            assert tiny_tokenizer.decode([ids[e["token_idx"]]]) == e["token_str"]
-            ctx = e["context"]
-            assert len(ctx["tokens"]) == len(ctx["activations"]) and ctx["tokens"][ctx["peak"]] == e["token_str"]
-            assert abs(ctx["activations"][ctx["peak"]] - e["score"]) < 1e-3
-        assert [e["score"] for e in examples] == sorted((e["score"] for e in examples), reverse=True)
-    for latent in concepts["latents"].values():
-        assert {"label", "label_source", "label_score", "logit_lens", "histogram", "frequency",
-                "quantile_examples", "non_activating"} <= set(latent)
-        assert len(latent["logit_lens"]["promoted"]) == 10
-        assert sum(latent["histogram"]["counts"]) == round(latent["frequency"] * col.n_tokens)
-        assert all(e["score"] == 0 for e in latent["non_activating"])
-    json.dumps(concepts, default=str)
+    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    built = _build(codes, tiny_model, tiny_tokenizer, sae)
+    texts = built.texts
+    assert texts["texts"] == TEXTS and len(texts["tokens"]) == len(TEXTS)
+    assert 5 not in built.records and built.top_texts["5"] == []  # the dead latent
+    assert built.meta["live_latents"] == len(built.records) > 0
+    for index, record in built.records.items():
+        assert record["label"]["text"] and 0 <= record["label"]["f1"] <= 1  # every live latent scored
+        assert record["title"] == record["label"]["text"] and record["name"] is None
+        for e in record["examples"]["top"] + record["examples"]["quantiles"]:
+            token = texts["vocab"][texts["tokens"][e["doc"]][e["pos"]]]
+            assert token == tiny_tokenizer.decode([tiny_tokenizer(TEXTS[e["doc"]]).input_ids[e["pos"]]])
+            assert dict(e["acts"])[e["pos"]] == e["score"] > 0 and e["pos"] > 0
+        top = record["examples"]["top"]
+        assert [e["score"] for e in top] == sorted((e["score"] for e in top), reverse=True)
+        for e in record["examples"]["silent"]:  # silent throughout its window
+            start, stop = C.window(codes, int(codes.doc_start[e["doc"]]) + e["pos"], 2)
+            assert not C.latent_activations(codes, index, start, stop).any()
+        seed_keys = built.top_texts[str(index)]
+        assert {"text", "score", "token_str", "token_idx"} <= set(seed_keys[0])
+        assert [e["score"] for e in seed_keys] == pytest.approx([e["score"] for e in top], abs=1e-4)
+    assert not any(text in json.dumps(built.records) for text in TEXTS)  # no example carries its text
 
 
-def test_detection_score_on_a_constructed_case():
-    assert C.balanced_accuracy([True, True, False, True], [False, False]) == (0.75 + 1.0) / 2
-    assert C.balanced_accuracy([True], []) is None
-
-    def window(*tokens):
-        return {"context": {"tokens": list(tokens), "activations": [1.0] * len(tokens), "peak": 0}, "token_str": tokens[0]}
-
-    activating = [window(" the", " cat", " sat"), window(" a", " cat"), window(" dog", " ran")]
-    non_activating = [window(" the", " dog"), window(" big", " Cat"), window(" sun")]
-    # "cat" matches tokens after stripping and lower-casing: 2 of 3 hits, 1 of 3 false alarms
-    assert abs(C.label_score([("cat",)], activating, non_activating) - (2 / 3 + 2 / 3) / 2) < 1e-12
-
-
-def test_labels_follow_the_rules_in_order():
-    def example(tokens, peak):
-        return {"token_str": tokens[peak], "context": {"tokens": tokens, "activations": [1.0] * len(tokens), "peak": peak}}
-
-    same_peak = [example([" a", " cat", " ran"], 1)] * 3 + [example([" a", " dog", " ran"], 1)]
-    assert C.make_label(same_peak, [], C.Counter(), 1)[:2] == ('"cat"', "peak token")
-    same_next = [example([" a", w, " ran"], 1) for w in (" cat", " dog", " owl")]
-    assert C.make_label(same_next, [], C.Counter(), 1)[:2] == ('before "ran"', "next token")
-
-
-def test_naming_runs_and_resumes(tiny_model, chat_tokenizer, tmp_path, monkeypatch):
+def test_exports_are_published_as_one_set_tied_to_the_sae(tiny_model, tiny_tokenizer, tmp_path):
     sae = _sae()
-    col = _collect(tiny_model, chat_tokenizer, sae)
-    top_texts, concepts = C.build_exports(col, tiny_model, chat_tokenizer, sae, context_tokens=2, per_quantile=1,
-                                          non_activating=2, meta={})
-    chosen = C.latents_to_name(concepts, 3)
-    items = {i: {"top": top_texts[str(i)], "activating": concepts["latents"][str(i)]["_activating"],
-                 "non_activating": concepts["latents"][str(i)]["non_activating"]} for i in chosen}
-    names = C.name_latents(tiny_model, chat_tokenizer, items, tmp_path / "names.json", "fp", max_new_tokens=4,
-                           progress=False)
-    assert set(names) == set(chosen) and all(isinstance(n["name"], str) and n["name"] for n in names.values())
-    calls = []
-    monkeypatch.setattr(C, "write_names", lambda *a, **k: calls.append(a) or [])
-    again = C.name_latents(tiny_model, chat_tokenizer, items, tmp_path / "names.json", "fp", 4, progress=False)
-    assert again == names and calls == []  # resumed: nothing named twice
+    built = _build(_collect(tiny_model, tiny_tokenizer, sae), tiny_model, tiny_tokenizer, sae)
+    folder = publish(tmp_path, built)
+    assert (tmp_path / "concepts_id.txt").read_text().strip() == folder.name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["sae_id"] == "sae-a" and set(manifest["files"]) == {"concepts.json", "texts.json", "concepts.csv",
+                                                                          "top_texts.json"}
+    assert (tmp_path / "top_texts.json").read_bytes() == (folder / "top_texts.json").read_bytes()
+    concepts, texts, _ = open_concepts(tmp_path, "sae-a")
+    assert len(concepts["latents"]) == len(built.records) and texts["texts"] == TEXTS
+    with pytest.raises(ConceptsMismatchError, match="Run stage 04"):
+        open_concepts(tmp_path, "another-sae")
+    second = publish(tmp_path, built)  # the previous set stays for a reader that has it open; older ones go
+    third = publish(tmp_path, built)
+    assert not folder.exists() and second.exists() and third.exists()
+    (third / "texts.json").write_text("{}")
+    with pytest.raises(IntegrityError, match="corrupt"):
+        open_concepts(tmp_path, "sae-a")
 
 
 def test_concepts_notebook_on_smoke_artifacts(smoke_args):
     run_notebook(ROOT / "04_name_sae_concepts.ipynb", smoke_args)
-    store = load_settings(smoke_args).store
-    top_texts = json.loads((store / "top_texts.json").read_text())
-    concepts = json.loads((store / "concepts.json").read_text())
-    assert len(top_texts) == concepts["meta"]["n_latents"]
-    assert any(c["name"] for c in concepts["latents"].values())
-    assert (store / "concepts.csv").read_text().startswith("index,label,name")
+    settings = load_settings(smoke_args)
+    concepts, _, folder = open_concepts(settings.store, TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt")[1]
+                                        .get("sae_id"))
+    latents = concepts["latents"].values()
+    assert len(latents) == concepts["meta"]["live_latents"] > 0
+    assert sum(1 for c in latents if c["name"]) == 2  # N_LATENTS_TO_NAME=2 with the tiny model as namer
+    for c in latents:  # a name is the title only where it scored above the label
+        if c["title_source"] == "name":
+            assert c["name"]["score"] > np.mean([c["label"]["detection"], c["label"]["fuzzing"]])
+        else:
+            assert c["title"] == c["label"]["text"]
+    assert (folder / "concepts.csv").read_text().startswith("index,title,title_source,label")

@@ -1,0 +1,203 @@
+"""Stage 04, exports: one record per live latent, published with the texts as one set of files.
+
+    store/concepts/<concepts_id>/      published by saekit.integrity.publish_set
+        concepts.json    run metadata, and per live latent: statistics, label and its scores, name and
+                         its scores, title, histogram, logit lens, and examples as references to the
+                         texts (text, position of the peak, activation, the latent's codes nearby)
+        texts.json       the held-out texts, each once: raw text, and tokens as indices into a table
+                         of token strings
+        concepts.csv     one row per live latent
+        top_texts.json   the seed's format, {latent: [{text, score, token_str, token_idx}, ...]}, kept
+                         for other tools; this project's readers do not use it
+        manifest.json    checksums of the files above, the SAE's id and the activation run's id
+    store/concepts_id.txt                names the current set; replaced last
+    store/top_texts.json                 a copy of the set's top_texts.json, at the seed's path
+
+Readers open the set through `open_concepts`, which checks every file and refuses a set made from
+another SAE than the current one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path
+from .collect import (HIST_EDGES, QUANTILES, HeldoutCodes, ScoringWindows, by_quantile, latent_activations,
+                      latent_stats, sampled_peaks, scoring_half, scoring_windows, silent_windows, text_peaks,
+                      top_peaks, window)
+from .errors import PipelineError
+from .integrity import clean_stale_partials, open_set, publish_set
+from .labels import Label, choose_labels, token_keys, window_scores
+from .naming import Name
+
+CONCEPTS_DIR = "concepts"
+POINTER = "concepts_id.txt"
+CONCEPTS_FILE, TEXTS_FILE, CSV_FILE, TOP_TEXTS_FILE = "concepts.json", "texts.json", "concepts.csv", "top_texts.json"
+RERUN_04 = "Run stage 04 again (04_name_sae_concepts.ipynb)."
+
+
+class ConceptsMismatchError(PipelineError):
+    """Stage 04's exports were made from another SAE, model or layer than the current ones."""
+
+
+def example(codes: HeldoutCodes, latent: int, token: int, context: int) -> dict[str, Any]:
+    """A reference to the peak at flat `token`: its text, position, score, and the latent's nonzero codes
+    in the window around it (as [position, activation] pairs)."""
+    start, stop = window(codes, token, context)
+    acts = latent_activations(codes, latent, start, stop)
+    offset = int(codes.pos[start])
+    return {"doc": int(codes.doc[token]), "pos": int(codes.pos[token]),
+            "score": round(float(acts[token - start]), 4),
+            "acts": [[offset + j, round(float(a), 4)] for j, a in enumerate(acts) if a > 0]}
+
+
+def texts_table(codes: HeldoutCodes) -> dict[str, Any]:
+    """Each text once: its raw text, and its tokens as indices into `vocab`."""
+    ids, index = np.unique(codes.token_ids, return_inverse=True)
+    tokens = np.split(index.ravel(), codes.doc_start[1:-1])
+    return {"texts": codes.texts, "vocab": [codes.token_text[int(t)] for t in ids],
+            "tokens": [t.tolist() for t in tokens]}
+
+
+@dataclass
+class Built:
+    """Stage 04's results before naming: records for the exports, and what naming needs."""
+
+    meta: dict[str, Any]
+    records: dict[int, dict[str, Any]]
+    labels: dict[int, Label]
+    windows: dict[int, ScoringWindows]
+    namer_examples: dict[int, list[int]]  # per latent, its top peak tokens of the choosing half
+    top_texts: dict[str, list[dict[str, Any]]]
+    texts: dict[str, Any]
+
+
+def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: dict[str, Any], *, top_n: int,
+                   context: int, per_quantile: int, non_activating: int, scoring_examples: int, max_keys: int,
+                   min_f1: float, seed: int = 0) -> Built:
+    """Statistics, examples, labels and their scores for every live latent of `codes`.
+
+    `lens`: per live latent, the logit lens's promoted and suppressed tokens (saekit.labels.lens_records)."""
+    rng = np.random.default_rng(seed)
+    n = codes.n_latents
+    stats = latent_stats(codes)
+    live = np.flatnonzero(stats.fire_counts).tolist()
+    is_scoring = scoring_half(len(codes.texts), seed)
+    peaks = text_peaks(codes)
+    top = top_peaks(peaks, top_n, n)
+    sampled = sampled_peaks(peaks, 4 * QUANTILES * per_quantile, n, rng)
+    choosing = peaks.where(~is_scoring[codes.doc[peaks.token]])
+    namer_top = top_peaks(choosing, top_n, n)
+    keys = token_keys(codes)
+    labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in lens[i]["promoted"]] for i in live},
+                           max_keys, min_f1)
+    windows = scoring_windows(codes, peaks, live, scoring_examples, context, is_scoring, rng)
+    all_tokens = np.flatnonzero(codes.countable)
+    records = {}
+    for i in live:
+        label = labels[i]
+        label.detection, label.fuzzing = window_scores(codes, keys, label, windows[i], context)
+        used = np.flatnonzero(stats.histogram[i])
+        quantile_tokens = peaks.token[sampled[i]]
+        records[i] = {
+            "index": i, "frequency": int(stats.fire_counts[i]) / max(codes.n_tokens, 1),
+            "max_activation": round(float(stats.max_activation[i]), 4),
+            "mean_activation": round(float(stats.activation_sums[i] / stats.fire_counts[i]), 4),
+            "label": label.as_json(), "name": None, "title": label.text, "title_source": "label",
+            "histogram": {"bin_edges": [float(e) for e in HIST_EDGES[used[0]:used[-1] + 2]],
+                          "counts": stats.histogram[i, used[0]:used[-1] + 1].tolist()},
+            "logit_lens": lens[i],
+            "examples": {
+                "top": [example(codes, i, int(t), context) for t in peaks.token[top[i]]],
+                "quantiles": [{**example(codes, i, int(quantile_tokens[j]), context), "quantile": q}
+                              for j, q in by_quantile(peaks.value[sampled[i]], per_quantile)],
+                "silent": [{"doc": int(codes.doc[t]), "pos": int(codes.pos[t])}
+                           for t in silent_windows(codes, i, non_activating, context, all_tokens, rng)]},
+        }
+    top_texts = {str(i): [{"text": codes.texts[codes.doc[t]], "score": round(float(v), 5),
+                           "token_str": codes.token_text[int(codes.token_ids[t])], "token_idx": int(codes.pos[t]),
+                           "doc_index": int(codes.doc[t])}
+                          for t, v in zip(peaks.token[top[i]], peaks.value[top[i]])] for i in range(n)}
+    meta = {**meta, "n_latents": n, "n_texts": len(codes.texts), "n_tokens": codes.n_tokens,
+            "n_scoring_texts": int(is_scoring.sum()), "live_latents": len(live), "context_tokens": context,
+            "collection_tokens_per_s": codes.tokens_per_s,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return Built(meta, records, labels, windows, {i: choosing.token[namer_top[i]].tolist() for i in live},
+                 top_texts, texts_table(codes))
+
+
+def apply_names(built: Built, names: dict[int, Name], min_score: float) -> None:
+    """Record each name with its scores; it becomes the title only where it scores above the label on
+    the same windows, and at least `min_score` (0.5 is chance: noise must not replace an honest
+    "unexplained")."""
+    for i, name in names.items():
+        record = built.records[i]
+        record["name"] = {"text": name.text, "detection": name.detection, "fuzzing": name.fuzzing,
+                          "score": name.score}
+        label_score = built.labels[i].window_score()
+        if name.score is not None and label_score is not None and name.score > label_score and name.score >= min_score:
+            record["title"], record["title_source"] = name.text, "name"
+
+
+def _csv(records: dict[int, dict[str, Any]]) -> str:
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["index", "title", "title_source", "label", "label_rule", "label_f1", "label_precision",
+                     "label_recall", "label_detection", "label_fuzzing", "name", "name_score", "frequency"])
+    for r in sorted(records.values(), key=lambda r: -r["frequency"]):
+        label, name = r["label"], r["name"] or {}
+        writer.writerow([r["index"], r["title"], r["title_source"], label["text"], label["rule"] or "",
+                         *(f"{label[k]:.4f}" for k in ("f1", "precision", "recall")),
+                         *("" if label[k] is None else f"{label[k]:.4f}" for k in ("detection", "fuzzing")),
+                         name.get("text", ""), "" if name.get("score") is None else f"{name['score']:.4f}",
+                         f"{r['frequency']:.6g}"])
+    return rows.getvalue()
+
+
+def _dump(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+
+def publish(store: Path, built: Built) -> Path:
+    """Write the exports as one set and make it current; return its folder."""
+    parent = store / CONCEPTS_DIR
+    clean_stale_partials(parent)
+    pointer = store / POINTER
+    previous = pointer.read_text().strip() if pointer.exists() else None
+    set_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    meta = {**built.meta, "concepts_id": set_id}
+
+    def write(folder: Path) -> None:
+        _dump(folder / CONCEPTS_FILE, {"meta": meta, "latents": built.records})
+        _dump(folder / TEXTS_FILE, built.texts)
+        (folder / CSV_FILE).write_text(_csv(built.records))
+        _dump(folder / TOP_TEXTS_FILE, built.top_texts)
+
+    folder = publish_set(parent, set_id, write, pointer,
+                         {key: meta.get(key) for key in ("sae_id", "activation_run_id", "model_id", "layer_signature")})
+    with atomic_path(store / TOP_TEXTS_FILE) as tmp:  # for tools that read the seed's path
+        shutil.copyfile(folder / TOP_TEXTS_FILE, tmp)
+    for old in parent.iterdir():  # keep the new set and the one a reader may still have open
+        if old.is_dir() and old.name not in (set_id, previous) and not old.name.endswith(".partial"):
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def open_concepts(store: Path, sae_id: str | None) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """(concepts, texts, folder) of the current set, every file checked, made from the SAE `sae_id`."""
+    folder, manifest = open_set(store / CONCEPTS_DIR, store / POINTER, RERUN_04)
+    if manifest.get("sae_id") != sae_id:
+        raise ConceptsMismatchError(f"the concepts in {folder} were found with SAE {manifest.get('sae_id')}, but the "
+                                    f"current SAE is {sae_id}. {RERUN_04}")
+    concepts = json.loads((folder / CONCEPTS_FILE).read_text())
+    texts = json.loads((folder / TEXTS_FILE).read_text())
+    return concepts, texts, folder

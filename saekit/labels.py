@@ -1,0 +1,289 @@
+"""Stage 04, labels: for every live latent, the simple rule that best predicts the tokens it fires on,
+chosen on one half of the held-out texts and scored on the other.
+
+A rule says "the latent fires here" when a key read at the token is in a small set of keys:
+
+    token            the token itself, stripped and lower-cased: {"kite", "kites"}
+    previous token   the token before it
+    next token       the token after it
+    bigram ending    the token before and the token:   the [kite]
+    bigram starting  the token and the one after:      [kite] flew
+    trigram          before, token, after:             the [kite] flew
+    logit lens       the next token, restricted to the 10 tokens the latent's decoder promotes
+
+Choosing, on the choosing half: per rule and latent, keys are ranked by the share of their tokens on
+which the latent fires (add-one smoothed, so a key seen once does not lead) and the prefix of at most
+`max_keys` keys with the best F1 is kept (F1 = 2 TP / (predicted + fires) is best at a precision
+threshold, so a ranked prefix is the optimum for the ranking). A key must at least double the
+latent's base rate: a frequent latent that fires at random is not "explained" by common tokens. The
+rule with the best F1 wins; the cheaper (listed first) on ties.
+
+Scoring, on the scoring half: precision, recall and F1 of the chosen rule over every token that can
+fire. Below `min_f1` the latent is labelled unexplained, with its best attempt and that attempt's
+score. Every live latent gets a label and a score.
+
+The same rule is also scored delphi's way on windows of the scoring half (`window_scores`):
+detection (matches somewhere in activating windows, nowhere in silent ones) and fuzzing (matches
+the marked peak, not a marked token where the latent is silent), each a balanced accuracy. These
+are the scores a model-written name has to beat (saekit.naming).
+
+Logit lens: a latent's decoder direction pushed through the final norm's weight and the
+unembedding, skipping the blocks in between: a rough first-order view of what it promotes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .collect import HeldoutCodes, ScoringWindows, window
+from .sae import TopKSAE
+
+RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "logit lens")
+LENS_TOKENS = 10  # promoted tokens that the logit-lens rule may use
+MIN_LIFT = 2.0  # a key must at least double the latent's base firing rate
+
+
+def normalise(token_text: str) -> str:
+    """The key of a token: stripped and lower-cased; whitespace made visible."""
+    return token_text.strip().lower() or token_text.replace("\n", "↵").replace(" ", "␣").replace("\t", "⇥")
+
+
+@dataclass
+class TokenKeys:
+    """For each rule, the key it reads at every token (-1: the rule cannot match there), and the
+    normalised tokens each key stands for."""
+
+    keys: dict[str, np.ndarray]
+    words: dict[str, list[tuple[str, ...]]]
+    word_index: dict[str, int]  # normalised token -> its key in the single-token rules
+
+
+def _combine(columns: list[np.ndarray], vocab: list[str]) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """Keys of tuples of word keys (an n-gram), -1 where any part is missing."""
+    stacked = np.stack(columns, 1)
+    valid = (stacked >= 0).all(1)
+    keys = np.full(len(stacked), -1, np.int64)
+    grams, inverse = np.unique(stacked[valid], axis=0, return_inverse=True)
+    keys[valid] = inverse.ravel()
+    return keys, [tuple(vocab[w] for w in gram) for gram in grams]
+
+
+def token_keys(codes: HeldoutCodes) -> TokenKeys:
+    vocab = sorted({normalise(text) for text in codes.token_text.values()})
+    word_index = {w: i for i, w in enumerate(vocab)}
+    key_of_id = {token_id: word_index[normalise(text)] for token_id, text in codes.token_text.items()}
+    word = np.array([key_of_id[int(t)] for t in codes.token_ids], np.int64)
+    first = codes.pos == 0
+    last = np.r_[codes.doc[1:] != codes.doc[:-1], True]
+    before = np.where(first, -1, np.roll(word, 1))
+    after = np.where(last, -1, np.roll(word, -1))
+    can_fire = codes.countable
+    singles = [(w,) for w in vocab]
+    keys = {"token": word, "previous token": before, "next token": after}
+    words = {rule: singles for rule in keys}
+    for rule, columns in (("bigram ending", [before, word]), ("bigram starting", [word, after]),
+                          ("trigram", [before, word, after])):
+        keys[rule], words[rule] = _combine(columns, vocab)
+    keys["logit lens"], words["logit lens"] = after, singles
+    return TokenKeys({rule: np.where(can_fire, k, -1) for rule, k in keys.items()}, words, word_index)
+
+
+# --- choosing and scoring ------------------------------------------------------------------------
+
+def _pair_counts(codes: HeldoutCodes, keys: np.ndarray, tokens: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """(latent * n_keys + key, firing tokens) for every (latent, key) that co-occur on `tokens` (a mask)."""
+    token, latent, _ = codes.firing
+    keep = tokens[token] & (keys[token] >= 0)
+    return np.unique(latent[keep] * n_keys + keys[token[keep]], return_counts=True)
+
+
+def _run_starts(sorted_groups: np.ndarray) -> np.ndarray:
+    """For each row of an array sorted by group, the index where its group's run begins."""
+    starts = np.r_[0, np.flatnonzero(sorted_groups[1:] != sorted_groups[:-1]) + 1] if len(sorted_groups) else np.r_[0]
+    return np.repeat(starts, np.diff(np.r_[starts, len(sorted_groups)]))[:len(sorted_groups)]
+
+
+def _grouped_cumsum(values: np.ndarray, run_start: np.ndarray) -> np.ndarray:
+    total = np.cumsum(values)
+    return total - total[run_start] + values[run_start]
+
+
+@dataclass
+class Choice:
+    """Per latent, the best key set of one rule on the choosing half."""
+
+    f1: np.ndarray  # [n_latents], 0 where the rule found no key
+    keys: dict[int, np.ndarray]
+
+
+def _choose(pairs: np.ndarray, fires: np.ndarray, totals: np.ndarray, latent_fires: np.ndarray, n_tokens: int,
+            n_keys: int, max_keys: int) -> Choice:
+    latent, key = pairs // n_keys, pairs % n_keys
+    total = totals[key]
+    smoothed = fires / (total + 1)
+    lifted = smoothed > MIN_LIFT * latent_fires[latent] / max(n_tokens, 1)
+    latent, key, fires, total, smoothed = (a[lifted] for a in (latent, key, fires, total, smoothed))
+    order = np.lexsort((-fires, -smoothed, latent))
+    latent, key, fires, total = latent[order], key[order], fires[order], total[order]
+    run_start = _run_starts(latent)
+    rank = np.arange(len(latent)) - run_start
+    within = rank < max_keys
+    latent, key, fires, total, rank = latent[within], key[within], fires[within], total[within], rank[within]
+    run_start = _run_starts(latent)
+    f1 = 2 * _grouped_cumsum(fires, run_start) / (_grouped_cumsum(total, run_start) + latent_fires[latent])
+    best = np.lexsort((rank, -f1, latent))
+    first = best[np.r_[True, latent[best][1:] != latent[best][:-1]]] if len(best) else best
+    chosen_f1 = np.zeros(len(latent_fires))
+    chosen_f1[latent[first]] = f1[first]
+    return Choice(chosen_f1, {int(latent[i]): key[run_start[i]:i + 1] for i in first})
+
+
+@dataclass
+class Label:
+    """A latent's label: the rule, its keys, and its scores on the scoring half."""
+
+    text: str
+    rule: str | None  # None: no rule matched anything on the choosing half
+    keys: list[tuple[str, ...]]
+    explained: bool
+    precision: float
+    recall: float
+    f1: float
+    choosing_f1: float
+    scoring_fires: int  # tokens of the scoring half on which the latent fires
+    detection: float | None = None  # balanced accuracy on windows (set by window_scores)
+    fuzzing: float | None = None
+    key_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+
+    def window_score(self) -> float | None:
+        """Mean of detection and fuzzing: what a name must beat to become the title."""
+        parts = [s for s in (self.detection, self.fuzzing) if s is not None]
+        return float(np.mean(parts)) if parts else None
+
+    def as_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("key_ids")
+        record["keys"] = [list(k) for k in self.keys]
+        return record
+
+
+def describe(rule: str, keys: list[tuple[str, ...]]) -> str:
+    """A rule and its keys as a short text, the firing token in brackets where it helps."""
+    shown = keys[:6]
+    if rule == "token":
+        return " | ".join(k[0] for k in shown)
+    if rule in ("previous token", "next token", "logit lens"):
+        prefix = {"previous token": "after", "next token": "before", "logit lens": "predicts"}[rule]
+        return f"{prefix}: " + " | ".join(k[0] for k in shown)
+    marked = {"bigram ending": lambda k: f"{k[0]} [{k[1]}]", "bigram starting": lambda k: f"[{k[0]}] {k[1]}",
+              "trigram": lambda k: f"{k[0]} [{k[1]}] {k[2]}"}[rule]
+    return " | ".join(marked(k) for k in shown)
+
+
+def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarray, live: list[int],
+                  promoted: dict[int, list[str]], max_keys: int, min_f1: float) -> dict[int, Label]:
+    """A label for every latent in `live`, chosen on the texts not in `is_scoring_doc`, scored on those in it.
+
+    `promoted`: per latent, the tokens its logit lens promotes (for the logit-lens rule)."""
+    halves = {"choosing": codes.countable & ~is_scoring_doc[codes.doc], "scoring": codes.countable & is_scoring_doc[codes.doc]}
+    token, latent, _ = codes.firing
+    fires = {half: np.bincount(latent[mask[token]], minlength=codes.n_latents) for half, mask in halves.items()}
+    choices, scored = {}, {}
+    for rule in RULES:
+        rule_keys, n_keys = keys.keys[rule], len(keys.words[rule])
+        pairs, pair_fires = _pair_counts(codes, rule_keys, halves["choosing"], n_keys)
+        if rule == "logit lens":  # only pairs of a latent and a token its decoder promotes
+            allowed = [lat * n_keys + keys.word_index[normalise(t)] for lat, tokens in promoted.items()
+                       for t in tokens[:LENS_TOKENS] if normalise(t) in keys.word_index]
+            inside = np.isin(pairs, allowed)
+            pairs, pair_fires = pairs[inside], pair_fires[inside]
+        totals = np.bincount(rule_keys[halves["choosing"] & (rule_keys >= 0)], minlength=n_keys)
+        choices[rule] = _choose(pairs, pair_fires, totals, fires["choosing"], int(halves["choosing"].sum()),
+                                n_keys, max_keys)
+        scored[rule] = (_pair_counts(codes, rule_keys, halves["scoring"], n_keys),
+                        np.bincount(rule_keys[halves["scoring"] & (rule_keys >= 0)], minlength=n_keys))
+    best_rule = np.stack([choices[rule].f1 for rule in RULES]).argmax(0)  # first best: the cheaper rule
+    labels = {}
+    for lat in live:
+        rule = RULES[best_rule[lat]]
+        key_ids = choices[rule].keys.get(lat)
+        firing = int(fires["scoring"][lat])
+        if key_ids is None:
+            labels[lat] = Label("unexplained (no rule found on the choosing half)", None, [], False, 0.0, 0.0, 0.0,
+                                0.0, firing)
+            continue
+        (pairs, pair_fires), totals = scored[rule]
+        n_keys = len(keys.words[rule])
+        wanted = lat * n_keys + key_ids
+        at = np.clip(np.searchsorted(pairs, wanted), 0, max(len(pairs) - 1, 0))
+        true_positives = int(pair_fires[at][pairs[at] == wanted].sum()) if len(pairs) else 0
+        predicted = int(totals[key_ids].sum())
+        precision = true_positives / predicted if predicted else 0.0
+        recall = true_positives / firing if firing else 0.0
+        f1 = 2 * true_positives / (predicted + firing) if predicted + firing else 0.0
+        words = [keys.words[rule][k] for k in key_ids]
+        attempt = describe(rule, words)
+        explained = f1 >= min_f1
+        text = attempt if explained else f"unexplained (best attempt: {attempt}; F1 {f1:.2f})"
+        labels[lat] = Label(text, rule, words, explained, precision, recall, f1, float(choices[rule].f1[lat]),
+                            firing, key_ids=key_ids)
+    return labels
+
+
+# --- window scores (delphi's detection and fuzzing) ----------------------------------------------
+
+def balanced_accuracy(on_positives: list[bool], on_negatives: list[bool]) -> float | None:
+    """Balanced accuracy of a detector from its answers on truly positive and truly negative items."""
+    if not on_positives or not on_negatives:
+        return None
+    return (sum(on_positives) / len(on_positives) + 1 - sum(on_negatives) / len(on_negatives)) / 2
+
+
+def rule_matches(keys: TokenKeys, label: Label, tokens: np.ndarray) -> np.ndarray:
+    if label.rule is None:
+        return np.zeros(len(tokens), bool)
+    return np.isin(keys.keys[label.rule][tokens], label.key_ids)
+
+
+def window_scores(codes: HeldoutCodes, keys: TokenKeys, label: Label, windows: ScoringWindows,
+                  context: int) -> tuple[float | None, float | None]:
+    """(detection, fuzzing) balanced accuracies of the label's rule on the windows."""
+    def matches_somewhere(centre: int) -> bool:
+        start, stop = window(codes, centre, context)
+        return bool(rule_matches(keys, label, np.arange(start, stop)).any())
+
+    detection = balanced_accuracy([matches_somewhere(t) for t in windows.activating],
+                                  [matches_somewhere(t) for t in windows.silent])
+    marked = [(peak, decoy) for peak, decoy in zip(windows.activating, windows.decoys) if decoy is not None]
+    fuzzing = balanced_accuracy(rule_matches(keys, label, np.array([p for p, _ in marked], np.int64)).tolist(),
+                                rule_matches(keys, label, np.array([d for _, d in marked], np.int64)).tolist())
+    return detection, fuzzing
+
+
+# --- logit lens ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def logit_lens(model, sae: TopKSAE, top: int = 10, chunk: int = 256) -> tuple[torch.Tensor, ...]:
+    """(promoted ids, values, suppressed ids, values), each [n_latents, top]."""
+    unembed = model.get_output_embeddings().weight.float().cpu()
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    gain = norm.weight.float().cpu() if norm is not None and hasattr(norm, "weight") else torch.ones(unembed.shape[1])
+    results = [[], [], [], []]
+    for lo in range(0, sae.n_latents, chunk):
+        logits = (sae.W_dec[lo:lo + chunk].float().cpu() * gain) @ unembed.T
+        up, down = logits.topk(top, dim=1), (-logits).topk(top, dim=1)
+        for store, value in zip(results, (up.indices, up.values, down.indices, -down.values)):
+            store.append(value)
+    return tuple(torch.cat(r) for r in results)
+
+
+def lens_records(model, tokenizer, sae: TopKSAE, latents: list[int], top: int = 10) -> dict[int, dict[str, list]]:
+    """Per latent, the tokens its decoder direction promotes and suppresses, as [[token, logit], ...]."""
+    promoted_ids, promoted_vals, suppressed_ids, suppressed_vals = logit_lens(model, sae, top)
+    decoded = {int(t): tokenizer.decode([int(t)]) for t in torch.cat([promoted_ids, suppressed_ids]).unique()}
+    return {lat: {"promoted": [[decoded[int(t)], round(float(v), 3)] for t, v in zip(promoted_ids[lat], promoted_vals[lat])],
+                  "suppressed": [[decoded[int(t)], round(float(v), 3)] for t, v in zip(suppressed_ids[lat], suppressed_vals[lat])]}
+            for lat in latents}

@@ -1,0 +1,254 @@
+"""Stage 04, names: a one-line name per latent written by a language model, scored the way delphi
+scores explanations, and made the latent's title only where it beats the latent's label.
+
+NAMING_MODEL_ID picks the namer:
+
+    "none"                  no names. The default: the embedded 135M model names at chance
+                            (observations.md), so its names would only hide the labels.
+    "http(s)://host:port/v1" an OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp's server, a hosted
+                            API) through the openai client. NAMING_API_MODEL is the model to ask for
+                            ("" = the first the server lists); the key is read from the environment
+                            variable that NAMING_API_KEY_ENV names, and is never written anywhere.
+    anything else           a local folder or hub id run through transformers ("embedded" included).
+
+The namer sees the latent's top examples from the choosing half only, its peak token marked
+<<like this>>. The name is then scored on windows of the scoring half that the namer never saw, with
+the same model as the judge: detection (does the name pick the activating windows out from silent
+ones?) and fuzzing (does it accept the marked peak and reject a marked token where the latent is
+silent?), each a balanced accuracy. The label's rule is scored on the very same windows
+(saekit.labels.window_scores), so the two are compared like for like.
+
+Naming resumes after an interruption: each finished latent is cached under a checksum of everything
+that went into it (namer, prompts, windows), so a rerun asks only about the rest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import write_json
+from .collect import HeldoutCodes, ScoringWindows, window
+from .errors import PipelineError
+from .labels import balanced_accuracy
+
+PROMPT_VERSION = 4
+NO_NAMER = "none"
+Chat = list[dict[str, str]]
+
+
+class NamingError(PipelineError):
+    """A naming endpoint that cannot be reached or answers nonsense."""
+
+
+# --- what the namer and the judge read ------------------------------------------------------------
+
+def window_text(codes: HeldoutCodes, centre: int, context: int, marked: int | None = None) -> str:
+    """The window around `centre` as text, on one line, with the token `marked` shown as <<token>>."""
+    start, stop = window(codes, centre, context)
+    keep = codes.countable[start:stop]
+    pieces = [f"<<{text}>>" if start + j == marked else text
+              for j, text in enumerate(codes.token_strings(np.arange(start, stop))) if keep[j]]
+    return "".join(pieces).replace("\n", " ").strip()
+
+
+def naming_chat(examples: list[str], peak_tokens: list[str]) -> Chat:
+    """The chat that asks for a latent's name from its marked examples and its peak tokens."""
+    contexts = "\n".join(f"- {e}" for e in examples)
+    words = ", ".join(dict.fromkeys(t.strip() or repr(t) for t in peak_tokens))
+    return [{"role": "user", "content": f"Examples:\n{contexts}\nThe marked words: {words}.\n"
+                                        "Describe what the marked words have in common in a few words. "
+                                        "Answer with the description only."}]
+
+
+def detection_chat(name: str, text: str) -> Chat:
+    return [{"role": "user", "content": f"Pattern: {name}\nText: {text}\n"
+                                        "Does the text contain the pattern? Answer Yes or No."}]
+
+
+def fuzzing_chat(name: str, marked_text: str) -> Chat:
+    return [{"role": "user", "content": f"Pattern: {name}\nText: {marked_text}\n"
+                                        "Is the token marked <<like this>> an instance of the pattern? "
+                                        "Answer Yes or No."}]
+
+
+@dataclass
+class NamingTask:
+    """Everything about one latent that its name and the name's score depend on."""
+
+    chat: Chat  # the request for the name
+    activating: list[str]  # windows for detection
+    silent: list[str]
+    marked_peaks: list[str]  # windows for fuzzing
+    marked_decoys: list[str]
+
+    def checksum(self, namer_id: str) -> str:
+        blob = json.dumps({"namer": namer_id, "version": PROMPT_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def naming_task(codes: HeldoutCodes, examples: list[int], windows: ScoringWindows, context: int) -> NamingTask:
+    """The task for a latent from its top peak tokens of the choosing half and its scoring windows."""
+    marked = [(peak, decoy) for peak, decoy in zip(windows.activating, windows.decoys) if decoy is not None]
+    return NamingTask(
+        chat=naming_chat([window_text(codes, t, context, marked=t) for t in examples], codes.token_strings(np.array(examples, np.int64))),
+        activating=[window_text(codes, t, context) for t in windows.activating],
+        silent=[window_text(codes, t, context) for t in windows.silent],
+        marked_peaks=[window_text(codes, peak, context, marked=peak) for peak, _ in marked],
+        marked_decoys=[window_text(codes, peak, context, marked=decoy) for peak, decoy in marked])
+
+
+# --- namers ------------------------------------------------------------------------------------
+
+class Namer(Protocol):
+    namer_id: str  # what the cache keys on: model and generation settings, never a key
+
+    def write(self, chats: list[Chat]) -> list[str]:
+        """One short answer per chat."""
+
+    def judge(self, chats: list[Chat]) -> list[bool]:
+        """Yes (True) or No per chat."""
+
+
+def clean_name(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.strip(" \"'.*:")[:80] or "(no name)"
+
+
+class TransformersNamer:
+    """A causal LM run locally: greedy names, and Yes/No read from the next-token logits."""
+
+    # SmolLM2-135M copies any example it is shown as a "name", so the answer is begun for it.
+    ANSWER_PREFIX = "They are"
+
+    def __init__(self, model, tokenizer, model_id: str, max_new_tokens: int, batch_size: int = 8):
+        self.model, self.tokenizer, self.max_new_tokens, self.batch_size = model, tokenizer, max_new_tokens, batch_size
+        self.namer_id = f"transformers:{model_id}/{max_new_tokens}"
+        self.yes, self.no = (tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
+
+    def _prompts(self, chats: list[Chat], prefix: str = "") -> list[str]:
+        return [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefix
+                for c in chats]
+
+    def _batches(self, prompts: list[str]):
+        self.tokenizer.padding_side = "left"  # every row's answer starts at its right edge
+        try:
+            for lo in range(0, len(prompts), self.batch_size):
+                yield self.tokenizer(prompts[lo:lo + self.batch_size], return_tensors="pt", padding=True,
+                                     add_special_tokens=False).to(next(self.model.parameters()).device)
+        finally:
+            self.tokenizer.padding_side = "right"
+
+    @torch.no_grad()
+    def write(self, chats: list[Chat]) -> list[str]:
+        names = []
+        for enc in self._batches(self._prompts(chats, self.ANSWER_PREFIX)):
+            out = self.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id)
+            names += [clean_name(t) for t in self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:],
+                                                                          skip_special_tokens=True)]
+        return names
+
+    @torch.no_grad()
+    def judge(self, chats: list[Chat]) -> list[bool]:
+        votes = []
+        for enc in self._batches(self._prompts(chats)):
+            logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, -1]
+            votes += (logits[:, self.yes] > logits[:, self.no]).tolist()
+        return votes
+
+
+class EndpointNamer:
+    """An OpenAI-compatible chat endpoint, asked one chat at a time at temperature 0."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, max_new_tokens: int, timeout: float = 120):
+        from openai import OpenAI
+
+        # local servers (vLLM, Ollama, llama.cpp) accept any key; the client insists on one
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-needed",
+                             timeout=timeout, max_retries=2)
+        self.max_new_tokens = max_new_tokens
+        self.model = model or self._first_model(base_url)
+        self.namer_id = f"endpoint:{base_url}#{self.model}/{max_new_tokens}"
+
+    def _first_model(self, base_url: str) -> str:
+        try:
+            listed = [m.id for m in self.client.models.list()]
+        except Exception as err:  # the client raises many kinds; all mean the same to the user
+            raise NamingError(f"cannot list the models of the naming endpoint {base_url} ({type(err).__name__}: "
+                              f"{err}). Check that the server runs, or set NAMING_API_MODEL.") from None
+        if not listed:
+            raise NamingError(f"the naming endpoint {base_url} lists no model. Set NAMING_API_MODEL.")
+        return listed[0]
+
+    def _ask(self, chat: Chat, max_tokens: int) -> str:
+        try:
+            reply = self.client.chat.completions.create(model=self.model, messages=chat, max_tokens=max_tokens,
+                                                        temperature=0)
+        except Exception as err:
+            raise NamingError(f"the naming endpoint failed ({type(err).__name__}: {err}). Names finished so far "
+                              "are kept; rerun stage 04 to go on.") from None
+        return reply.choices[0].message.content or ""
+
+    def write(self, chats: list[Chat]) -> list[str]:
+        return [clean_name(self._ask(chat, self.max_new_tokens)) for chat in chats]
+
+    def judge(self, chats: list[Chat]) -> list[bool]:
+        return [self._ask(chat, 2).strip().lower().startswith("yes") for chat in chats]
+
+
+def is_endpoint(naming_model_id: str) -> bool:
+    return naming_model_id.startswith(("http://", "https://"))
+
+
+# --- naming and scoring --------------------------------------------------------------------------
+
+@dataclass
+class Name:
+    text: str
+    detection: float | None
+    fuzzing: float | None
+
+    @property
+    def score(self) -> float | None:
+        """Mean of detection and fuzzing, as for labels."""
+        parts = [s for s in (self.detection, self.fuzzing) if s is not None]
+        return float(np.mean(parts)) if parts else None
+
+
+def score_name(namer: Namer, name: str, task: NamingTask) -> Name:
+    """Detection and fuzzing of `name`, judged by the namer on the task's held-out windows."""
+    groups = [task.activating, task.silent, task.marked_peaks, task.marked_decoys]
+    chats = ([detection_chat(name, w) for w in task.activating + task.silent]
+             + [fuzzing_chat(name, w) for w in task.marked_peaks + task.marked_decoys])
+    votes = namer.judge(chats)
+    cuts = np.cumsum([0] + [len(g) for g in groups])
+    answers = [votes[cuts[i]:cuts[i + 1]] for i in range(4)]
+    return Name(name, balanced_accuracy(answers[0], answers[1]), balanced_accuracy(answers[2], answers[3]))
+
+
+def name_latents(namer: Namer, tasks: dict[int, NamingTask], cache_path: Path, batch_size: int = 8,
+                 progress: bool = True) -> dict[int, Name]:
+    """Name and score each latent of `tasks`; finished latents are saved to `cache_path` after every
+    batch, so a rerun names only the rest."""
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    done = cache.get("names", {})
+    checksums = {i: task.checksum(namer.namer_id) for i, task in tasks.items()}
+    todo = [i for i in tasks if done.get(str(i), {}).get("checksum") != checksums[i]]
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="naming latents", disable=not progress)
+    for lo in range(0, len(todo), batch_size):
+        batch = todo[lo:lo + batch_size]
+        for i, text in zip(batch, namer.write([tasks[i].chat for i in batch])):
+            done[str(i)] = {"checksum": checksums[i], **asdict(score_name(namer, text, tasks[i]))}
+        write_json(cache_path, {"names": done})
+        bar.update(len(batch))
+    bar.close()
+    return {i: Name(done[str(i)]["text"], done[str(i)]["detection"], done[str(i)]["fuzzing"]) for i in tasks}

@@ -1,0 +1,100 @@
+"""Token-level labels: known tokens are found with F1 near 1, random latents are unexplained, and the
+score comes only from texts that did not choose the label."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import STORIES
+from saekit.collect import collect, scoring_half, scoring_windows, text_peaks
+from saekit.labels import choose_labels, token_keys, window_scores
+from saekit.models import resolve_layer
+from saekit.sae import TopKSAE
+from saekit.synthetic import synthetic_codes
+
+EMBEDDINGS = "llamaforcausallm_model_embed_tokens"  # the SAE reads token embeddings: what fires is known exactly
+WORDS = ["the", "a", "kite", "kites", "red", "dog", "cat", "ran", "flew", "sky"] + [f"w{i}" for i in range(60)]
+W = {w: i for i, w in enumerate(WORDS)}
+
+
+def _labels(codes, max_keys=6, min_f1=0.3, seed=0):
+    live = sorted(set(codes.firing[1].tolist()))
+    is_scoring = scoring_half(len(codes.texts), seed)
+    keys = token_keys(codes)
+    return choose_labels(codes, keys, is_scoring, live, {}, max_keys, min_f1), keys, is_scoring
+
+
+def test_an_sae_that_fires_on_known_tokens_gets_them_as_labels(tiny_model, tiny_tokenizer):
+    rng = np.random.default_rng(0)
+    vocab = sorted({w for s in STORIES for w in s.replace(".", " .").split()})
+    texts = [" ".join(rng.choice(vocab, 15)) for _ in range(60)]
+    embed = tiny_model.get_input_embeddings().weight.detach()
+    d = embed.shape[1]
+    sae = TopKSAE(d, 16, 4)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-100)  # every latent but the two below is dead
+        for latent, words, threshold in ((0, ["cat"], 0.6), (1, ["dog", "bird"], 0.75)):
+            for word in words:
+                e = embed[tiny_tokenizer.convert_tokens_to_ids(word)]
+                sae.W_enc[latent] += e / e.norm() ** 2  # 1 on the word's own embedding, small elsewhere
+            sae.b_enc[latent] = -threshold
+        sae.W_dec.copy_(torch.eye(16, d))
+    codes = collect(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, EMBEDDINGS), sae.eval(), texts,
+                    max_length=20, batch_size=16, progress=False)
+    labels, _, _ = _labels(codes)
+    assert set(labels) == {0, 1}
+    assert (labels[0].rule, labels[0].keys) == ("token", [("cat",)]) and labels[0].text == "cat"
+    assert labels[1].rule == "token" and sorted(labels[1].keys) == [("bird",), ("dog",)]
+    for label in labels.values():
+        assert label.explained and label.f1 > 0.95 and label.precision > 0.95 and label.recall > 0.95
+
+
+def _planted_codes(seed=0):
+    planted = {0: lambda b, w, a: np.isin(w, [W["kite"], W["kites"]]),  # a token set
+               1: lambda b, w, a: b == W["the"],  # the token before
+               2: lambda b, w, a: (b == W["red"]) & (w == W["dog"])}  # a bigram
+    return synthetic_codes(WORDS, 80, 64, 64, 4, planted, seed=seed)
+
+
+def test_planted_rules_are_found_and_random_latents_are_unexplained():
+    codes = _planted_codes()
+    labels, keys, is_scoring = _labels(codes)
+    assert (labels[0].rule, sorted(labels[0].keys)) == ("token", [("kite",), ("kites",)])
+    assert (labels[1].rule, labels[1].keys, labels[1].text) == ("previous token", [("the",)], "after: the")
+    assert (labels[2].rule, labels[2].keys, labels[2].text) == ("bigram ending", [("red", "dog")], "red [dog]")
+    assert all(labels[i].f1 == 1.0 and labels[i].explained for i in (0, 1, 2))
+    frequency = np.bincount(codes.firing[1], minlength=codes.n_latents) / codes.n_tokens
+    random_latents = [i for i in labels if i > 2]
+    assert max(frequency[random_latents]) > 0.1  # frequent ones among them too
+    for i in random_latents:  # they fire independently of the text
+        label = labels[i]
+        assert not label.explained and label.f1 < 0.3
+        assert label.text.startswith("unexplained (") and f"F1 {label.f1:.2f}" in label.text or label.rule is None
+    # delphi-style window scores of the same rules on held-out windows
+    windows = scoring_windows(codes, text_peaks(codes), list(labels), 10, 4, is_scoring, np.random.default_rng(0))
+    assert window_scores(codes, keys, labels[0], windows[0], 4) == (1.0, 1.0)
+    detection, fuzzing = window_scores(codes, keys, labels[10], windows[10], 4)
+    assert detection < 0.8 and fuzzing < 0.8
+
+
+def test_the_score_uses_only_texts_that_did_not_choose_the_label():
+    is_scoring = scoring_half(80, 0)
+    assert is_scoring.sum() == 40  # two halves of whole texts
+    codes = synthetic_codes(WORDS, 80, 64, 64, 4, {0: lambda b, w, a: np.isin(w, [W["cat"], W["dog"]])})
+    # on the choosing half latent 0 fires on "cat" only, on the scoring half on "dog" only
+    scoring_token = is_scoring[codes.doc]
+    silence = (codes.latents == 0) & np.where(scoring_token, codes.token_ids - 1 == W["cat"],
+                                              codes.token_ids - 1 == W["dog"])[:, None]
+    codes.latents[silence], codes.values[silence] = -1, 0
+    labels, _, _ = _labels(codes)
+    label = labels[0]
+    assert label.keys == [("cat",)] and label.choosing_f1 == 1.0  # perfect where it was chosen
+    assert label.f1 == 0.0 and label.precision == 0.0 and not label.explained  # and scored where it fails
+    assert label.scoring_fires == int((codes.latents[scoring_token] == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("max_keys", [1, 3])
+def test_labels_list_at_most_max_keys(max_keys):
+    labels, _, _ = _labels(_planted_codes(), max_keys=max_keys)
+    assert all(len(label.keys) <= max_keys for label in labels.values())
+    assert labels[1].explained  # one key is enough for "after the"
