@@ -6,12 +6,14 @@
 
 Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically; the history
 names the SAE by its checksum, so a reader can tell a matched pair), and a checkpoint after every
-epoch (store/sae_model/checkpoint.pt). Every file loads without running code.
+epoch (store/sae_model/checkpoint.pt); the SAE also in SAELens's format (store/sae_model/saelens/:
+cfg.json + sae_weights.safetensors). Every file loads without running code.
 """
 import sys
 
 from saekit.integrity import write_sealed_json
 from saekit.models import detect_device
+from saekit.saelens_format import save_saelens
 from saekit.stage import record_settings, start_stage
 from saekit.store import check_run_matches, open_run
 from saekit.train import TrainConfig, train_sae
@@ -30,10 +32,13 @@ provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.me
               "heldout_start_row": record["heldout_start_row"], "settings": settings.as_dict()}
 sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
 write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
+# the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project
+save_saelens(sae, model_dir / "saelens", run.meta["model_id"], run.meta["layer_signature"], {**provenance, "sae_id": sae_id})
 record_settings(settings, "02_train_sae")
 
 final = record["history"][-1]
 print(f"held-out FVU {final['heldout_fvu']:.3f} (R^2 {final['heldout_r2']:.3f}), L0 {final['heldout_l0']:.2f}, "
       f"dead {final['heldout_dead']}/{record['n_latents']}, dense {final['heldout_dense']}, "
       f"{final['tokens_per_s']:.0f} tokens/s")
-print(f"saved {model_dir / 'topk_sae.pt'} and {settings.store / 'training_history.json'}")
+print(f"saved {model_dir / 'topk_sae.pt'}, {settings.store / 'training_history.json'} and, in SAELens's format, "
+      f"{model_dir / 'saelens'}")

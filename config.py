@@ -53,6 +53,9 @@ SHUFFLE_BUFFER_TOKENS = 262144  # activations held in memory at once while strea
 SEED = 0
 STORE_DIR = "store"  # every artifact lives here
 
+# --- which SAE stages 03-05 analyse ---------------------------------------------------------
+SAE_PATH = ""  # "" = stage 02's SAE; or a folder in SAELens's format (cfg.json + sae_weights.safetensors, TopK)
+
 # --- analysis (stage 03): the verdict's thresholds -----------------------------------------
 MAX_DEAD_FRACTION = 0.01
 MAX_HELDOUT_FVU = 0.3

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import PipelineError
+from .integrity import sha256_file
 from .sae import TopKSAE
 
 CFG_FILE = "cfg.json"
@@ -129,3 +130,24 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
         sae.W_dec.copy_(W_dec)
         sae.b_dec.copy_(b_dec)
     return sae.to(device).eval(), cfg
+
+
+def load_sae(settings, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
+    """The SAE that stages 03-05 analyse, with its metadata: SAE_PATH's SAELens folder when set,
+    else stage 02's store/sae_model/topk_sae.pt.
+
+    The metadata always holds sae_id, model_id, layer_signature and source. A folder written by
+    stage 02 names its model and layer; one from elsewhere (a SAELens hook name such as
+    blocks.8.hook_resid_pre means nothing to this project) is taken to be for MODEL_ID and
+    LAYER_SIGNATURE as set, which the caller checks against its width.
+    """
+    if not settings.SAE_PATH:
+        sae, meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
+        return sae, {**meta, "source": "stage 02"}
+    folder = Path(settings.SAE_PATH)
+    sae, cfg = load_saelens(folder, device)
+    written_here = cfg.get("metadata", {})
+    return sae, {"sae_id": sha256_file(folder / WEIGHTS_FILE)[:16], "source": str(folder),
+                 "model_id": written_here.get("model_id", settings.MODEL_ID),
+                 "layer_signature": written_here.get("layer_signature", settings.LAYER_SIGNATURE),
+                 "saelens_metadata": written_here}

@@ -130,3 +130,26 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(out["ours"], sae(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(load_saelens(tmp_path / "theirs")[0](x), out["theirs"], rtol=1e-4, atol=1e-4)
+
+
+def test_stage_02_writes_its_sae_in_saelens_format_and_stages_03_to_05_can_read_either(smoke_args):
+    from saekit.saelens_format import load_sae
+    from saekit.settings import load_settings
+
+    settings = load_settings(smoke_args)
+    ours, meta = load_sae(settings)
+    folder = settings.store / "sae_model" / "saelens"
+    exported, exported_meta = load_sae(load_settings(smoke_args + [f"--SAE_PATH={folder}"]))
+    x = torch.randn(64, ours.d_in)
+    with torch.no_grad():
+        assert torch.equal(exported(x), ours(x))
+    assert meta["source"] == "stage 02" and exported_meta["source"] == str(folder)
+    assert exported_meta["saelens_metadata"]["sae_id"] == meta["sae_id"]
+    assert (exported_meta["model_id"], exported_meta["layer_signature"]) == (meta["model_id"], meta["layer_signature"])
+
+
+def test_sae_path_must_name_a_saelens_folder(tmp_path):
+    from saekit.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="SAE_PATH"):
+        load_settings([f"--SAE_PATH={tmp_path}"])
