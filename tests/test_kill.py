@@ -1,4 +1,4 @@
-"""kill -9 at many points of stages 01 and 02: afterwards, every set of artifacts a later stage
+"""kill -9 at many points of stages 01, 02 and 04: afterwards, every set of artifacts a later stage
 accepts belongs together, and a set that does not is refused with one line, never used.
 
 Slow (a stage start per kill point): `make test-all` runs it.
@@ -18,7 +18,6 @@ import pytest
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
-KILL_AFTER_S = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 
 
 def _store_args(tmp_path: Path, smoke_args: list[str]) -> tuple[Path, list[str]]:
@@ -28,14 +27,20 @@ def _store_args(tmp_path: Path, smoke_args: list[str]) -> tuple[Path, list[str]]
     return store, [a for a in smoke_args if not a.startswith("--STORE_DIR=")] + [f"--STORE_DIR={store}"]
 
 
-def _kill_after(script: str, args: list[str], seconds: float) -> bool:
-    """Start a stage, SIGKILL it after `seconds`; True if it was still running then."""
-    proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _command(stage: str) -> list[str]:
+    return ["-m", "saekit.notebooks", stage] if stage.endswith(".ipynb") else [stage]
+
+
+def _kill_after(stage: str, args: list[str], seconds: float) -> bool:
+    """Start a stage, SIGKILL it and its children (a notebook's kernel) after `seconds`; True if it
+    was still running then."""
+    proc = subprocess.Popen([sys.executable, *_command(stage), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
     time.sleep(seconds)
     running = proc.poll() is None
     if running:
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return running
 
@@ -43,6 +48,7 @@ def _kill_after(script: str, args: list[str], seconds: float) -> bool:
 def _accepted_sets_belong_together(args: list[str]) -> None:
     from saekit.analysis import load_trained_sae
     from saekit.errors import PipelineError
+    from saekit.exports import POINTER, open_concepts
     from saekit.settings import load_settings
     from saekit.store import open_run
 
@@ -57,19 +63,35 @@ def _accepted_sets_belong_together(args: list[str]) -> None:
     assert trained.history["sae_id"] == trained.meta["sae_id"]
     assert trained.run.run_id == trained.meta["activation_run_id"]
     trained.run.check_all()
+    if (settings.store / POINTER).exists():
+        try:
+            concepts, _, _ = open_concepts(settings.store, trained.meta["sae_id"])
+        except PipelineError as err:  # concepts of an earlier SAE, refused
+            assert "Run stage 04" in str(err) or "rerun" in str(err).lower(), err
+            return
+        assert concepts["meta"]["sae_id"] == trained.meta["sae_id"]
 
 
-@pytest.mark.parametrize("script", ["01_save_activations.py", "02_train_sae.py"])
-def test_kill_9_never_leaves_a_mismatched_set_that_is_accepted(tmp_path, smoke_args, script):
+@pytest.mark.parametrize("stage,kill_after_s", [
+    ("01_save_activations.py", (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)),
+    ("02_train_sae.py", (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)),
+    ("04_name_sae_concepts.ipynb", (4.0, 7.0, 9.0, 11.0, 13.0, 16.0, 20.0)),
+])
+def test_kill_9_never_leaves_a_mismatched_set_that_is_accepted(tmp_path, smoke_args, stage, kill_after_s):
     store, args = _store_args(tmp_path, smoke_args)
+    if stage.endswith(".ipynb"):  # a first, complete set of concepts, for the kills to threaten
+        _finish(stage, args)
     killed = 0
-    for seconds in KILL_AFTER_S:
-        killed += _kill_after(script, args + ["--EPOCHS=20"] * (script == "02_train_sae.py"), seconds)
+    for seconds in kill_after_s:
+        killed += _kill_after(stage, args + ["--EPOCHS=20"] * (stage == "02_train_sae.py"), seconds)
         _accepted_sets_belong_together(args)
     assert killed >= 3  # the stage was interrupted at several points, not only after it finished
-    # and the next run cleans up and completes
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+    _finish(stage, args)  # and the next run cleans up and completes
+    _accepted_sets_belong_together(args)
+    assert not list(store.glob("*/*.partial"))
+
+
+def _finish(stage: str, args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, *_command(stage), *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    _accepted_sets_belong_together(args)
-    assert not list((store / "runs").glob("*.partial"))
