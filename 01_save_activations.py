@@ -5,17 +5,18 @@
     python 01_save_activations.py --list-layers        # every layer name of the model
 
 Writes store/runs/<run_id>/ (shards + metadata.json) and, last, store/run_id.txt.
+Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process embeds a share.
 """
 import sys
 
 from saekit.data import load_role_texts
-from saekit.models import detect_device, layer_names, load_model, resolve_layer
-from saekit.stage import record_settings, start_stage
+from saekit.models import layer_names, resolve_layer
+from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.store import save_activations
 
 settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
-device = detect_device(settings.DEVICE)
-model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
+device, world = stage_runtime(settings)  # under torchrun, each process embeds a share of the texts
+model, tokenizer = load_stage_model(settings, device, world)
 
 if "list-layers" in flags:
     print("\n".join(layer_names(model)))
@@ -23,7 +24,8 @@ if "list-layers" in flags:
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
 
 texts = load_role_texts(settings, "train")
-print(texts.summary())
+if world.is_main:
+    print(texts.summary())
 
 run_dir = save_activations(
     model, tokenizer, texts.texts, settings.LAYER_SIGNATURE, settings.store,
@@ -31,7 +33,11 @@ run_dir = save_activations(
     dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS,
     metadata={"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
               "text_field": settings.TEXT_FIELD, "skipped_empty": texts.skipped_empty,
-              "device": str(device), "settings": settings.as_dict()},
+              "device": str(device), "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "settings": settings.as_dict()},
+    progress=world.is_main, world=world,
 )
-record_settings(settings, "01_save_activations")
-print(f"saved activations to {run_dir}; {settings.store / 'run_id.txt'} names it")
+if world.is_main:
+    record_settings(settings, "01_save_activations")
+    print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
+          f"{settings.store / 'run_id.txt'} names it")

@@ -3,6 +3,7 @@
     python 02_train_sae.py                  # settings from config.py
     python 02_train_sae.py --TOP_K=16       # any setting, per run
     python 02_train_sae.py --resume         # continue an interrupted run from its last epoch
+    torchrun --nproc_per_node=N 02_train_sae.py   # data parallel over N processes (GPUs, or CPU with gloo)
 
 Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically; the history
 names the SAE by its checksum, so a reader can tell a matched pair), and a checkpoint after every
@@ -12,20 +13,24 @@ cfg.json + sae_weights.safetensors). Every file loads without running code.
 import sys
 
 from saekit.integrity import write_sealed_json
-from saekit.models import detect_device
 from saekit.saelens_format import save_saelens
-from saekit.stage import record_settings, start_stage
+from saekit.stage import record_settings, stage_runtime, start_stage
 from saekit.store import check_run_matches, open_run
 from saekit.train import TrainConfig, train_sae
 
 settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
+device, world = stage_runtime(settings)  # under torchrun: data parallel, each process a share of each batch
 run = open_run(settings.store)
 check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
-print(f"activations: run {run.run_id}, {run.n_tokens} tokens x {run.d_model} ({run.meta['dtype']})")
+if world.is_main:
+    print(f"activations: run {run.run_id}, {run.n_tokens} tokens x {run.d_model} ({run.meta['dtype']}); "
+          f"training on {device} in {world.size} process{'es' * (world.size > 1)}")
 
 model_dir = settings.store / "sae_model"
 sae, record = train_sae(run, TrainConfig.from_settings(settings), checkpoint_path=model_dir / "checkpoint.pt",
-                        resume="resume" in flags, device=detect_device(settings.DEVICE))
+                        resume="resume" in flags, device=device, progress=world.is_main, world=world)
+if not world.is_main:  # rank 0 writes the artifacts
+    sys.exit(0)
 
 provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
               "activation_run_id": run.run_id, "input_scale": record["input_scale"],

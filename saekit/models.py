@@ -92,8 +92,19 @@ def _cache_embedded(model, tokenizer, cache: Path) -> None:
     tmp.rename(cache)
 
 
-def load_model(model_id: str, device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
-    """Return (model, tokenizer) in eval mode on `device`, float32.
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """MODEL_DTYPE: "auto" is bfloat16 on CUDA (its tensor cores' format) and float32 elsewhere."""
+    if setting == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return MODEL_DTYPES[setting]
+
+
+def load_model(model_id: str, device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+               dtype: torch.dtype = torch.float32):
+    """Return (model, tokenizer) in eval mode on `device`, in `dtype` (float32 by default).
 
     `model_id` is "embedded", a local folder, or a hub id. `cache_dir` is where the embedded
     model's de-quantized weights are kept (store/models).
@@ -123,7 +134,7 @@ def load_model(model_id: str, device: str | torch.device = "cpu", cache_dir: str
     if model_id == EMBEDDED_MODEL and cache_dir and "gguf_file" in kwargs:
         _cache_embedded(model, tokenizer, Path(cache_dir) / EMBEDDED_CACHE_NAME)
     _prepare_tokenizer(tokenizer, model)
-    model.to(device).eval()
+    model.to(device, dtype).eval()
     return model, tokenizer
 
 
@@ -168,7 +179,8 @@ def _output_tensor(output):
 @torch.no_grad()
 def forward_to_layer(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:
-    """The layer's output [batch, seq, d] for a batch; the forward pass stops right after it."""
+    """The layer's output [batch, seq, d] for a batch, in float32 whatever the model's dtype; the
+    forward pass stops right after it."""
     captured: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
@@ -184,7 +196,7 @@ def forward_to_layer(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor
         handle.remove()
     if not captured:
         raise RuntimeError("the layer was never called during the forward pass")
-    return captured[0]
+    return captured[0].float()
 
 
 @contextmanager
@@ -192,10 +204,13 @@ def replaced_output(layer: nn.Module, replace: Callable[[torch.Tensor], torch.Te
     """Within the block, the layer's output is replace(output): how an SAE is spliced into a model
     and how a layer is ablated."""
 
+    def in_float32(out: torch.Tensor) -> torch.Tensor:  # an SAE is float32; a bf16 model gets its dtype back
+        return replace(out.float()).to(out.dtype)
+
     def hook(_module, _inputs, output):
         if isinstance(output, tuple):
-            return (replace(output[0]),) + output[1:]
-        return replace(output)
+            return (in_float32(output[0]),) + output[1:]
+        return in_float32(output)
 
     handle = layer.register_forward_hook(hook)
     try:

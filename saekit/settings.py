@@ -173,6 +173,7 @@ def _sae_path(v: str) -> str | None:
 RULES: dict[str, Callable[[Any], str | None]] = {
     "PRESET": _any,
     "MODEL_ID": _not_empty, "LAYER_SIGNATURE": _not_empty, "DEVICE": _device,
+    "MODEL_DTYPE": _one_of("auto", "float32", "bfloat16", "float16"),
     "HF_DATASET": _not_empty, "EVAL_DATASET": _any, "DATA_SPLIT": _not_empty, "EVAL_SPLIT": _not_empty,
     "TEXT_FIELD": _not_empty, "EVAL_SHARE": _between(0, 1, open_low=True, open_high=True),
     "DATA_LIMIT": _at_least(0), "EVAL_DATA_LIMIT": _at_least(0), "MAX_LENGTH": _at_least(2),

@@ -1,12 +1,15 @@
 """What every stage does first: read the settings, say them, and keep a copy beside its artifacts."""
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 from .atomic import write_json
+from .distributed import World, barrier, init_world, process_device
 from .errors import print_user_errors, show_user_errors_in_notebook
+from .models import detect_device, load_model, model_dtype
 from .settings import Settings, check_flags, flags, load_settings
 
 
@@ -23,8 +26,27 @@ def start_stage(name: str, args: list[str] | None = None,
         show_user_errors_in_notebook()
     settings = load_settings(args)
     torch.manual_seed(settings.SEED)
-    print(f"== {name} == preset {settings.PRESET!r}; effective settings:\n{settings.describe()}\n")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process speaks for all
+        print(f"== {name} == preset {settings.PRESET!r}; effective settings:\n{settings.describe()}\n")
     return settings, flags(args or [])
+
+
+def stage_runtime(settings: Settings) -> tuple[torch.device, World]:
+    """This process's device and its place among torchrun's processes (a world of one without it)."""
+    device = process_device(detect_device(settings.DEVICE))
+    return device, init_world(device)
+
+
+def load_stage_model(settings: Settings, device: torch.device, world: World, model_id: str | None = None):
+    """(model, tokenizer) in MODEL_DTYPE; rank 0 loads first, since it may write the embedded model's
+    cache, and the other ranks then read that cache."""
+    if not world.is_main:
+        barrier(world)
+    loaded = load_model(model_id or settings.MODEL_ID, device, cache_dir=settings.store / "models",
+                        dtype=model_dtype(settings.MODEL_DTYPE, device))
+    if world.is_main:
+        barrier(world)
+    return loaded
 
 
 def record_settings(settings: Settings, stage: str) -> None:

@@ -30,6 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_text
+from .data import document_hash
+from .distributed import World, barrier, broadcast_object, gather_objects, share
 from .errors import PipelineError
 from .integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
     write_sealed_json
@@ -61,15 +63,21 @@ def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
 
 
 class RunWriter:
-    """Buffers activations and writes them as fixed-size shards of one run."""
+    """Buffers activations and writes them as fixed-size shards of one run.
 
-    def __init__(self, store_dir: Path, run_id: str, d_model: int, dtype: str, shard_tokens: int):
+    Under torchrun every rank has a writer for the same folder, with its own shard names; rank 0
+    creates the folder and, once every rank has closed its writer, publishes all their shards."""
+
+    def __init__(self, store_dir: Path, run_id: str, d_model: int, dtype: str, shard_tokens: int,
+                 shard_prefix: str = "shard_", create: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"ACTIVATION_DTYPE must be one of {list(DTYPES)}, got {dtype!r}")
         self.final_dir = Path(store_dir) / "runs" / run_id
         self.dir = self.final_dir.with_name(run_id + ".partial")
-        self.dir.mkdir(parents=True, exist_ok=False)
-        (self.dir / "owner.pid").write_text(str(os.getpid()))  # lets a later run tell a live writer from a dead one
+        if create:
+            self.dir.mkdir(parents=True, exist_ok=False)
+            (self.dir / "owner.pid").write_text(str(os.getpid()))  # tells a later run a live writer from a dead one
+        self.shard_prefix = shard_prefix
         self.run_id, self.d_model, self.dtype, self.shard_tokens = run_id, d_model, DTYPES[dtype], shard_tokens
         self._acts: list[np.ndarray] = []
         self._tokens: list[np.ndarray] = []
@@ -91,20 +99,27 @@ class RunWriter:
 
     def _flush(self, n: int) -> None:
         acts, tokens = np.concatenate(self._acts), np.concatenate(self._tokens)
-        name = f"shard_{len(self.shards):05d}"
+        name = f"{self.shard_prefix}{len(self.shards):05d}"
         self.shards.append({"name": name, "n_tokens": int(n),
                             "acts_sha256": _save_npy(self.dir / f"{name}.acts.npy", acts[:n]),
                             "tokens_sha256": _save_npy(self.dir / f"{name}.tokens.npy", tokens[:n])})
         self._acts, self._tokens = [acts[n:]], [tokens[n:]]
         self._buffered -= n
 
-    def finish(self, metadata: dict[str, Any], document_hashes: list[int] | None = None) -> Path:
-        """Write the last shard, the documents' hashes and the sealed metadata; publish the run."""
+    def close(self) -> list[dict[str, Any]]:
+        """Write the last, shorter shard; return the list of this writer's shards."""
         if self._buffered:
             self._flush(self._buffered)
+        return self.shards
+
+    def finish(self, metadata: dict[str, Any], document_hashes: list[int] | None = None,
+               shards: list[dict[str, Any]] | None = None) -> Path:
+        """Write the documents' hashes and the sealed metadata listing `shards` (by default this
+        writer's own) in row order; publish the run."""
+        shards = self.close() if shards is None else shards
         metadata = {**metadata, "run_id": self.run_id, "d_model": self.d_model,
-                    "dtype": np.dtype(self.dtype).name, "n_tokens": sum(s["n_tokens"] for s in self.shards),
-                    "shards": self.shards}
+                    "dtype": np.dtype(self.dtype).name, "n_tokens": sum(s["n_tokens"] for s in shards),
+                    "shards": shards}
         if document_hashes is not None:
             metadata["documents_sha256"] = _save_npy(self.dir / DOCUMENTS_FILE, np.array(document_hashes, np.uint64))
         write_sealed_json(self.dir / "metadata.json", metadata)
@@ -126,21 +141,27 @@ def new_run_id(store_dir: Path) -> str:
 def save_activations(model, tokenizer, texts: list[str], layer_signature: str, store_dir: Path, *,
                      max_length: int, batch_size: int, dtype: str = "float16", shard_tokens: int = 65536,
                      metadata: dict[str, Any] | None = None, run_id: str | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, world: World = World()) -> Path:
     """Run `texts` through `model` up to the layer and store every real token's activation.
 
-    Returns the finished run folder; store/run_id.txt then names it.
+    Under torchrun each rank embeds a contiguous share of the texts into shards of its own; rank 0
+    publishes one run whose metadata lists every rank's shards in rank order: the same rows, in the
+    same order, as one process makes. Returns the finished run folder; store/run_id.txt names it.
     """
     layer = resolve_layer(model, layer_signature)
     device = next(model.parameters()).device
-    clean_stale_partials(Path(store_dir) / "runs")
-    run_id = run_id or new_run_id(store_dir)
-    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens)
+    if world.is_main:
+        clean_stale_partials(Path(store_dir) / "runs")
+    run_id = broadcast_object(run_id or (new_run_id(store_dir) if world.is_main else None), world)
+    prefix = f"shard_r{world.rank:03d}_" if world.distributed else "shard_"
+    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main)
+    barrier(world)  # the folder exists before any rank writes into it
+    first, stop = share(len(texts), world)
     started = time.perf_counter()
-    bar = tqdm(total=len(texts), desc="saving activations", unit="text", disable=not progress)
+    bar = tqdm(total=stop - first, desc="saving activations", unit="text", disable=not progress)
     n_tokens = 0
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+    for start in range(first, stop, batch_size):
+        enc = tokenizer(texts[start:min(start + batch_size, stop)], return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length).to(device)
         hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
         real = enc.attention_mask.bool()
@@ -150,6 +171,7 @@ def save_activations(model, tokenizer, texts: list[str], layer_signature: str, s
         bar.update(len(enc.input_ids))
         bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
+    shards = [shard for rank_shards in gather_objects(writer.close(), world) for shard in rank_shards]
     meta = {
         **(metadata or {}),
         "layer_signature": layer_signature,
@@ -160,11 +182,13 @@ def save_activations(model, tokenizer, texts: list[str], layer_signature: str, s
         "max_length": max_length,
         "padding_excluded": True,
         "seconds": round(time.perf_counter() - started, 2),
+        "processes": world.size,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    from .data import document_hash
-
-    return writer.finish(meta, [document_hash(t) for t in texts])
+    if world.is_main:
+        writer.finish(meta, [document_hash(t) for t in texts], shards)
+    barrier(world)  # no rank returns before the run is published
+    return writer.final_dir
 
 
 # --- reading --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import save_torch
+from .distributed import World, all_reduce_, share
 from .errors import PipelineError
 from .integrity import IntegrityError, content_digest
 from .metrics import ReconstructionStats
@@ -40,8 +41,18 @@ from .sae import TopKSAE, load_plain
 from .store import ActivationRun, shuffled_batches
 
 
+SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
+
+
 class TrainingDiverged(PipelineError):
     pass
+
+
+def _any_rank(flag: torch.Tensor, world: World) -> bool:
+    """The flag on any rank (all ranks then stop together); reading it waits for the device."""
+    if world.distributed:
+        flag = all_reduce_(flag.to(torch.int32), world, "max")
+    return bool(flag)
 
 
 @dataclass
@@ -93,13 +104,13 @@ def training_sample(run: ActivationRun, stop: int, n: int = 16384) -> torch.Tens
     return torch.from_numpy(run.take(indices))
 
 
-def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: torch.Tensor, k_aux: int,
               total_variance: torch.Tensor) -> torch.Tensor:
-    """How well the top k_aux dead latents reconstruct what the live ones missed (Gao et al. 2024).
+    """How well the top k_aux dead latents (`dead_idx`) reconstruct what the live ones missed
+    (Gao et al. 2024).
 
     Only the dead latents' rows enter the products, so this costs little once few are dead.
     """
-    dead_idx = dead.nonzero().squeeze(1)
     k_aux = min(k_aux, len(dead_idx))
     pre = (x - sae.b_dec.detach()) @ sae.W_enc[dead_idx].T + sae.b_enc[dead_idx]
     top = pre.topk(k_aux, dim=-1, sorted=False)
@@ -112,14 +123,39 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead: torch
 @torch.no_grad()
 def evaluate(sae: TopKSAE, run: ActivationRun, start: int, stop: int, batch_size: int = 4096,
              input_scale: float = 1.0, device: str | torch.device = "cpu",
-             per_token: bool = False) -> ReconstructionStats:
-    """Reconstruction and sparsity of rows [start, stop), in the units of the stored activations."""
+             per_token: bool = False, world: World = World()) -> ReconstructionStats:
+    """Reconstruction and sparsity of rows [start, stop), in the units of the stored activations.
+
+    Under torchrun each rank scores a share of the rows and the sums are added up across ranks."""
     stats = ReconstructionStats(sae.n_latents, per_token=per_token)
-    for chunk in run.iter_rows(start, stop, batch_size):
+    first, last = share(stop - start, world)
+    for chunk in run.iter_rows(start + first, start + last, batch_size):
         x = torch.from_numpy(chunk).to(device)
         values, indices = sae.encode(x * input_scale)
         stats.update(x, sae.decode(values, indices) / input_scale, values, indices)
+    if world.distributed:
+        _add_up_across_ranks(stats, run.d_model, device, world)
     return stats
+
+
+def _add_up_across_ranks(stats: ReconstructionStats, d: int, device: str | torch.device, world: World) -> None:
+    sum_x = stats.sum_x if stats.sum_x is not None else torch.zeros(d, dtype=torch.float64)
+    packed = torch.cat([sum_x.to(device), torch.tensor([stats.sum_sq_x, stats.sum_sq_err, stats.l0_total,
+                                                        stats.n_tokens], dtype=torch.float64, device=device),
+                        stats.fire_counts.to(device, torch.float64)])
+    all_reduce_(packed, world)
+    stats.sum_x = packed[:d].cpu()
+    stats.sum_sq_x, stats.sum_sq_err = float(packed[d]), float(packed[d + 1])
+    stats.l0_total, stats.n_tokens = int(packed[d + 2]), int(packed[d + 3])
+    stats.fire_counts = packed[d + 4:].round().long().cpu()
+
+
+def _host_batch(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch on `device` as float32; to a GPU through pinned memory, without waiting for the copy."""
+    tensor = torch.from_numpy(batch)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True).float()
+    return tensor.to(device, torch.float32)
 
 
 def _lr_factor(step: int, warmup: int, total: int, min_fraction: float) -> float:
@@ -138,13 +174,23 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None = None, resume: bool = False,
               device: str | torch.device = "cpu", progress: bool = True,
-              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+              on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              world: World = World()) -> tuple[TopKSAE, dict[str, Any]]:
     """Train on `run`; return the SAE (working on raw activations) and its record.
 
     The record holds the per-epoch history, the final held-out latent frequencies, the input
     scale, the initial weights and the held-out boundary. A checkpoint is written after every
     epoch; with `resume`, training continues from it to the same result as an uninterrupted run.
+
+    Under torchrun (data parallel) every rank draws the same shuffled global batch and trains on its
+    share of it: each rank's loss is its rows' part of the global batch's loss, the gradients are
+    summed across ranks, and the latents that fired are combined, so all ranks take the same step as
+    one process on the whole batch would. Rank 0 writes the checkpoints; --resume works at any world
+    size.
     """
+    device = torch.device(device)
+    # a GPU runs ahead of the host: read values back (loss, dead latents) only every SYNC_EVERY steps
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     d, n_latents = run.d_model, cfg.n_latents_multiplier * run.d_model
     if cfg.k > n_latents:
         raise PipelineError(f"TOP_K={cfg.k} must be at most the number of latents, "
@@ -190,53 +236,73 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
         rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
         bar = tqdm(shuffled_batches(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, rng),
                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress)
-        loss_sum, fvu_sum, seen, train_time = 0.0, 0.0, 0, 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and FVU, times the batch's tokens
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        seen = 0
+        started = time.perf_counter()
         for step, batch in enumerate(bar):
-            started = time.perf_counter()
-            x = torch.from_numpy(batch).to(device, torch.float32) * scale
+            full = _host_batch(batch, device) * scale
+            first, last = share(len(full), world)
+            x = full[first:last]  # this rank's rows of the global batch
+            total_variance = (full - full.mean(0)).pow(2).sum()
             values, indices = sae.encode(x)
             x_hat = sae.decode(values, indices)
             residual = x - x_hat
-            total_variance = (x - x.mean(0)).pow(2).sum()
-            batch_fvu = residual.pow(2).sum() / total_variance
+            batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
             with torch.no_grad():
-                tokens_since_fired += len(x)
-                tokens_since_fired[indices[values > 0]] = 0
+                fired = torch.zeros(n_latents, dtype=torch.int32, device=device)
+                fired.scatter_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32))
+                all_reduce_(fired, world, "max")
+                tokens_since_fired += len(full)
+                tokens_since_fired.masked_fill_(fired > 0, 0)
                 dead = tokens_since_fired >= window
+            sync = step % sync_every == 0
+            if sync:
+                dead_idx = dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
             loss = batch_fvu
-            if dead.any():
-                loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), dead, k_aux, total_variance)
-            if not torch.isfinite(loss):
+            if len(dead_idx):
+                loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), dead_idx, k_aux, total_variance)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            if sync and _any_rank(nonfinite, world):
                 kept = f"the last good checkpoint (after epoch {epoch}) is kept at {checkpoint_path}" \
                     if epoch and checkpoint_path else "no epoch had finished, so there is no checkpoint"
                 raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}. "
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, by step {step + 1}; {kept}. "
                     "Lower LR (or check the activations for inf/NaN) and train again.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world.distributed:
+                for parameter in sae.parameters():
+                    if parameter.grad is None:
+                        parameter.grad = torch.zeros_like(parameter)
+                    all_reduce_(parameter.grad, world)
             sae.project_decoder_grad()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             optimizer.step()
             schedule.step()
             sae.normalize_decoder()
-            train_time += time.perf_counter() - started
-            loss_sum += loss.item() * len(x)
-            fvu_sum += batch_fvu.item() * len(x)
-            seen += len(x)
-            bar.set_postfix(loss=f"{loss.item():.4f}", fvu=f"{batch_fvu.item():.3f}", dead=int(dead.sum()))
+            sums += torch.stack([loss.detach(), batch_fvu.detach()]).double() * len(full)
+            seen += len(full)
+            if sync:
+                bar.set_postfix(loss=f"{loss.item():.4f}", fvu=f"{batch_fvu.item():.3f}", dead=len(dead_idx))
         bar.close()
+        all_reduce_(sums, world)  # each rank's loss is its share of the global batch's
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the clock stops when the device's work is done
+        train_seconds = time.perf_counter() - started
 
         sae.eval()
-        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device)
+        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device, world=world)
         sae.train()
+        loss_sum, fvu_sum = sums.tolist()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_fvu": fvu_sum / seen,
                   **{f"heldout_{k}": v for k, v in stats.summary().items()},
                   "dead_in_window": int(dead.sum()), "lr": schedule.get_last_lr()[0],
-                  "tokens_per_s": seen / train_time, "train_tokens": seen}
+                  "tokens_per_s": seen / train_seconds, "train_tokens": seen}
         history.append(record)
         if on_epoch:
             on_epoch(record)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and world.is_main:
             ckpt = {"fingerprint": fingerprint, "epoch": epoch, "sae": sae.state_dict(),
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "tokens_since_fired": tokens_since_fired, "history": history}
@@ -244,7 +310,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
 
     sae.eval()
     if stats is None:  # resumed after the last epoch: nothing left to train
-        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device)
+        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device, world=world)
     sae.fold_input_scale(scale)
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": scale,
               "heldout_start_row": heldout_start, "n_latents": n_latents, "lr": lr, "dead_window_tokens": window,
