@@ -1,7 +1,9 @@
 """Stage 03: everything that decides whether training worked, computed from the stored artifacts.
 
 The notebook calls these in order, prints the results and draws them with saekit.plots; the
-verdict is also written to store/analysis.json.
+checks and the verdict (saekit.verdict) are also written to store/analysis.json. With SAE_PATH set,
+the SAE is one in SAELens's format, analysed on the store's activations: it has no training
+history and no known initialisation, so those parts are left out.
 """
 from __future__ import annotations
 
@@ -15,22 +17,24 @@ import torch
 from .atomic import write_json
 from .data import load_role_texts
 from .errors import PipelineError
+from .integrity import read_sealed_json
 from .metrics import splice_metrics
 from .models import detect_device, load_model, resolve_layer
-from .integrity import read_sealed_json
 from .sae import RERUN_02, TopKSAE, check_sae_matches
+from .saelens_format import load_sae
 from .settings import Settings
-from .store import ActivationRun, open_run
+from .store import ActivationRun, check_run_matches, open_run
 from .train import evaluate
 
 
 @dataclass
 class TrainedSAE:
-    """The SAE of stage 02 with its history and the activations it was trained on."""
+    """The SAE of stage 02 with its history and the activations it was trained on, or SAE_PATH's SAE
+    (history None) with the store's current activations."""
 
     sae: TopKSAE
     meta: dict[str, Any]
-    history: dict[str, Any]
+    history: dict[str, Any] | None
     run: ActivationRun
 
     @property
@@ -40,12 +44,20 @@ class TrainedSAE:
 
 def load_trained_sae(settings: Settings) -> TrainedSAE:
     store = settings.store
-    sae, meta = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
+    sae, meta = load_sae(settings)
+    check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+    if settings.SAE_PATH:
+        run = open_run(store)
+        check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+        if sae.d_in != run.d_model:
+            raise PipelineError(f"the SAE at SAE_PATH={settings.SAE_PATH} reads {sae.d_in} dimensions but "
+                                f"{settings.LAYER_SIGNATURE} has {run.d_model}: set LAYER_SIGNATURE to its layer")
+        meta = {**meta, "activation_run_id": run.run_id, "heldout_start_row": run.heldout_start(settings.HELDOUT_FRACTION)}
+        return TrainedSAE(sae, meta, None, run)
     history = read_sealed_json(store / "training_history.json", RERUN_02)
     if history.get("sae_id") != meta["sae_id"]:
         raise PipelineError("training_history.json and topk_sae.pt do not belong together (stage 02 was "
                             f"interrupted between them, or one was replaced). {RERUN_02}")
-    check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     return TrainedSAE(sae, meta, history, open_run(store, meta["activation_run_id"]))
 
 
@@ -56,8 +68,11 @@ def heldout_tokens(trained: TrainedSAE) -> dict[str, Any]:
             "per_token_fvu": stats.per_token_fvu()}
 
 
-def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]]:
-    """How far each weight matrix moved from its initialisation, and its value statistics."""
+def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]] | None:
+    """How far each weight matrix moved from its initialisation, and its value statistics; None when
+    the initialisation is unknown (an SAE from SAE_PATH)."""
+    if "init" not in trained.meta:
+        return None
     report = {}
     for name in ("W_enc", "W_dec"):
         trained_w = getattr(trained.sae, name).detach()
@@ -90,28 +105,6 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     seen = set(trained.run.document_hashes().tolist())
     result["eval_texts_in_training"] = sum(h in seen for h in texts.hashes())
     return result
-
-
-def verdict(settings: Settings, k: int, heldout: dict[str, float], weights: dict[str, dict[str, float]],
-            splice: dict[str, float]) -> list[dict[str, Any]]:
-    """Each check with its value, threshold and PASS/FAIL; thresholds come from config."""
-    checks = [
-        ("evaluation texts that stage 01 saw", splice["eval_texts_in_training"], "= 0",
-         splice["eval_texts_in_training"] == 0),
-        ("L0 equals TOP_K", heldout["l0"], f"= {k} (±1%)", abs(heldout["l0"] - k) <= 0.01 * k),
-        ("dead latents (held-out)", heldout["dead_fraction"], f"<= {settings.MAX_DEAD_FRACTION}",
-         heldout["dead_fraction"] <= settings.MAX_DEAD_FRACTION),
-        ("held-out FVU", heldout["fvu"], f"<= {settings.MAX_HELDOUT_FVU}", heldout["fvu"] <= settings.MAX_HELDOUT_FVU),
-        ("CE-loss recovered vs mean-ablation", splice["ce_recovered_vs_mean"], f">= {settings.MIN_CE_RECOVERED}",
-         splice["ce_recovered_vs_mean"] >= settings.MIN_CE_RECOVERED),
-        ("delta CE (nats)", splice["delta_ce"], f"<= {settings.MAX_DELTA_CE}", splice["delta_ce"] <= settings.MAX_DELTA_CE),
-        ("W_enc moved from its initialisation", weights["W_enc"]["relative_change"],
-         f">= {settings.MIN_WEIGHT_CHANGE}", weights["W_enc"]["relative_change"] >= settings.MIN_WEIGHT_CHANGE),
-        ("W_dec moved from its initialisation", weights["W_dec"]["relative_change"],
-         f">= {settings.MIN_WEIGHT_CHANGE}", weights["W_dec"]["relative_change"] >= settings.MIN_WEIGHT_CHANGE),
-    ]
-    return [{"check": name, "value": float(value), "threshold": threshold, "result": "PASS" if ok else "FAIL"}
-            for name, value, threshold, ok in checks]
 
 
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],

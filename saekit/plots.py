@@ -124,6 +124,22 @@ def cross_entropy_bars(splice: dict[str, float], save_to=None):
     return _finish(fig, save_to)
 
 
+def frontier(points: Sequence[dict[str, Any]], l0: float, delta_ce: float, save_to=None):
+    """ΔCE against L0: each trainer's measured points (saekit.verdict.load_frontier), and this SAE."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    by_trainer: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_trainer.setdefault(p["trainer"], []).append(p)
+    for trainer, pts in sorted(by_trainer.items()):
+        pts = sorted(pts, key=lambda p: p["l0"])
+        ax.plot([p["l0"] for p in pts], [p["delta_ce"] for p in pts], "o-" if len(pts) > 1 else "o", label=trainer)
+    ax.plot([l0], [delta_ce], "*", color="black", markersize=16, label="this SAE")
+    ax.set(xscale="log", xlabel="L0 (active latents per token)", ylabel="ΔCE (nats), lower is better",
+           title="where this SAE sits on the measured frontier")
+    ax.legend(fontsize=7, loc="upper right")
+    return _finish(fig, save_to)
+
+
 def most_active_latents(frequencies: np.ndarray, labels: dict[int, str] | None = None, top: int = 20, save_to=None):
     freq = np.asarray(frequencies)
     order = np.argsort(-freq)[:top]

@@ -153,3 +153,16 @@ def test_sae_path_must_name_a_saelens_folder(tmp_path):
 
     with pytest.raises(SettingsError, match="SAE_PATH"):
         load_settings([f"--SAE_PATH={tmp_path}"])
+
+
+def test_stage_03_analyses_an_sae_from_sae_path_without_history_or_initialisation(smoke_args):
+    from saekit import analysis
+    from saekit.settings import load_settings
+
+    settings = load_settings(smoke_args)
+    own = analysis.load_trained_sae(settings)
+    folder = settings.store / "sae_model" / "saelens"
+    other = analysis.load_trained_sae(load_settings(smoke_args + [f"--SAE_PATH={folder}"]))
+    assert other.history is None and analysis.weight_report(other) is None
+    assert other.heldout_start == own.heldout_start and other.run.run_id == own.run.run_id
+    assert analysis.heldout_tokens(other)["summary"] == analysis.heldout_tokens(own)["summary"]

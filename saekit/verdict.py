@@ -1,0 +1,104 @@
+"""Stage 03's answer to "did training work?": checks with thresholds calibrated on SAEs known to be
+broken or working (bench/verdict_calibration.py; figures in observations.md), the verdict written
+from the run's own figures, and where the SAE sits on the measured ΔCE-vs-L0 frontier.
+
+Whether training worked is a verdict; how good the SAE is, beyond working, is a comparison: the
+frontier (bench/ce_frontier.py, bench/bench_peers.py) shows what other settings and trainers reach.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FRONTIER_FILES = ("ce_frontier.json", "bench_peers.json")
+
+
+def checks(settings, k: int, heldout: dict[str, float], weights: dict[str, dict[str, float]] | None,
+           splice: dict[str, float]) -> list[dict[str, Any]]:
+    """Each check with its value, threshold, PASS/FAIL and what a failure means.
+
+    `weights` is None for an SAE whose initialisation is unknown (one loaded from SAE_PATH): the
+    two weight-movement checks are then left out, not passed.
+    """
+    rows = [
+        ("evaluation texts that stage 01 saw", splice["eval_texts_in_training"], "= 0",
+         splice["eval_texts_in_training"] == 0, "the CE figures score texts the SAE was trained on"),
+        ("L0 equals TOP_K", heldout["l0"], f"= {k} (±1%)", abs(heldout["l0"] - k) <= 0.01 * k,
+         "the SAE does not keep k latents per token: the encoder or its TopK is broken"),
+        ("dead latents (held-out)", heldout["dead_fraction"], f"<= {settings.MAX_DEAD_FRACTION}",
+         heldout["dead_fraction"] <= settings.MAX_DEAD_FRACTION,
+         "many latents never fire: training left them dead (the seed's mi_crow recipe leaves 96%)"),
+        ("held-out FVU", heldout["fvu"], f"<= {settings.MAX_HELDOUT_FVU}", heldout["fvu"] <= settings.MAX_HELDOUT_FVU,
+         "the reconstruction misses too much of the activations' variance"),
+        ("CE-loss recovered vs mean-ablation", splice["ce_recovered_vs_mean"], f">= {settings.MIN_CE_RECOVERED}",
+         splice["ce_recovered_vs_mean"] >= settings.MIN_CE_RECOVERED,
+         "spliced in, the SAE costs the model a large share of what removing the layer costs"),
+        ("delta CE (nats)", splice["delta_ce"], f"<= {settings.MAX_DELTA_CE}", splice["delta_ce"] <= settings.MAX_DELTA_CE,
+         "spliced in, the SAE raises the model's next-token loss too much"),
+    ]
+    if weights is not None:
+        for name in ("W_enc", "W_dec"):
+            change = weights[name]["relative_change"]
+            rows.append((f"{name} moved from its initialisation", change, f">= {settings.MIN_WEIGHT_CHANGE}",
+                         change >= settings.MIN_WEIGHT_CHANGE, "the weights barely moved: training hardly ran"))
+    return [{"check": name, "value": float(value), "threshold": threshold, "result": "PASS" if ok else "FAIL",
+             "if_failed": meaning} for name, value, threshold, ok, meaning in rows]
+
+
+def passed(check_rows: list[dict[str, Any]]) -> bool:
+    return all(c["result"] == "PASS" for c in check_rows)
+
+
+def verdict_text(check_rows: list[dict[str, Any]], heldout: dict[str, float], splice: dict[str, float],
+                 k: int) -> str:
+    """The verdict in words, every figure taken from this run."""
+    figures = (f"held-out FVU {heldout['fvu']:.3f}, L0 {heldout['l0']:.2f} (k = {k}), "
+               f"{heldout['dead_fraction']:.2%} of latents dead; spliced into the model ΔCE "
+               f"{splice['delta_ce']:.4f} nats, {splice['ce_recovered_vs_mean']:.1%} of the mean-ablation loss "
+               f"recovered (mean-ablating the layer costs {splice['ce_mean'] - splice['ce_clean']:.3f} nats)")
+    failed = [c for c in check_rows if c["result"] == "FAIL"]
+    if not failed:
+        return f"PASS: training worked. {figures}."
+    reasons = "; ".join(f"{c['check']} {c['value']:.4g} (needs {c['threshold']}): {c['if_failed']}" for c in failed)
+    return f"FAIL: {reasons}. Figures: {figures}."
+
+
+def load_frontier(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Measured (trainer, k, L0, ΔCE, CE recovered) points from the benchmark results present.
+
+    Rows come from bench/results/bench_peers.json (this project, SAELens and sparsify at k = 8..64)
+    and ce_frontier.json (this project at other settings); rows that recorded no L0 are left out.
+    Each point keeps the activation run it was measured on.
+    """
+    points = []
+    for name in FRONTIER_FILES:
+        path = Path(results_dir) / name
+        if not path.exists():
+            continue
+        blob = json.loads(path.read_text())
+        for row in blob.get("results", []):
+            if "l0" not in row or "delta_ce" not in row:
+                continue
+            points.append({"trainer": row.get("trainer", "saekit"), "setting": row.get("overrides", row.get("setting", "")),
+                           "l0": row["l0"], "delta_ce": row["delta_ce"], "ce_recovered_vs_mean": row["recovered_vs_mean"],
+                           "heldout_fvu": row["heldout_fvu"], "run_id": blob.get("run_id"), "source": name})
+    return points
+
+
+def frontier_position(points: list[dict[str, Any]], l0: float, delta_ce: float) -> str:
+    """Where (L0, ΔCE) sits against the best measured ΔCE of each trainer at the nearest L0."""
+    if not points:
+        return ("No frontier measured yet: run bench/ce_frontier.py and bench/bench_peers.py (make bench-peers) "
+                "to compare this SAE with other settings and trainers.")
+    nearest_l0 = min({p["l0"] for p in points}, key=lambda v: abs(v - l0))
+    near = [p for p in points if abs(p["l0"] - nearest_l0) <= 0.02 * nearest_l0]
+    best: dict[str, dict[str, Any]] = {}
+    for p in near:
+        if p["trainer"] not in best or p["delta_ce"] < best[p["trainer"]]["delta_ce"]:
+            best[p["trainer"]] = p
+    listed = ", ".join(f"{t} {p['delta_ce']:.4f}" for t, p in sorted(best.items(), key=lambda kv: kv[1]["delta_ce"]))
+    runs = sorted({p["run_id"] for p in near if p["run_id"]})
+    return (f"This SAE: ΔCE {delta_ce:.4f} nats at L0 {l0:.1f}. Best measured at L0 {nearest_l0:.0f}: {listed} "
+            f"(benchmark activations {', '.join(runs)}; ΔCE is measured on the benchmark's held-out texts, "
+            "so compare with care when this run used other activations or texts).")
