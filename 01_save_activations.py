@@ -9,10 +9,10 @@ Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process
 """
 import sys
 
-from saekit.data import load_role_texts
+from saekit.data import open_role_texts
 from saekit.models import layer_names, resolve_layer
 from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.store import save_activations
+from saekit.store import open_run, save_activations
 
 settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
 device, world = stage_runtime(settings)  # under torchrun, each process embeds a share of the texts
@@ -23,21 +23,19 @@ if "list-layers" in flags:
     sys.exit(0)
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
 
-texts = load_role_texts(settings, "train")
-if world.is_main:
-    print(texts.summary())
-
+texts = open_role_texts(settings, "train")  # read as it is embedded: memory stays flat however many texts
 run_dir = save_activations(
-    model, tokenizer, texts.texts, settings.LAYER_SIGNATURE, settings.store,
+    model, tokenizer, texts, settings.LAYER_SIGNATURE, settings.store,
     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
     dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS,
     metadata={"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
-              "text_field": settings.TEXT_FIELD, "skipped_empty": texts.skipped_empty,
-              "device": str(device), "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "source": texts.source, "text_field": settings.TEXT_FIELD, "device": str(device), "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "settings": settings.as_dict()},
     progress=world.is_main, world=world,
 )
 if world.is_main:
     record_settings(settings, "01_save_activations")
+    n_texts = open_run(settings.store).meta["n_documents"]
+    print(f"embedded {n_texts} texts from {texts.source} ({texts.skipped_empty} empty or whitespace-only skipped)")
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")

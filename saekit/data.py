@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import PipelineError
 from .settings import PROJECT_ROOT
@@ -50,39 +50,52 @@ def document_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "little")
 
 
-def _collect(records: Iterable[Any], text_field: str | None, limit: int | None, source: str,
-             keep: Callable[[str], bool] | None = None) -> Texts:
-    texts: list[str] = []
-    skipped = 0
-    fields: list[str] = []
-    for record in records:
-        if text_field is None:
-            text = record
-        else:
-            if not fields and isinstance(record, dict):
-                fields = list(record)
-            if not isinstance(record, dict) or text_field not in record:
-                available = list(record) if isinstance(record, dict) else type(record).__name__
-                raise DatasetError(
-                    f"{source} has no text field {text_field!r}; its fields are {available}. "
-                    "Set TEXT_FIELD to one of them."
-                )
-            text = record[text_field]
-        if not isinstance(text, str) or not text.strip():
-            skipped += 1
-            continue
-        if keep is not None and not keep(text):
-            continue
-        texts.append(text)
-        if limit and len(texts) >= limit:
-            break
-    if not texts:
-        raise DatasetError(
-            f"{source} gave no texts ({skipped} empty or whitespace-only skipped). "
-            "Check HF_DATASET, DATA_SPLIT / EVAL_SPLIT and TEXT_FIELD"
-            + (" (and EVAL_SHARE: a split-less file gives evaluation that share of its documents)." if keep else ".")
-        )
-    return Texts(texts, source, skipped, fields)
+class TextStream:
+    """The texts of a source, read lazily and in order each time it is iterated, so a stage can go
+    through millions of documents without holding them. `skipped_empty` and `fields` are filled in
+    as it is read; a pass that finds no text at all stops with an error saying what to check."""
+
+    def __init__(self, records: Callable[[], Iterable[Any]], text_field: str | None, limit: int | None,
+                 source: str, keep: Callable[[str], bool] | None = None):
+        self._records, self.text_field, self.limit, self.source, self._keep = records, text_field, limit, source, keep
+        self.skipped_empty = 0
+        self.fields: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        self.skipped_empty, given = 0, 0
+        for record in self._records():
+            text = self._text(record)
+            if not isinstance(text, str) or not text.strip():
+                self.skipped_empty += 1
+                continue
+            if self._keep is not None and not self._keep(text):
+                continue
+            yield text
+            given += 1
+            if self.limit and given >= self.limit:
+                return
+        if not given:
+            raise DatasetError(
+                f"{self.source} gave no texts ({self.skipped_empty} empty or whitespace-only skipped). "
+                "Check HF_DATASET, DATA_SPLIT / EVAL_SPLIT and TEXT_FIELD"
+                + (" (and EVAL_SHARE: a split-less file gives evaluation that share of its documents)."
+                   if self._keep else "."))
+
+    def _text(self, record: Any) -> Any:
+        if self.text_field is None:
+            return record
+        if not self.fields and isinstance(record, dict):
+            self.fields = list(record)
+        if not isinstance(record, dict) or self.text_field not in record:
+            available = list(record) if isinstance(record, dict) else type(record).__name__
+            raise DatasetError(f"{self.source} has no text field {self.text_field!r}; its fields are {available}. "
+                               "Set TEXT_FIELD to one of them.")
+        return record[self.text_field]
+
+    def read(self) -> Texts:
+        """All of it, as a list (evaluation's few hundred texts; stage 01 streams instead)."""
+        texts = list(self)
+        return Texts(texts, self.source, self.skipped_empty, self.fields)
 
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
@@ -109,12 +122,14 @@ def _jsonl_records(path: Path) -> Iterable[dict]:
                 raise DatasetError(f"{path}:{n} is not valid JSON ({err})") from None
 
 
-def _parquet_records(path: Path) -> list[dict]:
+def _parquet_records(path: Path) -> Iterator[dict]:
+    """Rows of a parquet file, a batch at a time, so a large file is never held whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as err:
         raise DatasetError(f"{path} is not a readable parquet file ({err})") from None
 
@@ -132,7 +147,12 @@ def in_eval_share(text: str, share: float) -> bool:
 
 def load_role_texts(settings, role: str) -> Texts:
     """The texts for training (role "train": DATA_SPLIT, DATA_LIMIT) or evaluation (role "eval":
-    EVAL_DATASET or HF_DATASET, EVAL_SPLIT, EVAL_DATA_LIMIT), never overlapping.
+    EVAL_DATASET or HF_DATASET, EVAL_SPLIT, EVAL_DATA_LIMIT), never overlapping, as a list."""
+    return open_role_texts(settings, role).read()
+
+
+def open_role_texts(settings, role: str) -> TextStream:
+    """`load_role_texts` as a stream, read as it is used.
 
     One split-less source for both: EVAL_SHARE of its documents (by hash) are evaluation's, the
     rest training's. One source with splits: DATA_SPLIT and EVAL_SPLIT must differ.
@@ -146,7 +166,7 @@ def load_role_texts(settings, role: str) -> Texts:
         if is_splitless(dataset):
             share = settings.EVAL_SHARE
             keep = (lambda t: in_eval_share(t, share)) if role == "eval" else (lambda t: not in_eval_share(t, share))
-            texts = load_texts(dataset, split, settings.TEXT_FIELD, limit, keep=keep)
+            texts = open_texts(dataset, split, settings.TEXT_FIELD, limit, keep=keep)
             part = f"the {share:.0%} evaluation share" if role == "eval" else f"all but the {share:.0%} evaluation share"
             texts.source = f"{dataset} ({part}, chosen by document hash)"
             return texts
@@ -154,7 +174,7 @@ def load_role_texts(settings, role: str) -> Texts:
             raise DatasetError(
                 f"DATA_SPLIT and EVAL_SPLIT are both {split!r} of {dataset}: evaluation would score texts the SAE "
                 "was trained on. Set EVAL_SPLIT to another split (e.g. validation), or EVAL_DATASET to other texts.")
-    return load_texts(dataset, split, settings.TEXT_FIELD, limit)
+    return open_texts(dataset, split, settings.TEXT_FIELD, limit)
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -164,22 +184,27 @@ def _same_source(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def load_texts(dataset: str, split: str = "train", text_field: str = "text", limit: int | None = None,
-               keep: Callable[[str], bool] | None = None) -> Texts:
-    """Up to `limit` non-empty texts (0 or None = all) from `dataset`.
+def load_texts(dataset: str, split: str = "train", text_field: str = "text", limit: int | None = None) -> Texts:
+    """Up to `limit` non-empty texts (0 or None = all) from `dataset`, as a list (see open_texts)."""
+    return open_texts(dataset, split, text_field, limit).read()
+
+
+def open_texts(dataset: str, split: str = "train", text_field: str = "text", limit: int | None = None,
+               keep: Callable[[str], bool] | None = None) -> TextStream:
+    """Up to `limit` non-empty texts (0 or None = all) from `dataset`, read lazily.
 
     `dataset` is "embedded" (data/stories.jsonl, splits train and heldout), a .txt file (one text a
     line), a .jsonl or .parquet file (the `text_field` column; `split` ignored), or a hub id / local
-    dataset folder for `datasets.load_dataset`, read as a stream so a large split is not downloaded
-    whole.
+    dataset folder for `datasets.load_dataset`, read as a stream so a large split is never
+    downloaded or held whole.
     """
     if dataset == EMBEDDED_DATASET:
         if split not in EMBEDDED_SPLITS:
             raise DatasetError(f"the embedded corpus has splits {EMBEDDED_SPLITS}, not {split!r}")
         if not EMBEDDED_CORPUS.exists():
             raise DatasetError(f"{EMBEDDED_CORPUS} is missing; rebuild it with python tools/make_corpus.py")
-        records = (r for r in _jsonl_records(EMBEDDED_CORPUS) if r.get("split") == split)
-        return _collect(records, text_field, limit, f"the embedded corpus ({split} split)", keep)
+        return TextStream(lambda: (r for r in _jsonl_records(EMBEDDED_CORPUS) if r.get("split") == split),
+                          text_field, limit, f"the embedded corpus ({split} split)", keep)
 
     path = Path(dataset)
     suffix = path.suffix.lower()
@@ -187,26 +212,24 @@ def load_texts(dataset: str, split: str = "train", text_field: str = "text", lim
         if not path.is_file():
             raise DatasetError(f"dataset file {path} does not exist")
         if suffix == ".txt":
-            return _collect((line for _, line in _lines(path)), None, limit, str(path), keep)
+            return TextStream(lambda: (line for _, line in _lines(path)), None, limit, str(path), keep)
         if suffix == ".jsonl":
-            return _collect(_jsonl_records(path), text_field, limit, str(path), keep)
-        return _collect(_parquet_records(path), text_field, limit, str(path), keep)
-    return _load_hf(dataset, split, text_field, limit, keep)
+            return TextStream(lambda: _jsonl_records(path), text_field, limit, str(path), keep)
+        return TextStream(lambda: _parquet_records(path), text_field, limit, str(path), keep)
+    return TextStream(lambda: _hf_stream(dataset, split), text_field, limit, f"{dataset} ({split} split)", keep)
 
 
-def _load_hf(dataset: str, split: str, text_field: str, limit: int | None,
-             keep: Callable[[str], bool] | None) -> Texts:
+def _hf_stream(dataset: str, split: str) -> Iterable[dict]:
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        stream = datasets.load_dataset(dataset, split=split, streaming=True)
+        return datasets.load_dataset(dataset, split=split, streaming=True)
     except ValueError as err:  # an unknown split
-        raise DatasetError(f"dataset {dataset!r} has no split {split!r}: {err}") from err
+        raise DatasetError(f"dataset {dataset!r} has no split {split!r}: {err}") from None
     except Exception as err:  # the hub is unreachable, or no such dataset / folder
         raise DatasetError(
-            f"could not load dataset {dataset!r} ({type(err).__name__}: {err}).\n"
+            f"could not load dataset {dataset!r} ({type(err).__name__}: {err}). "
             "To fix it: give hub access, or save the dataset to a local folder or a .jsonl/.parquet "
             "file and set HF_DATASET to it, or use the embedded corpus with --preset=local."
-        ) from err
-    return _collect(stream, text_field, limit, f"{dataset} ({split} split)", keep)
+        ) from None

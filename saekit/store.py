@@ -18,12 +18,13 @@ is finite. Corruption stops the stage with one line naming the file, not a model
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -138,15 +139,17 @@ def new_run_id(store_dir: Path) -> str:
     return run_id
 
 
-def save_activations(model, tokenizer, texts: list[str], layer_signature: str, store_dir: Path, *,
+def save_activations(model, tokenizer, texts: Iterable[str], layer_signature: str, store_dir: Path, *,
                      max_length: int, batch_size: int, dtype: str = "float16", shard_tokens: int = 65536,
                      metadata: dict[str, Any] | None = None, run_id: str | None = None,
                      progress: bool = True, world: World = World()) -> Path:
     """Run `texts` through `model` up to the layer and store every real token's activation.
 
-    Under torchrun each rank embeds a contiguous share of the texts into shards of its own; rank 0
-    publishes one run whose metadata lists every rank's shards in rank order: the same rows, in the
-    same order, as one process makes. Returns the finished run folder; store/run_id.txt names it.
+    `texts` may be a stream (data.TextStream) read once, batch by batch: memory does not grow with
+    the number of texts. Under torchrun each rank embeds a contiguous share of the texts (a stream
+    is counted first) into shards of its own; rank 0 publishes one run whose metadata lists every
+    rank's shards in rank order: the same rows, in the same order, as one process makes.
+    Returns the finished run folder; store/run_id.txt names it.
     """
     layer = resolve_layer(model, layer_signature)
     device = next(model.parameters()).device
@@ -156,29 +159,36 @@ def save_activations(model, tokenizer, texts: list[str], layer_signature: str, s
     prefix = f"shard_r{world.rank:03d}_" if world.distributed else "shard_"
     writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main)
     barrier(world)  # the folder exists before any rank writes into it
-    first, stop = share(len(texts), world)
+    n_texts = len(texts) if hasattr(texts, "__len__") else None
+    if world.distributed and n_texts is None:
+        n_texts = sum(1 for _ in texts)  # each rank needs its contiguous share: count a stream first
+    first, stop = share(n_texts, world) if n_texts is not None else (0, None)
     started = time.perf_counter()
-    bar = tqdm(total=stop - first, desc="saving activations", unit="text", disable=not progress)
-    n_tokens = 0
-    for start in range(first, stop, batch_size):
-        enc = tokenizer(texts[start:min(start + batch_size, stop)], return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_length).to(device)
+    bar = tqdm(total=None if stop is None else stop - first, desc="saving activations", unit="text",
+               disable=not progress)
+    n_tokens, hashes, start = 0, [], first
+    for batch in _batches(itertools.islice(texts, first, stop), batch_size):
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
         hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
         real = enc.attention_mask.bool()
         rows, positions = real.nonzero(as_tuple=True)
         writer.add(hidden[rows, positions], enc.input_ids[rows, positions], rows + start, positions)
+        hashes.extend(document_hash(text) for text in batch)
         n_tokens += len(rows)
-        bar.update(len(enc.input_ids))
+        start += len(batch)
+        bar.update(len(batch))
         bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
     shards = [shard for rank_shards in gather_objects(writer.close(), world) for shard in rank_shards]
+    all_hashes = [h for rank_hashes in gather_objects(hashes, world) for h in rank_hashes]
     meta = {
         **(metadata or {}),
+        "skipped_empty": getattr(texts, "skipped_empty", 0),
         "layer_signature": layer_signature,
         "tokenizer": {"name_or_path": tokenizer.name_or_path, "class": type(tokenizer).__name__,
                       "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                       "padding_side": tokenizer.padding_side},
-        "n_documents": len(texts),
+        "n_documents": len(all_hashes),
         "max_length": max_length,
         "padding_excluded": True,
         "seconds": round(time.perf_counter() - started, 2),
@@ -186,9 +196,15 @@ def save_activations(model, tokenizer, texts: list[str], layer_signature: str, s
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if world.is_main:
-        writer.finish(meta, [document_hash(t) for t in texts], shards)
+        writer.finish(meta, all_hashes, shards)
     barrier(world)  # no rank returns before the run is published
     return writer.final_dir
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 # --- reading --------------------------------------------------------------------------------

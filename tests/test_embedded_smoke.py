@@ -16,9 +16,11 @@ def test_stage01_on_the_embedded_model(tmp_path):
         "   ",
         "The cat and the dog were friends. Every day they played together in the sun.",
     ]))
-    args = [f"--HF_DATASET={stories}", f"--STORE_DIR={tmp_path / 'store'}", "--DATA_LIMIT=3", "--BATCH_SIZE_SAVE=2"]
+    # evaluation has its own file here, so training reads every story of this one
+    args = [f"--HF_DATASET={stories}", f"--EVAL_DATASET={tmp_path / 'other.jsonl'}", f"--STORE_DIR={tmp_path / 'store'}",
+            "--DATA_LIMIT=3", "--BATCH_SIZE_SAVE=2"]
     out = run_stage("01_save_activations.py", args).stdout
-    assert "3 texts" in out and "1 empty or whitespace-only skipped" in out
+    assert "embedded 3 texts" in out and "1 empty or whitespace-only skipped" in out
     settings = load_settings(args)
     run = open_run(settings.store)
     assert run.meta["model_id"] == "embedded" and run.meta["layer_signature"] == settings.LAYER_SIGNATURE
