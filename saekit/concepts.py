@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .collect import collect
-from .data import load_texts
+from .data import load_role_texts
 from .exports import apply_names, build_concepts, publish
 from .labels import lens_records
 from .models import detect_device, load_model, resolve_layer
@@ -44,14 +44,14 @@ def run_concepts(settings, progress: bool = True) -> dict[str, Any]:
     sae, sae_meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
     check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
-    texts = load_texts(settings.HF_DATASET, settings.EVAL_SPLIT, settings.TEXT_FIELD, settings.EVAL_DATA_LIMIT)
+    texts = load_role_texts(settings, "eval")  # never texts that the SAE was trained on
     print(texts.summary())
     codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts.texts,
                     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     live = sorted({int(i) for i in codes.firing[1]})
     meta = {"model_id": settings.MODEL_ID, "layer_signature": settings.LAYER_SIGNATURE,
             "activation_run_id": sae_meta.get("activation_run_id"), "sae_id": sae_meta.get("sae_id"), "k": sae.k,
-            "dataset": settings.HF_DATASET, "split": settings.EVAL_SPLIT, "naming_model_id": settings.NAMING_MODEL_ID,
+            "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": settings.EVAL_SPLIT, "naming_model_id": settings.NAMING_MODEL_ID,
             "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict()}
     built = build_concepts(codes, lens_records(model, tokenizer, sae, live), meta, top_n=settings.TOP_N_EXAMPLES,
                            context=settings.CONTEXT_TOKENS, per_quantile=settings.QUANTILE_EXAMPLES,

@@ -263,8 +263,12 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _acts(example: dict[str, Any]) -> list[list[float]]:
+    return [[p, round(a, 3)] for p, a in example["acts"]]
+
+
 def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
-    """What the page shows of one latent beyond its row; examples as [text, position, score, [[position, act]]]."""
+    """What the page shows of one latent beyond its row; examples as [text, position, [[position, activation]]]."""
     label, name, examples, hist = latent["label"], latent["name"], latent["examples"], latent["histogram"]
     return {
         "title": latent["title"], "title_source": latent["title_source"],
@@ -274,8 +278,8 @@ def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
         "stats": [latent["frequency"], latent["max_activation"], latent["mean_activation"]],
         "histogram": {"low": hist["bin_edges"][0], "high": hist["bin_edges"][-1], "counts": hist["counts"]},
         "lens": {side: [[t, round(v, 2)] for t, v in pairs] for side, pairs in latent["logit_lens"].items()},
-        "top": [[e["doc"], e["pos"], e["score"], e["acts"]] for e in examples["top"]],
-        "quantiles": [[e["doc"], e["pos"], e["score"], e["acts"], e["quantile"]] for e in examples["quantiles"]],
+        "top": [[e["doc"], e["pos"], _acts(e)] for e in examples["top"]],
+        "quantiles": [[e["doc"], e["pos"], _acts(e), e["quantile"]] for e in examples["quantiles"]],
         "silent": [[e["doc"], e["pos"]] for e in examples["silent"]],
     }
 

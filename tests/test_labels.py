@@ -26,7 +26,7 @@ def _labels(codes, max_keys=6, min_f1=0.3, seed=0):
 def test_an_sae_that_fires_on_known_tokens_gets_them_as_labels(tiny_model, tiny_tokenizer):
     rng = np.random.default_rng(0)
     vocab = sorted({w for s in STORIES for w in s.replace(".", " .").split()})
-    texts = [" ".join(rng.choice(vocab, 15)) for _ in range(60)]
+    texts = [" ".join(rng.choice(vocab, 15)) for _ in range(120)]
     embed = tiny_model.get_input_embeddings().weight.detach()
     d = embed.shape[1]
     sae = TopKSAE(d, 16, 4)

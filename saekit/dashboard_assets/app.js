@@ -93,7 +93,7 @@ async function detail(index) {
 const score = v => v == null ? "–" : v.toFixed(2);
 
 function contextRow(example, maxActivation, context, isPeak) {
-  const [doc, pos, value, pairs] = example;
+  const [doc, pos, pairs] = example;  // the score is the activation at the peak
   const tokens = received.texts.tokens[doc];
   const acts = new Map(pairs || []);
   const spans = [];
@@ -104,7 +104,7 @@ function contextRow(example, maxActivation, context, isPeak) {
     if (act > 0) span.style.background = `rgba(${SHADE}, ${Math.min(1, act / maxActivation).toFixed(2)})`;
     spans.push(span);
   }
-  return el("div", {class: "sae-ex"}, el("span", {class: "score"}, String(+(value || 0).toPrecision(3))),
+  return el("div", {class: "sae-ex"}, el("span", {class: "score"}, String(+(acts.get(pos) || 0).toPrecision(3))),
             el("span", {class: "sae-ctx"}, ...spans));
 }
 
@@ -157,7 +157,7 @@ function latentView(index, d) {
           lensList("suppresses", d.lens.suppressed))),
     ...groups.map(([title, examples, isPeak]) => el("div", {class: "sae-examples"}, el("b", {}, title),
       ` (${examples.length})`, ...examples.flatMap(e => [
-        ...(e.length > 4 ? [el("div", {class: "sae-quantile"}, `quantile ${e[4]}`)] : []),
+        ...(e.length > 3 ? [el("div", {class: "sae-quantile"}, `quantile ${e[3]}`)] : []),
         contextRow(e, maxActivation, data.meta.context_tokens, isPeak)]))),
   ];
 }
@@ -174,6 +174,7 @@ async function showLatent(index) {
   try {
     const d = await detail(index);
     if (selected === index) view.replaceChildren(...latentView(index, d));
+    view.dataset.shownMs = performance.now().toFixed(1);  // since the page began loading
   } catch (error) {
     view.replaceChildren(el("p", {}, error.message));
   }
