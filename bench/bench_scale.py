@@ -7,6 +7,7 @@ is its own. On this 2-core machine 2 processes are not expected to be faster: th
 the distributed code costs when there is nothing to gain.
 
     .venv/bin/python bench/bench_scale.py [--small=500000] [--large=5000000] [--keep=DIR]
+    python3 bench/bench_scale.py --device=cuda --procs=1        # on one GPU
 """
 from __future__ import annotations
 
@@ -109,17 +110,19 @@ def measure(stage: str, args: list[str], nproc: int) -> dict:
 def main() -> None:
     options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     sizes = {"small": int(options.get("small", 500_000)), "large": int(options.get("large", 5_000_000))}
+    device = options.get("device", "cpu")
+    procs = [int(n) for n in options.get("procs", "1,2").split(",")]
     with tempfile.TemporaryDirectory(dir=options.get("keep")) as tmp:
         tmp = Path(tmp)
         make_model_dir(tmp / "model")
         rows = []
         for name, n_tokens in sizes.items():
             write_texts(tmp / f"{name}.txt", n_tokens)
-            for nproc in (1, 2):
+            for nproc in procs:
                 store = tmp / f"store_{name}_{nproc}"
                 args = [f"--MODEL_ID={tmp / 'model'}", "--LAYER_SIGNATURE=llamaforcausallm_model_layers_0_post_attention_layernorm",
                         f"--HF_DATASET={tmp / f'{name}.txt'}", "--EVAL_SHARE=0.01", "--DATA_LIMIT=0",
-                        f"--MAX_LENGTH={TOKENS_PER_TEXT}", "--BATCH_SIZE_SAVE=64", "--DEVICE=cpu", "--EPOCHS=1",
+                        f"--MAX_LENGTH={TOKENS_PER_TEXT}", "--BATCH_SIZE_SAVE=64", f"--DEVICE={device}", "--EPOCHS=1",
                         f"--STORE_DIR={store}"]
                 for stage in ("01", "02"):
                     row = {"store": name, **measure(stage, args, nproc)}
@@ -128,8 +131,9 @@ def main() -> None:
     columns = ["store", "stage", "processes", "tokens", "seconds", "tokens_per_s", "peak_rss_mb_per_process",
                "peak_rss_mb_all"]
     print(table(rows, columns))
-    path = save_result("scale", "python bench/bench_scale.py " + " ".join(sys.argv[1:]),
-                       {"sizes": sizes, "d_model": D_MODEL, "model": "random 1-block Llama, d=576", "rows": rows,
+    path = save_result("scale" if device == "cpu" else f"scale_{device}",
+                       "python bench/bench_scale.py " + " ".join(sys.argv[1:]),
+                       {"device": device, "sizes": sizes, "d_model": D_MODEL, "model": "random 1-block Llama, d=576", "rows": rows,
                         "cpu_count": os.cpu_count()})
     print(f"wrote {path}")
 

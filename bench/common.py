@@ -48,6 +48,7 @@ def save_result(name: str, command: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     write_json(path, {"command": command.strip(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                       "torch": torch.__version__, **result})
     return path
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import World, gather_objects, share
 from .models import forward_to_layer
 from .sae import TopKSAE
 
@@ -69,14 +70,18 @@ class HeldoutCodes:
 
 @torch.no_grad()
 def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, max_length: int, batch_size: int,
-            progress: bool = True) -> HeldoutCodes:
-    """One pass over `texts` with the SAE attached at `layer`."""
+            progress: bool = True, world: World = World()) -> HeldoutCodes:
+    """One pass over `texts` with the SAE attached at `layer`.
+
+    Under torchrun each rank runs a contiguous share of the texts and the ranks' codes are put
+    together in rank order on every rank: the same codes, exactly, as one process collects."""
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     device = next(model.parameters()).device
     ids_parts, latent_parts, value_parts, doc_parts = [], [], [], []
     started = time.perf_counter()
-    for start in tqdm(range(0, len(texts), batch_size), desc="collecting codes", unit="batch", disable=not progress):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+    first, stop = share(len(texts), world)
+    for start in tqdm(range(first, stop, batch_size), desc="collecting codes", unit="batch", disable=not progress):
+        enc = tokenizer(texts[start:min(start + batch_size, stop)], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length).to(device)
         hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
         values, latents = sae.encode(hidden.reshape(-1, sae.d_in).float())
@@ -89,14 +94,18 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, max_leng
         latent_parts.append(torch.where(values > 0, latents, -1))
         doc_parts.append((torch.arange(start, start + len(enc.input_ids)).unsqueeze(1)
                           .expand_as(enc.input_ids).flatten()[real]))
-    ids = torch.cat(ids_parts).numpy()
-    doc = torch.cat(doc_parts).numpy().astype(np.int32)
+    parts = [torch.cat(part) if part else None for part in (ids_parts, latent_parts, value_parts, doc_parts)]
+    if world.distributed:  # every rank's codes, in rank order: the order of the texts
+        parts = [torch.cat([p for p in ranked if p is not None]) for ranked in zip(*gather_objects(parts, world))]
+    ids_all, latents_all, values_all, doc_all = parts
+    ids = ids_all.numpy()
+    doc = doc_all.numpy().astype(np.int32)
     doc_start = np.searchsorted(doc, np.arange(len(texts) + 1))
     pos = (np.arange(len(doc)) - doc_start[doc]).astype(np.int32)
     return HeldoutCodes(texts=list(texts), token_ids=ids, doc=doc, pos=pos,
                         countable=~np.isin(ids, special_ids.numpy()),
-                        latents=torch.cat(latent_parts).numpy().astype(np.int32),
-                        values=torch.cat(value_parts).numpy().astype(np.float32), n_latents=sae.n_latents,
+                        latents=latents_all.numpy().astype(np.int32),
+                        values=values_all.numpy().astype(np.float32), n_latents=sae.n_latents,
                         token_text={int(t): tokenizer.decode([int(t)]) for t in np.unique(ids)},
                         tokens_per_s=len(ids) / (time.perf_counter() - started))
 

@@ -22,6 +22,7 @@ def one_line(error: BaseException) -> str:
 def print_user_errors(kind, error, traceback) -> None:
     """sys.excepthook for scripts: a mistake the user can fix ends with its message alone (exit 1)."""
     if is_user_error(error):
+        _close_progress_bars()  # so the message starts its own line, after any bar left half-drawn
         print(one_line(error), file=sys.stderr)
     else:
         sys.__excepthook__(kind, error, traceback)
@@ -46,3 +47,9 @@ def show_user_errors_in_notebook() -> None:
 
     shell.set_custom_exc((PipelineError, OSError), handler)
 
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -155,19 +156,34 @@ def save_activations(model, tokenizer, texts: Iterable[str], layer_signature: st
     device = next(model.parameters()).device
     if world.is_main:
         clean_stale_partials(Path(store_dir) / "runs")
-    run_id = broadcast_object(run_id or (new_run_id(store_dir) if world.is_main else None), world)
-    prefix = f"shard_r{world.rank:03d}_" if world.distributed else "shard_"
-    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main)
-    barrier(world)  # the folder exists before any rank writes into it
     n_texts = len(texts) if hasattr(texts, "__len__") else None
     if world.distributed and n_texts is None:
         n_texts = sum(1 for _ in texts)  # each rank needs its contiguous share: count a stream first
     first, stop = share(n_texts, world) if n_texts is not None else (0, None)
+    batches = _batches(itertools.islice(texts, first, stop), batch_size)
+    batches = itertools.chain([next(batches, [])], batches)  # a dataset that cannot be read fails before any write
+    run_id = broadcast_object(run_id or (new_run_id(store_dir) if world.is_main else None), world)
+    prefix = f"shard_r{world.rank:03d}_" if world.distributed else "shard_"
+    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main)
+    barrier(world)  # the folder exists before any rank writes into it
+    try:
+        return _embed(model, tokenizer, layer, device, batches, writer, texts, layer_signature, first, stop,
+                      max_length, metadata, progress, world)
+    except BaseException:
+        if world.is_main:  # leave nothing half-written behind
+            shutil.rmtree(writer.dir, ignore_errors=True)
+        raise
+
+
+def _embed(model, tokenizer, layer, device, batches, writer: RunWriter, texts, layer_signature: str, first: int,
+           stop: int | None, max_length: int, metadata: dict[str, Any] | None, progress: bool, world: World) -> Path:
     started = time.perf_counter()
     bar = tqdm(total=None if stop is None else stop - first, desc="saving activations", unit="text",
                disable=not progress)
     n_tokens, hashes, start = 0, [], first
-    for batch in _batches(itertools.islice(texts, first, stop), batch_size):
+    for batch in batches:
+        if not batch:
+            continue
         enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
         hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
         real = enc.attention_mask.bool()
