@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .collect import collect
 from .data import load_role_texts
+from .distributed import World
 from .exports import apply_names, build_concepts, publish
 from .labels import lens_records
 from .models import detect_device, load_model, resolve_layer
 from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
 from .sae import TopKSAE, check_sae_matches
+from .stage import load_stage_model, stage_runtime, start_stage
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
-                 "0.50 by detection, observations.md), so titles are the labels. To name latents, set "
+                 "0.50 by detection and by fuzzing, observations.md), so titles are the labels. To name latents, set "
                  "NAMING_MODEL_ID to a capable instruct model: a local folder or hub id, or an OpenAI-compatible "
                  "endpoint such as http://localhost:8000/v1 (vLLM, Ollama, llama.cpp's server), with NAMING_API_MODEL "
                  "and the key in the variable NAMING_API_KEY_ENV names.")
@@ -38,16 +42,24 @@ def open_namer(settings, device, model, tokenizer) -> Namer | None:
     return TransformersNamer(model, tokenizer, naming_id, settings.NAMING_MAX_NEW_TOKENS)
 
 
-def run_concepts(settings, progress: bool = True) -> dict[str, Any]:
-    """Stage 04: returns the published concepts ({"meta": ..., "latents": ...})."""
-    device = detect_device(settings.DEVICE)
+def run_concepts(settings, progress: bool = True, device: torch.device | None = None,
+                 world: World = World()) -> dict[str, Any] | None:
+    """Stage 04: returns the published concepts ({"meta": ..., "latents": ...}).
+
+    Under torchrun (python -m saekit.concepts) the ranks collect codes over shares of the texts;
+    rank 0 labels, names and publishes, and the other ranks return None."""
+    device = device or detect_device(settings.DEVICE)
     sae, sae_meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
     check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
-    model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
+    model, tokenizer = load_stage_model(settings, device, world)
     texts = load_role_texts(settings, "eval")  # never texts that the SAE was trained on
-    print(texts.summary())
+    if world.is_main:
+        print(texts.summary())
     codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts.texts,
-                    max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
+                    max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
+                    progress=progress and world.is_main, world=world)
+    if not world.is_main:
+        return None
     live = sorted({int(i) for i in codes.firing[1]})
     meta = {"model_id": settings.MODEL_ID, "layer_signature": settings.LAYER_SIGNATURE,
             "activation_run_id": sae_meta.get("activation_run_id"), "sae_id": sae_meta.get("sae_id"), "k": sae.k,
@@ -71,3 +83,11 @@ def run_concepts(settings, progress: bool = True) -> dict[str, Any]:
     folder = publish(settings.store, built)
     print(f"published {folder}")
     return {"meta": {**built.meta, "concepts_id": folder.name}, "latents": built.records}
+
+
+if __name__ == "__main__":  # stage 04 as a script, e.g. under torchrun: torchrun --nproc_per_node=N -m saekit.concepts
+    import sys
+
+    stage_settings, _ = start_stage("04 name SAE concepts", sys.argv[1:])
+    stage_device, stage_world = stage_runtime(stage_settings)
+    run_concepts(stage_settings, device=stage_device, world=stage_world)

@@ -58,3 +58,49 @@ def test_stage_02_on_two_processes_matches_one_process(tmp_path, smoke_args):
     two = read_sealed_json(store / "training_history.json", "")["history"][-1]
     for key in ("train_loss", "heldout_fvu", "heldout_l0", "heldout_dead"):
         assert abs(one[key] - two[key]) <= 1e-4 * max(1.0, abs(one[key])), (key, one[key], two[key])
+
+
+def test_stage_04_on_two_processes_publishes_the_same_concepts(tmp_path, smoke_args):
+    from saekit.exports import open_concepts
+    from saekit.sae import TopKSAE
+
+    single_store, double_store = tmp_path / "single", tmp_path / "double"
+    for store in (single_store, double_store):
+        shutil.copytree(_store_of(smoke_args), store, ignore=shutil.ignore_patterns("models", "concepts*"))
+    one = subprocess.run([sys.executable, "-m", "saekit.concepts", *_with_store(smoke_args, single_store)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    _torchrun(["-m", "saekit.concepts"], _with_store(smoke_args, double_store))
+    _, meta = TopKSAE.load(single_store / "sae_model" / "topk_sae.pt")
+    single, single_texts, _ = open_concepts(single_store, meta["sae_id"])
+    double, double_texts, _ = open_concepts(double_store, meta["sae_id"])
+    assert double_texts == single_texts
+    assert double["latents"] == single["latents"]  # codes joined in order: labels, scores and examples all equal
+    for key in ("n_texts", "n_tokens", "live_latents"):
+        assert double["meta"][key] == single["meta"][key]
+
+
+def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_path, smoke_args):
+    import pytest
+
+    from saekit.sae import TopKSAE
+    from saekit.settings import load_settings
+    from saekit.store import open_run
+    from saekit.train import TrainConfig, train_sae
+
+    store = tmp_path / "store"
+    shutil.copytree(_store_of(smoke_args), store, ignore=shutil.ignore_patterns("models", "sae_model"))
+    args = _with_store(smoke_args, store)
+
+    def stop_after_first_epoch(record):  # called before the epoch's checkpoint: epoch 1's is the last written
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(open_run(store), TrainConfig.from_settings(load_settings(args)),
+                  checkpoint_path=store / "sae_model" / "checkpoint.pt", progress=False, on_epoch=stop_after_first_epoch)
+    assert "resuming after epoch 1" in _torchrun(["02_train_sae.py"], args + ["--resume"]).stdout
+    uninterrupted, _ = TopKSAE.load(_store_of(smoke_args) / "sae_model" / "topk_sae.pt")
+    resumed, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
+    for name, weight in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], weight, atol=1e-4, rtol=1e-4, msg=name)
