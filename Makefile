@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 NB_RUN := $(PY) -m saekit.notebooks
 
-.PHONY: demo test test-all setup clean-store
+.PHONY: demo test test-all setup clean-store bench-peers
 
 setup: $(STAMP)
 
@@ -29,6 +29,26 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The peer trainers, each in its own venv beside the project's (their pins stay out of requirements.txt,
+# which keeps numpy<2 for mi_crow); then stage 02 against them (bench/bench_peers.py). Activations are
+# saved first when the store has none (a fresh clone).
+SAELENS_VENV := bench/.venv-saelens
+SPARSIFY_VENV := bench/.venv-sparsify
+
+$(SAELENS_VENV)/.installed:
+	test -x $(SAELENS_VENV)/bin/python || $(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 sae-lens==6.54.12
+	touch $@
+
+$(SPARSIFY_VENV)/.installed:
+	test -x $(SPARSIFY_VENV)/bin/python || $(PYTHON) -m venv $(SPARSIFY_VENV)
+	$(SPARSIFY_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 eai-sparsify==1.3.3
+	touch $@
+
+bench-peers: $(STAMP) $(SAELENS_VENV)/.installed $(SPARSIFY_VENV)/.installed
+	test -f store/run_id.txt || $(PY) 01_save_activations.py $(ARGS)
+	$(PY) bench/bench_peers.py $(ARGS)
 
 clean-store:
 	find store -mindepth 1 -not -name .gitkeep -not -path 'store/models*' -delete

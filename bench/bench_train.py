@@ -9,18 +9,16 @@ Each trainer runs in its own process, so its peak RSS is its own.
 import json
 import subprocess
 import sys
-import tempfile
 
 import torch
 
 from common import dense_fp32_gflops, peak_rss_mb, save_result, table, timer
+from mi_crow_recipe import train_mi_crow
 
 from saekit.metrics import ReconstructionStats
 from saekit.settings import load_settings
 from saekit.store import open_run
 from saekit.train import TrainConfig, evaluate, train_sae
-
-MI_CROW = dict(batch_size=32, lr=1e-3, l1_lambda=1e-4)  # the seed's 02_train_sae.py
 
 
 def run_ours(settings, run, heldout_start):
@@ -35,36 +33,17 @@ def run_ours(settings, run, heldout_start):
 
 
 def run_mi_crow(settings, run, heldout_start):
-    from mi_crow.mechanistic.sae.modules.topk_sae import TopKSae, TopKSaeTrainingConfig
-    from mi_crow.store.local_store import LocalStore
-
-    d = run.d_model
-    layer = settings.LAYER_SIGNATURE
-    with tempfile.TemporaryDirectory() as tmp:
-        store = LocalStore(base_path=tmp)
-        # the same training rows, in mi_crow's layout: batches of [1, rows, d], padding-free
-        for i, lo in enumerate(range(0, heldout_start, 2048)):
-            rows = torch.from_numpy(run.rows(lo, min(heldout_start, lo + 2048))).unsqueeze(0)
-            store.put_detector_metadata("acts", i, {layer: {"activations_shape": list(rows.shape)}},
-                                        {layer: {"activations": rows}})
-        store.put_run_metadata("acts", {"layer_signatures": [layer], "run_name": "acts"})
-        sae = TopKSae(n_latents=settings.N_LATENTS_MULTIPLIER * d, n_inputs=d, device="cpu", store=store)
-        config = TopKSaeTrainingConfig(k=settings.TOP_K, epochs=settings.EPOCHS, device="cpu", verbose=False,
-                                       use_amp=False, clip_grad=1.0, monitoring=1, memory_efficient=True, **MI_CROW)
-        with timer() as t:
-            result = sae.train(store, "acts", layer, config)
-    engine = sae.sae_engine.eval()
-    stats = ReconstructionStats(settings.N_LATENTS_MULTIPLIER * d)
+    engine, trained = train_mi_crow(settings, run, heldout_start)
+    stats = ReconstructionStats(settings.N_LATENTS_MULTIPLIER * run.d_model)
     with torch.no_grad():
         for chunk in run.iter_rows(heldout_start, run.n_tokens, 4096):
             x = torch.from_numpy(chunk)
             _, codes, x_hat = engine(x)
             values, indices = codes.topk(settings.TOP_K, dim=1)
             stats.update(x, x_hat, values, indices)
-    r2 = result["history"].get("r2", [None])
-    return {"heldout": stats.summary(), "train_seconds": t["seconds"],
-            "tokens_per_s": heldout_start * settings.EPOCHS / t["seconds"], "mi_crow_reported_r2": r2[-1],
-            "n_latents": stats.n_latents}
+    return {"heldout": stats.summary(), "train_seconds": trained["train_seconds"],
+            "tokens_per_s": heldout_start * settings.EPOCHS / trained["train_seconds"],
+            "mi_crow_reported_r2": trained["mi_crow_reported_r2"], "n_latents": stats.n_latents}
 
 
 if len(sys.argv) > 1 and sys.argv[1] in ("ours", "mi_crow"):

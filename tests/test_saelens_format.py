@@ -3,7 +3,6 @@ that `make bench-peers` creates (bench/.venv-saelens), and is skipped where it i
 import json
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch

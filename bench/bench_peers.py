@@ -1,0 +1,184 @@
+"""Stage 02 against SAELens 6 (TopK and BatchTopK) and EleutherAI's sparsify, on exactly the rows
+stage 02 trains on, every SAE scored by the project's metrics on the same held-out rows and texts.
+
+    make bench-peers                                  # venvs, activations if missing, then this
+    .venv/bin/python bench/bench_peers.py             # the k = 8 comparison (~25 min on 2 quiet cores)
+    .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the best peer
+    .venv/bin/python bench/bench_peers.py --EPOCHS=1 --eval-texts=8   # a quick check that every trainer runs
+
+Each trainer runs in its own process (its own venv: bench/.venv-saelens, bench/.venv-sparsify), one
+after another, so each is timed alone; only the library's training call is timed (this project's:
+train_sae, which includes its per-epoch held-out evaluation). The rows are the store's training
+rows [0, heldout_start), handed to the peers as one .npy file and fed in a fresh random order each
+epoch; width 4x, batch BATCH_SIZE_TRAIN, EPOCHS epochs for all. Peers run at their library
+defaults, and at settings matched to this run's size where the library exposes them: the same LR
+and dead window as stage 02 (SAELens: lr, dead_feature_window; sparsify: AuxK 1/32 and
+dead_feature_threshold, its sign-SGD LR being on another scale than Adam's).
+
+Every trainer writes its SAE in SAELens's format; TopK ones are read by saekit.saelens_format,
+BatchTopK (saved by SAELens as JumpReLU with the learned threshold) by a JumpReLU scorer below. Each
+scorer is checked against the library's own reconstruction of 512 rows (scorer_max_error).
+Writes bench/results/bench_peers.json with the exact settings of every trainer.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from common import ROOT, save_result, table
+
+from saekit.analysis import mean_training_activation
+from saekit.data import load_role_texts
+from saekit.metrics import ReconstructionStats, splice_metrics
+from saekit.models import load_model, resolve_layer
+from saekit.saelens_format import CFG_FILE, WEIGHTS_FILE, load_saelens
+from saekit.settings import load_settings
+from saekit.store import open_run
+from saekit.train import evaluate, scaled_lr
+
+EVAL_TEXTS = 100
+PYTHONS = {"saekit": Path(sys.executable), "saelens": ROOT / "bench" / ".venv-saelens" / "bin" / "python",
+           "sparsify": ROOT / "bench" / ".venv-sparsify" / "bin" / "python"}
+SCRIPTS = {name: ROOT / "bench" / "peers" / f"{name}_train.py" for name in PYTHONS}
+FRONTIER_K = [16, 32, 64]
+COLUMNS = ["trainer", "k", "heldout_fvu", "l0", "dead_pct", "delta_ce", "recovered_vs_mean", "train_seconds",
+           "tokens_per_s", "load_before"]
+
+
+class JumpReLUScorer(torch.nn.Module):
+    """SAELens's JumpReLU inference: codes = ReLU(pre) where pre > threshold (what BatchTopK becomes)."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        cfg = json.loads((folder / CFG_FILE).read_text())
+        self.w = load_file(folder / WEIGHTS_FILE)
+        self.apply_b_dec = cfg.get("apply_b_dec_to_input", True)
+        self.n_latents = cfg["d_sae"]
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        pre = (x - self.w["b_dec"] * self.apply_b_dec) @ self.w["W_enc"] + self.w["b_enc"]
+        return pre.relu() * (pre > self.w["threshold"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codes(x) @ self.w["W_dec"] + self.w["b_dec"]
+
+
+def load_scorer(folder: Path):
+    architecture = json.loads((folder / CFG_FILE).read_text())["architecture"]
+    return load_saelens(folder)[0] if architecture == "topk" else JumpReLUScorer(folder)
+
+
+@torch.no_grad()
+def heldout_summary(scorer, run, heldout_start: int) -> dict:
+    if not isinstance(scorer, JumpReLUScorer):
+        return evaluate(scorer, run, heldout_start, run.n_tokens).summary()
+    stats = ReconstructionStats(scorer.n_latents)
+    for chunk in run.iter_rows(heldout_start, run.n_tokens, 4096):
+        x = torch.from_numpy(chunk)
+        codes = scorer.codes(x)
+        stats.update(x, codes @ scorer.w["W_dec"] + scorer.w["b_dec"], codes,
+                     torch.arange(scorer.n_latents).expand_as(codes))
+    return stats.summary()
+
+
+def train(trainer: str, spec: dict) -> dict:
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}  # sparsify's Triton decoder needs a GPU
+    if not PYTHONS[trainer].exists():
+        sys.exit(f"{PYTHONS[trainer]} is missing: run `make bench-peers`, which creates the peer venvs")
+    proc = subprocess.run([str(PYTHONS[trainer]), str(SCRIPTS[trainer]), json.dumps(spec)], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"{trainer} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+frontier = "--frontier" in sys.argv
+eval_texts = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--eval-texts=")), EVAL_TEXTS)
+args = [a for a in sys.argv[1:] if a != "--frontier" and not a.startswith("--eval-texts=")]
+settings = load_settings(args)
+run = open_run(settings.store)
+heldout_start = run.heldout_start(settings.HELDOUT_FRACTION)
+d, n_latents, k = run.d_model, settings.N_LATENTS_MULTIPLIER * run.d_model, settings.TOP_K
+lr = settings.LR or scaled_lr(n_latents, settings.LR_BASE)
+window_tokens = settings.DEAD_WINDOW_TOKENS or min(10_000_000, max(heldout_start // 10, settings.BATCH_SIZE_TRAIN))
+window_steps = math.ceil(window_tokens / settings.BATCH_SIZE_TRAIN)
+matched = f"lr {lr:.3g}, dead window {window_tokens:,} tokens"
+
+model, tokenizer = load_model(settings.MODEL_ID, "cpu", cache_dir=settings.store / "models")
+layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+texts = load_role_texts(load_settings(args + [f"--EVAL_DATA_LIMIT={eval_texts}"]), "eval").texts
+mean = mean_training_activation(run, heldout_start)
+
+
+def configurations(k: int) -> list[tuple[str, str, dict]]:
+    """(name, trainer, spec extras) at TopK k; peers at defaults and at this run's size."""
+    return [
+        ("saekit", "saekit", {"overrides": args + [f"--TOP_K={k}"]}),
+        ("SAELens TopK, defaults", "saelens", {"architecture": "topk"}),
+        (f"SAELens TopK, {matched}", "saelens", {"architecture": "topk", "lr": lr, "dead_feature_window": window_steps}),
+        ("SAELens BatchTopK, defaults", "saelens", {"architecture": "batchtopk"}),
+        (f"SAELens BatchTopK, {matched}", "saelens",
+         {"architecture": "batchtopk", "lr": lr, "dead_feature_window": window_steps}),
+        ("sparsify TopK, defaults", "sparsify", {}),
+        (f"sparsify TopK, AuxK 1/32, dead window {window_tokens:,} tokens", "sparsify",
+         {"auxk_alpha": 1 / 32, "dead_feature_threshold": window_tokens}),
+    ]
+
+
+rows = []
+with tempfile.TemporaryDirectory() as tmp:
+    rows_file = Path(tmp) / "rows.npy"
+    np.save(rows_file, run.rows(0, heldout_start))  # exactly stage 02's training rows, as stored
+
+    def measure(name: str, trainer: str, extras: dict, k: int) -> dict:
+        out = Path(tmp) / f"sae{len(rows)}"
+        spec = {"rows": str(rows_file), "out": str(out), "k": k, "d_sae": n_latents, "epochs": settings.EPOCHS,
+                "batch": settings.BATCH_SIZE_TRAIN, "seed": settings.SEED, **extras}
+        load_before = os.getloadavg()[0]
+        trained = train(trainer, spec)
+        scorer = load_scorer(out)
+        scorer_error = None
+        if (out / "check.safetensors").exists():  # the library's own reconstruction of 512 rows
+            check = load_file(out / "check.safetensors")
+            with torch.no_grad():
+                scorer_error = float((scorer(check["x"]) - check["x_hat"]).abs().max())
+        heldout = heldout_summary(scorer, run, heldout_start)
+        splice = splice_metrics(model, tokenizer, layer, texts, scorer, mean, settings.MAX_LENGTH,
+                                batch_size=settings.BATCH_SIZE_SAVE, progress=False)
+        row = {"trainer": name, "library": trainer, "k": k, "heldout_fvu": heldout["fvu"], "l0": heldout["l0"],
+               "dead_pct": 100 * heldout["dead_fraction"], "delta_ce": splice["delta_ce"],
+               "recovered_vs_mean": splice["ce_recovered_vs_mean"], "kl": splice["kl_sae"],
+               "train_seconds": trained["train_seconds"], "tokens_per_s": trained["tokens"] / trained["train_seconds"],
+               "load_before": load_before, "scorer_max_error": scorer_error, "heldout": heldout, "splice": splice,
+               "settings": {key: v for key, v in trained.items() if key not in ("train_seconds", "tokens")} | {
+                   "spec": {key: v for key, v in spec.items() if key not in ("rows", "out")}}}
+        print(table([row], COLUMNS), flush=True)
+        return row
+
+    for name, trainer, extras in configurations(k):
+        rows.append(measure(name, trainer, extras, k))
+    if frontier:
+        peers = [r for r in rows if r["library"] != "saekit"]
+        best = min(peers, key=lambda r: r["delta_ce"])
+        best_config = next(c for c in configurations(k) if c[0] == best["trainer"])
+        for frontier_k in FRONTIER_K:
+            for name, trainer, extras in [configurations(frontier_k)[0], best_config]:
+                rows.append(measure(name, trainer, extras, frontier_k))
+
+print(table(rows, COLUMNS))
+ours = rows[0]
+fastest_peer = max((r for r in rows if r["library"] != "saekit" and r["k"] == k), key=lambda r: r["tokens_per_s"])
+print(f"stage 02 tokens/s vs the fastest peer ({fastest_peer['trainer']}): "
+      f"{ours['tokens_per_s'] / fastest_peer['tokens_per_s']:.2f}x")
+path = save_result("bench_peers", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
+                   {"run_id": run.run_id, "train_tokens": heldout_start, "heldout_tokens": run.n_tokens - heldout_start,
+                    "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
+                    "n_latents": n_latents, "results": rows})
+print(f"wrote {path}")

@@ -1,0 +1,33 @@
+"""Train this project's SAE (stage 02's trainer) for bench/bench_peers.py; run in the project's venv.
+
+    .venv/bin/python bench/peers/saekit_train.py '<json spec>'
+
+The spec names the output folder and the setting overrides (e.g. ["--TOP_K=16"]); the rows are the
+store's run, as stage 02 reads them. Only train_sae is timed. The SAE is written in SAELens's
+format (saekit.saelens_format), like every peer's, so one scorer reads them all.
+Prints one JSON line: train_seconds, tokens, settings.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from saekit.saelens_format import save_saelens  # noqa: E402
+from saekit.settings import load_settings  # noqa: E402
+from saekit.store import open_run  # noqa: E402
+from saekit.train import TrainConfig, train_sae  # noqa: E402
+
+spec = json.loads(sys.argv[1])
+settings = load_settings(spec["overrides"])
+run = open_run(settings.store)
+cfg = TrainConfig.from_settings(settings)
+started = time.perf_counter()
+sae, record = train_sae(run, cfg, progress=False)
+seconds = time.perf_counter() - started
+save_saelens(sae, spec["out"], settings.MODEL_ID, settings.LAYER_SIGNATURE, {"trainer": "saekit"})
+tokens = sum(h["train_tokens"] for h in record["history"])
+print(json.dumps({"train_seconds": seconds, "tokens": tokens,
+                  "settings": {"config": record["config"], "lr": record["lr"],
+                               "dead_window_tokens": record["dead_window_tokens"], "k_aux": record["k_aux"]}}))
