@@ -59,7 +59,8 @@ def synthetic_concepts(n_latents: int, n_texts: int, folder: Path) -> tuple[dash
                                min_f1=settings.LABEL_MIN_F1)
     publish(folder, built)
     concepts, texts, _ = open_concepts(folder, None)
-    return dashboard.Concepts(concepts["meta"], {int(i): l for i, l in concepts["latents"].items()}, texts), t["seconds"]
+    latents = {int(i): latent for i, latent in concepts["latents"].items()}
+    return dashboard.Concepts(concepts["meta"], latents, texts), t["seconds"]
 
 
 def open_page(page: Path, fragment: str, profile: Path) -> tuple[dict[str, float], float]:

@@ -149,13 +149,15 @@ result = {
     "most_frequent": sorted(rows, key=lambda r: -r["frequency"])[:15],
 }
 s = result["scores"]
-print(f"{len(texts)} texts ({result['scoring_texts']} scoring, {result['scoring_tokens']} tokens); {len(live)} live latents; "
+print(f"{len(texts)} texts ({result['scoring_texts']} scoring, {result['scoring_tokens']} tokens); "
+      f"{len(live)} live latents; "
       f"new labels in {t_new['seconds']:.1f} s")
 for what in ("f1", "precision", "recall", "detection"):
     print(f"{what:>10}: new median {s['new_' + what]['median']:.3f} mean {s['new_' + what]['mean']:.3f} | "
           f"old median {s['old_' + what]['median']:.3f} mean {s['old_' + what]['mean']:.3f} "
           f"(unscored: new {s['new_' + what]['unscored']}, old {s['old_' + what]['unscored']})")
-print(f"explained (F1 >= {settings.LABEL_MIN_F1}): {result['new_explained']} of {len(live)}; new rules {dict(result['new_rules'])}")
+print(f"explained (F1 >= {settings.LABEL_MIN_F1}): {result['new_explained']} of {len(live)}; "
+      f"new rules {dict(result['new_rules'])}")
 for r in result["most_frequent"][:8]:
     print(f"  {r['latent']:>5} {100 * r['frequency']:5.2f}%  new F1 {r['new_f1']:.2f} {r['new_label'][:50]!r:52} "
           f"old F1 {r['old_f1']:.2f} {r['old_label'][:40]!r}")

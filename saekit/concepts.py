@@ -78,8 +78,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
                  for i in chosen if built.namer_examples[i]}
         apply_names(built, name_latents(namer, tasks, settings.store / "concept_names.json", progress=progress),
                     settings.NAME_MIN_SCORE)
-        built.meta["naming"] = (f"{len(tasks)} most frequent latents named by {settings.NAMING_MODEL_ID}; a name is the "
-                                "title only where it scores above the label on the same held-out windows, and at "
+        built.meta["naming"] = (f"{len(tasks)} most frequent latents named by {settings.NAMING_MODEL_ID}; a name is "
+                                "the title only where it scores above the label on the same held-out windows, and at "
                                 f"least {settings.NAME_MIN_SCORE} (detection and fuzzing; 0.5 is chance).")
     folder = publish(settings.store, built)
     print(f"published {folder}")

@@ -172,7 +172,8 @@ def context_html(tokens: list[str], acts: list[float], peak: int | None, score: 
         style = f' style="background: rgba({SHADE}, {alpha:.2f})"' if act > 0 else ""
         cls = "sae-tok sae-peak" if j == peak else "sae-tok"
         spans.append(f'<span class="{cls}"{style} title="{act:.4g}">{html.escape(_visible(token))}</span>')
-    return f'<div class="sae-ex"><span class="score">{score:.3g}</span><span class="sae-ctx">{"".join(spans)}</span></div>'
+    return (f'<div class="sae-ex"><span class="score">{score:.3g}</span>'
+            f'<span class="sae-ctx">{"".join(spans)}</span></div>')
 
 
 def histogram_svg(counts: list[int], low: float, high: float, width: int = 300, height: int = 80) -> str:
@@ -274,7 +275,8 @@ def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
         "title": latent["title"], "title_source": latent["title_source"],
         "label": {k: _round(label[k]) if isinstance(label[k], float) else label[k]
                   for k in ("text", "rule", "explained", "f1", "precision", "recall", "detection", "fuzzing")},
-        "name": name and {"text": name["text"], "detection": _round(name["detection"]), "fuzzing": _round(name["fuzzing"])},
+        "name": name and {"text": name["text"], "detection": _round(name["detection"]),
+                          "fuzzing": _round(name["fuzzing"])},
         "stats": [latent["frequency"], latent["max_activation"], latent["mean_activation"]],
         "histogram": {"low": hist["bin_edges"][0], "high": hist["bin_edges"][-1], "counts": hist["counts"]},
         "lens": {side: [[t, round(v, 2)] for t, v in pairs] for side, pairs in latent["logit_lens"].items()},
@@ -317,7 +319,8 @@ def write_dashboard(concepts: Concepts, path: str | Path) -> Path:
         (partial / f"latents-{chunk}.js").write_text(f"saeDashboard(\"latents\",{chunk},{_json(details)});\n")
     partial.rename(files_root / name)
     data = dashboard_data(concepts, f"{FILES_DIR}/{name}")
-    page = (_asset("page.html").replace("{{LATENT_CSS}}", _asset("latent.css")).replace("{{PAGE_CSS}}", _asset("page.css"))
+    page = (_asset("page.html").replace("{{LATENT_CSS}}", _asset("latent.css"))
+            .replace("{{PAGE_CSS}}", _asset("page.css"))
             .replace("{{TITLE}}", html.escape(f"{concepts.meta['model_id']} · {concepts.meta['layer_signature']}"))
             .replace("{{DATA}}", _json(data)).replace("{{SCRIPT}}", _asset("app.js")))
     write_text(path, page)

@@ -198,7 +198,8 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
     """A label for every latent in `live`, chosen on the texts not in `is_scoring_doc`, scored on those in it.
 
     `promoted`: per latent, the tokens its logit lens promotes (for the logit-lens rule)."""
-    halves = {"choosing": codes.countable & ~is_scoring_doc[codes.doc], "scoring": codes.countable & is_scoring_doc[codes.doc]}
+    scoring_token = is_scoring_doc[codes.doc]
+    halves = {"choosing": codes.countable & ~scoring_token, "scoring": codes.countable & scoring_token}
     token, latent, _ = codes.firing
     fires = {half: np.bincount(latent[mask[token]], minlength=codes.n_latents) for half, mask in halves.items()}
     supported, any_support, scored = {}, {}, {}
@@ -299,6 +300,7 @@ def lens_records(model, tokenizer, sae: TopKSAE, latents: list[int], top: int = 
     """Per latent, the tokens its decoder direction promotes and suppresses, as [[token, logit], ...]."""
     promoted_ids, promoted_vals, suppressed_ids, suppressed_vals = logit_lens(model, sae, top)
     decoded = {int(t): tokenizer.decode([int(t)]) for t in torch.cat([promoted_ids, suppressed_ids]).unique()}
-    return {lat: {"promoted": [[decoded[int(t)], round(float(v), 3)] for t, v in zip(promoted_ids[lat], promoted_vals[lat])],
-                  "suppressed": [[decoded[int(t)], round(float(v), 3)] for t, v in zip(suppressed_ids[lat], suppressed_vals[lat])]}
+    pairs = lambda ids, values: [[decoded[int(t)], round(float(v), 3)] for t, v in zip(ids, values)]  # noqa: E731
+    return {lat: {"promoted": pairs(promoted_ids[lat], promoted_vals[lat]),
+                  "suppressed": pairs(suppressed_ids[lat], suppressed_vals[lat])}
             for lat in latents}

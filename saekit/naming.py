@@ -98,7 +98,8 @@ def naming_task(codes: HeldoutCodes, examples: list[int], windows: ScoringWindow
     """The task for a latent from its top peak tokens of the choosing half and its scoring windows."""
     marked = [(peak, decoy) for peak, decoy in zip(windows.activating, windows.decoys) if decoy is not None]
     return NamingTask(
-        chat=naming_chat([window_text(codes, t, context, marked=t) for t in examples], codes.token_strings(np.array(examples, np.int64))),
+        chat=naming_chat([window_text(codes, t, context, marked=t) for t in examples],
+                         codes.token_strings(np.array(examples, np.int64))),
         activating=[window_text(codes, t, context) for t in windows.activating],
         silent=[window_text(codes, t, context) for t in windows.silent],
         marked_peaks=[window_text(codes, peak, context, marked=peak) for peak, _ in marked],

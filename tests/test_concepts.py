@@ -38,9 +38,8 @@ def _collect(model, tok, sae, texts=TEXTS):
 def _build(codes, model, tok, sae, **overrides):
     live = sorted(set(codes.firing[1].tolist()))
     settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3)
-    return build_concepts(codes, lens_records(model, tok, sae, live), {"model_id": "tiny", "layer_signature": TINY_LAYER,
-                                                                        "sae_id": "sae-a", "k": sae.k},
-                          **{**settings, **overrides})
+    meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
+    return build_concepts(codes, lens_records(model, tok, sae, live), meta, **{**settings, **overrides})
 
 
 def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokenizer):

@@ -99,8 +99,9 @@ function contextRow(example, maxActivation, context, isPeak) {
   const spans = [];
   for (let p = Math.max(0, pos - context); p < Math.min(tokens.length, pos + context + 1); p++) {
     const act = acts.get(p) || 0;
-    const span = el("span", {class: isPeak && p === pos ? "sae-tok sae-peak" : "sae-tok", title: String(+act.toPrecision(4))},
-                    received.texts.vocab[tokens[p]].replaceAll("\n", "↵"));
+    const text = received.texts.vocab[tokens[p]].replaceAll("\n", "↵");
+    const span = el("span", {class: isPeak && p === pos ? "sae-tok sae-peak" : "sae-tok",
+                             title: String(+act.toPrecision(4))}, text);
     if (act > 0) span.style.background = `rgba(${SHADE}, ${Math.min(1, act / maxActivation).toFixed(2)})`;
     spans.push(span);
   }
@@ -132,7 +133,8 @@ function histogram(h, width = 300, height = 80) {
 
 function lensList(title, pairs) {
   return el("div", {}, el("b", {}, title), el("ol", {}, ...pairs.map(([token, value]) =>
-    el("li", {}, el("code", {}, token.replaceAll("\n", "↵")), " ", el("span", {class: "v"}, (value >= 0 ? "+" : "") + value.toFixed(2))))));
+    el("li", {}, el("code", {}, token.replaceAll("\n", "↵")), " ",
+       el("span", {class: "v"}, (value >= 0 ? "+" : "") + value.toFixed(2))))));
 }
 
 function latentView(index, d) {
@@ -152,7 +154,8 @@ function latentView(index, d) {
                   ["not activating", d.silent, false]];
   return [
     el("h3", {}, `latent ${index}: ${d.title}`), el("p", {class: "sae-stats"}, ...lines),
-    el("div", {class: "sae-row"}, el("div", {}, el("b", {}, "activation when firing"), el("br"), histogram(d.histogram)),
+    el("div", {class: "sae-row"},
+       el("div", {}, el("b", {}, "activation when firing"), el("br"), histogram(d.histogram)),
        el("div", {class: "sae-row sae-lens"}, lensList("logit lens: promotes", d.lens.promoted),
           lensList("suppresses", d.lens.suppressed))),
     ...groups.map(([title, examples, isPeak]) => el("div", {class: "sae-examples"}, el("b", {}, title),
