@@ -158,6 +158,11 @@ def test_dashboard_renders_in_headless_chromium(concepts, tmp_path):
     view = dom[dom.index('<section id="view"'):]
     assert "<img" not in dom and "&lt;/script&gt;&lt;img" in view  # hostile text shown as text
 
+    dom = _chromium_dom(page, "bench", tmp_path)  # the page clicks the score's header: lowest scores first
+    rows = dashboard.latent_rows(concepts)
+    assert _rows(dom) == [r["index"] for r in sorted(rows, key=lambda r: (r["f1"], r["index"]))]
+    assert 'th data-key="f1" aria-sort="ascending"' in dom and re.search(r'data-sort-ms="[\d.]+"', dom)
+
     assert "is dead" in _chromium_dom(page, "latent-3", tmp_path)
     shutil.rmtree(tmp_path / "dashboard_files")
     assert "keep the folder" in _chromium_dom(page, "latent-7", tmp_path)  # says what is missing
