@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -236,12 +236,23 @@ def score_name(namer: Namer, name: str, task: NamingTask) -> Name:
     return Name(name, balanced_accuracy(answers[0], answers[1]), balanced_accuracy(answers[2], answers[3]))
 
 
+def _read_cache(cache_path: Path) -> dict[str, Any]:
+    """The names finished by an earlier run; a cache that is not valid JSON is set aside, not used."""
+    if not cache_path.exists():
+        return {}
+    try:
+        names = json.loads(cache_path.read_text()).get("names", {})
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        print(f"ignoring {cache_path}: it is corrupt; every latent is named again")
+        return {}
+    return names if isinstance(names, dict) else {}
+
+
 def name_latents(namer: Namer, tasks: dict[int, NamingTask], cache_path: Path, batch_size: int = 8,
                  progress: bool = True) -> dict[int, Name]:
     """Name and score each latent of `tasks`; finished latents are saved to `cache_path` after every
     batch, so a rerun names only the rest."""
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    done = cache.get("names", {})
+    done = _read_cache(cache_path)
     checksums = {i: task.checksum(namer.namer_id) for i, task in tasks.items()}
     todo = [i for i in tasks if done.get(str(i), {}).get("checksum") != checksums[i]]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="naming latents", disable=not progress)

@@ -174,3 +174,14 @@ def test_naming_resumes_after_an_interruption(tmp_path):
     third = _FakeNamer()
     name_latents(third, changed, tmp_path / "names.json", progress=False)
     assert len(third.written) == 1  # a latent whose examples changed is named again
+
+
+def test_a_corrupt_naming_cache_is_set_aside(tmp_path, capsys):
+    from saekit.naming import _read_cache
+
+    cache = tmp_path / "concept_names.json"
+    cache.write_text('{"names": {"3": {"text": "cut off')
+    assert _read_cache(cache) == {}
+    assert "ignoring" in capsys.readouterr().out
+    cache.write_text('{"names": {"3": {"text": "dog"}}}')
+    assert _read_cache(cache) == {"3": {"text": "dog"}}
