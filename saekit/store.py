@@ -328,9 +328,15 @@ class ActivationRun:
         n_heldout = max(1, round(n_docs * fraction)) if fraction > 0 else 0
         if n_heldout >= n_docs:
             raise StoreError(f"HELDOUT_FRACTION={fraction} leaves no training documents out of {n_docs}")
+        if not n_heldout:
+            return self.n_tokens
         first_doc = n_docs - n_heldout
-        docs = self.tokens()[:, 1]
-        return int(np.searchsorted(docs, first_doc)) if n_heldout else self.n_tokens
+        offsets = self.shard_offsets()
+        for i in range(len(self.meta["shards"])):  # one shard's token file at a time: memory stays flat
+            docs = self.shard_tokens(i)[:, 1]
+            if docs[-1] >= first_doc:
+                return int(offsets[i] + np.searchsorted(docs, first_doc))
+        return self.n_tokens
 
 
 def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:

@@ -120,3 +120,14 @@ def test_local_folder_loads_like_a_hub_id(tiny_model_dir, tiny_model):
 def test_unloadable_model_says_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match="(?s)could not load model.*local folder.*--preset=local"):
         load_model(str(tmp_path / "no-such-model"))
+
+
+def test_heldout_start_is_the_first_row_of_the_last_documents_across_shards(tmp_path):
+    from conftest import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path, n_tokens=3000, shard_tokens=700)  # 50-token documents over 5 shards
+    docs = run.tokens()[:, 1]
+    for fraction in (0.02, 0.1, 0.25, 0.5, 0.9):
+        start = run.heldout_start(fraction)
+        n_heldout = max(1, round(run.meta["n_documents"] * fraction))
+        assert docs[start] == run.meta["n_documents"] - n_heldout and (start == 0 or docs[start - 1] < docs[start])
