@@ -6,8 +6,11 @@ store. Each measured step runs in a fresh process (under torchrun for 2 processe
 is its own. On this 2-core machine 2 processes are not expected to be faster: the figures say what
 the distributed code costs when there is nothing to gain.
 
-    .venv/bin/python bench/bench_scale.py [--small=500000] [--large=5000000] [--keep=DIR]
+    .venv/bin/python bench/bench_scale.py [--small=500000] [--large=5000000] [--procs=1,2] [--large_procs=1] [--workdir=DIR]
     python3 bench/bench_scale.py --device=cuda --procs=1        # on one GPU
+
+Memory is compared between the stores at 1 process; 1 and 2 processes on the small store (the
+large one at 2 processes too with --large_procs=1,2, which doubles the run time).
 """
 from __future__ import annotations
 
@@ -111,14 +114,15 @@ def main() -> None:
     options = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     sizes = {"small": int(options.get("small", 500_000)), "large": int(options.get("large", 5_000_000))}
     device = options.get("device", "cpu")
-    procs = [int(n) for n in options.get("procs", "1,2").split(",")]
-    with tempfile.TemporaryDirectory(dir=options.get("keep")) as tmp:
+    procs = {"small": [int(n) for n in options.get("procs", "1,2").split(",")],
+             "large": [int(n) for n in options.get("large_procs", "1").split(",")]}
+    with tempfile.TemporaryDirectory(dir=options.get("workdir"))  # the stores take ~6 GB at 5M tokens as tmp:
         tmp = Path(tmp)
         make_model_dir(tmp / "model")
         rows = []
         for name, n_tokens in sizes.items():
             write_texts(tmp / f"{name}.txt", n_tokens)
-            for nproc in procs:
+            for nproc in procs[name]:
                 store = tmp / f"store_{name}_{nproc}"
                 args = [f"--MODEL_ID={tmp / 'model'}", "--LAYER_SIGNATURE=llamaforcausallm_model_layers_0_post_attention_layernorm",
                         f"--HF_DATASET={tmp / f'{name}.txt'}", "--EVAL_SHARE=0.01", "--DATA_LIMIT=0",
