@@ -116,7 +116,7 @@ def main() -> None:
     device = options.get("device", "cpu")
     procs = {"small": [int(n) for n in options.get("procs", "1,2").split(",")],
              "large": [int(n) for n in options.get("large_procs", "1").split(",")]}
-    with tempfile.TemporaryDirectory(dir=options.get("workdir"))  # the stores take ~6 GB at 5M tokens as tmp:
+    with tempfile.TemporaryDirectory(dir=options.get("workdir")) as tmp:  # the stores take ~6 GB at 5M tokens
         tmp = Path(tmp)
         make_model_dir(tmp / "model")
         rows = []
