@@ -19,7 +19,8 @@ from .exports import apply_names, build_concepts, publish
 from .labels import lens_records
 from .models import detect_device, load_model, resolve_layer
 from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
-from .sae import TopKSAE, check_sae_matches
+from .sae import check_sae_matches
+from .saelens_format import load_sae
 from .stage import load_stage_model, stage_runtime, start_stage
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
@@ -49,7 +50,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     Under torchrun (python -m saekit.concepts) the ranks collect codes over shares of the texts;
     rank 0 labels, names and publishes, and the other ranks return None."""
     device = device or detect_device(settings.DEVICE)
-    sae, sae_meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
+    sae, sae_meta = load_sae(settings, device)  # stage 02's SAE, or SAE_PATH's SAELens folder
     check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     model, tokenizer = load_stage_model(settings, device, world)
     texts = load_role_texts(settings, "eval")  # never texts that the SAE was trained on

@@ -24,7 +24,7 @@ import numpy as np
 
 from .atomic import write_text
 from .exports import RERUN_04, ConceptsMismatchError, open_concepts
-from .sae import TopKSAE
+from .saelens_format import load_sae
 from .settings import Settings
 
 DASHBOARD_FILE = "dashboard.html"
@@ -73,7 +73,7 @@ class Concepts:
 
 
 def current_sae_id(settings: Settings) -> str | None:
-    return TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt")[1].get("sae_id")
+    return load_sae(settings)[1].get("sae_id")
 
 
 def load_concepts(settings: Settings) -> Concepts:

@@ -165,3 +165,25 @@ def test_stage_03_analyses_an_sae_from_sae_path_without_history_or_initialisatio
     assert other.history is None and analysis.weight_report(other) is None
     assert other.heldout_start == own.heldout_start and other.run.run_id == own.run.run_id
     assert analysis.heldout_tokens(other)["summary"] == analysis.heldout_tokens(own)["summary"]
+
+
+def test_stage_04_finds_concepts_of_an_sae_from_sae_path(tmp_path, smoke_args):
+    import os
+    import shutil
+    import sys
+
+    from saekit.exports import open_concepts
+    from saekit.saelens_format import load_sae
+    from saekit.settings import load_settings
+
+    source = load_settings(smoke_args).store
+    store = tmp_path / "store"
+    shutil.copytree(source, store, ignore=shutil.ignore_patterns("models", "concepts*"))
+    args = [a for a in smoke_args if not a.startswith("--STORE_DIR=")] + [
+        f"--STORE_DIR={store}", f"--SAE_PATH={store / 'sae_model' / 'saelens'}"]
+    proc = subprocess.run([sys.executable, "-m", "saekit.concepts", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, meta = load_sae(load_settings(args))
+    concepts, _, _ = open_concepts(store, meta["sae_id"])  # the set names the SAE_PATH SAE, not stage 02's
+    assert concepts["meta"]["sae_id"] == meta["sae_id"] and concepts["latents"]
