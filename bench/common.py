@@ -1,7 +1,6 @@
 """Shared by the benchmarks: settings, timing, peak memory and where results are written."""
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import sys
