@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,22 @@ def run_stage(script: str, args: list[str]) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def store_of(args: list[str]) -> Path:
+    """The STORE_DIR that stage arguments name."""
+    return Path(next(a.split("=", 1)[1] for a in args if a.startswith("--STORE_DIR=")))
+
+
+def with_store(args: list[str], store: Path) -> list[str]:
+    return [a for a in args if not a.startswith("--STORE_DIR=")] + [f"--STORE_DIR={store}"]
+
+
+def copy_store(args: list[str], dest: Path, *ignore: str) -> list[str]:
+    """A private copy of the store that `args` name (the model cache and `ignore` left out), and the
+    same arguments pointing at it."""
+    shutil.copytree(store_of(args), dest, ignore=shutil.ignore_patterns("models", *ignore))
+    return with_store(args, dest)
 
 
 @pytest.fixture(scope="session")

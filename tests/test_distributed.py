@@ -3,15 +3,13 @@ one process."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, copy_store, store_of, with_store
 
 
 def _torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -22,19 +20,11 @@ def _torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess
     return proc
 
 
-def _store_of(args: list[str]) -> Path:
-    return Path(next(a.split("=", 1)[1] for a in args if a.startswith("--STORE_DIR=")))
-
-
-def _with_store(args: list[str], store: Path) -> list[str]:
-    return [a for a in args if not a.startswith("--STORE_DIR=")] + [f"--STORE_DIR={store}"]
-
-
 def test_stage_01_on_two_processes_stores_the_same_rows_in_the_same_order(tmp_path, smoke_args):
     from saekit.store import open_run
 
-    _torchrun(["01_save_activations.py"], _with_store(smoke_args, tmp_path / "store"))
-    single, double = open_run(_store_of(smoke_args)), open_run(tmp_path / "store")
+    _torchrun(["01_save_activations.py"], with_store(smoke_args, tmp_path / "store"))
+    single, double = open_run(store_of(smoke_args)), open_run(tmp_path / "store")
     assert double.meta["processes"] == 2 and len(double.meta["shards"]) >= 2
     assert double.n_tokens == single.n_tokens and double.meta["n_documents"] == single.meta["n_documents"]
     np.testing.assert_array_equal(double.tokens(), single.tokens())
@@ -48,13 +38,12 @@ def test_stage_02_on_two_processes_matches_one_process(tmp_path, smoke_args):
     from saekit.sae import TopKSAE
 
     store = tmp_path / "store"
-    shutil.copytree(_store_of(smoke_args), store, ignore=shutil.ignore_patterns("models"))
-    assert "in 2 processes" in _torchrun(["02_train_sae.py"], _with_store(smoke_args, store)).stdout
-    single, _ = TopKSAE.load(_store_of(smoke_args) / "sae_model" / "topk_sae.pt")
+    assert "in 2 processes" in _torchrun(["02_train_sae.py"], copy_store(smoke_args, store)).stdout
+    single, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     double, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in single.state_dict().items():
         torch.testing.assert_close(double.state_dict()[name], weight, atol=1e-4, rtol=1e-4, msg=name)
-    one = read_sealed_json(_store_of(smoke_args) / "training_history.json", "")["history"][-1]
+    one = read_sealed_json(store_of(smoke_args) / "training_history.json", "")["history"][-1]
     two = read_sealed_json(store / "training_history.json", "")["history"][-1]
     for key in ("train_loss", "heldout_fvu", "heldout_l0", "heldout_dead"):
         assert abs(one[key] - two[key]) <= 1e-4 * max(1.0, abs(one[key])), (key, one[key], two[key])
@@ -65,12 +54,11 @@ def test_stage_04_on_two_processes_publishes_the_same_concepts(tmp_path, smoke_a
     from saekit.sae import TopKSAE
 
     single_store, double_store = tmp_path / "single", tmp_path / "double"
-    for store in (single_store, double_store):
-        shutil.copytree(_store_of(smoke_args), store, ignore=shutil.ignore_patterns("models", "concepts*"))
-    one = subprocess.run([sys.executable, "-m", "saekit.concepts", *_with_store(smoke_args, single_store)], cwd=ROOT,
+    one = subprocess.run([sys.executable, "-m", "saekit.concepts", *copy_store(smoke_args, single_store, "concepts*")],
+                         cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
-    _torchrun(["-m", "saekit.concepts"], _with_store(smoke_args, double_store))
+    _torchrun(["-m", "saekit.concepts"], copy_store(smoke_args, double_store, "concepts*"))
     _, meta = TopKSAE.load(single_store / "sae_model" / "topk_sae.pt")
     single, single_texts, _ = open_concepts(single_store, meta["sae_id"])
     double, double_texts, _ = open_concepts(double_store, meta["sae_id"])
@@ -89,8 +77,7 @@ def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_pat
     from saekit.train import TrainConfig, train_sae
 
     store = tmp_path / "store"
-    shutil.copytree(_store_of(smoke_args), store, ignore=shutil.ignore_patterns("models", "sae_model"))
-    args = _with_store(smoke_args, store)
+    args = copy_store(smoke_args, store, "sae_model")
 
     def stop_after_first_epoch(record):  # called before the epoch's checkpoint: epoch 1's is the last written
         if record["epoch"] == 2:
@@ -100,7 +87,7 @@ def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_pat
         train_sae(open_run(store), TrainConfig.from_settings(load_settings(args)),
                   checkpoint_path=store / "sae_model" / "checkpoint.pt", progress=False, on_epoch=stop_after_first_epoch)
     assert "resuming after epoch 1" in _torchrun(["02_train_sae.py"], args + ["--resume"]).stdout
-    uninterrupted, _ = TopKSAE.load(_store_of(smoke_args) / "sae_model" / "topk_sae.pt")
+    uninterrupted, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     resumed, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], weight, atol=1e-4, rtol=1e-4, msg=name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, copy_store
 
 MARKER_CODE = "import pathlib; pathlib.Path({path!r}).write_text('code ran')"
 
@@ -48,11 +47,8 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) ->
 @pytest.fixture()
 def store_copy(tmp_path, smoke_args):
     """A private copy of the smoke pipeline's store (stages 01-02 done), and args pointing at it."""
-    source = Path(next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--STORE_DIR=")))
     store = tmp_path / "store"
-    shutil.copytree(source, store, ignore=shutil.ignore_patterns("models"))
-    args = [a for a in smoke_args if not a.startswith("--STORE_DIR=")] + [f"--STORE_DIR={store}"]
-    return store, args
+    return store, copy_store(smoke_args, store)
 
 
 def _run_dir(store: Path) -> Path:

@@ -6,7 +6,6 @@ Slow (a stage start per kill point): `make test-all` runs it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,16 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, copy_store
 
 pytestmark = pytest.mark.slow
 
 
 def _store_args(tmp_path: Path, smoke_args: list[str]) -> tuple[Path, list[str]]:
-    source = Path(next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--STORE_DIR=")))
     store = tmp_path / "store"
-    shutil.copytree(source, store, ignore=shutil.ignore_patterns("models"))
-    return store, [a for a in smoke_args if not a.startswith("--STORE_DIR=")] + [f"--STORE_DIR={store}"]
+    return store, copy_store(smoke_args, store)
 
 
 def _command(stage: str) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
+from conftest import ROOT, copy_store
 from saekit.sae import TopKSAE
 from saekit.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
 
@@ -169,18 +169,14 @@ def test_stage_03_analyses_an_sae_from_sae_path_without_history_or_initialisatio
 
 def test_stage_04_finds_concepts_of_an_sae_from_sae_path(tmp_path, smoke_args):
     import os
-    import shutil
     import sys
 
     from saekit.exports import open_concepts
     from saekit.saelens_format import load_sae
     from saekit.settings import load_settings
 
-    source = load_settings(smoke_args).store
     store = tmp_path / "store"
-    shutil.copytree(source, store, ignore=shutil.ignore_patterns("models", "concepts*"))
-    args = [a for a in smoke_args if not a.startswith("--STORE_DIR=")] + [
-        f"--STORE_DIR={store}", f"--SAE_PATH={store / 'sae_model' / 'saelens'}"]
+    args = copy_store(smoke_args, store, "concepts*") + [f"--SAE_PATH={store / 'sae_model' / 'saelens'}"]
     proc = subprocess.run([sys.executable, "-m", "saekit.concepts", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
