@@ -368,31 +368,51 @@ def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -
                          "or pass the settings that run used.")
 
 
-def shuffled_batches(run: ActivationRun, start: int, stop: int, batch_size: int, buffer_tokens: int,
-                     rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Rows [start, stop) in random order, in batches, holding at most about `buffer_tokens` rows.
+class ShuffledRows:
+    """Rows [start, stop) of a run in batches, in a fresh random order each epoch, holding at most
+    about `buffer_tokens` rows in memory.
 
-    The range is cut into chunks read contiguously from the memory-mapped shards, in a random chunk
-    order; each buffer of chunks is shuffled row by row. When the whole range fits in the buffer
-    this is a full shuffle; beyond that, memory stays flat whatever the size of the run.
+    When the range fits in the buffer, it is read once and kept for every epoch: a full shuffle at
+    the cost of one read (re-reading the memory-mapped shards took ~0.3 s of each 5 s demo epoch).
+    Beyond that the range is cut into chunks read contiguously, in a random chunk order, and each
+    buffer of chunks is shuffled row by row, so memory stays flat whatever the size of the run.
     Batches keep the stored dtype (float16 by default); the trainer converts each to float32.
     """
-    chunk = max(batch_size, min(buffer_tokens // 16, 16384))
-    chunks = [(lo, min(stop, lo + chunk)) for lo in range(start, stop, chunk)]
-    order = rng.permutation(len(chunks))
-    carry = np.zeros((0, run.d_model), DTYPES[run.meta["dtype"]])
-    next_chunk = 0
-    while next_chunk < len(order):
-        parts, filled = [carry], len(carry)
-        while next_chunk < len(order) and filled < buffer_tokens:
-            lo, hi = chunks[order[next_chunk]]
-            parts.append(run.rows(lo, hi, dtype=carry.dtype))
-            filled += hi - lo
-            next_chunk += 1
-        buffer = np.concatenate(parts)
-        buffer = buffer[rng.permutation(len(buffer))]
-        last = next_chunk == len(order)
-        n_out = len(buffer) if last else len(buffer) // batch_size * batch_size
-        for lo in range(0, n_out, batch_size):
-            yield buffer[lo:lo + batch_size]
-        carry = buffer[n_out:]
+
+    def __init__(self, run: ActivationRun, start: int, stop: int, batch_size: int, buffer_tokens: int):
+        self.run, self.start, self.stop = run, start, stop
+        self.batch_size, self.buffer_tokens = batch_size, buffer_tokens
+        self.dtype = DTYPES[run.meta["dtype"]]
+        self._resident: np.ndarray | None = None
+
+    def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """One pass over every row; the order depends only on `rng`."""
+        if self.stop - self.start <= self.buffer_tokens:
+            if self._resident is None:
+                self._resident = self.run.rows(self.start, self.stop, dtype=self.dtype)
+            yield from self._shuffled(self._resident, rng, last=True)
+            return
+        chunk = max(self.batch_size, min(self.buffer_tokens // 16, 16384))
+        chunks = [(lo, min(self.stop, lo + chunk)) for lo in range(self.start, self.stop, chunk)]
+        order = rng.permutation(len(chunks))
+        carry = np.zeros((0, self.run.d_model), self.dtype)
+        next_chunk = 0
+        while next_chunk < len(order):
+            parts, filled = [carry], len(carry)
+            while next_chunk < len(order) and filled < self.buffer_tokens:
+                lo, hi = chunks[order[next_chunk]]
+                parts.append(self.run.rows(lo, hi, dtype=self.dtype))
+                filled += hi - lo
+                next_chunk += 1
+            carry = yield from self._shuffled(np.concatenate(parts), rng, last=next_chunk == len(order))
+
+    def _shuffled(self, buffer: np.ndarray, rng: np.random.Generator, last: bool) -> Iterator[np.ndarray]:
+        """Full batches of `buffer` in random order (every row when `last`); returns the rows left over.
+
+        Each batch is gathered on its own rather than the whole buffer permuted first: one pass over
+        memory instead of two, and no buffer-sized copy to allocate."""
+        order = rng.permutation(len(buffer))
+        n_out = len(buffer) if last else len(buffer) // self.batch_size * self.batch_size
+        for lo in range(0, n_out, self.batch_size):
+            yield buffer[order[lo:lo + self.batch_size]]
+        return buffer[order[n_out:]]

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from saekit import sae as sae_module
 from saekit.sae import SAEFileError, TopKSAE
 
 
@@ -20,7 +21,9 @@ def _dense_reference(sae, x):
     return codes @ sae.W_dec + sae.b_dec
 
 
-def test_sparse_path_equals_the_dense_definition_in_value_and_gradient():
+@pytest.mark.parametrize("sparse_kernels", [True, False], ids=["cpu-sparse-products", "gather-index-add"])
+def test_sparse_path_equals_the_dense_definition_in_value_and_gradient(sparse_kernels, monkeypatch):
+    monkeypatch.setattr(sae_module, "_sparse_kernels", lambda t: sparse_kernels)
     sae = _sae()
     x = torch.randn(64, 12)
     out = sae(x)

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import make_synthetic_run
-from saekit import train as train_module
-from saekit.store import shuffled_batches
+from saekit.store import ShuffledRows
 from saekit.settings import load_settings
 from saekit.train import TrainConfig, TrainingDiverged, evaluate, train_sae
 
@@ -38,7 +37,7 @@ def test_shuffled_batches_cover_every_row_once_and_differ_between_epochs(tmp_pat
     all_rows = run.rows(0, 2500)
     orders = []
     for epoch in range(2):
-        batches = list(shuffled_batches(run, 0, 2500, 100, 700, np.random.default_rng([0, epoch])))
+        batches = list(ShuffledRows(run, 0, 2500, 100, 700).epoch(np.random.default_rng([0, epoch])))
         seen = np.concatenate(batches)
         assert len(seen) == 2500 and all(len(b) == 100 for b in batches)
         assert np.array_equal(np.sort(seen, axis=0), np.sort(all_rows, axis=0))
@@ -57,10 +56,28 @@ def test_streaming_holds_at_most_one_buffer(tmp_path):
 
     run.rows = counting_rows
     yielded, held = 0, []
-    for batch in shuffled_batches(run, 0, 6000, 64, 1024, np.random.default_rng(0)):
+    for batch in ShuffledRows(run, 0, 6000, 64, 1024).epoch(np.random.default_rng(0)):
         yielded += len(batch)
         held.append(read["rows"] - yielded)
     assert yielded == 6000 and max(held) <= 1024 + 64 * 16
+
+
+def test_a_range_that_fits_the_buffer_is_read_once_and_reshuffled_every_epoch(tmp_path):
+    run = make_synthetic_run(tmp_path, n_tokens=3000)
+    reads = []
+    real_rows = run.rows
+
+    def counting_rows(start, stop, dtype=np.float32):
+        reads.append((start, stop))
+        return real_rows(start, stop, dtype)
+
+    run.rows = counting_rows
+    source = ShuffledRows(run, 0, 2500, 64, 4096)
+    epochs = [np.concatenate(list(source.epoch(np.random.default_rng([0, epoch])))) for epoch in range(3)]
+    assert reads == [(0, 2500)]
+    for seen in epochs:
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(real_rows(0, 2500, seen.dtype), axis=0))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(tmp_path):
@@ -93,7 +110,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
 
 def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     run = make_synthetic_run(tmp_path)
-    real = train_module.shuffled_batches
+    real = ShuffledRows.epoch
     epochs = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -104,7 +121,7 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
                 batch[0, 0] = np.nan
             yield batch
 
-    monkeypatch.setattr(train_module, "shuffled_batches", poisoned)
+    monkeypatch.setattr(ShuffledRows, "epoch", poisoned)
     ckpt = tmp_path / "d.pt"
     with pytest.raises(TrainingDiverged, match="(?s)became nan at epoch 2.*last good checkpoint \\(after epoch 1\\)"):
         train_sae(run, _cfg(), checkpoint_path=ckpt, progress=False)
