@@ -1,4 +1,4 @@
-"""Stage 02: train a TopK SAE on the activations saved by stage 01.
+"""Stage 02: train an SAE (TopK; or BatchTopK: --ARCHITECTURE=batchtopk) on the activations saved by stage 01.
 
     python 02_train_sae.py                  # settings from config.py
     python 02_train_sae.py --TOP_K=16       # any setting, per run
@@ -8,7 +8,8 @@
 Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically; the history
 names the SAE by its checksum, so a reader can tell a matched pair), and a checkpoint after every
 epoch (store/sae_model/checkpoint.pt); the SAE also in SAELens's format (store/sae_model/saelens/:
-cfg.json + sae_weights.safetensors). Every file loads without running code.
+cfg.json + sae_weights.safetensors; BatchTopK as the JumpReLU SAELens makes of it). Every file loads
+without running code.
 """
 import sys
 

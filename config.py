@@ -37,6 +37,7 @@ ACTIVATION_DTYPE = "float16"  # storage dtype of saved activations: float16 or f
 SHARD_TOKENS = 65536  # tokens per activation shard on disk
 
 # --- SAE and its training -----------------------------------------------------------------
+ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K on average over each batch (observations.md)
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
 EPOCHS = 10

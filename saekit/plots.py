@@ -31,7 +31,9 @@ def training_curves(history: Sequence[dict[str, Any]], k: int, n_latents: int, s
     axes[1].set(title="held-out R² = 1 − FVU", xlabel="epoch", ylim=(min(0, min(h["heldout_r2"] for h in history)), 1))
     axes[2].plot(epochs, [h["heldout_l0"] for h in history], "o-", color="tab:purple", label="held-out L0")
     axes[2].axhline(k, color="grey", ls="--", label=f"TOP_K = {k}")
-    axes[2].set(title="L0 (active latents per token)", xlabel="epoch", ylim=(0, k * 1.3))
+    # BatchTopK's L0 is k only on average, and off it while its threshold settles in the first epochs
+    top = max(k * 1.3, 1.05 * max(h["heldout_l0"] for h in history))
+    axes[2].set(title="L0 (active latents per token)", xlabel="epoch", ylim=(0, top))
     axes[2].legend()
     axes[3].plot(epochs, [100 * h["heldout_dead"] / n_latents for h in history], "o-", color="tab:red",
                  label="never fire on held-out")
@@ -42,11 +44,12 @@ def training_curves(history: Sequence[dict[str, Any]], k: int, n_latents: int, s
     return _finish(fig, save_to)
 
 
-def l0_distribution(l0_per_token: np.ndarray, k: int, save_to=None):
+def l0_distribution(l0_per_token: np.ndarray, k: int | None, save_to=None):
     fig, ax = plt.subplots(figsize=(6, 3.4))
     values, counts = np.unique(l0_per_token, return_counts=True)
     ax.bar(values, counts / counts.sum(), color="tab:purple")
-    ax.axvline(k, color="grey", ls="--", label=f"TOP_K = {k}")
+    if k is not None:  # a JumpReLU SAE made elsewhere has no k
+        ax.axvline(k, color="grey", ls="--", label=f"TOP_K = {k}")
     ax.set(title=f"L0 per held-out token (mean {l0_per_token.mean():.2f})", xlabel="active latents", ylabel="share of tokens")
     ax.legend()
     return _finish(fig, save_to)

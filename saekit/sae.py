@@ -1,11 +1,12 @@
-"""The TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+"""Sparse autoencoders: TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), the
+default, and BatchTopK (Bussmann et al. 2024), ARCHITECTURE = "batchtopk".
 
     z = TopK(ReLU(W_enc (x - b_dec) + b_enc))        x_hat = W_dec^T z + b_dec
 
 W_enc and W_dec are both stored [n_latents, d_in], so a latent's encoder and decoder directions
-are rows of the same index. Codes are kept sparse, as (values, indices) of the k active latents:
+are rows of the same index. Codes are kept sparse, as (values, indices) of the active latents:
 decoding sums k decoder rows (embedding_bag), and in training the gradient reaches only those k
-rows of W_enc, so a step costs one dense product (the encoder's forward) instead of five.
+rows of W_enc, so a step costs one dense product (the encoder's forward) instead of three.
 
 A saved SAE works on raw activations: the input scale used in training is folded into the biases
 (see `fold_input_scale`), decoder rows keep unit norm, and latent activations are in the units of
@@ -71,26 +72,24 @@ def _weighted_row_sums(indices: torch.Tensor, weights: torch.Tensor, table: torc
     return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
 
 
-class _TopKEncoder(torch.autograd.Function):
-    """The `width` largest pre-activations W_enc (x - b_dec) + b_enc of each row, with their latents.
+class _ChosenPreactivations(torch.autograd.Function):
+    """pre[b, indices[b, j]], where pre = (x - b_dec) W_enc^T + b_enc was computed without autograd.
 
-    The dense product picks them and gives their values; backward reaches only the chosen rows of
-    W_enc and b_enc, so a training step costs one dense product (this forward) instead of three."""
-
-    @staticmethod
-    def forward(ctx, x_centred, weight, bias, width):
-        top = torch.addmm(bias, x_centred, weight.T).topk(width, dim=-1, sorted=False)
-        ctx.save_for_backward(x_centred, weight, top.indices)
-        ctx.mark_non_differentiable(top.indices)
-        return top.values, top.indices
+    The dense product that chose the latents already holds their values; backward reaches only the
+    chosen rows of W_enc and b_enc, so a training step costs one dense product instead of three."""
 
     @staticmethod
-    def backward(ctx, grad, _grad_indices):
+    def forward(ctx, x_centred, weight, bias, pre, indices):
+        ctx.save_for_backward(x_centred, weight, indices)
+        return pre.gather(1, indices)
+
+    @staticmethod
+    def backward(ctx, grad):
         x_centred, weight, indices = ctx.saved_tensors
         grad_x = _weighted_row_sums(indices, grad, weight) if ctx.needs_input_grad[0] else None
         grad_w = _row_gradients(indices, grad, x_centred, len(weight))
         grad_b = grad.new_zeros(len(weight)).index_add_(0, indices.flatten(), grad.flatten())
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -112,9 +111,12 @@ class SAEFileError(PipelineError):
 
 
 class TopKSAE(nn.Module):
-    def __init__(self, d_in: int, n_latents: int, k: int):
+    architecture = "topk"
+    k_optional = False  # True where an SAE can work without a k (a JumpReLU SAE made elsewhere)
+
+    def __init__(self, d_in: int, n_latents: int, k: int | None):
         super().__init__()
-        if not 0 < k <= n_latents:
+        if not (k is None and self.k_optional) and not (isinstance(k, int) and 0 < k <= n_latents):
             raise ValueError(f"TOP_K must be between 1 and n_latents={n_latents}, got {k}")
         self.d_in, self.n_latents, self.k = d_in, n_latents, k
         self.W_enc = nn.Parameter(torch.zeros(n_latents, d_in))
@@ -138,8 +140,19 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k active latents of each row of x [batch, d_in] as (values, indices), each [batch, k]."""
-        values, indices = _TopKEncoder.apply(x - self.b_dec, self.W_enc, self.b_enc, self.k)
-        return F.relu(values), indices
+        x_centred, pre = self._pre_activations(x)
+        indices = pre.topk(self.k, dim=-1, sorted=False).indices
+        return F.relu(self._chosen(x_centred, pre, indices)), indices
+
+    def _pre_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x - b_dec, its pre-activations for every latent); the latter outside autograd."""
+        x_centred = x - self.b_dec
+        with torch.no_grad():
+            return x_centred, torch.addmm(self.b_enc, x_centred, self.W_enc.T)
+
+    def _chosen(self, x_centred: torch.Tensor, pre: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The pre-activations of the chosen latents, differentiable through their rows only."""
+        return _ChosenPreactivations.apply(x_centred, self.W_enc, self.b_enc, pre, indices)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the active latents' decoder rows, weighted by their values, plus b_dec."""
@@ -186,7 +199,7 @@ class TopKSAE(nn.Module):
     def save(self, path: str | Path, **metadata: Any) -> str:
         """Atomically write weights and metadata (layer, model id, run id, settings, ...) as plain
         tensors and values, with the checksum of all of it; return the SAE's id (its checksum, short)."""
-        blob = {"format": FORMAT, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+        blob = {"format": FORMAT, "architecture": self.architecture, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "metadata": metadata}
         blob["sha256"] = content_digest(blob)
         save_torch(path, blob)
@@ -194,7 +207,8 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> tuple["TopKSAE", dict[str, Any]]:
-        """(sae, metadata) from a file written by `save`; metadata["sae_id"] names these weights.
+        """(sae, metadata) from a file written by `save`, as the architecture it was trained with;
+        metadata["sae_id"] names these weights.
 
         Reads with weights_only=True, so a crafted file cannot run code; checks the content checksum."""
         path = Path(path)
@@ -207,9 +221,88 @@ class TopKSAE(nn.Module):
         expected = blob.pop("sha256", None)
         if expected != content_digest(blob):
             raise IntegrityError(f"{path} is corrupt (its content does not match its checksum). {RERUN_02}")
-        sae = cls(blob["d_in"], blob["n_latents"], blob["k"])
+        architecture = ARCHITECTURES.get(blob.get("architecture", "topk"))  # files of before BatchTopK are TopK
+        if architecture is None:
+            raise SAEFileError(f"{path} holds a {blob['architecture']!r} SAE, which this version does not know. {RERUN_02}")
+        sae = architecture(blob["d_in"], blob["n_latents"], blob["k"])
         sae.load_state_dict(blob["state_dict"])
         return sae.to(device).eval(), {**blob["metadata"], "sae_id": sae_id(expected)}
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+    In training the k x batch largest pre-activations of the whole batch are kept, so tokens share
+    a budget of k active latents on average: a token with more going on takes more. For inference
+    (eval mode) a latent is active where its pre-activation exceeds `threshold`, a JumpReLU, so a
+    token's codes do not depend on the rest of its batch. The threshold is a moving average of the
+    smallest value kept in each training batch (`_update_threshold`), as in SAELens, which saves
+    the same SAE as a JumpReLU. It is stored per latent so that a JumpReLU SAE from
+    SAELens (its own threshold per latent, no k) loads into this class too.
+
+    Inference is not differentiable (nothing in the project differentiates an SAE in eval mode).
+    """
+
+    architecture = "batchtopk"
+    k_optional = True
+    THRESHOLD_RATE = 0.01  # SAELens's topk_threshold_lr
+
+    def __init__(self, d_in: int, n_latents: int, k: int | None):
+        super().__init__(d_in, n_latents, k)
+        self.register_buffer("threshold", torch.zeros(n_latents))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.float64))  # batches averaged so far
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) [batch, width]; padded with zero values where a row has fewer active."""
+        x_centred, pre = self._pre_activations(x)
+        if not self.training:
+            with torch.no_grad():
+                codes = F.relu(pre) * (pre > self.threshold)
+                width = max(int((codes > 0).sum(1).max()) if len(codes) else 1, 1)
+                top = codes.topk(width, dim=-1, sorted=False)
+            return top.values, top.indices
+        if self.k is None:
+            raise ValueError("this BatchTopK SAE has no k, so it cannot be trained; set one")
+        with torch.no_grad():
+            indices, kept = self._batch_top(F.relu(pre), self.k * len(x))
+            self._update_threshold(pre.gather(1, indices).masked_fill(~kept, torch.inf).min())
+        return F.relu(self._chosen(x_centred, pre, indices)) * kept, indices
+
+    def _update_threshold(self, smallest_kept: torch.Tensor) -> None:
+        """Move the threshold towards the batch's smallest kept value: a running mean over the first
+        1 / THRESHOLD_RATE batches, an exponential moving average after. SAELens starts its average
+        at 0, which leaves the threshold a third short after 100 steps (L0 39 for k = 8 after the
+        demo's first epoch); the mean is right from the first batch. No value is read back to the
+        host, so a GPU is never made to wait."""
+        found = torch.isfinite(smallest_kept)  # false only when no code in the batch is positive
+        self.threshold_updates += found.to(self.threshold_updates.dtype)
+        rate = torch.clamp(1 / self.threshold_updates.clamp_min(1), min=self.THRESHOLD_RATE) * found
+        self.threshold += rate * (torch.where(found, smallest_kept, 0.0) - self.threshold)
+
+    def _batch_top(self, codes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, kept): each row's candidate latents and which of them are among the batch's
+        `budget` largest positive codes.
+
+        Candidates are a row's 4k largest codes, widened while a row keeps all of its own (it may
+        be owed more): the result is the exact batch top, at the cost of a per-row top-4k."""
+        width = min(4 * self.k, self.n_latents)
+        while True:
+            top = codes.topk(width, dim=-1, sorted=False)
+            flat = top.values.flatten()
+            kept = torch.zeros_like(flat, dtype=torch.bool)
+            kept[flat.topk(min(budget, len(flat)), sorted=False).indices] = True
+            kept = kept.view_as(top.values) & (top.values > 0)
+            if width == self.n_latents or not kept.all(1).any():
+                return top.indices, kept
+            width = min(2 * width, self.n_latents)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.threshold /= scale  # pre-activations shrink by the same factor
+
+
+ARCHITECTURES: dict[str, type[TopKSAE]] = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
 
 
 def sae_id(digest: str) -> str:

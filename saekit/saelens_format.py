@@ -1,4 +1,4 @@
-"""TopK SAEs in SAELens's on-disk format: a folder holding `cfg.json` and `sae_weights.safetensors`.
+"""SAEs in SAELens's on-disk format: a folder holding `cfg.json` and `sae_weights.safetensors`.
 
 Stage 02 writes its SAE this way too (next to topk_sae.pt), so that `sae_lens.SAE.load_from_disk`
 loads it and reconstructs exactly as this project does; stages 03-05 read such a folder through
@@ -13,6 +13,9 @@ SAELens 6 conventions this module relies on (sae_lens/saes/topk_sae.py, sae.py):
 - `rescale_acts_by_decoder_norm` multiplies the pre-activations by each decoder row's norm before
   the TopK and divides the codes by it before decoding: equivalent to scaling encoder rows up and
   decoder rows down by that norm, which `load_saelens` folds into the weights.
+- A BatchTopK SAE is saved for inference as a JumpReLU SAE (sae_lens/saes/batchtopk_sae.py):
+  architecture "jumprelu", with a `threshold` per latent; encode = ReLU(pre) where pre > threshold.
+  JumpReLU SAEs load here as BatchTopKSAE (k from the metadata where this project wrote it).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from safetensors.torch import save_file
 
 from .errors import PipelineError
 from .integrity import sha256_file
-from .sae import TopKSAE
+from .sae import BatchTopKSAE, TopKSAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -47,7 +50,8 @@ def is_saelens_folder(path: str | Path) -> bool:
 
 def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: str,
                  metadata: dict[str, Any] | None = None) -> Path:
-    """Write `sae` as a SAELens TopK SAE into `folder`, replacing what was there as one step.
+    """Write `sae` as SAELens reads it (TopK; BatchTopK as JumpReLU) into `folder`, replacing what was
+    there as one step.
 
     `metadata` (JSON values: run id, settings, ...) goes into cfg.json's "metadata" beside
     model_name and hook_name; SAELens keeps it and ignores what it does not know.
@@ -59,12 +63,17 @@ def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: s
     partial.mkdir(parents=True)
     weights = {"W_enc": sae.W_enc.detach().T, "b_enc": sae.b_enc.detach(),
                "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}
-    save_file({name: w.float().cpu().contiguous() for name, w in weights.items()}, str(partial / WEIGHTS_FILE))
     cfg = {"architecture": "topk", "d_in": sae.d_in, "d_sae": sae.n_latents, "k": sae.k,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "rescale_acts_by_decoder_norm": False, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_CONFIG_VERSION, "model_name": model_name,
                         "hook_name": hook_name, **(metadata or {})}}
+    if isinstance(sae, BatchTopKSAE):  # inference is a JumpReLU, as SAELens saves its own BatchTopK SAEs
+        weights["threshold"] = sae.threshold.detach()
+        cfg["architecture"] = "jumprelu"
+        cfg["metadata"].update(trained_architecture=sae.architecture, k=sae.k)
+        del cfg["k"], cfg["rescale_acts_by_decoder_norm"]
+    save_file({name: w.float().cpu().contiguous() for name, w in weights.items()}, str(partial / WEIGHTS_FILE))
     (partial / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
     # swap the folders so a reader sees the old pair or the new pair, never one file of each
     old = folder.with_name(folder.name + ".old")
@@ -79,9 +88,9 @@ def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: s
 
 
 def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
-    """(sae, cfg) from a SAELens folder holding a TopK SAE; cfg is cfg.json as a dict.
+    """(sae, cfg) from a SAELens folder holding a TopK or JumpReLU SAE; cfg is cfg.json as a dict.
 
-    The SAE behaves exactly as SAELens's TopKSAE with that config, on raw activations.
+    The SAE behaves exactly as SAELens's TopKSAE or JumpReLUSAE with that config, on raw activations.
     """
     folder = Path(folder)
     if not is_saelens_folder(folder):
@@ -92,20 +101,20 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
     except (OSError, ValueError) as err:
         raise SAELensFormatError(f"{folder / CFG_FILE} cannot be read as JSON: {err}") from None
     architecture = cfg.get("architecture") or ("topk" if cfg.get("activation_fn") == "topk" else "standard")
-    if architecture != "topk":
-        raise SAELensFormatError(f"{folder} holds a {architecture!r} SAE; stages 03-05 analyse TopK SAEs only "
-                                 "(architecture 'topk' in cfg.json)")
+    if architecture not in ("topk", "jumprelu"):
+        raise SAELensFormatError(f"{folder} holds a {architecture!r} SAE; stages 03-05 analyse TopK and JumpReLU "
+                                 "(BatchTopK) SAEs only (architecture 'topk' or 'jumprelu' in cfg.json)")
     normalize = cfg.get("normalize_activations", "none")
     if normalize != "none":
         raise SAELensFormatError(f"{folder} normalises its inputs at run time ({normalize!r}), which needs "
                                  "statistics the folder does not hold; only 'none' is supported")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or (cfg.get("metadata") or {}).get("k")
     try:
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as f:
             weights = {name: f.get_tensor(name).float() for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
         raise SAELensFormatError(f"{folder / WEIGHTS_FILE} is not a readable safetensors file: {err}") from None
-    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(weights)
+    missing = ({"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if architecture == "jumprelu" else set())) - set(weights)
     if missing:
         raise SAELensFormatError(f"{folder / WEIGHTS_FILE} lacks {', '.join(sorted(missing))}")
 
@@ -114,17 +123,21 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
     if W_dec.shape != (d_sae, d_in) or b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
         raise SAELensFormatError(f"{folder}: weight shapes W_enc {tuple(W_enc.shape)}, W_dec {tuple(W_dec.shape)}, "
                                  f"b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)} do not fit together")
-    if cfg.get("rescale_acts_by_decoder_norm", False):
+    if architecture == "jumprelu" and weights["threshold"].shape != (d_sae,):
+        raise SAELensFormatError(f"{folder}: threshold has shape {tuple(weights['threshold'].shape)}, not ({d_sae},)")
+    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):  # a TopK option only
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     if not cfg.get("apply_b_dec_to_input", True):
         # x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc): the same codes from centred inputs
         b_enc = b_enc + b_dec @ W_enc
-    if not isinstance(k, int) or not 0 < k <= d_sae:
+    if not (k is None and architecture == "jumprelu") and not (isinstance(k, int) and 0 < k <= d_sae):
         raise SAELensFormatError(f"{folder / CFG_FILE}: k must be an integer in 1..{d_sae}, got {k!r}")
 
-    sae = TopKSAE(d_in, d_sae, k)
+    sae = TopKSAE(d_in, d_sae, k) if architecture == "topk" else BatchTopKSAE(d_in, d_sae, k)
     with torch.no_grad():
+        if architecture == "jumprelu":
+            sae.threshold.copy_(weights["threshold"])
         sae.W_enc.copy_(W_enc.T)
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec)

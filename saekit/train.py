@@ -1,5 +1,5 @@
-"""Training a TopK SAE on stored activations: the recipe of Gao et al. (2024), as EleutherAI's
-sparsify and OpenAI's sparse_autoencoder run it.
+"""Training an SAE (TopK, or BatchTopK with ARCHITECTURE = "batchtopk") on stored activations: the
+recipe of Gao et al. (2024), as EleutherAI's sparsify and OpenAI's sparse_autoencoder run it.
 
 Recipe, and where each piece comes from:
 - Inputs scaled to unit mean squared norm, so one learning rate suits any layer or model
@@ -37,7 +37,7 @@ from .distributed import World, all_reduce_, share
 from .errors import PipelineError
 from .integrity import IntegrityError, content_digest
 from .metrics import ReconstructionStats
-from .sae import TopKSAE, load_plain
+from .sae import ARCHITECTURES, TopKSAE, load_plain
 from .store import ActivationRun, ShuffledRows
 
 
@@ -59,6 +59,7 @@ def _any_rank(flag: torch.Tensor, world: World) -> bool:
 class TrainConfig:
     """The training settings of config.py (TrainConfig.from_settings), in the trainer's own names."""
 
+    architecture: str
     n_latents_multiplier: int
     k: int
     epochs: int
@@ -77,7 +78,7 @@ class TrainConfig:
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
-        return cls(s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE, s.WARMUP_STEPS,
+        return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE, s.WARMUP_STEPS,
                    s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
                    s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED)
 
@@ -207,7 +208,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
 
     sample = training_sample(run, heldout_start)
     scale = float(1 / sample.pow(2).sum(1).mean().sqrt())
-    sae = TopKSAE(d, n_latents, cfg.k)
+    sae = ARCHITECTURES[cfg.architecture](d, n_latents, cfg.k)
     sae.init_weights(geometric_median(sample * scale), torch.Generator().manual_seed(cfg.seed))
     init = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone()}
     sae.to(device).train()

@@ -71,6 +71,7 @@ def _flip(path: Path, offset: int, count: int) -> None:
     ("02_train_sae.py", "--TOP_K=100000", "TOP_K=100000 must be at most the number of latents"),
     ("02_train_sae.py", "--LR=nan", "LR=nan must be a finite number"),
     ("02_train_sae.py", "--DEVICE=tpu", "DEVICE='tpu' must be auto, cpu, cuda, cuda:N or mps"),
+    ("02_train_sae.py", "--ARCHITECTURE='jumprelu'", "ARCHITECTURE='jumprelu' must be one of 'topk', 'batchtopk'"),
     ("01_save_activations.py", "--MAX_LENGTH=0", "MAX_LENGTH=0 must be at least 2"),
     ("01_save_activations.py", "--ACTIVATION_DTYPE='int8'", "ACTIVATION_DTYPE='int8' must be one of"),
 ])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from saekit import sae as sae_module
-from saekit.sae import SAEFileError, TopKSAE
+from saekit.sae import BatchTopKSAE, SAEFileError, TopKSAE
 
 
 def _sae(d=12, n=40, k=5, seed=0):
@@ -91,3 +91,66 @@ def test_load_errors_say_what_to_run(tmp_path):
 def test_k_out_of_range():
     with pytest.raises(ValueError, match="TOP_K must be between 1 and n_latents"):
         TopKSAE(4, 8, 9)
+
+
+def _batchtopk(d=12, n=40, k=3, seed=0):
+    torch.manual_seed(seed)
+    sae = BatchTopKSAE(d, n, k)
+    sae.init_weights(torch.randn(d) * 0.1, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+def test_batchtopk_trains_on_the_batch_top_k_times_batch_and_matches_its_dense_definition():
+    sae, ref_sae = _batchtopk(), _batchtopk()
+    x = torch.randn(64, 12)
+    x[0] *= 30  # an outlier token (as BOS often is) is owed more latents than its first 4k candidates
+    values, indices = sae.train().encode(x)
+    assert int((values > 0).sum()) == 3 * 64  # k per token on average: the batch's budget, not each row's
+    assert int((values[0] > 0).sum()) > 4 * 3 and len(set((values > 0).sum(1).tolist())) > 2
+    out = sae.decode(values, indices)
+    pre = ref_sae.pre_activations(x).flatten()  # ReLU'd pre-activations of every latent
+    kept = torch.zeros_like(pre).scatter(0, pre.topk(3 * 64).indices, 1.0)
+    ref = (pre * kept).view(64, 40) @ ref_sae.W_dec + ref_sae.b_dec
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.pow(2).sum().backward()
+    ref.pow(2).sum().backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(ref_sae, name).grad, rtol=1e-4, atol=1e-5)
+    # the threshold starts at the first batch's smallest kept value, then averages the batches' values
+    first = float(values.detach()[values > 0].min())
+    torch.testing.assert_close(sae.threshold, torch.full((40,), first))
+    with torch.no_grad():
+        second_values, _ = sae.encode(torch.randn(64, 12))
+    second = float(second_values[second_values > 0].min())
+    torch.testing.assert_close(sae.threshold, torch.full((40,), (first + second) / 2))
+
+
+def test_batchtopk_inference_is_a_jumprelu_at_its_threshold():
+    sae = _batchtopk().eval()
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(0.0, 0.4, 40))  # per latent, as a SAELens JumpReLU may have
+        x = torch.randn(50, 12)
+        pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+        codes = pre.relu() * (pre > sae.threshold)
+        torch.testing.assert_close(sae.dense_codes(x), codes)
+        torch.testing.assert_close(sae(x), codes @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+        values, _ = sae.encode(x)
+        assert values.shape[1] == int((codes > 0).sum(1).max())  # as wide as the busiest token
+        # the input scale folds into the threshold too
+        expected = sae(x * 0.25) / 0.25
+        sae.fold_input_scale(0.25)
+        torch.testing.assert_close(sae(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reloaded_batchtopk_sae_keeps_its_architecture_and_threshold(tmp_path):
+    sae = _batchtopk().eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    sae.save(tmp_path / "sae.pt", layer_signature="L", model_id="m")
+    loaded, _ = TopKSAE.load(tmp_path / "sae.pt")
+    x = torch.randn(20, 12)
+    assert type(loaded) is BatchTopKSAE and loaded.k == 3 and torch.equal(loaded.threshold, sae.threshold)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sae(x))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, copy_store
-from saekit.sae import TopKSAE
+from saekit.sae import BatchTopKSAE, TopKSAE
 from saekit.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
 
 SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
@@ -24,6 +24,15 @@ def _trained_looking_sae(d=12, n=40, k=5, seed=0) -> TopKSAE:
         sae.b_enc.copy_(torch.randn(n, generator=g) * 0.3)
         sae.b_dec.copy_(torch.randn(d, generator=g))
     return sae.eval()
+
+
+def _as_batchtopk(sae: TopKSAE) -> BatchTopKSAE:
+    """The same weights as a BatchTopK SAE, with a different threshold for each latent."""
+    batchtopk = BatchTopKSAE(sae.d_in, sae.n_latents, sae.k)
+    batchtopk.load_state_dict(sae.state_dict(), strict=False)
+    with torch.no_grad():
+        batchtopk.threshold.copy_(torch.linspace(0.1, 1.0, sae.n_latents))
+    return batchtopk.eval()
 
 
 def _saelens_reference(cfg: dict, weights: dict, x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +65,26 @@ def test_export_and_load_reproduce_the_reconstruction(tmp_path):
         assert torch.equal(loaded(x), expected) and loaded_cfg == cfg
 
 
+def test_a_batchtopk_sae_is_exported_as_a_jumprelu_and_loads_back_as_one(tmp_path):
+    sae = _trained_looking_sae()
+    batchtopk = _as_batchtopk(sae)
+    folder = save_saelens(batchtopk, tmp_path / "s", "m", "h")
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    weights = load_file(folder / WEIGHTS_FILE)
+    assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["k"] == 5 and "k" not in cfg
+    x = torch.randn(64, 12)
+    pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]  # SAELens's JumpReLU, written out
+    expected = (pre.relu() * (pre > weights["threshold"])) @ weights["W_dec"] + weights["b_dec"]
+    loaded, _ = load_saelens(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), batchtopk(x), rtol=1e-5, atol=1e-5)
+    assert type(loaded) is BatchTopKSAE and loaded.k == 5
+    del cfg["metadata"]["k"]  # a JumpReLU SAE from elsewhere has no k
+    (folder / CFG_FILE).write_text(json.dumps(cfg))
+    assert load_saelens(folder)[0].k is None
+
+
 def test_saving_again_replaces_the_folder_whole(tmp_path):
     save_saelens(_trained_looking_sae(seed=0), tmp_path / "saelens", "m", "h")
     second = _trained_looking_sae(seed=1)
@@ -85,8 +114,11 @@ def test_what_it_cannot_read_is_refused_with_a_reason(tmp_path):
         load_saelens(tmp_path)
     folder = save_saelens(_trained_looking_sae(), tmp_path / "s", "m", "h")
     cfg = json.loads((folder / CFG_FILE).read_text())
+    (folder / CFG_FILE).write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(SAELensFormatError, match="TopK and JumpReLU \\(BatchTopK\\) SAEs only"):
+        load_saelens(folder)
     (folder / CFG_FILE).write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(SAELensFormatError, match="TopK SAEs only"):
+    with pytest.raises(SAELensFormatError, match="lacks threshold"):
         load_saelens(folder)
     (folder / CFG_FILE).write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
     with pytest.raises(SAELensFormatError, match="normalises its inputs"):
@@ -99,10 +131,12 @@ def test_what_it_cannot_read_is_refused_with_a_reason(tmp_path):
 
 @pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="SAELens venv absent: make bench-peers creates it")
 def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
-    """Both directions, in SAELens itself: SAE.load_from_disk on our export reconstructs as we do,
-    and a TopK SAE that SAELens saves (decoder-norm rescaling on) loads here with its reconstruction."""
+    """Both directions, in SAELens itself: SAE.load_from_disk on our exports (TopK, and BatchTopK as a
+    JumpReLU) reconstructs as we do, and a TopK SAE that SAELens saves (decoder-norm rescaling on) loads here with its reconstruction."""
     sae = _trained_looking_sae()
     save_saelens(sae, tmp_path / "ours", "m", "h")
+    batchtopk = _as_batchtopk(sae)
+    save_saelens(batchtopk, tmp_path / "ours_batchtopk", "m", "h")
     x = torch.randn(256, 12)
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     script = textwrap.dedent(f"""
@@ -112,6 +146,7 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
         from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
         x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
         ours = SAE.load_from_disk({str(tmp_path / "ours")!r})
+        ours_batchtopk = SAE.load_from_disk({str(tmp_path / "ours_batchtopk")!r})
         torch.manual_seed(0)
         theirs = TopKSAE(TopKSAEConfig(d_in=12, d_sae=40, k=5, rescale_acts_by_decoder_norm=True))
         with torch.no_grad():
@@ -119,15 +154,17 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
                 p.normal_()
             theirs.W_dec.mul_(2.5)
             theirs.save_model({str(tmp_path / "theirs")!r})
-            save_file({{"ours": ours(x), "theirs": theirs(x)}}, {str(tmp_path / "out.safetensors")!r})
-        print(type(ours).__name__)
+            save_file({{"ours": ours(x), "theirs": theirs(x), "ours_batchtopk": ours_batchtopk(x)}},
+                      {str(tmp_path / "out.safetensors")!r})
+        print(type(ours_batchtopk).__name__, type(ours).__name__)
     """)
     proc = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "TopKSAE"
+    assert proc.stdout.split()[-2:] == ["JumpReLUSAE", "TopKSAE"]
     out = load_file(tmp_path / "out.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(out["ours"], sae(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["ours_batchtopk"], batchtopk(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(load_saelens(tmp_path / "theirs")[0](x), out["theirs"], rtol=1e-4, atol=1e-4)
 
 

@@ -32,6 +32,14 @@ def test_trains_on_sparse_synthetic_data(tmp_path):
     assert not torch.equal(record["init"]["W_enc"], sae.W_enc.detach())
 
 
+def test_batchtopk_trains_and_its_threshold_gives_about_k_latents_at_inference(tmp_path):
+    run = make_synthetic_run(tmp_path)
+    sae, record = train_sae(run, _cfg(epochs=8, architecture="batchtopk"), progress=False)
+    last = record["history"][-1]
+    assert type(sae).__name__ == "BatchTopKSAE" and float(sae.threshold.min()) > 0
+    assert last["heldout_fvu"] < 0.2 and abs(last["heldout_l0"] - 3) < 0.3 * 3
+
+
 def test_shuffled_batches_cover_every_row_once_and_differ_between_epochs(tmp_path):
     run = make_synthetic_run(tmp_path, n_tokens=3000)
     all_rows = run.rows(0, 2500)

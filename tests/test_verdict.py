@@ -102,3 +102,16 @@ def test_frontier_position_names_the_best_of_each_trainer_near_this_l0(tmp_path)
     text = verdict.frontier_position(points, 7.99, 0.035)
     assert "saekit 0.0340, sparsify TopK, defaults 0.0710" in text and "L0 8" in text
     assert "No frontier" in verdict.frontier_position([], 8, 0.03)
+
+
+def test_batchtopk_may_miss_k_a_little_and_an_sae_without_k_skips_the_l0_check():
+    settings = load_settings([])
+    heldout = {"l0": 8.4, "dead_fraction": 0.01, "fvu": 0.27}
+    topk = {c["check"]: c["result"] for c in verdict.checks(settings, 8, heldout, None, SOUND_SPLICE)}
+    batchtopk = {c["check"]: c["result"] for c in verdict.checks(settings, 8, heldout, None, SOUND_SPLICE, "batchtopk")}
+    assert topk["L0 equals TOP_K"] == "FAIL" and batchtopk["mean L0 near TOP_K"] == "PASS"
+    far = {**heldout, "l0": 12.0}
+    assert {c["check"]: c["result"] for c in verdict.checks(settings, 8, far, None, SOUND_SPLICE, "batchtopk")}[
+        "mean L0 near TOP_K"] == "FAIL"
+    no_k = {c["check"] for c in verdict.checks(settings, None, heldout, None, SOUND_SPLICE, "batchtopk")}
+    assert not any("L0" in name for name in no_k) and "held-out FVU" in no_k
