@@ -3,7 +3,7 @@ stage 02 trains on, every SAE scored by the project's metrics on the same held-o
 
     make bench-peers                                  # venvs, activations if missing, then this
     .venv/bin/python bench/bench_peers.py             # the k = 8 comparison (~25 min on 2 quiet cores)
-    .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the best peer
+    .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the two best peers
     .venv/bin/python bench/bench_peers.py --EPOCHS=1 --eval-texts=8   # a quick check that every trainer runs
 
 Each trainer runs in its own process (its own venv: bench/.venv-saelens, bench/.venv-sparsify), one
@@ -15,9 +15,9 @@ defaults, and at settings matched to this run's size where the library exposes t
 and dead window as stage 02 (SAELens: lr, dead_feature_window; sparsify: AuxK 1/32 and
 dead_feature_threshold, its sign-SGD LR being on another scale than Adam's).
 
-Every trainer writes its SAE in SAELens's format; TopK ones are read by saekit.saelens_format,
-BatchTopK (saved by SAELens as JumpReLU with the learned threshold) by a JumpReLU scorer below. Each
-scorer is checked against the library's own reconstruction of 512 rows (scorer_max_error).
+Every trainer writes its SAE in SAELens's format, read back by saekit.saelens_format (TopK, and
+BatchTopK as the JumpReLU with the learned threshold that SAELens saves). Each loaded SAE is checked
+against the library's own reconstruction of 512 rows (scorer_max_error).
 Writes bench/results/bench_peers.json with the exact settings of every trainer.
 """
 import json
@@ -36,9 +36,9 @@ from common import ROOT, save_result, table
 
 from saekit.analysis import mean_training_activation
 from saekit.data import load_role_texts
-from saekit.metrics import ReconstructionStats, splice_metrics
+from saekit.metrics import splice_metrics
 from saekit.models import load_model, resolve_layer
-from saekit.saelens_format import CFG_FILE, WEIGHTS_FILE, load_saelens
+from saekit.saelens_format import load_saelens
 from saekit.settings import load_settings
 from saekit.store import open_run
 from saekit.train import evaluate, scaled_lr
@@ -50,42 +50,6 @@ SCRIPTS = {name: ROOT / "bench" / "peers" / f"{name}_train.py" for name in PYTHO
 FRONTIER_K = [16, 32, 64]
 COLUMNS = ["trainer", "k", "heldout_fvu", "l0", "dead_pct", "delta_ce", "recovered_vs_mean", "train_seconds",
            "tokens_per_s", "load_before"]
-
-
-class JumpReLUScorer(torch.nn.Module):
-    """SAELens's JumpReLU inference: codes = ReLU(pre) where pre > threshold (what BatchTopK becomes)."""
-
-    def __init__(self, folder: Path):
-        super().__init__()
-        cfg = json.loads((folder / CFG_FILE).read_text())
-        self.w = load_file(folder / WEIGHTS_FILE)
-        self.apply_b_dec = cfg.get("apply_b_dec_to_input", True)
-        self.n_latents = cfg["d_sae"]
-
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x - self.w["b_dec"] * self.apply_b_dec) @ self.w["W_enc"] + self.w["b_enc"]
-        return pre.relu() * (pre > self.w["threshold"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.codes(x) @ self.w["W_dec"] + self.w["b_dec"]
-
-
-def load_scorer(folder: Path):
-    architecture = json.loads((folder / CFG_FILE).read_text())["architecture"]
-    return load_saelens(folder)[0] if architecture == "topk" else JumpReLUScorer(folder)
-
-
-@torch.no_grad()
-def heldout_summary(scorer, run, heldout_start: int) -> dict:
-    if not isinstance(scorer, JumpReLUScorer):
-        return evaluate(scorer, run, heldout_start, run.n_tokens).summary()
-    stats = ReconstructionStats(scorer.n_latents)
-    for chunk in run.iter_rows(heldout_start, run.n_tokens, 4096):
-        x = torch.from_numpy(chunk)
-        codes = scorer.codes(x)
-        stats.update(x, codes @ scorer.w["W_dec"] + scorer.w["b_dec"], codes,
-                     torch.arange(scorer.n_latents).expand_as(codes))
-    return stats.summary()
 
 
 def train(trainer: str, spec: dict) -> dict:
@@ -121,6 +85,7 @@ def configurations(k: int) -> list[tuple[str, str, dict]]:
     """(name, trainer, spec extras) at TopK k; peers at defaults and at this run's size."""
     return [
         ("saekit", "saekit", {"overrides": args + [f"--TOP_K={k}"]}),
+        ("saekit BatchTopK", "saekit", {"overrides": args + [f"--TOP_K={k}", "--ARCHITECTURE=batchtopk"]}),
         ("SAELens TopK, defaults", "saelens", {"architecture": "topk"}),
         (f"SAELens TopK, {matched}", "saelens", {"architecture": "topk", "lr": lr, "dead_feature_window": window_steps}),
         ("SAELens BatchTopK, defaults", "saelens", {"architecture": "batchtopk"}),
@@ -143,13 +108,13 @@ with tempfile.TemporaryDirectory() as tmp:
                 "batch": settings.BATCH_SIZE_TRAIN, "seed": settings.SEED, **extras}
         load_before = os.getloadavg()[0]
         trained = train(trainer, spec)
-        scorer = load_scorer(out)
+        scorer = load_saelens(out)[0]  # TopK, or JumpReLU (what BatchTopK is saved as)
         scorer_error = None
         if (out / "check.safetensors").exists():  # the library's own reconstruction of 512 rows
             check = load_file(out / "check.safetensors")
             with torch.no_grad():
                 scorer_error = float((scorer(check["x"]) - check["x_hat"]).abs().max())
-        heldout = heldout_summary(scorer, run, heldout_start)
+        heldout = evaluate(scorer, run, heldout_start, run.n_tokens).summary()
         splice = splice_metrics(model, tokenizer, layer, texts, scorer, mean, settings.MAX_LENGTH,
                                 batch_size=settings.BATCH_SIZE_SAVE, progress=False)
         row = {"trainer": name, "library": trainer, "k": k, "heldout_fvu": heldout["fvu"], "l0": heldout["l0"],
@@ -164,12 +129,11 @@ with tempfile.TemporaryDirectory() as tmp:
 
     for name, trainer, extras in configurations(k):
         rows.append(measure(name, trainer, extras, k))
-    if frontier:
-        peers = [r for r in rows if r["library"] != "saekit"]
-        best = min(peers, key=lambda r: r["delta_ce"])
-        best_config = next(c for c in configurations(k) if c[0] == best["trainer"])
+    if frontier:  # at the other k: this project's two architectures and the two peers best at k
+        best_peers = sorted((r for r in rows if r["library"] != "saekit"), key=lambda r: r["delta_ce"])[:2]
         for frontier_k in FRONTIER_K:
-            for name, trainer, extras in [configurations(frontier_k)[0], best_config]:
+            configs = configurations(frontier_k)
+            for name, trainer, extras in configs[:2] + [c for c in configs if c[0] in {r["trainer"] for r in best_peers}]:
                 rows.append(measure(name, trainer, extras, frontier_k))
 
 print(table(rows, COLUMNS))
@@ -177,6 +141,12 @@ ours = rows[0]
 fastest_peer = max((r for r in rows if r["library"] != "saekit" and r["k"] == k), key=lambda r: r["tokens_per_s"])
 print(f"stage 02 tokens/s vs the fastest peer ({fastest_peer['trainer']}): "
       f"{ours['tokens_per_s'] / fastest_peer['tokens_per_s']:.2f}x")
+for row_k in sorted({r["k"] for r in rows}):
+    at_k = [r for r in rows if r["k"] == row_k]
+    best_ours = min((r for r in at_k if r["library"] == "saekit"), key=lambda r: r["delta_ce"])
+    best_peer = min((r for r in at_k if r["library"] != "saekit"), key=lambda r: r["delta_ce"])
+    print(f"k = {row_k}: best here {best_ours['trainer']} ΔCE {best_ours['delta_ce']:.4f} at L0 {best_ours['l0']:.2f}; "
+          f"best peer {best_peer['trainer']} {best_peer['delta_ce']:.4f} at L0 {best_peer['l0']:.2f}")
 path = save_result("bench_peers", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
                    {"run_id": run.run_id, "train_tokens": heldout_start, "heldout_tokens": run.n_tokens - heldout_start,
                     "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
