@@ -56,7 +56,7 @@ SEED = 0
 STORE_DIR = "store"  # every artifact lives here
 
 # --- which SAE stages 03-05 analyse ---------------------------------------------------------
-SAE_PATH = ""  # "" = stage 02's SAE; or a folder in SAELens's format (cfg.json + sae_weights.safetensors, TopK)
+SAE_PATH = ""  # "" = stage 02's SAE; or a folder in SAELens's format (cfg.json + sae_weights.safetensors; TopK or JumpReLU)
 
 # --- analysis (stage 03): the verdict's thresholds -----------------------------------------
 # "Did training work?", calibrated on the demo's activations with SAEs known to be broken (the

@@ -5,6 +5,7 @@ stage 02 trains on, every SAE scored by the project's metrics on the same held-o
     .venv/bin/python bench/bench_peers.py             # the k = 8 comparison (~25 min on 2 quiet cores)
     .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the two best peers
     .venv/bin/python bench/bench_peers.py --EPOCHS=1 --eval-texts=8   # a quick check that every trainer runs
+    .venv/bin/python bench/bench_peers.py --speed=3   # stage 02 vs sparsify's speed only, alternately, 3 times each
 
 Each trainer runs in its own process (its own venv: bench/.venv-saelens, bench/.venv-sparsify), one
 after another, so each is timed alone; only the library's training call is timed (this project's:
@@ -65,7 +66,8 @@ def train(trainer: str, spec: dict) -> dict:
 
 frontier = "--frontier" in sys.argv
 eval_texts = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--eval-texts=")), EVAL_TEXTS)
-args = [a for a in sys.argv[1:] if a != "--frontier" and not a.startswith("--eval-texts=")]
+speed_repeats = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--speed=")), 0)
+args = [a for a in sys.argv[1:] if a != "--frontier" and not a.startswith(("--eval-texts=", "--speed="))]
 settings = load_settings(args)
 run = open_run(settings.store)
 heldout_start = run.heldout_start(settings.HELDOUT_FRACTION)
@@ -102,10 +104,32 @@ with tempfile.TemporaryDirectory() as tmp:
     rows_file = Path(tmp) / "rows.npy"
     np.save(rows_file, run.rows(0, heldout_start))  # exactly stage 02's training rows, as stored
 
+    def spec_for(extras: dict, k: int, out: Path) -> dict:
+        return {"rows": str(rows_file), "out": str(out), "k": k, "d_sae": n_latents, "epochs": settings.EPOCHS,
+                "batch": settings.BATCH_SIZE_TRAIN, "seed": settings.SEED, **extras}
+
+    if speed_repeats:  # stage 02 and the fastest peer only, alternately, each timed alone
+        timings = []
+        for repeat in range(speed_repeats):
+            for name, trainer, extras in [c for c in configurations(k) if c[0] in ("saekit", "sparsify TopK, defaults")]:
+                load_before = os.getloadavg()[0]
+                trained = train(trainer, spec_for(extras, k, Path(tmp) / f"speed{len(timings)}"))
+                timings.append({"trainer": name, "repeat": repeat, "train_seconds": trained["train_seconds"],
+                                "tokens_per_s": trained["tokens"] / trained["train_seconds"], "load_before": load_before})
+                print(table(timings[-1:], ["trainer", "repeat", "train_seconds", "tokens_per_s", "load_before"]), flush=True)
+        median = {name: float(np.median([t["tokens_per_s"] for t in timings if t["trainer"] == name]))
+                  for name in ("saekit", "sparsify TopK, defaults")}
+        ratio = median["saekit"] / median["sparsify TopK, defaults"]
+        print(f"stage 02 tokens/s vs sparsify at its defaults, medians of {speed_repeats}: {ratio:.3f}x")
+        path = save_result("bench_peers_speed", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
+                           {"run_id": run.run_id, "train_tokens": heldout_start, "epochs": settings.EPOCHS, "k": k,
+                            "median_tokens_per_s": median, "ratio": ratio, "timings": timings})
+        print(f"wrote {path}")
+        sys.exit(0)
+
     def measure(name: str, trainer: str, extras: dict, k: int) -> dict:
         out = Path(tmp) / f"sae{len(rows)}"
-        spec = {"rows": str(rows_file), "out": str(out), "k": k, "d_sae": n_latents, "epochs": settings.EPOCHS,
-                "batch": settings.BATCH_SIZE_TRAIN, "seed": settings.SEED, **extras}
+        spec = spec_for(extras, k, out)
         load_before = os.getloadavg()[0]
         trained = train(trainer, spec)
         scorer = load_saelens(out)[0]  # TopK, or JumpReLU (what BatchTopK is saved as)

@@ -7,9 +7,9 @@ initialisation, and CE with it spliced into the model, on the first EVAL_TEXTS e
 
     broken:  the untrained initialisation; the SAE after one pass over a tenth of the training
              documents (12 steps, still in warmup); the seed's mi_crow recipe (96% dead)
-    working: the default run (TopK 8); TopK 32
+    working: the default run (TopK 8); TopK 32; BatchTopK 8
 
-    .venv/bin/python bench/verdict_calibration.py                # ~15 minutes on 2 quiet cores
+    .venv/bin/python bench/verdict_calibration.py                # ~6 minutes on 2 quiet cores
     .venv/bin/python bench/verdict_calibration.py --with-mi-crow # and mi_crow's recipe (+10 minutes)
 
 mi_crow's SaeTrainer takes batches of 32 (3,566 steps an epoch): its training is left out unless
@@ -92,6 +92,7 @@ CASES = [
      ours(["--EPOCHS=1", "--HELDOUT_FRACTION=0.91"]), []),
     ("default (TopK 8)", "PASS", ours([]), []),
     ("TopK 32", "PASS", ours(["--TOP_K=32"]), ["--TOP_K=32"]),
+    ("BatchTopK 8", "PASS", ours(["--ARCHITECTURE=batchtopk"]), ["--ARCHITECTURE=batchtopk"]),
 ]
 command = "python bench/verdict_calibration.py " + " ".join(sys.argv[1:])
 if "--with-mi-crow" in sys.argv:
@@ -120,9 +121,10 @@ for name, expected, build, overrides in CASES:
     splice = splice_metrics(model, tokenizer, layer, texts.texts, reconstruct, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=False)
     splice["eval_texts_in_training"] = eval_texts_in_training
-    check_rows = verdict.checks(settings, settings.TOP_K, heldout, weights, splice)
+    check_rows = verdict.checks(settings, settings.TOP_K, heldout, weights, splice, settings.ARCHITECTURE)
     got = "PASS" if verdict.passed(check_rows) else "FAIL"
     row = {"sae": name, "expected": expected, "verdict": got, "as_expected": got == expected, "k": settings.TOP_K,
+           "architecture": settings.ARCHITECTURE,
            "train_seconds": seconds, "heldout": heldout, "weights": weights, "splice": splice, "checks": check_rows,
            "fvu": heldout["fvu"], "dead_pct": 100 * heldout["dead_fraction"], "l0": heldout["l0"],
            "delta_ce": splice["delta_ce"], "recovered_vs_mean": splice["ce_recovered_vs_mean"],

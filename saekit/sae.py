@@ -272,8 +272,8 @@ class BatchTopKSAE(TopKSAE):
         """Move the threshold towards the batch's smallest kept value: a running mean over the first
         1 / THRESHOLD_RATE batches, an exponential moving average after. SAELens starts its average
         at 0, which leaves the threshold a third short after 100 steps (L0 39 for k = 8 after the
-        demo's first epoch); the mean is right from the first batch. No value is read back to the
-        host, so a GPU is never made to wait."""
+        demo's first epoch); the mean is right from the first batch. Nothing here is read back to
+        the host."""
         found = torch.isfinite(smallest_kept)  # false only when no code in the batch is positive
         self.threshold_updates += found.to(self.threshold_updates.dtype)
         rate = torch.clamp(1 / self.threshold_updates.clamp_min(1), min=self.THRESHOLD_RATE) * found
@@ -284,7 +284,10 @@ class BatchTopKSAE(TopKSAE):
         `budget` largest positive codes.
 
         Candidates are a row's 4k largest codes, widened while a row keeps all of its own (it may
-        be owed more): the result is the exact batch top, at the cost of a per-row top-4k."""
+        be owed more): the result is the exact batch top, at the cost of a per-row top-4k and, on
+        a GPU, one flag read back a step. On the demo's activations no batch needed widening; on
+        bench_devices' synthetic ones early batches widened to 256-512, as a few tokens took most of
+        the budget."""
         width = min(4 * self.k, self.n_latents)
         while True:
             top = codes.topk(width, dim=-1, sorted=False)

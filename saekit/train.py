@@ -112,12 +112,13 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: t
 
     Only the dead latents' rows enter the products, so this costs little once few are dead.
     """
-    k_aux = min(k_aux, len(dead_idx))
     # index_select, not W[dead_idx]: its backward is an index_add, not a sorting index_put
     pre = torch.addmm(sae.b_enc.index_select(0, dead_idx), x - sae.b_dec.detach(), sae.W_enc.index_select(0, dead_idx).T)
-    top = pre.topk(k_aux, dim=-1, sorted=False)
-    # k_aux is close to the dead count, so a dense product over the dead rows is the cheap way
-    codes = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
+    if k_aux >= len(dead_idx):  # every dead latent takes part (usual once training settles): no top-k to take
+        codes = F.relu(pre)
+    else:  # k_aux is close to the dead count, so dense codes over the dead rows are the cheap way
+        top = pre.topk(k_aux, dim=-1, sorted=False)
+        codes = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
     recon = codes @ sae.W_dec.index_select(0, dead_idx)
     return ((recon - residual) ** 2).sum() / total_variance
 

@@ -220,3 +220,27 @@ def test_stage_04_finds_concepts_of_an_sae_from_sae_path(tmp_path, smoke_args):
     _, meta = load_sae(load_settings(args))
     concepts, _, _ = open_concepts(store, meta["sae_id"])  # the set names the SAE_PATH SAE, not stage 02's
     assert concepts["meta"]["sae_id"] == meta["sae_id"] and concepts["latents"]
+
+
+def test_stage_03_analyses_a_jumprelu_sae_without_k_from_sae_path(tmp_path, smoke_args):
+    """A JumpReLU SAE from elsewhere (SAELens's BatchTopK, Gemma Scope) has thresholds and no k: stage 03
+    measures it, plots its L0 and judges it without the L0 check."""
+    from saekit import analysis, plots, verdict
+    from saekit.settings import load_settings
+
+    settings = load_settings(smoke_args)
+    own = analysis.load_trained_sae(settings)
+    jumprelu = BatchTopKSAE(own.sae.d_in, own.sae.n_latents, None)
+    jumprelu.load_state_dict(own.sae.state_dict(), strict=False)
+    with torch.no_grad():
+        jumprelu.threshold.fill_(float(own.sae.b_enc.abs().mean()))
+    folder = save_saelens(jumprelu.eval(), tmp_path / "jumprelu", settings.MODEL_ID, settings.LAYER_SIGNATURE)
+    other = analysis.load_trained_sae(load_settings(smoke_args + [f"--SAE_PATH={folder}"]))
+    assert type(other.sae) is BatchTopKSAE and other.sae.k is None and other.history is None
+    heldout = analysis.heldout_tokens(other)
+    assert heldout["summary"]["l0"] > 0 and heldout["l0_per_token"].max() > heldout["l0_per_token"].min()
+    plots.l0_distribution(heldout["l0_per_token"], other.sae.k)
+    splice = {"eval_texts_in_training": 0, "delta_ce": 0.03, "ce_recovered_vs_mean": 0.8}
+    names = [c["check"] for c in verdict.checks(settings, other.sae.k, heldout["summary"], None, splice,
+                                                 other.sae.architecture)]
+    assert "held-out FVU" in names and not any("L0" in name for name in names)

@@ -17,7 +17,7 @@ SOUND_SPLICE = {"eval_texts_in_training": 0, "delta_ce": 0.034, "ce_recovered_vs
 
 def test_config_thresholds_give_every_calibration_sae_its_expected_verdict():
     """The figures measured by bench/verdict_calibration.py on the demo's activations (untrained,
-    a dozen steps, mi_crow's recipe: broken; the default and TopK 32: working), judged again with
+    a dozen steps, mi_crow's recipe: broken; the default, TopK 32 and BatchTopK 8: working), judged again with
     config.py's thresholds as they are now."""
     if not CALIBRATION.exists():
         pytest.skip("no calibration figures yet: run bench/verdict_calibration.py")
@@ -25,7 +25,7 @@ def test_config_thresholds_give_every_calibration_sae_its_expected_verdict():
     results = json.loads(CALIBRATION.read_text())["results"]
     assert {r["expected"] for r in results} == {"PASS", "FAIL"}
     for r in results:
-        rows = verdict.checks(settings, r["k"], r["heldout"], r["weights"], r["splice"])
+        rows = verdict.checks(settings, r["k"], r["heldout"], r["weights"], r["splice"], r.get("architecture", "topk"))
         got = "PASS" if verdict.passed(rows) else "FAIL"
         failed = [c["check"] for c in rows if c["result"] == "FAIL"]
         assert got == r["expected"], f"{r['sae']}: {got}, expected {r['expected']} (failing: {failed})"
