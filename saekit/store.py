@@ -373,7 +373,7 @@ class ShuffledRows:
     about `buffer_tokens` rows in memory.
 
     When the range fits in the buffer, it is read once and kept for every epoch: a full shuffle at
-    the cost of one read (re-reading the memory-mapped shards took ~0.3 s of each 5 s demo epoch).
+    the cost of one read (re-reading and permuting it took ~0.7 s of each ~5 s demo epoch).
     Beyond that the range is cut into chunks read contiguously, in a random chunk order, and each
     buffer of chunks is shuffled row by row, so memory stays flat whatever the size of the run.
     Batches keep the stored dtype (float16 by default); the trainer converts each to float32.

@@ -78,8 +78,8 @@ class TrainConfig:
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
-        return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE, s.WARMUP_STEPS,
-                   s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
+        return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
+                   s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
                    s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED)
 
 
@@ -198,6 +198,10 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     if cfg.k > n_latents:
         raise PipelineError(f"TOP_K={cfg.k} must be at most the number of latents, "
                             f"N_LATENTS_MULTIPLIER x d_model = {n_latents}")
+    if cfg.architecture == "batchtopk" and world.distributed:
+        # each process would take the top of its own share of the batch and keep its own threshold
+        raise PipelineError("ARCHITECTURE='batchtopk' trains in one process (its batch top spans the whole batch); "
+                            "run stage 02 without torchrun, or use ARCHITECTURE='topk' under torchrun")
     run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
     heldout_start = run.heldout_start(cfg.heldout_fraction)
     k_aux = cfg.auxk_k or d // 2
@@ -239,8 +243,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     stats = None
     for epoch in range(first_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
-        bar = tqdm(batches.epoch(rng),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not progress)
+        bar = tqdm(batches.epoch(rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not progress)
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and FVU, times the batch's tokens
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         seen = 0

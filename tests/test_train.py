@@ -7,7 +7,8 @@ import torch
 from conftest import make_synthetic_run
 from saekit.store import ShuffledRows
 from saekit.settings import load_settings
-from saekit.train import TrainConfig, TrainingDiverged, evaluate, train_sae
+from saekit.sae import TopKSAE
+from saekit.train import TrainConfig, TrainingDiverged, auxk_loss, evaluate, train_sae
 
 SMALL = dict(n_latents_multiplier=4, k=3, epochs=4, batch_size=128, lr=3e-3, warmup_steps=10,
              heldout_fraction=0.2, shuffle_buffer_tokens=2048)
@@ -38,6 +39,28 @@ def test_batchtopk_trains_and_its_threshold_gives_about_k_latents_at_inference(t
     last = record["history"][-1]
     assert type(sae).__name__ == "BatchTopKSAE" and float(sae.threshold.min()) > 0
     assert last["heldout_fvu"] < 0.2 and abs(last["heldout_l0"] - 3) < 0.3 * 3
+
+
+def test_batchtopk_under_torchrun_is_refused_before_training(tmp_path):
+    from saekit.distributed import World
+    from saekit.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="trains in one process"):
+        train_sae(make_synthetic_run(tmp_path), _cfg(architecture="batchtopk"), progress=False, world=World(0, 2, 0))
+
+
+@pytest.mark.parametrize("k_aux", [3, 6, 50], ids=["some-dead", "all-dead-exactly", "all-dead"])
+def test_auxk_is_the_top_k_aux_dead_latents_reconstructing_the_residual(k_aux):
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 40, 4)
+    sae.init_weights(torch.zeros(12), torch.Generator().manual_seed(0))
+    x, residual = torch.randn(32, 12), torch.randn(32, 12)
+    dead = torch.tensor([1, 5, 7, 20, 33, 39])
+    pre = (x - sae.b_dec) @ sae.W_enc[dead].T + sae.b_enc[dead]  # dense reference over the dead latents
+    top = pre.topk(min(k_aux, len(dead)), dim=-1)
+    codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    expected = ((codes @ sae.W_dec[dead] - residual) ** 2).sum() / 7.0
+    torch.testing.assert_close(auxk_loss(sae, x, residual, dead, k_aux, torch.tensor(7.0)), expected)
 
 
 def test_shuffled_batches_cover_every_row_once_and_differ_between_epochs(tmp_path):
