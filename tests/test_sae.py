@@ -5,9 +5,9 @@ from saekit import sae as sae_module
 from saekit.sae import BatchTopKSAE, SAEFileError, TopKSAE
 
 
-def _sae(d=12, n=40, k=5, seed=0):
+def _sae(d=12, n=40, k=5, seed=0, architecture=TopKSAE):
     torch.manual_seed(seed)
-    sae = TopKSAE(d, n, k)
+    sae = architecture(d, n, k)
     sae.init_weights(torch.randn(d) * 0.1, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
@@ -93,13 +93,8 @@ def test_k_out_of_range():
         TopKSAE(4, 8, 9)
 
 
-def _batchtopk(d=12, n=40, k=3, seed=0):
-    torch.manual_seed(seed)
-    sae = BatchTopKSAE(d, n, k)
-    sae.init_weights(torch.randn(d) * 0.1, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1)
-    return sae
+def _batchtopk():
+    return _sae(k=3, architecture=BatchTopKSAE)
 
 
 def test_batchtopk_trains_on_the_batch_top_k_times_batch_and_matches_its_dense_definition():
