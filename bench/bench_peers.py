@@ -3,9 +3,9 @@ stage 02 trains on, every SAE scored by the project's metrics on the same held-o
 
     make bench-peers                                  # venvs, activations if missing, then this
     .venv/bin/python bench/bench_peers.py             # the k = 8 comparison (~25 min on 2 quiet cores)
-    .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the two best peers
+    .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the two best peers (~65 min)
     .venv/bin/python bench/bench_peers.py --EPOCHS=1 --eval-texts=8   # a quick check that every trainer runs
-    .venv/bin/python bench/bench_peers.py --speed=3   # stage 02 vs sparsify's speed only, alternately, 3 times each
+    .venv/bin/python bench/bench_peers.py --speed=3   # stage 02 vs sparsify's speed only, alternately, 3 times each (~6 min)
 
 Each trainer runs in its own process (its own venv: bench/.venv-saelens, bench/.venv-sparsify), one
 after another, so each is timed alone; only the library's training call is timed (this project's:
