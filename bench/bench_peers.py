@@ -72,10 +72,9 @@ settings = load_settings(args)
 run = open_run(settings.store)
 heldout_start = run.heldout_start(settings.HELDOUT_FRACTION)
 d, n_latents, k = run.d_model, settings.N_LATENTS_MULTIPLIER * run.d_model, settings.TOP_K
-lr = settings.LR or scaled_lr(n_latents, settings.LR_BASE)
 window_tokens = settings.DEAD_WINDOW_TOKENS or min(10_000_000, max(heldout_start // 10, settings.BATCH_SIZE_TRAIN))
 window_steps = math.ceil(window_tokens / settings.BATCH_SIZE_TRAIN)
-matched = f"lr {lr:.3g}, dead window {window_tokens:,} tokens"
+matched = f"stage 02's LR, dead window {window_tokens:,} tokens"  # the LR at each k is in the row's spec
 
 model, tokenizer = load_model(settings.MODEL_ID, "cpu", cache_dir=settings.store / "models")
 layer = resolve_layer(model, settings.LAYER_SIGNATURE)
@@ -85,6 +84,7 @@ mean = mean_training_activation(run, heldout_start)
 
 def configurations(k: int) -> list[tuple[str, str, dict]]:
     """(name, trainer, spec extras) at TopK k; peers at defaults and at this run's size."""
+    lr = settings.LR or scaled_lr(n_latents, settings.LR_BASE, k)  # stage 02's at this k
     return [
         ("saekit", "saekit", {"overrides": args + [f"--TOP_K={k}"]}),
         ("saekit BatchTopK", "saekit", {"overrides": args + [f"--TOP_K={k}", "--ARCHITECTURE=batchtopk"]}),
