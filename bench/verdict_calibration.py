@@ -29,7 +29,7 @@ from common import save_result, table, timer
 from mi_crow_recipe import MiCrowReconstruction, train_mi_crow
 
 from saekit import verdict
-from saekit.analysis import mean_training_activation
+from saekit.analysis import mean_training_activation, weight_change
 from saekit.data import load_role_texts
 from saekit.metrics import ReconstructionStats, splice_metrics
 from saekit.models import load_model, resolve_layer
@@ -37,11 +37,6 @@ from saekit.settings import load_settings
 from saekit.store import open_run
 from saekit.train import TrainConfig, evaluate, geometric_median, train_sae, training_sample
 from saekit.sae import TopKSAE
-
-
-def relative_change(sae: TopKSAE, init: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    return {name: {"relative_change": float((getattr(sae, name).detach() - init[name]).norm() / init[name].norm())}
-            for name in ("W_enc", "W_dec")}
 
 
 def untrained(settings, run, heldout_start):
@@ -52,7 +47,7 @@ def untrained(settings, run, heldout_start):
     sae.init_weights(geometric_median(sample * scale), torch.Generator().manual_seed(settings.SEED))
     sae.fold_input_scale(scale)
     init = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone()}
-    return sae.eval(), relative_change(sae, init), 0.0
+    return sae.eval(), weight_change(sae, init), 0.0
 
 
 def ours(overrides):
@@ -60,7 +55,7 @@ def ours(overrides):
         cfg = TrainConfig.from_settings(load_settings(sys.argv[1:] + overrides))
         with timer() as t:
             sae, record = train_sae(run, cfg, progress=False)
-        return sae, relative_change(sae, record["init"]), t["seconds"]
+        return sae, weight_change(sae, record["init"]), t["seconds"]
     return build
 
 

@@ -73,10 +73,15 @@ def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]] | None:
     the initialisation is unknown (an SAE from SAE_PATH)."""
     if "init" not in trained.meta:
         return None
+    return weight_change(trained.sae, trained.meta["init"])
+
+
+def weight_change(sae: TopKSAE, init: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per encoder and decoder: the relative Frobenius change from `init`, and value statistics."""
     report = {}
     for name in ("W_enc", "W_dec"):
-        trained_w = getattr(trained.sae, name).detach()
-        init_w = trained.meta["init"][name]
+        trained_w = getattr(sae, name).detach()
+        init_w = init[name]
         report[name] = {"relative_change": float((trained_w - init_w).norm() / init_w.norm()),
                         "mean": float(trained_w.mean()), "std": float(trained_w.std()),
                         "init_mean": float(init_w.mean()), "init_std": float(init_w.std())}

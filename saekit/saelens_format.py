@@ -131,10 +131,10 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
     if not cfg.get("apply_b_dec_to_input", True):
         # x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc): the same codes from centred inputs
         b_enc = b_enc + b_dec @ W_enc
-    if not (k is None and architecture == "jumprelu") and not (isinstance(k, int) and 0 < k <= d_sae):
-        raise SAELensFormatError(f"{folder / CFG_FILE}: k must be an integer in 1..{d_sae}, got {k!r}")
-
-    sae = TopKSAE(d_in, d_sae, k) if architecture == "topk" else BatchTopKSAE(d_in, d_sae, k)
+    try:  # the SAE's own rule for k: required by TopK, optional for a JumpReLU
+        sae = (TopKSAE if architecture == "topk" else BatchTopKSAE)(d_in, d_sae, k)
+    except ValueError:
+        raise SAELensFormatError(f"{folder / CFG_FILE}: k must be an integer in 1..{d_sae}, got {k!r}") from None
     with torch.no_grad():
         if architecture == "jumprelu":
             sae.threshold.copy_(weights["threshold"])

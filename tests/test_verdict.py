@@ -6,6 +6,7 @@ import torch
 
 from conftest import ROOT, make_synthetic_run
 from saekit import verdict
+from saekit.analysis import weight_change
 from saekit.settings import load_settings
 from saekit.train import TrainConfig, evaluate, train_sae
 
@@ -41,11 +42,6 @@ def test_the_seed_mi_crow_recipe_fails_whatever_its_ce():
     assert {c["check"] for c in checks if c["result"] == "FAIL"} == {"dead latents (held-out)", "held-out FVU"}
 
 
-def _weights(sae, init):
-    return {name: {"relative_change": float((getattr(sae, name).detach() - init[name]).norm() / init[name].norm())}
-            for name in ("W_enc", "W_dec")}
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     run = make_synthetic_run(tmp_path_factory.mktemp("verdict"), n_tokens=6000, d=16, n_features=64, active=3)
@@ -58,7 +54,7 @@ def test_on_synthetic_activations_training_passes_and_its_initialisation_fails(s
     run, settings = synthetic
     sae, record = train_sae(run, TrainConfig.from_settings(settings), progress=False)
     heldout = evaluate(sae, run, record["heldout_start_row"], run.n_tokens).summary()
-    trained = verdict.checks(settings, sae.k, heldout, _weights(sae, record["init"]), SOUND_SPLICE)
+    trained = verdict.checks(settings, sae.k, heldout, weight_change(sae, record["init"]), SOUND_SPLICE)
     assert verdict.passed(trained), [c for c in trained if c["result"] == "FAIL"]
 
     untrained = sae.__class__(sae.d_in, sae.n_latents, sae.k)
@@ -67,7 +63,7 @@ def test_on_synthetic_activations_training_passes_and_its_initialisation_fails(s
         untrained.W_dec.copy_(record["init"]["W_dec"])
         untrained.b_dec.copy_(sae.b_dec)
     init_heldout = evaluate(untrained.eval(), run, record["heldout_start_row"], run.n_tokens).summary()
-    rows = verdict.checks(settings, sae.k, init_heldout, _weights(untrained, record["init"]), SOUND_SPLICE)
+    rows = verdict.checks(settings, sae.k, init_heldout, weight_change(untrained, record["init"]), SOUND_SPLICE)
     failed = {c["check"] for c in rows if c["result"] == "FAIL"}
     assert {"held-out FVU", "W_enc moved from its initialisation", "W_dec moved from its initialisation"} <= failed
 
