@@ -3,14 +3,17 @@
     python 01_save_activations.py                      # the local preset (embedded model and corpus)
     python 01_save_activations.py --preset=bielik      # the specification's Bielik-1.5B run
     python 01_save_activations.py --list-layers        # every layer name of the model
+    python 01_save_activations.py --ACTIVATION_SOURCE=model   # only the held-out documents; stage 02 makes the rest
 
 Writes store/runs/<run_id>/ (shards + metadata.json) and, last, store/run_id.txt.
 Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process embeds a share.
 """
+import itertools
 import sys
 
 from saekit.data import open_role_texts
 from saekit.models import layer_names, resolve_layer
+from saekit.sources import count_training_texts
 from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.store import open_run, save_activations
 
@@ -24,18 +27,31 @@ if "list-layers" in flags:
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
 
 texts = open_role_texts(settings, "train")  # read as it is embedded: memory stays flat however many texts
+metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
+            "source": texts.source, "text_field": settings.TEXT_FIELD, "device": str(device),
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "settings": settings.as_dict()}
+on_the_fly = {}
+if settings.ACTIVATION_SOURCE == "model":  # stage 02 makes the training rows itself: count them, save the rest
+    plan, left_out = count_training_texts(texts, tokenizer, settings.MAX_LENGTH, settings.HELDOUT_FRACTION,
+                                          progress=world.is_main)
+    metadata.update(rows="heldout", training_documents=plan.n_training, training_tokens=plan.n_tokens,
+                    training_copies_of_heldout=left_out, skipped_empty=texts.skipped_empty)
+    on_the_fly = {"document_offset": plan.n_training, "hashes_before": plan.hashes[:plan.n_training].tolist()}
+    texts = list(itertools.islice(texts, plan.n_training, None))
+    if world.is_main:
+        print(f"{plan.n_training} training texts ({plan.n_tokens} tokens) for stage 02 to embed on the fly"
+              + (f", {left_out} of them left out as copies of held-out texts" if left_out else "")
+              + f"; saving the {len(texts)} held-out ones")
 run_dir = save_activations(
     model, tokenizer, texts, settings.LAYER_SIGNATURE, settings.store,
     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
-    dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS,
-    metadata={"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
-              "source": texts.source, "text_field": settings.TEXT_FIELD, "device": str(device), "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-              "settings": settings.as_dict()},
-    progress=world.is_main, world=world,
+    dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS, metadata=metadata,
+    progress=world.is_main, world=world, **on_the_fly,
 )
 if world.is_main:
     record_settings(settings, "01_save_activations")
-    n_texts = open_run(settings.store).meta["n_documents"]
-    print(f"embedded {n_texts} texts from {texts.source} ({texts.skipped_empty} empty or whitespace-only skipped)")
+    meta = open_run(settings.store).meta
+    print(f"embedded {meta['n_documents'] - meta.get('training_documents', 0)} texts from {metadata['source']} ({meta['skipped_empty']} empty or "
+          "whitespace-only skipped)")
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")

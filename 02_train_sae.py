@@ -1,21 +1,23 @@
-"""Stage 02: train an SAE (TopK; or BatchTopK: --ARCHITECTURE=batchtopk) on the activations saved by stage 01.
+"""Stage 02: train an SAE (TopK; or BatchTopK: --ARCHITECTURE=batchtopk) on a layer's activations: those
+saved by stage 01, or, with --ACTIVATION_SOURCE=model, made by the model as training goes.
 
     python 02_train_sae.py                  # settings from config.py
     python 02_train_sae.py --TOP_K=16       # any setting, per run
-    python 02_train_sae.py --resume         # continue an interrupted run from its last epoch
+    python 02_train_sae.py --resume         # continue an interrupted run from its last checkpoint
     torchrun --nproc_per_node=N 02_train_sae.py   # data parallel over N processes (GPUs, or CPU with gloo)
 
 Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically; the history
 names the SAE by its checksum, so a reader can tell a matched pair), and a checkpoint after every
-epoch (store/sae_model/checkpoint.pt); the SAE also in SAELens's format (store/sae_model/saelens/:
-cfg.json + sae_weights.safetensors; BatchTopK as the JumpReLU SAELens makes of it). Every file loads
-without running code.
+epoch and every CHECKPOINT_SECONDS (store/sae_model/checkpoint.pt); the SAE also in SAELens's format
+(store/sae_model/saelens/: cfg.json + sae_weights.safetensors; BatchTopK as the JumpReLU SAELens makes
+of it). Every file loads without running code.
 """
 import sys
 
 from saekit.integrity import write_sealed_json
 from saekit.saelens_format import save_saelens
-from saekit.stage import record_settings, stage_runtime, start_stage
+from saekit.sources import model_rows, store_rows
+from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.store import check_run_matches, open_run
 from saekit.train import TrainConfig, train_sae
 
@@ -23,19 +25,27 @@ settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
 device, world = stage_runtime(settings)  # under torchrun: data parallel, each process a share of each batch
 run = open_run(settings.store)
 check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+if settings.ACTIVATION_SOURCE == "model":
+    source = model_rows(settings, run, *load_stage_model(settings, device, world), device, world)
+else:
+    source = store_rows(settings, run, device)
 if world.is_main:
-    print(f"activations: run {run.run_id}, {run.n_tokens} tokens x {run.d_model} ({run.meta['dtype']}); "
-          f"training on {device} in {world.size} process{'es' * (world.size > 1)}")
+    print(f"training on {source.describe()}; held-out rows from run {run.run_id} ({run.meta['dtype']}, "
+          f"d = {run.d_model}); on {device} in {world.size} process{'es' * (world.size > 1)}")
+    if source.kind == "model" and settings.EPOCHS > 1:
+        print(f"note: each of the {settings.EPOCHS} epochs runs the model again over the {source.n_rows} training "
+              "tokens (ACTIVATION_SOURCE='store' embeds them once)")
 
 model_dir = settings.store / "sae_model"
 sae, record = train_sae(run, TrainConfig.from_settings(settings), checkpoint_path=model_dir / "checkpoint.pt",
-                        resume="resume" in flags, device=device, progress=world.is_main, world=world)
+                        resume="resume" in flags, device=device, progress=world.is_main, world=world, source=source)
 if not world.is_main:  # rank 0 writes the artifacts
     sys.exit(0)
 
 provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
-              "activation_run_id": run.run_id, "input_scale": record["input_scale"],
-              "heldout_start_row": record["heldout_start_row"], "settings": settings.as_dict()}
+              "activation_run_id": run.run_id, "activation_source": record["activation_source"],
+              "input_scale": record["input_scale"], "heldout_start_row": record["heldout_start_row"],
+              "settings": settings.as_dict()}
 sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
 write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
 # the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project

@@ -37,6 +37,9 @@ ACTIVATION_DTYPE = "float16"  # storage dtype of saved activations: float16 or f
 SHARD_TOKENS = 65536  # tokens per activation shard on disk
 
 # --- SAE and its training -----------------------------------------------------------------
+ACTIVATION_SOURCE = "store"  # store: train on stage 01's saved activations (many epochs over a corpus that fits on
+#                              disk); model: make them as training goes, stage 01 saving only the held-out
+#                              documents (hundreds of millions of tokens; each epoch runs the model again). README
 ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K on average over each batch (observations.md)
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
@@ -52,7 +55,8 @@ AUXK_COEF = 1 / 32
 AUXK_K = 0  # 0 = d_in / 2
 DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = a tenth of an epoch, at most 10M
 HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
-SHUFFLE_BUFFER_TOKENS = 262144  # activations held in memory at once while streaming from disk
+SHUFFLE_BUFFER_TOKENS = 262144  # activations shuffled together on the training device (from disk or the model)
+CHECKPOINT_SECONDS = 600  # a checkpoint after every epoch, and mid-epoch at a buffer's end once this long has passed
 SEED = 0
 STORE_DIR = "store"  # every artifact lives here
 

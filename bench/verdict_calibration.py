@@ -35,13 +35,14 @@ from saekit.metrics import ReconstructionStats, splice_metrics
 from saekit.models import load_model, resolve_layer
 from saekit.settings import load_settings
 from saekit.store import open_run
-from saekit.train import TrainConfig, evaluate, geometric_median, train_sae, training_sample
+from saekit.sources import training_sample
+from saekit.train import TrainConfig, evaluate, geometric_median, train_sae
 from saekit.sae import TopKSAE
 
 
 def untrained(settings, run, heldout_start):
     """The initialisation train_sae starts from, folded to raw activations as a saved SAE is."""
-    sample = training_sample(run, heldout_start)
+    sample = training_sample(run, 0, heldout_start)
     scale = float(1 / sample.pow(2).sum(1).mean().sqrt())
     sae = TopKSAE(run.d_model, settings.N_LATENTS_MULTIPLIER * run.d_model, settings.TOP_K)
     sae.init_weights(geometric_median(sample * scale), torch.Generator().manual_seed(settings.SEED))

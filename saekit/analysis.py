@@ -89,6 +89,10 @@ def weight_change(sae: TopKSAE, init: dict[str, torch.Tensor]) -> dict[str, dict
 
 
 def mean_training_activation(run: ActivationRun, stop: int, batch_size: int = 65536) -> torch.Tensor:
+    """The mean of the run's rows before `stop` (its training rows), which mean-ablation puts in the
+    layer's place. A run saved for training on the fly holds no training rows: then the mean of its
+    held-out rows, an estimate of the same mean."""
+    stop = stop or run.n_tokens
     total = np.zeros(run.d_model, np.float64)
     for chunk in run.iter_rows(0, stop, batch_size):
         total += chunk.sum(0, dtype=np.float64)

@@ -199,6 +199,29 @@ def forward_to_layer(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor
     return captured[0].float()
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of documents in batches of `batch_size`, shortest first: neighbours in length share
+    a batch, so padding wastes little of the forward pass."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def document_activations(model: nn.Module, tokenizer, layer: nn.Module,
+                         documents: list[list[int]]) -> list[torch.Tensor]:
+    """Each document's layer output [its tokens, d] (float32), from one forward pass of them padded
+    together on the tokenizer's padding side."""
+    device = next(model.parameters()).device
+    longest = max(map(len, documents))
+    input_ids = torch.full((len(documents), longest), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(documents), longest, dtype=torch.long)
+    for i, doc in enumerate(documents):
+        span = slice(longest - len(doc), longest) if tokenizer.padding_side == "left" else slice(0, len(doc))
+        input_ids[i, span] = torch.tensor(doc, dtype=torch.long)
+        mask[i, span] = 1
+    hidden = forward_to_layer(model, layer, input_ids.to(device), mask.to(device))
+    return list(hidden[mask.to(device).bool()].split([len(d) for d in documents]))
+
+
 @contextmanager
 def replaced_output(layer: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, the layer's output is replace(output): how an SAE is spliced into a model

@@ -37,12 +37,13 @@ from .distributed import World, barrier, broadcast_object, gather_objects, share
 from .errors import PipelineError
 from .integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
     write_sealed_json
-from .models import forward_to_layer, resolve_layer
+from .models import document_activations, length_sorted_batches, resolve_layer
 
 RUN_ID_FILE = "run_id.txt"
 DOCUMENTS_FILE = "documents.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 RERUN_01 = "Run stage 01 again: python 01_save_activations.py"
+FORWARD_WINDOW = 8  # batches of texts sorted by length together
 
 
 class StoreError(PipelineError, RuntimeError):
@@ -143,7 +144,8 @@ def new_run_id(store_dir: Path) -> str:
 def save_activations(model, tokenizer, texts: Iterable[str], layer_signature: str, store_dir: Path, *,
                      max_length: int, batch_size: int, dtype: str = "float16", shard_tokens: int = 65536,
                      metadata: dict[str, Any] | None = None, run_id: str | None = None,
-                     progress: bool = True, world: World = World()) -> Path:
+                     progress: bool = True, world: World = World(), document_offset: int = 0,
+                     hashes_before: list[int] | None = None) -> Path:
     """Run `texts` through `model` up to the layer and store every real token's activation.
 
     `texts` may be a stream (data.TextStream) read once, batch by batch: memory does not grow with
@@ -153,53 +155,61 @@ def save_activations(model, tokenizer, texts: Iterable[str], layer_signature: st
     Returns the finished run folder; store/run_id.txt names it.
     """
     layer = resolve_layer(model, layer_signature)
-    device = next(model.parameters()).device
     if world.is_main:
         clean_stale_partials(Path(store_dir) / "runs")
     n_texts = len(texts) if hasattr(texts, "__len__") else None
     if world.distributed and n_texts is None:
         n_texts = sum(1 for _ in texts)  # each rank needs its contiguous share: count a stream first
     first, stop = share(n_texts, world) if n_texts is not None else (0, None)
-    batches = _batches(itertools.islice(texts, first, stop), batch_size)
+    # texts are read a window at a time and run in batches of similar length: little padding
+    batches = _batches(itertools.islice(texts, first, stop), batch_size * FORWARD_WINDOW)
     batches = itertools.chain([next(batches, [])], batches)  # a dataset that cannot be read fails before any write
     run_id = broadcast_object(run_id or (new_run_id(store_dir) if world.is_main else None), world)
     prefix = f"shard_r{world.rank:03d}_" if world.distributed else "shard_"
     writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main)
     barrier(world)  # the folder exists before any rank writes into it
     try:
-        return _embed(model, tokenizer, layer, device, batches, writer, texts, layer_signature, first, stop,
-                      max_length, metadata, progress, world)
+        return _embed(model, tokenizer, layer, batches, batch_size, writer, texts, layer_signature, first, stop,
+                      max_length, metadata, progress, world, document_offset, hashes_before or [])
     except BaseException:
         if world.is_main:  # leave nothing half-written behind
             shutil.rmtree(writer.dir, ignore_errors=True)
         raise
 
 
-def _embed(model, tokenizer, layer, device, batches, writer: RunWriter, texts, layer_signature: str, first: int,
-           stop: int | None, max_length: int, metadata: dict[str, Any] | None, progress: bool, world: World) -> Path:
+def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter, texts, layer_signature: str, first: int,
+           stop: int | None, max_length: int, metadata: dict[str, Any] | None, progress: bool, world: World,
+           document_offset: int, hashes_before: list[int]) -> Path:
     started = time.perf_counter()
     bar = tqdm(total=None if stop is None else stop - first, desc="saving activations", unit="text",
                disable=not progress)
-    n_tokens, hashes, start = 0, [], first
-    for batch in batches:
-        if not batch:
+    n_tokens, hashes, start = 0, [], first + document_offset
+    for window in batches:
+        if not window:
             continue
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
-        hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
-        real = enc.attention_mask.bool()
-        rows, positions = real.nonzero(as_tuple=True)
-        writer.add(hidden[rows, positions], enc.input_ids[rows, positions], rows + start, positions)
-        hashes.extend(document_hash(text) for text in batch)
-        n_tokens += len(rows)
-        start += len(batch)
-        bar.update(len(batch))
+        docs = tokenizer(window, truncation=True, max_length=max_length)["input_ids"]
+        rows: list[torch.Tensor | None] = [None] * len(docs)
+        for batch in length_sorted_batches([len(d) for d in docs], batch_size):
+            batch = [i for i in batch if docs[i]]  # a text the tokenizer makes nothing of has no rows
+            if batch:
+                for i, acts in zip(batch, document_activations(model, tokenizer, layer, [docs[i] for i in batch])):
+                    rows[i] = acts
+        kept = [i for i in range(len(docs)) if docs[i]]
+        lengths = torch.tensor([len(docs[i]) for i in kept])
+        writer.add(torch.cat([rows[i] for i in kept]), torch.tensor([t for i in kept for t in docs[i]]),
+                   torch.tensor(kept).repeat_interleave(lengths) + start,
+                   torch.cat([torch.arange(n) for n in lengths.tolist()]))
+        hashes.extend(document_hash(text) for text in window)
+        n_tokens += int(lengths.sum())
+        start += len(window)
+        bar.update(len(window))
         bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / (time.perf_counter() - started):.0f}")
     bar.close()
     shards = [shard for rank_shards in gather_objects(writer.close(), world) for shard in rank_shards]
-    all_hashes = [h for rank_hashes in gather_objects(hashes, world) for h in rank_hashes]
+    all_hashes = hashes_before + [h for rank_hashes in gather_objects(hashes, world) for h in rank_hashes]
     meta = {
-        **(metadata or {}),
         "skipped_empty": getattr(texts, "skipped_empty", 0),
+        **(metadata or {}),
         "layer_signature": layer_signature,
         "tokenizer": {"name_or_path": tokenizer.name_or_path, "class": type(tokenizer).__name__,
                       "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
@@ -366,53 +376,3 @@ def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -
         raise StoreError(f"activation run {run.run_id} was saved from " + " and ".join(problems)
                          + ". Run stage 01 with the current settings (python 01_save_activations.py), "
                          "or pass the settings that run used.")
-
-
-class ShuffledRows:
-    """Rows [start, stop) of a run in batches, in a fresh random order each epoch, holding at most
-    about `buffer_tokens` rows in memory.
-
-    When the range fits in the buffer, it is read once and kept for every epoch: a full shuffle at
-    the cost of one read (re-reading and permuting it took ~0.7 s of each ~5 s demo epoch).
-    Beyond that the range is cut into chunks read contiguously, in a random chunk order, and each
-    buffer of chunks is shuffled row by row, so memory stays flat whatever the size of the run.
-    Batches keep the stored dtype (float16 by default); the trainer converts each to float32.
-    """
-
-    def __init__(self, run: ActivationRun, start: int, stop: int, batch_size: int, buffer_tokens: int):
-        self.run, self.start, self.stop = run, start, stop
-        self.batch_size, self.buffer_tokens = batch_size, buffer_tokens
-        self.dtype = DTYPES[run.meta["dtype"]]
-        self._resident: np.ndarray | None = None
-
-    def epoch(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
-        """One pass over every row; the order depends only on `rng`."""
-        if self.stop - self.start <= self.buffer_tokens:
-            if self._resident is None:
-                self._resident = self.run.rows(self.start, self.stop, dtype=self.dtype)
-            yield from self._shuffled(self._resident, rng, last=True)
-            return
-        chunk = max(self.batch_size, min(self.buffer_tokens // 16, 16384))
-        chunks = [(lo, min(self.stop, lo + chunk)) for lo in range(self.start, self.stop, chunk)]
-        order = rng.permutation(len(chunks))
-        carry = np.zeros((0, self.run.d_model), self.dtype)
-        next_chunk = 0
-        while next_chunk < len(order):
-            parts, filled = [carry], len(carry)
-            while next_chunk < len(order) and filled < self.buffer_tokens:
-                lo, hi = chunks[order[next_chunk]]
-                parts.append(self.run.rows(lo, hi, dtype=self.dtype))
-                filled += hi - lo
-                next_chunk += 1
-            carry = yield from self._shuffled(np.concatenate(parts), rng, last=next_chunk == len(order))
-
-    def _shuffled(self, buffer: np.ndarray, rng: np.random.Generator, last: bool) -> Iterator[np.ndarray]:
-        """Full batches of `buffer` in random order (every row when `last`); returns the rows left over.
-
-        Each batch is gathered on its own rather than the whole buffer permuted first: one pass over
-        memory instead of two, and no buffer-sized copy to allocate."""
-        order = rng.permutation(len(buffer))
-        n_out = len(buffer) if last else len(buffer) // self.batch_size * self.batch_size
-        for lo in range(0, n_out, self.batch_size):
-            yield buffer[order[lo:lo + self.batch_size]]
-        return buffer[order[n_out:]]

@@ -1,4 +1,4 @@
-"""Training an SAE (TopK, or BatchTopK with ARCHITECTURE = "batchtopk") on stored activations: the
+"""Training an SAE (TopK, or BatchTopK with ARCHITECTURE = "batchtopk") on a layer's activations: the
 recipe of Gao et al. (2024), as EleutherAI's sparsify and OpenAI's sparse_autoencoder run it.
 
 Recipe, and where each piece comes from:
@@ -17,8 +17,9 @@ Recipe, and where each piece comes from:
   CPU needs a larger base (1e-3 measured best at k = 8, observations.md), and a larger k a larger
   LR still: times (k / 8)^(1/3) (`scaled_lr`). Linear warmup, cosine decay to
   MIN_LR_FRACTION, gradient-norm clipping.
-- Batches shuffled across the whole run (store.ShuffledRows); the last HELDOUT_FRACTION of
-  documents are never trained on and give every epoch's metrics.
+- Batches shuffled in a buffer of SHUFFLE_BUFFER_TOKENS rows on the training device, from the
+  stored activations or made by the model as training goes (saekit.sources); the last
+  HELDOUT_FRACTION of documents are never trained on and give every epoch's metrics.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -39,7 +39,8 @@ from .errors import PipelineError
 from .integrity import IntegrityError, content_digest
 from .metrics import ReconstructionStats
 from .sae import ARCHITECTURES, TopKSAE, load_plain
-from .store import ActivationRun, ShuffledRows
+from .sources import RowSource, StoreRows
+from .store import ActivationRun
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
@@ -76,12 +77,14 @@ class TrainConfig:
     heldout_fraction: float
     shuffle_buffer_tokens: int
     seed: int
+    activation_source: str = "store"
+    checkpoint_seconds: float = 600.0
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
         return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
                    s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
-                   s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED)
+                   s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS)
 
 
 LR_REFERENCE_K = 8  # the TOP_K at which LR_BASE was tuned
@@ -104,12 +107,6 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
             return new
         median = new
     return median
-
-
-def training_sample(run: ActivationRun, stop: int, n: int = 16384) -> torch.Tensor:
-    """Up to n rows spread evenly over the training range, float32."""
-    indices = np.unique(np.linspace(0, stop - 1, min(n, stop)).astype(np.int64))
-    return torch.from_numpy(run.take(indices))
 
 
 def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: torch.Tensor, k_aux: int,
@@ -160,13 +157,6 @@ def _add_up_across_ranks(stats: ReconstructionStats, d: int, device: str | torch
     stats.fire_counts = packed[d + 4:].round().long().cpu()
 
 
-def _host_batch(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A batch on `device` as float32; to a GPU through pinned memory, without waiting for the copy."""
-    tensor = torch.from_numpy(batch)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True).float()
-    return tensor.to(device, torch.float32)
-
 
 def _lr_factor(step: int, warmup: int, total: int, min_fraction: float) -> float:
     warm = min(1.0, (step + 1) / max(warmup, 1))
@@ -174,34 +164,247 @@ def _lr_factor(step: int, warmup: int, total: int, min_fraction: float) -> float
     return warm * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    rerun = "Drop --resume to train afresh."
-    ckpt = load_plain(path, rerun)
-    if not isinstance(ckpt, dict) or ckpt.pop("sha256", None) != content_digest(ckpt):
-        raise IntegrityError(f"{path} is corrupt (its content does not match its checksum). {rerun}")
-    return ckpt
+class _Trainer:
+    """The SAE, its optimizer and schedule, and how long each latent has gone unfired: everything a
+    checkpoint must hold besides the data's position. `step` is one training step on one batch."""
+
+    def __init__(self, cfg: TrainConfig, d: int, n_rows: int, device: torch.device, world: World):
+        self.cfg, self.device, self.world = cfg, device, world
+        self.n_latents = cfg.n_latents_multiplier * d
+        self.k_aux = cfg.auxk_k or d // 2
+        self.steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        # a tenth of an epoch: long enough that a latent of average frequency fires ~k*window/n times in it
+        self.window = cfg.dead_window_tokens or min(10_000_000, max(n_rows // 10, cfg.batch_size))
+        self.lr = cfg.lr or scaled_lr(self.n_latents, cfg.lr_base, cfg.k)
+        # a GPU runs ahead of the host: read values back (loss, dead latents) only every SYNC_EVERY steps
+        self.sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+        self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k)
+        self.sae.to(device).train()
+        # one kernel per tensor for the whole update (the loop version was ~5 ms of a ~45 ms CPU step)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda"))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_fraction))
+        self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.long, device=device)
+        self.dead = torch.zeros(self.n_latents, dtype=torch.bool, device=device)
+        self.dead_idx = torch.zeros(0, dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.scale, self.init = 1.0, {}
+
+    def initialise(self, sample: torch.Tensor) -> None:
+        """Input scale (unit mean squared norm) and starting weights, from a sample of training rows."""
+        self.scale = float(1 / sample.pow(2).sum(1).mean().sqrt())
+        self.sae.init_weights(geometric_median(sample * self.scale), torch.Generator().manual_seed(self.cfg.seed))
+        self.init = {"W_enc": self.sae.W_enc.detach().cpu().clone(), "W_dec": self.sae.W_dec.detach().cpu().clone()}
+
+    def step(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one global batch (this rank takes its share); returns (loss, FVU) on the device."""
+        cfg, sae, world = self.cfg, self.sae, self.world
+        full = batch.float() * self.scale
+        first, last = share(len(full), world)
+        x = full[first:last]  # this rank's rows of the global batch
+        total_variance = (full - full.mean(0)).pow(2).sum()
+        values, indices = sae.encode(x)
+        residual = x - sae.decode(values, indices)
+        batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
+        with torch.no_grad():
+            fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
+            fired.scatter_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32))
+            all_reduce_(fired, world, "max")
+            self.tokens_since_fired += len(full)
+            self.tokens_since_fired.masked_fill_(fired > 0, 0)
+            self.dead = self.tokens_since_fired >= self.window
+        sync = step % self.sync_every == 0
+        if sync:
+            self.dead_idx = self.dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
+        loss = batch_fvu
+        if len(self.dead_idx):
+            loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), self.dead_idx, self.k_aux, total_variance)
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        if sync and _any_rank(self.nonfinite, world):
+            raise TrainingDiverged(f"the loss became {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world.distributed:
+            for parameter in sae.parameters():
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                all_reduce_(parameter.grad, world)
+        sae.project_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        sae.normalize_decoder()
+        return loss.detach(), batch_fvu.detach()
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "tokens_since_fired": self.tokens_since_fired,
+                "dead_idx": self.dead_idx, "scale": self.scale, "init": self.init}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        self.dead = self.tokens_since_fired >= self.window
+        self.dead_idx = state["dead_idx"].to(self.device)
+        self.scale, self.init = state["scale"], state["init"]
+
+
+@dataclass
+class _EpochSums:
+    """What an epoch has added up so far: loss and FVU (times the batch's tokens), tokens, steps, seconds."""
+
+    loss: float = 0.0
+    fvu: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+class _Checkpoints:
+    """checkpoint.pt: written by rank 0 after every epoch, and mid-epoch at the end of a shuffle buffer
+    once CHECKPOINT_SECONDS have passed since the last one (a run on the fly may be one long epoch)."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any], every_seconds: float, world: World):
+        self.path, self.fingerprint, self.every, self.world = path, fingerprint, every_seconds, world
+        self.last_saved = time.monotonic()
+        self.kept = "no epoch had finished, so there is no checkpoint"
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        rerun = "Drop --resume to train afresh."
+        ckpt = load_plain(self.path, rerun)
+        if not isinstance(ckpt, dict) or ckpt.pop("sha256", None) != content_digest(ckpt):
+            raise IntegrityError(f"{self.path} is corrupt (its content does not match its checksum). {rerun}")
+        if ckpt["fingerprint"] != self.fingerprint:
+            raise PipelineError(
+                f"the checkpoint {self.path} was made with other settings or activations "
+                f"({ckpt['fingerprint']}); drop --resume to start afresh, or pass the settings it used")
+        self.kept = f"the checkpoint this run resumed from is kept at {self.path}"
+        return ckpt
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_saved >= self.every
+
+    def save(self, trainer: _Trainer, history: list[dict[str, Any]], epoch: int,
+             partial: dict[str, Any] | None = None) -> None:
+        """`epoch` is the last finished epoch (-1 for none); `partial`, how far the next one got."""
+        if self.path is None or not self.world.is_main or not trainer.finite():  # never keep a diverged state
+            return
+        ckpt = {"fingerprint": self.fingerprint, "epoch": epoch, "partial": partial, "history": history,
+                **trainer.state_dict()}
+        save_torch(self.path, {**ckpt, "sha256": content_digest(ckpt)})
+        self.last_saved = time.monotonic()
+        self.kept = f"the last good checkpoint (after epoch {epoch + 1}" + (
+            f", step {partial['sums']['steps']} of epoch {epoch + 2}" if partial else "") + f") is kept at {self.path}"
 
 
 def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None = None, resume: bool = False,
               device: str | torch.device = "cpu", progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              world: World = World()) -> tuple[TopKSAE, dict[str, Any]]:
-    """Train on `run`; return the SAE (working on raw activations) and its record.
+              world: World = World(), source: RowSource | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+    """Train on the batches of `source` (by default the training rows stored in `run`); evaluate
+    every epoch on `run`'s held-out rows. Return the SAE (working on raw activations) and its record.
 
     The record holds the per-epoch history, the final held-out latent frequencies, the input
-    scale, the initial weights and the held-out boundary. A checkpoint is written after every
-    epoch; with `resume`, training continues from it to the same result as an uninterrupted run.
+    scale, the initial weights and the held-out boundary. With `resume`, training continues from the
+    checkpoint (after an epoch, or mid-epoch) to the same result as an uninterrupted run.
 
     Under torchrun (data parallel) every rank draws the same shuffled global batch and trains on its
     share of it: each rank's loss is its rows' part of the global batch's loss, the gradients are
     summed across ranks, and the latents that fired are combined, so all ranks take the same step as
-    one process on the whole batch would. Rank 0 writes the checkpoints; --resume works at any world
-    size.
+    one process on the whole batch would. Rank 0 writes the checkpoints.
     """
     device = torch.device(device)
-    # a GPU runs ahead of the host: read values back (loss, dead latents) only every SYNC_EVERY steps
-    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-    d, n_latents = run.d_model, cfg.n_latents_multiplier * run.d_model
+    _check_config(cfg, run.d_model, world)
+    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
+    heldout_start = run.heldout_start(cfg.heldout_fraction)
+    source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed)
+    trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
+    config = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_seconds"}  # free to change on resume
+    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config},
+                               cfg.checkpoint_seconds, world)
+    ckpt = checkpoints.load() if resume else None
+    history: list[dict[str, Any]] = []
+    first_epoch, partial = 0, None
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        history, first_epoch, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt["partial"]
+        where = f"at step {partial['sums']['steps']} of epoch {first_epoch + 1}" if partial else f"after epoch {first_epoch}"
+        print(f"resuming {where} of {cfg.epochs} from {checkpoint_path}")
+    else:
+        trainer.initialise(source.sample())
+
+    stats = None
+    for epoch in range(first_epoch, cfg.epochs):
+        sums = _EpochSums(**partial["sums"]) if partial else _EpochSums()
+        totals = torch.tensor([sums.loss, sums.fvu], dtype=torch.float64, device=device)
+        bar = tqdm(total=trainer.steps_per_epoch, initial=sums.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="step", disable=not progress)
+        started = time.perf_counter() - sums.seconds
+        try:
+            for batch, position in source.epoch(epoch, partial["position"] if partial else None):
+                loss, fvu = trainer.step(batch, sums.steps)
+                totals += torch.stack([loss, fvu]).double() * len(batch)
+                sums.tokens += len(batch)
+                sums.steps += 1
+                bar.update()
+                if sums.steps % trainer.sync_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", fvu=f"{fvu.item():.3f}", dead=len(trainer.dead_idx))
+                if position is not None and checkpoints.due():
+                    sums.loss, sums.fvu = totals.tolist()
+                    sums.seconds = time.perf_counter() - started
+                    checkpoints.save(trainer, history, epoch - 1, {"position": position, "sums": asdict(sums)})
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err} at epoch {epoch + 1}, by step {sums.steps + 1}; {checkpoints.kept}. "
+                                   "Lower LR (or check the activations for inf/NaN) and train again.") from None
+        bar.close()
+        partial = None
+        all_reduce_(totals, world)  # each rank's loss is its share of the global batch's
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the clock stops when the device's work is done
+        seconds = time.perf_counter() - started
+
+        stats = _evaluate(trainer, run, heldout_start, device, world)
+        loss_sum, fvu_sum = totals.tolist()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / sums.tokens, "train_fvu": fvu_sum / sums.tokens,
+                  **{f"heldout_{k}": v for k, v in stats.summary().items()},
+                  "dead_in_window": int(trainer.dead.sum()), "lr": trainer.schedule.get_last_lr()[0],
+                  "tokens_per_s": sums.tokens / seconds, "train_tokens": sums.tokens}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        checkpoints.save(trainer, history, epoch)
+
+    if stats is None:  # resumed after the last epoch: nothing left to train
+        stats = _evaluate(trainer, run, heldout_start, device, world)
+    sae = trainer.sae.eval()
+    sae.fold_input_scale(trainer.scale)
+    record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
+              "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
+              "dead_window_tokens": trainer.window, "k_aux": trainer.k_aux, "init": trainer.init,
+              "activation_source": source.kind, "config": asdict(cfg)}
+    return sae, record
+
+
+def _evaluate(trainer: _Trainer, run: ActivationRun, heldout_start: int, device: torch.device,
+              world: World) -> ReconstructionStats:
+    trainer.sae.eval()
+    try:
+        return evaluate(trainer.sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device,
+                        world=world)
+    finally:
+        trainer.sae.train()
+
+
+def _check_config(cfg: TrainConfig, d: int, world: World) -> None:
+    n_latents = cfg.n_latents_multiplier * d
     if cfg.k > n_latents:
         raise PipelineError(f"TOP_K={cfg.k} must be at most the number of latents, "
                             f"N_LATENTS_MULTIPLIER x d_model = {n_latents}")
@@ -209,126 +412,3 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
         # each process would take the top of its own share of the batch and keep its own threshold
         raise PipelineError("ARCHITECTURE='batchtopk' trains in one process (its batch top spans the whole batch); "
                             "run stage 02 without torchrun, or use ARCHITECTURE='topk' under torchrun")
-    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
-    heldout_start = run.heldout_start(cfg.heldout_fraction)
-    k_aux = cfg.auxk_k or d // 2
-    steps_per_epoch = math.ceil(heldout_start / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    # a tenth of an epoch: long enough that a latent of average frequency fires ~k*window/n times in it
-    window = cfg.dead_window_tokens or min(10_000_000, max(heldout_start // 10, cfg.batch_size))
-    lr = cfg.lr or scaled_lr(n_latents, cfg.lr_base, cfg.k)
-
-    sample = training_sample(run, heldout_start)
-    scale = float(1 / sample.pow(2).sum(1).mean().sqrt())
-    sae = ARCHITECTURES[cfg.architecture](d, n_latents, cfg.k)
-    sae.init_weights(geometric_median(sample * scale), torch.Generator().manual_seed(cfg.seed))
-    init = {"W_enc": sae.W_enc.detach().clone(), "W_dec": sae.W_dec.detach().clone()}
-    sae.to(device).train()
-    # one kernel per tensor for the whole update (the loop version was ~5 ms of a ~45 ms CPU step)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_fraction))
-    tokens_since_fired = torch.zeros(n_latents, dtype=torch.long, device=device)
-    history: list[dict[str, Any]] = []
-    fingerprint = {"run_id": run.run_id, "config": asdict(cfg)}
-    first_epoch = 0
-
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = _load_checkpoint(checkpoint_path)
-        if ckpt["fingerprint"] != fingerprint:
-            raise PipelineError(
-                f"the checkpoint {checkpoint_path} was made with other settings or activations "
-                f"({ckpt['fingerprint']}); drop --resume to start afresh, or pass the settings it used")
-        sae.load_state_dict(ckpt["sae"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        tokens_since_fired = ckpt["tokens_since_fired"].to(device)
-        history, first_epoch = ckpt["history"], ckpt["epoch"] + 1
-        print(f"resuming after epoch {first_epoch} of {cfg.epochs} from {checkpoint_path}")
-
-    batches = ShuffledRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens)
-    stats = None
-    for epoch in range(first_epoch, cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch])  # the data order depends only on (seed, epoch)
-        bar = tqdm(batches.epoch(rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress)
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss and FVU, times the batch's tokens
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        seen = 0
-        started = time.perf_counter()
-        for step, batch in enumerate(bar):
-            full = _host_batch(batch, device) * scale
-            first, last = share(len(full), world)
-            x = full[first:last]  # this rank's rows of the global batch
-            total_variance = (full - full.mean(0)).pow(2).sum()
-            values, indices = sae.encode(x)
-            x_hat = sae.decode(values, indices)
-            residual = x - x_hat
-            batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
-            with torch.no_grad():
-                fired = torch.zeros(n_latents, dtype=torch.int32, device=device)
-                fired.scatter_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32))
-                all_reduce_(fired, world, "max")
-                tokens_since_fired += len(full)
-                tokens_since_fired.masked_fill_(fired > 0, 0)
-                dead = tokens_since_fired >= window
-            sync = step % sync_every == 0
-            if sync:
-                dead_idx = dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
-            loss = batch_fvu
-            if len(dead_idx):
-                loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), dead_idx, k_aux, total_variance)
-            nonfinite |= ~torch.isfinite(loss.detach())
-            if sync and _any_rank(nonfinite, world):
-                kept = f"the last good checkpoint (after epoch {epoch}) is kept at {checkpoint_path}" \
-                    if epoch and checkpoint_path else "no epoch had finished, so there is no checkpoint"
-                raise TrainingDiverged(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, by step {step + 1}; {kept}. "
-                    "Lower LR (or check the activations for inf/NaN) and train again.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world.distributed:
-                for parameter in sae.parameters():
-                    if parameter.grad is None:
-                        parameter.grad = torch.zeros_like(parameter)
-                    all_reduce_(parameter.grad, world)
-            sae.project_decoder_grad()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
-            sae.normalize_decoder()
-            sums += torch.stack([loss.detach(), batch_fvu.detach()]).double() * len(full)
-            seen += len(full)
-            if sync:
-                bar.set_postfix(loss=f"{loss.item():.4f}", fvu=f"{batch_fvu.item():.3f}", dead=len(dead_idx))
-        bar.close()
-        all_reduce_(sums, world)  # each rank's loss is its share of the global batch's
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the clock stops when the device's work is done
-        train_seconds = time.perf_counter() - started
-
-        sae.eval()
-        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device, world=world)
-        sae.train()
-        loss_sum, fvu_sum = sums.tolist()
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_fvu": fvu_sum / seen,
-                  **{f"heldout_{k}": v for k, v in stats.summary().items()},
-                  "dead_in_window": int(dead.sum()), "lr": schedule.get_last_lr()[0],
-                  "tokens_per_s": seen / train_seconds, "train_tokens": seen}
-        history.append(record)
-        if on_epoch:
-            on_epoch(record)
-        if checkpoint_path is not None and world.is_main:
-            ckpt = {"fingerprint": fingerprint, "epoch": epoch, "sae": sae.state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "tokens_since_fired": tokens_since_fired, "history": history}
-            save_torch(checkpoint_path, {**ckpt, "sha256": content_digest(ckpt)})
-
-    sae.eval()
-    if stats is None:  # resumed after the last epoch: nothing left to train
-        stats = evaluate(sae, run, heldout_start, run.n_tokens, input_scale=scale, device=device, world=world)
-    sae.fold_input_scale(scale)
-    record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": scale,
-              "heldout_start_row": heldout_start, "n_latents": n_latents, "lr": lr, "dead_window_tokens": window,
-              "k_aux": k_aux, "init": init, "config": asdict(cfg)}
-    return sae, record

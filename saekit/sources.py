@@ -1,0 +1,341 @@
+"""Where stage 02's training rows come from (ACTIVATION_SOURCE): a source hands out shuffled batches
+of activations, already on the training device, and the trainer consumes them.
+
+- "store" (`StoreRows`): the rows stage 01 saved. Right for many epochs over a corpus that fits on
+  disk (the specification's flow: 100 epochs over 1,000 stories).
+- "model" (`ModelRows`): activations made as training goes, by running the model up to the layer
+  over the training texts; nothing but the held-out documents is ever written to disk. Right for
+  the hundreds of millions of tokens a production SAE needs (at d = 1,536 in float16, 100M
+  tokens cached take 307 GB). Each epoch runs the model again.
+
+Both fill a shuffle buffer of at most SHUFFLE_BUFFER_TOKENS rows on the training device (plus the
+fewer than one batch of rows carried over from the previous buffer), shuffle it there, and cut it
+into batches: on a GPU the only host work is one permutation per buffer. A buffer of the default
+262,144 rows mixes ~2,000 documents of 128 tokens, so no batch is dominated by one document.
+
+A source's place at the end of a buffer (`Position`: the buffer's number, where the next one starts,
+the rows carried over) is all it needs to continue, so a checkpoint taken there resumes mid-epoch to
+the same batches as an uninterrupted run. The order depends only on (SEED, epoch, buffer).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from .data import document_hash
+from .distributed import World, gather_objects
+from .models import document_activations, length_sorted_batches
+from .store import DTYPES, RERUN_01, ActivationRun, StoreError
+
+Position = dict[str, Any]  # {"buffer": int, "next": int, "carry": tensor}: where an epoch continues
+
+
+class RowSource(Protocol):
+    kind: str  # ACTIVATION_SOURCE
+
+    @property
+    def n_rows(self) -> int:
+        """Training rows in one epoch."""
+
+    def describe(self) -> str:
+        """Where the rows come from, in a line."""
+
+    def sample(self) -> torch.Tensor:
+        """Training rows (float32, CPU) for the input scale and b_dec's starting point."""
+
+    def epoch(self, epoch: int, position: Position | None = None) -> Iterator[tuple[torch.Tensor, Position | None]]:
+        """Every training row once, in batches on the device, each with the position after it where
+        a checkpoint may be taken (None elsewhere); continues from `position`."""
+
+
+def _generator(*seed: int) -> torch.Generator:
+    """A CPU generator seeded by the tuple (seed, epoch[, buffer]); permutations drawn on the CPU are
+    the same whatever the training device."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0]))
+
+
+def shuffled_batches(rows: torch.Tensor, generator: torch.Generator, batch_size: int, last: bool,
+                     after: Position) -> Iterator[tuple[torch.Tensor, Position | None]]:
+    """Batches of `rows` in random order: full ones, and with `last` the remainder too.
+
+    Yields (batch, position): the position, with the rows left over as its carry, comes with the
+    buffer's final batch (None elsewhere, and at the end of an epoch). Returns the rows left over."""
+    order = torch.randperm(len(rows), generator=generator).to(rows.device)
+    n_out = len(rows) if last else len(rows) // batch_size * batch_size
+    carry = rows[order[n_out:]]
+    starts = range(0, n_out, batch_size)
+    for lo in starts:
+        at_end = lo == starts[-1] and not last
+        yield rows[order[lo:lo + batch_size]], ({**after, "carry": carry} if at_end else None)
+    return carry
+
+
+SAMPLE_ROWS = 16384  # rows that set the input scale and b_dec's starting point
+
+
+def _spread(start: int, stop: int, n: int) -> np.ndarray:
+    return np.unique(np.linspace(start, stop - 1, min(n, stop - start)).astype(np.int64))
+
+
+def training_sample(run: ActivationRun, start: int, stop: int, n: int = SAMPLE_ROWS) -> torch.Tensor:
+    """Up to n stored rows spread evenly over [start, stop), float32."""
+    return torch.from_numpy(run.take(_spread(start, stop, n)))
+
+
+def evenly_spaced(rows: torch.Tensor, n: int = SAMPLE_ROWS) -> torch.Tensor:
+    """Up to n of `rows`, spread evenly, as float32 on the CPU (a sample made on the fly)."""
+    return rows[torch.from_numpy(_spread(0, len(rows), n)).to(rows.device)].float().cpu()
+
+
+@dataclass
+class StoreRows:
+    """Rows [start, stop) of a stored run.
+
+    When the range fits in the buffer, it is read once, kept on the device, and reshuffled every
+    epoch. Beyond that the range is cut into chunks read contiguously, in a random chunk order; each
+    buffer of chunks goes to the device and is shuffled there, so memory stays flat whatever the
+    size of the run."""
+
+    run: ActivationRun
+    start: int
+    stop: int
+    batch_size: int
+    buffer_tokens: int
+    device: torch.device
+    seed: int
+    kind = "store"
+
+    def __post_init__(self) -> None:
+        self._resident: torch.Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows)"
+
+    def sample(self) -> torch.Tensor:
+        return training_sample(self.run, self.start, self.stop)
+
+    def _read(self, lo: int, hi: int) -> torch.Tensor:
+        rows = torch.from_numpy(self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]))
+        return rows.to(self.device)
+
+    def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Each buffer's chunks, in this epoch's order."""
+        if self.n_rows <= self.buffer_tokens:
+            return [[(self.start, self.stop)]]
+        chunk = max(self.batch_size, min(self.buffer_tokens // 16, 16384))
+        chunks = [(lo, min(self.stop, lo + chunk)) for lo in range(self.start, self.stop, chunk)]
+        order = torch.randperm(len(chunks), generator=_generator(self.seed, epoch)).tolist()
+        per_buffer = max(1, self.buffer_tokens // chunk)
+        return [[chunks[i] for i in order[b:b + per_buffer]] for b in range(0, len(order), per_buffer)]
+
+    def epoch(self, epoch: int, position: Position | None = None) -> Iterator[tuple[torch.Tensor, Position | None]]:
+        """One pass over every row, as (batch, position) in the stored dtype; continues from `position`."""
+        buffers = self._buffers(epoch)
+        first = position["buffer"] if position else 0
+        carry = position["carry"].to(self.device) if position else None
+        for b in range(first, len(buffers)):
+            if len(buffers) == 1:
+                if self._resident is None:
+                    self._resident = self._read(self.start, self.stop)
+                rows = self._resident
+            else:
+                rows = torch.cat([self._read(lo, hi) for lo, hi in buffers[b]])
+            if carry is not None and len(carry):
+                rows = torch.cat([carry, rows])
+            carry = yield from shuffled_batches(rows, _generator(self.seed, epoch, b), self.batch_size,
+                                                last=b == len(buffers) - 1, after={"buffer": b + 1, "next": 0})
+
+
+@dataclass(frozen=True)
+class TrainingTexts:
+    """What stage 01 recorded of the texts to train on when it saved only the held-out documents:
+    every document's hash in order, how many come first for training, and their tokens."""
+
+    hashes: np.ndarray  # uint64, every document stage 01 read (training ones first)
+    n_training: int
+    n_tokens: int  # training tokens, each document truncated to MAX_LENGTH
+
+    @property
+    def heldout(self) -> set[int]:
+        return set(self.hashes[self.n_training:].tolist())
+
+
+def count_training_texts(texts: Iterable[str], tokenizer, max_length: int, heldout_fraction: float,
+                         progress: bool = False) -> tuple[TrainingTexts, int]:
+    """Read every text once (tokenize, hash) and decide which are training's: the last
+    HELDOUT_FRACTION of documents are held out, as for a stored run, and a training document whose
+    text is also a held-out one is left out of training. Returns the plan and the number left out."""
+    from tqdm.auto import tqdm
+
+    hashes, lengths = [], []
+    bar = tqdm(desc="counting training texts", unit="text", disable=not progress)
+    for group in _groups(texts, 512):
+        hashes.extend(document_hash(t) for t in group)
+        lengths.extend(len(ids) for ids in tokenizer(group, truncation=True, max_length=max_length)["input_ids"])
+        bar.update(len(group))
+    bar.close()
+    n_docs = len(hashes)
+    n_heldout = max(1, round(n_docs * heldout_fraction))
+    if n_heldout >= n_docs:
+        raise StoreError(f"HELDOUT_FRACTION={heldout_fraction} leaves no training documents out of {n_docs}")
+    n_training = n_docs - n_heldout
+    heldout = set(hashes[n_training:])
+    duplicates = [i for i in range(n_training) if hashes[i] in heldout]
+    n_tokens = sum(lengths[:n_training]) - sum(lengths[i] for i in duplicates)
+    return TrainingTexts(np.array(hashes, np.uint64), n_training, n_tokens), len(duplicates)
+
+
+def training_texts_of(run: ActivationRun) -> TrainingTexts:
+    """The training texts that `run` (saved with ACTIVATION_SOURCE='model') records, or an error."""
+    if run.meta.get("rows") != "heldout":
+        raise StoreError(f"activation run {run.run_id} holds every token: it was saved for "
+                         "ACTIVATION_SOURCE='store'. Train from it with --ACTIVATION_SOURCE=store, or run stage "
+                         "01 with --ACTIVATION_SOURCE=model to save only the held-out documents")
+    return TrainingTexts(run.document_hashes(), run.meta["training_documents"], run.meta["training_tokens"])
+
+
+class ModelRows:
+    """Activations of the training texts, made by the model as training consumes them.
+
+    Each buffer takes the next documents (whole, up to `buffer_tokens` tokens), runs them through the
+    model up to the layer in batches of similar length (little padding; the forward stops at the
+    layer), and shuffles their rows on the device. Under torchrun the buffer's forward batches are
+    dealt out among the processes and their rows gathered, so every process holds the same buffer,
+    made by the same batches, as one process would."""
+
+    kind = "model"
+
+    def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, max_length: int,
+                 forward_batch: int, batch_size: int, buffer_tokens: int, dtype: str, device: torch.device, seed: int,
+                 world: World = World()):
+        self.model, self.tokenizer, self.layer, self.texts, self.plan = model, tokenizer, layer, texts, plan
+        self.max_length, self.forward_batch, self.batch_size = max_length, forward_batch, batch_size
+        self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
+        self.device, self.seed, self.world = torch.device(device), seed, world
+        self._heldout = plan.heldout
+        self._first: torch.Tensor | None = None  # epoch 0's first buffer, made once for the sample too
+
+    @property
+    def n_rows(self) -> int:
+        return self.plan.n_tokens
+
+    def describe(self) -> str:
+        return (f"the model, on the fly: {self.plan.n_training} training texts ({self.n_rows} tokens) "
+                f"each epoch, in buffers of up to {self.buffer_tokens} tokens")
+
+    def _documents(self, first: int) -> Iterator[tuple[int, list[int]]]:
+        """(index, token ids) of the training documents from index `first` on, each checked against the
+        hash stage 01 recorded for it; copies of held-out documents are left out."""
+        index = first
+        for group in _groups(itertools.islice(self.texts, first, self.plan.n_training), 512):
+            ids = self.tokenizer(group, truncation=True, max_length=self.max_length)["input_ids"]
+            for text, doc in zip(group, ids):
+                digest = document_hash(text)
+                if digest != int(self.plan.hashes[index]):
+                    raise StoreError(f"training text {index} is not the one stage 01 read (the dataset or "
+                                     f"its settings changed). {RERUN_01}")
+                if digest not in self._heldout:
+                    yield index, doc
+                index += 1
+        if index < self.plan.n_training:
+            raise StoreError(f"the dataset gave {index} training texts, not the {self.plan.n_training} stage 01 "
+                             f"counted (it changed since). {RERUN_01}")
+
+    def _buffers(self, first: int) -> Iterator[tuple[list[list[int]], int, bool]]:
+        """(documents, index where the next buffer starts, whether it is the epoch's last)."""
+        docs, tokens = [], 0
+        for index, doc in self._documents(first):
+            if docs and tokens + len(doc) > self.buffer_tokens:  # a document follows: not the last buffer
+                yield docs, index, False
+                docs, tokens = [], 0
+            docs.append(doc)
+            tokens += len(doc)
+        if docs:
+            yield docs, self.plan.n_training, True
+
+    def _rows(self, docs: list[list[int]]) -> torch.Tensor:
+        """The documents' activations, in document order, on the device in the storage dtype."""
+        batches = length_sorted_batches([len(d) for d in docs], self.forward_batch)
+        made = {}
+        for batch in batches[self.world.rank::self.world.size]:
+            for i, rows in zip(batch, document_activations(self.model, self.tokenizer, self.layer,
+                                                           [docs[i] for i in batch])):
+                made[i] = rows.to(self.dtype)
+        if self.world.distributed:  # every process needs the whole buffer to draw the same global batches
+            made = {i: rows.to(self.device) for share in gather_objects({i: r.cpu() for i, r in made.items()},
+                                                                         self.world) for i, rows in share.items()}
+        rows = torch.cat([made[i] for i in range(len(docs))]).to(self.device)
+        if not bool(torch.isfinite(rows).all()):
+            raise StoreError(f"the layer gave non-finite activations (inf or NaN in {self.dtype}) for training "
+                             "texts; use ACTIVATION_DTYPE='float32' if the values overflow float16, or check the model")
+        return rows
+
+    def sample(self) -> torch.Tensor:
+        docs, _, _ = next(self._buffers(0))
+        self._first = self._rows(docs)
+        return evenly_spaced(self._first)
+
+    def epoch(self, epoch: int, position: Position | None = None) -> Iterator[tuple[torch.Tensor, Position | None]]:
+        """One pass over the training texts, as (batch, position); continues from `position`."""
+        buffer = position["buffer"] if position else 0
+        carry = position["carry"].to(self.device) if position else None
+        for docs, next_doc, last in self._buffers(position["next"] if position else 0):
+            if epoch == 0 and buffer == 0 and self._first is not None:
+                rows, self._first = self._first, None
+            else:
+                rows = self._rows(docs)
+            if carry is not None and len(carry):
+                rows = torch.cat([carry, rows])
+            carry = yield from shuffled_batches(rows, _generator(self.seed, epoch, buffer), self.batch_size, last,
+                                                after={"buffer": buffer + 1, "next": next_doc})
+            buffer += 1
+
+
+def _groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
+
+
+# the settings that decide which texts stage 01 counted for training, and how they are tokenized
+TEXT_SETTINGS = ("HF_DATASET", "DATA_SPLIT", "EVAL_DATASET", "EVAL_SHARE", "TEXT_FIELD", "DATA_LIMIT", "MAX_LENGTH",
+                 "HELDOUT_FRACTION")
+
+
+def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
+    """ACTIVATION_SOURCE='store': the run's training rows, or an error if it holds none."""
+    if run.meta.get("rows") == "heldout":
+        raise StoreError(f"activation run {run.run_id} holds only the held-out documents (stage 01 ran with "
+                         "ACTIVATION_SOURCE='model'). Train on the fly with --ACTIVATION_SOURCE=model, or run stage "
+                         "01 with --ACTIVATION_SOURCE=store to save every token")
+    stop = run.heldout_start(settings.HELDOUT_FRACTION)
+    return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED)
+
+
+def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,
+               world: World = World()) -> ModelRows:
+    """ACTIVATION_SOURCE='model': the training texts stage 01 counted, run through `model` as training
+    goes; an error if the settings that chose them changed since."""
+    from .data import open_role_texts
+    from .models import resolve_layer
+
+    plan = training_texts_of(run)
+    recorded = run.meta.get("settings", {})
+    changed = [f"{key} (stage 01: {recorded.get(key)!r}, now {getattr(settings, key)!r})"
+               for key in TEXT_SETTINGS if recorded.get(key) != getattr(settings, key)]
+    if changed:
+        raise StoreError("training on the fly reads the texts stage 01 counted, but " + ", ".join(changed)
+                         + f" changed since. Pass stage 01's values, or {RERUN_01[0].lower()}{RERUN_01[1:]}")
+    return ModelRows(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE),
+                     open_role_texts(settings, "train"), plan, max_length=settings.MAX_LENGTH,
+                     forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
+                     buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
+                     seed=settings.SEED, world=world)

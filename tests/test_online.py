@@ -1,0 +1,204 @@
+"""Training on the fly (ACTIVATION_SOURCE = "model"): stage 01 saves only the held-out documents and
+stage 02 makes the training rows with the model as it trains, on the tiny model."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_stage, with_store
+
+ON_THE_FLY = ["--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150", "--CHECKPOINT_SECONDS=0"]
+
+
+def _sae(store: Path):
+    from saekit.sae import TopKSAE
+
+    return TopKSAE.load(store / "sae_model" / "topk_sae.pt")
+
+
+def _assert_same_weights(a, b, exact: bool = True) -> None:
+    for name, weight in a.state_dict().items():
+        if exact:
+            assert torch.equal(b.state_dict()[name], weight), name
+        else:
+            torch.testing.assert_close(b.state_dict()[name], weight, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def online_args(tmp_path_factory, smoke_args) -> list[str]:
+    """The smoke settings trained on the fly: stages 01 and 02 run, in a store of their own."""
+    args = with_store(smoke_args, tmp_path_factory.mktemp("online") / "store") + ON_THE_FLY
+    run_stage("01_save_activations.py", args)
+    run_stage("02_train_sae.py", args)
+    return args
+
+
+def _store(args: list[str]) -> Path:
+    return Path(next(a.split("=", 1)[1] for a in args if a.startswith("--STORE_DIR=")))
+
+
+def test_stage_01_saves_only_the_heldout_documents_and_counts_the_rest(online_args, smoke_args):
+    from saekit.store import open_run
+
+    online, stored = open_run(_store(online_args)), open_run(_store(smoke_args))
+    first_heldout = stored.heldout_start(0.25)
+    assert online.meta["rows"] == "heldout"
+    assert online.meta["training_tokens"] == first_heldout  # the tokens stage 02 will make, counted exactly
+    assert online.n_tokens == stored.n_tokens - first_heldout  # the held-out rows and nothing else
+    assert online.heldout_start(0.25) == 0
+    assert (online.document_hashes() == stored.document_hashes()).all()
+    torch.testing.assert_close(torch.from_numpy(online.rows(0, online.n_tokens)),
+                               torch.from_numpy(stored.rows(first_heldout, stored.n_tokens)), atol=2e-3, rtol=2e-3)
+
+
+def test_the_sae_and_its_history_say_which_source_trained_them(online_args):
+    import json
+
+    from saekit.integrity import read_sealed_json
+
+    store = _store(online_args)
+    _, meta = _sae(store)
+    history = read_sealed_json(store / "training_history.json", "")
+    cfg = json.loads((store / "sae_model" / "saelens" / "cfg.json").read_text())
+    assert meta["activation_source"] == history["activation_source"] == cfg["metadata"]["activation_source"] == "model"
+    assert history["history"][-1]["train_tokens"] == read_sealed_json(
+        next((store / "runs").glob("*/metadata.json")), "")["training_tokens"]
+
+
+def test_on_the_fly_with_a_seed_is_deterministic(online_args, tmp_path):
+    args = with_store(online_args, tmp_path / "store")
+    run_stage("01_save_activations.py", args)
+    run_stage("02_train_sae.py", args)
+    _assert_same_weights(_sae(_store(online_args))[0], _sae(tmp_path / "store")[0])
+
+
+def _train(args: list[str], checkpoint: Path, resume: bool = False, stop_at_save: int | None = None):
+    from saekit.models import load_model
+    from saekit.settings import load_settings
+    from saekit.sources import model_rows
+    from saekit.store import open_run
+    from saekit.train import TrainConfig, _Checkpoints, train_sae
+
+    settings = load_settings(args)
+    model, tokenizer = load_model(settings.MODEL_ID)
+    run = open_run(settings.store)
+    source = model_rows(settings, run, model, tokenizer, torch.device("cpu"))
+    real_save, saves = _Checkpoints.save, []
+
+    def save_then_stop(self, *a, **kw):  # interrupted right after a checkpoint was written
+        real_save(self, *a, **kw)
+        saves.append(a[3] if len(a) > 3 else kw.get("partial"))
+        if len(saves) == stop_at_save:
+            raise KeyboardInterrupt
+
+    _Checkpoints.save = save_then_stop
+    try:
+        return train_sae(run, TrainConfig.from_settings(settings), checkpoint_path=checkpoint, resume=resume,
+                         progress=False, source=source), saves
+    finally:
+        _Checkpoints.save = real_save
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(online_args, tmp_path):
+    (straight, _), saves = _train(online_args, tmp_path / "a.pt")
+    assert sum(partial is not None for partial in saves) >= 4  # several buffers an epoch: checkpoints mid-epoch
+    with pytest.raises(KeyboardInterrupt):  # stopped after the 2nd buffer of epoch 1
+        _train(online_args, tmp_path / "b.pt", stop_at_save=2)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["partial"]["position"]["buffer"] == 2
+    (resumed, _), _ = _train(online_args, tmp_path / "b.pt", resume=True)
+    _assert_same_weights(straight, resumed)
+
+
+def test_two_gloo_processes_equal_one(online_args, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(_store(online_args), store, ignore=shutil.ignore_patterns("sae_model", "models"))
+    args = with_store(online_args, store)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "02_train_sae.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "in 2 processes" in proc.stdout
+    _assert_same_weights(_sae(_store(online_args))[0], _sae(store)[0], exact=False)
+
+
+def test_no_heldout_text_is_trained_on(tmp_path, tiny_model, tiny_tokenizer):
+    """A training text that is also a held-out one (a duplicate in the dataset) is left out; every
+    text trained on is checked against the hash stage 01 recorded for it."""
+    from saekit.data import document_hash
+    from saekit.models import resolve_layer
+    from saekit.sources import ModelRows, count_training_texts
+    from saekit.store import StoreError
+
+    from conftest import STORIES, TINY_LAYER
+
+    texts = STORIES[:7] + [STORIES[1], STORIES[7]]  # held out: the last 2, the first of them also in training
+    plan, left_out = count_training_texts(texts, tiny_tokenizer, 24, 0.25)
+    assert plan.n_training == 7 and left_out == 1
+    trained: list[list[int]] = []
+
+    def rows(texts_):
+        source = ModelRows(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), texts_, plan,
+                           max_length=24, forward_batch=2, batch_size=8, buffer_tokens=30, dtype="float32",
+                           device=torch.device("cpu"), seed=0)
+        real = source._rows
+        source._rows = lambda docs: trained.extend(docs) or real(docs)
+        return sum(len(batch) for batch, _ in source.epoch(0))
+
+    assert rows(texts) == plan.n_tokens
+    heldout_ids = [tiny_tokenizer(t)["input_ids"] for t in texts[7:]]
+    assert len(trained) == 6 and not any(doc in heldout_ids for doc in trained)
+    assert {document_hash(t) for t in texts[:7]} - plan.heldout == {document_hash(t) for t in STORIES[:7]
+                                                                     if t != STORIES[1]}
+    with pytest.raises(StoreError, match="not the one stage 01 read"):  # the dataset changed since stage 01
+        rows([STORIES[0], STORIES[2]] + texts[2:])
+
+
+def test_settings_that_change_the_texts_are_refused(online_args):
+    proc = subprocess.run([sys.executable, "02_train_sae.py", *online_args, "--MAX_LENGTH=20"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "MAX_LENGTH (stage 01: 24, now 20)" in last
+
+
+def test_a_store_source_on_a_heldout_only_run_is_refused(online_args):
+    proc = subprocess.run([sys.executable, "02_train_sae.py", *online_args, "--ACTIVATION_SOURCE=store"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "--ACTIVATION_SOURCE=model" in proc.stderr.strip().splitlines()[-1]
+
+
+def _checksums(store: Path) -> dict[str, str]:
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.is_file() and "checkpoint" not in p.name and "models" not in p.parts}
+
+
+def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(_store(online_args), store, ignore=shutil.ignore_patterns("models"))
+    args = with_store(online_args, store) + ["--EPOCHS=200"]
+    before = _checksums(store)
+    checkpoint = store / "sae_model" / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    proc = subprocess.Popen([sys.executable, "02_train_sae.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while checkpoint.stat().st_mtime_ns == stamp and time.monotonic() < deadline:  # killed mid-training
+        time.sleep(0.05)
+    assert proc.poll() is None, "stage 02 ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _checksums(store) == before  # the SAE, its history and the SAELens folder as they were
