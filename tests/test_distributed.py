@@ -11,6 +11,11 @@ import torch
 
 from conftest import ROOT, copy_store, store_of, with_store
 
+# The same steps, summed in another order: Adam scales a latent's rare, tiny gradients up to the step
+# size, so round-off shows at ~3e-4 in a few weights after 3 epochs (measured); a latent chosen
+# differently anywhere would move weights by ~1e-1.
+ROUND_OFF = dict(atol=1e-3, rtol=1e-3)
+
 
 def _torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -42,7 +47,7 @@ def test_stage_02_on_two_processes_matches_one_process(tmp_path, smoke_args):
     single, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     double, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in single.state_dict().items():
-        torch.testing.assert_close(double.state_dict()[name], weight, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(double.state_dict()[name], weight, **ROUND_OFF, msg=name)
     one = read_sealed_json(store_of(smoke_args) / "training_history.json", "")["history"][-1]
     two = read_sealed_json(store / "training_history.json", "")["history"][-1]
     for key in ("train_loss", "heldout_fvu", "heldout_l0", "heldout_dead"):
@@ -90,4 +95,4 @@ def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_pat
     uninterrupted, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     resumed, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in uninterrupted.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[name], weight, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(resumed.state_dict()[name], weight, **ROUND_OFF, msg=name)

@@ -62,17 +62,17 @@ def test_shards_and_metadata(tmp_path, tiny_model, tiny_tokenizer):
 def test_interrupted_run_keeps_the_previous_run(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     first = _save(tiny_model, tiny_tokenizer, tmp_path)
     calls = {"n": 0}
-    real_forward = store_module.forward_to_layer
+    real_forward = store_module.document_activations
 
     def failing_forward(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 10:  # in the second window of texts, after the first was written
             raise KeyboardInterrupt
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "forward_to_layer", failing_forward)
+    monkeypatch.setattr(store_module, "document_activations", failing_forward)
     with pytest.raises(KeyboardInterrupt):
-        _save(tiny_model, tiny_tokenizer, tmp_path, run_id="interrupted")
+        _save(tiny_model, tiny_tokenizer, tmp_path, texts=STORIES * 4, run_id="interrupted")
     assert (tmp_path / "run_id.txt").read_text().strip() == first.name
     assert open_run(tmp_path).path == first
     assert not (tmp_path / "runs" / "interrupted").exists()
