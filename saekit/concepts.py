@@ -37,7 +37,7 @@ def open_namer(settings, device, model, tokenizer) -> Namer | None:
         return None
     if is_endpoint(naming_id):
         return EndpointNamer(naming_id, settings.NAMING_API_MODEL, settings.NAMING_API_KEY_ENV,
-                             settings.NAMING_MAX_NEW_TOKENS)
+                             settings.NAMING_MAX_NEW_TOKENS, settings.NAMING_TIMEOUT_S)
     if naming_id != settings.MODEL_ID:
         model, tokenizer = load_model(naming_id, device, cache_dir=settings.store / "models")
     return TransformersNamer(model, tokenizer, naming_id, settings.NAMING_MAX_NEW_TOKENS)
