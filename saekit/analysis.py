@@ -104,9 +104,7 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
-    # evaluation must score what training never saw: count evaluation texts that stage 01 embedded
-    seen = set(trained.run.document_hashes().tolist())
-    result["eval_texts_in_training"] = sum(h in seen for h in texts.hashes())
+    result["eval_texts_in_training"] = trained.run.count_embedded(texts.hashes())
     return result
 
 
