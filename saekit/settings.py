@@ -184,7 +184,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
     "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),
-    "SEED": _at_least(0), "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
+    "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
+    "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
     "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
     "TOP_N_EXAMPLES": _at_least(1), "CONTEXT_TOKENS": _at_least(0), "QUANTILE_EXAMPLES": _at_least(0),
