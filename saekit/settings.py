@@ -12,7 +12,6 @@ import importlib.util
 import math
 import os
 import shlex
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -249,12 +248,13 @@ def flags(args: list[str]) -> set[str]:
 
 
 def check_flags(args: list[str], allowed: set[str]) -> None:
+    """Refuse bare words and --flags the caller does not take: `--TOPK 16` would otherwise be ignored."""
     unknown = flags(args) - allowed
     bare = [a for a in args if not a.startswith("--")]
     if unknown or bare:
         bad = sorted(unknown) + bare
         allowed_text = ", ".join(f"--{f}" for f in sorted(allowed)) or "none"
-        sys.exit(
-            f"error: unknown argument(s) {bad}. Settings are given as --KEY=value "
+        raise SettingsError(
+            f"unknown argument(s) {bad}. Settings are given as --KEY=value "
             f"(see config.py) or --preset=NAME; flags this script takes: {allowed_text}"
         )
