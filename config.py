@@ -90,6 +90,7 @@ NAMING_MODEL_ID = "none"  # none (the embedded 135M names at chance); a local fo
 NAMING_API_MODEL = ""  # the model an endpoint is asked for; "" = the first it lists
 NAMING_API_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (the key is never stored)
 NAMING_MAX_NEW_TOKENS = 16
+NAMING_TIMEOUT_S = 60.0  # the longest an endpoint may take over one request, retries and a trickling answer included
 NAME_MIN_SCORE = 0.7  # a name becomes the title only above its label's score and at least this (0.5 = chance)
 
 PRESETS = {

@@ -20,7 +20,7 @@ from .errors import PipelineError
 from .integrity import read_sealed_json
 from .metrics import splice_metrics
 from .models import detect_device, load_model, resolve_layer
-from .sae import RERUN_02, TopKSAE, check_sae_matches
+from .sae import RERUN_02, TopKSAE, check_sae_matches, check_sae_width
 from .saelens_format import load_sae
 from .settings import Settings
 from .store import ActivationRun, check_run_matches, open_run
@@ -49,9 +49,7 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
     if settings.SAE_PATH:
         run = open_run(store)
         check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
-        if sae.d_in != run.d_model:
-            raise PipelineError(f"the SAE at SAE_PATH={settings.SAE_PATH} reads {sae.d_in} dimensions but "
-                                f"{settings.LAYER_SIGNATURE} has {run.d_model}: set LAYER_SIGNATURE to its layer")
+        check_sae_width(sae, run.d_model, settings.LAYER_SIGNATURE)
         meta = {**meta, "activation_run_id": run.run_id, "heldout_start_row": run.heldout_start(settings.HELDOUT_FRACTION)}
         return TrainedSAE(sae, meta, None, run)
     history = read_sealed_json(store / "training_history.json", RERUN_02)
@@ -110,9 +108,7 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
-    # evaluation must score what training never saw: count evaluation texts that stage 01 embedded
-    seen = set(trained.run.document_hashes().tolist())
-    result["eval_texts_in_training"] = sum(h in seen for h in texts.hashes())
+    result["eval_texts_in_training"] = trained.run.count_embedded(texts.hashes())
     return result
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .distributed import World, gather_objects, share
 from .models import forward_to_layer
-from .sae import TopKSAE
+from .sae import TopKSAE, check_sae_width
 
 HIST_EDGES = np.logspace(-3, 3, 61)  # activation histogram bins (log-spaced: any layer's scale fits)
 QUANTILES = 4
@@ -84,6 +84,7 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, max_leng
         enc = tokenizer(texts[start:min(start + batch_size, stop)], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_length).to(device)
         hidden = forward_to_layer(model, layer, enc.input_ids, enc.attention_mask)
+        check_sae_width(sae, hidden.shape[-1])
         values, latents = sae.encode(hidden.reshape(-1, sae.d_in).float())
         real = enc.attention_mask.bool().flatten().cpu()
         ids = enc.input_ids.flatten().cpu()[real]

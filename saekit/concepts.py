@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from .collect import collect
-from .data import load_role_texts
+from .data import Texts, load_role_texts
 from .distributed import World
+from .errors import PipelineError
 from .exports import apply_names, build_concepts, publish
 from .labels import lens_records
 from .models import detect_device, load_model, resolve_layer
@@ -22,6 +23,7 @@ from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoi
 from .sae import check_sae_matches
 from .saelens_format import load_sae
 from .stage import load_stage_model, stage_runtime, start_stage
+from .store import RUN_ID_FILE, open_run
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
                  "0.50 by detection and by fuzzing, observations.md), so titles are the labels. To name latents, set "
@@ -37,10 +39,34 @@ def open_namer(settings, device, model, tokenizer) -> Namer | None:
         return None
     if is_endpoint(naming_id):
         return EndpointNamer(naming_id, settings.NAMING_API_MODEL, settings.NAMING_API_KEY_ENV,
-                             settings.NAMING_MAX_NEW_TOKENS)
+                             settings.NAMING_MAX_NEW_TOKENS, settings.NAMING_TIMEOUT_S)
     if naming_id != settings.MODEL_ID:
         model, tokenizer = load_model(naming_id, device, cache_dir=settings.store / "models")
     return TransformersNamer(model, tokenizer, naming_id, settings.NAMING_MAX_NEW_TOKENS)
+
+
+class EvalOverlapError(PipelineError):
+    """Stage 04's texts include some that stage 01 embedded."""
+
+
+def check_texts_unseen(settings, sae_meta: dict[str, Any], texts: Texts) -> None:
+    """Refuse evaluation texts that the SAE's activation run embedded (EVAL_DATASET holding training
+    texts, or EVAL_SHARE changed since stage 01): labels read off training texts would flatter it.
+
+    The run is the SAE's own, or for an SAE from SAE_PATH that does not name one, the store's current
+    run; with no run in the store there is nothing stage 01 embedded."""
+    run_id = sae_meta.get("activation_run_id")
+    if run_id is None and not (settings.store / RUN_ID_FILE).exists():
+        return
+    run = open_run(settings.store, run_id)
+    seen = run.count_embedded(texts.hashes())
+    if seen:
+        share = run.meta.get("settings", {}).get("EVAL_SHARE")
+        raise EvalOverlapError(
+            f"{seen} of the {len(texts)} evaluation texts ({texts.source}) were embedded by stage 01 (run {run.run_id}), "
+            "so the concepts would be read off texts the SAE was trained on. Set EVAL_DATASET to texts that are not "
+            f"in the training data{f', and EVAL_SHARE to {share} as stage 01 had it' if share is not None else ''}, "
+            "or run stage 01 again with these settings.")
 
 
 def run_concepts(settings, progress: bool = True, device: torch.device | None = None,
@@ -54,6 +80,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     model, tokenizer = load_stage_model(settings, device, world)
     texts = load_role_texts(settings, "eval")  # never texts that the SAE was trained on
+    check_texts_unseen(settings, sae_meta, texts)
     if world.is_main:
         print(texts.summary())
     codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts.texts,

@@ -216,7 +216,32 @@ def open_texts(dataset: str, split: str = "train", text_field: str = "text", lim
         if suffix == ".jsonl":
             return TextStream(lambda: _jsonl_records(path), text_field, limit, str(path), keep)
         return TextStream(lambda: _parquet_records(path), text_field, limit, str(path), keep)
-    return TextStream(lambda: _hf_stream(dataset, split), text_field, limit, f"{dataset} ({split} split)", keep)
+    return TextStream(lambda: _hf_records(dataset, split), text_field, limit, f"{dataset} ({split} split)", keep)
+
+
+def _hf_records(dataset: str, split: str) -> Iterator[dict]:
+    """The records of a `datasets` source; a file it cannot parse is an error that names it. `datasets`
+    reads as it streams, so a malformed file shows only here, as a pyarrow or builder error."""
+    stream = _hf_stream(dataset, split)
+    try:
+        yield from stream
+    except DatasetError:
+        raise
+    except Exception as err:
+        _name_the_bad_file(Path(dataset))
+        raise DatasetError(f"could not read dataset {dataset!r} ({type(err).__name__}: {str(err)[:300]})") from None
+
+
+def _name_the_bad_file(folder: Path) -> None:
+    """Raise the DatasetError naming the file and line of a local dataset folder that does not parse,
+    read the way a single file is read; return if there is no such folder or every file reads."""
+    if not folder.is_dir():
+        return
+    readers = {".jsonl": _jsonl_records, ".parquet": _parquet_records}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in readers:
+            for _ in readers[path.suffix.lower()](path):
+                pass
 
 
 def _hf_stream(dataset: str, split: str) -> Iterable[dict]:
@@ -227,7 +252,8 @@ def _hf_stream(dataset: str, split: str) -> Iterable[dict]:
         return datasets.load_dataset(dataset, split=split, streaming=True)
     except ValueError as err:  # an unknown split
         raise DatasetError(f"dataset {dataset!r} has no split {split!r}: {err}") from None
-    except Exception as err:  # the hub is unreachable, or no such dataset / folder
+    except Exception as err:  # the hub is unreachable, or no such dataset / folder, or a file in it is malformed
+        _name_the_bad_file(Path(dataset))
         raise DatasetError(
             f"could not load dataset {dataset!r} ({type(err).__name__}: {err}). "
             "To fix it: give hub access, or save the dataset to a local folder or a .jsonl/.parquet "

@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -168,42 +170,92 @@ class TransformersNamer:
 
 
 class EndpointNamer:
-    """An OpenAI-compatible chat endpoint, asked one chat at a time at temperature 0."""
+    """An OpenAI-compatible chat endpoint, asked one chat at a time at temperature 0.
 
-    def __init__(self, base_url: str, model: str, api_key_env: str, max_new_tokens: int, timeout: float = 120):
+    Each request, its retries and its answer together take at most `timeout` seconds: the client's
+    own timeout restarts with every byte, so a server that trickles its answer would hold the stage
+    forever. Every message about the endpoint has the key removed, whatever the server echoes."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, max_new_tokens: int, timeout: float = 60):
         from openai import OpenAI
 
+        self.base_url, self.timeout = base_url, timeout
+        self.secret = os.environ.get(api_key_env) or ""
         # local servers (vLLM, Ollama, llama.cpp) accept any key; the client insists on one
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-needed",
-                             timeout=timeout, max_retries=2)
+        self.client = OpenAI(base_url=base_url, api_key=self.secret or "not-needed", timeout=timeout, max_retries=2)
         self.max_new_tokens = max_new_tokens
-        self.model = model or self._first_model(base_url)
+        self.model = model or self._first_model()
         self.namer_id = f"endpoint:{base_url}#{self.model}/{max_new_tokens}"
 
-    def _first_model(self, base_url: str) -> str:
-        try:
-            listed = [m.id for m in self.client.models.list()]
-        except Exception as err:  # the client raises many kinds; all mean the same to the user
-            raise NamingError(f"cannot list the models of the naming endpoint {base_url} ({type(err).__name__}: "
-                              f"{err}). Check that the server runs, or set NAMING_API_MODEL.") from None
+    def _call(self, request: Callable[[], Any], failed: str, advice: str) -> Any:
+        """request(), bounded by the timeout as a whole; any failure is a NamingError that says `failed`."""
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = request()
+            except Exception as err:  # the client raises many kinds; all mean the same to the user
+                outcome["error"] = err
+
+        started = time.monotonic()
+        # a daemon thread: one stuck on a silent server must not keep the process alive after the error
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise NamingError(self._redact(
+                f"{failed}: no complete answer from {self.base_url} in {time.monotonic() - started:.1f} s "
+                f"(NAMING_TIMEOUT_S = {self.timeout:g}). Check the server, or raise NAMING_TIMEOUT_S. {advice}"))
+        if "error" in outcome:
+            err = outcome["error"]
+            # a server's error body may be long; the line keeps its start, which says what went wrong
+            raise NamingError(self._redact(f"{failed} ({type(err).__name__}: {str(err)[:400]}). {advice}")) from None
+        return outcome["value"]
+
+    def _redact(self, message: str) -> str:
+        return redact(message, self.secret)
+
+    def _first_model(self) -> str:
+        listed = self._call(lambda: [m.id for m in self.client.models.list()],
+                            f"cannot list the models of the naming endpoint {self.base_url}",
+                            "Check that the server runs, or set NAMING_API_MODEL.")
         if not listed:
-            raise NamingError(f"the naming endpoint {base_url} lists no model. Set NAMING_API_MODEL.")
+            raise NamingError(f"the naming endpoint {self.base_url} lists no model. Set NAMING_API_MODEL.")
         return listed[0]
 
     def _ask(self, chat: Chat, max_tokens: int) -> str:
-        try:
-            reply = self.client.chat.completions.create(model=self.model, messages=chat, max_tokens=max_tokens,
-                                                        temperature=0)
-        except Exception as err:
-            raise NamingError(f"the naming endpoint failed ({type(err).__name__}: {err}). Names finished so far "
-                              "are kept; rerun stage 04 to go on.") from None
-        return reply.choices[0].message.content or ""
+        kept = "Names finished so far are kept; rerun stage 04 to go on."
+        reply = self._call(lambda: self.client.chat.completions.create(
+            model=self.model, messages=chat, max_tokens=max_tokens, temperature=0),
+            "the naming endpoint failed", kept)
+        choices = getattr(reply, "choices", None)
+        message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+        content = getattr(message, "content", None)
+        if message is None or not isinstance(content, (str, type(None))):
+            raise NamingError(self._redact(
+                f"the naming endpoint {self.base_url} answered without a message (choices: "
+                f"{str(choices)[:100]}); it is not an OpenAI-compatible chat endpoint, or it failed. {kept}"))
+        return content or ""
 
     def write(self, chats: list[Chat]) -> list[str]:
         return [clean_name(self._ask(chat, self.max_new_tokens)) for chat in chats]
 
     def judge(self, chats: list[Chat]) -> list[bool]:
         return [self._ask(chat, 2).strip().lower().startswith("yes") for chat in chats]
+
+
+def redact(message: str, secret: str, shortest: int = 6) -> str:
+    """`message` without `secret`, nor any piece of it `shortest` characters or longer: servers echo
+    keys whole, cut (sk-abc...xyz) or quoted, and any of these would end up on the terminal."""
+    if not secret:
+        return message
+    if len(secret) <= shortest:
+        return message.replace(secret, "[key]")
+    # the longest pieces first, so a whole key leaves one marker rather than several
+    for size in range(len(secret), shortest - 1, -1):
+        for start in range(len(secret) - size + 1):
+            message = message.replace(secret[start:start + size], "[key]")
+    return message
 
 
 def is_endpoint(naming_model_id: str) -> bool:

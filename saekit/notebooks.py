@@ -15,7 +15,9 @@ from nbclient.exceptions import CellExecutionError
 
 from .atomic import atomic_path
 from .errors import PipelineError, print_user_errors
-from .settings import PROJECT_ROOT, load_settings
+from .settings import PROJECT_ROOT, check_flags, load_settings
+
+KERNEL_LOG_LEVEL = "--IPKernelApp.log_level=ERROR"
 
 
 def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: int = 3600) -> Path:
@@ -25,6 +27,7 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     from nbconvert import HTMLExporter
 
     args = list(args or [])
+    check_flags(args, set())  # notebooks take no flags: `--TOP_K 16` would otherwise be run without it
     settings = load_settings(args)
     notebook = Path(notebook)
     if not notebook.is_file():
@@ -34,7 +37,9 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     previous = os.environ.get("SAE_ARGS")
     os.environ["SAE_ARGS"] = shlex.join(args)
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+        # the kernel logs at ERROR only: its warning about TCP without encryption (the kernel is local,
+        # its ports on loopback) reached the terminal late, after the one-line error it would hide
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", extra_arguments=[KERNEL_LOG_LEVEL],
                        resources={"metadata": {"path": str(PROJECT_ROOT)}}).execute()
     except CellExecutionError:
         message = _user_error_shown(nb)

@@ -340,3 +340,11 @@ def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: 
         if metadata[key] != value:
             raise SAEFileError(f"the SAE was trained on {key} {metadata[key]!r} but {setting} is {value!r}. "
                                "Run stages 01-02 with these settings, or pass the ones the SAE used.")
+
+
+def check_sae_width(sae: TopKSAE, width: int, layer: str = "LAYER_SIGNATURE's layer") -> None:
+    """Stop before an SAE reads activations of another width (an SAE_PATH made for another layer or
+    model), which would fail deep inside a reshape or, worse, by chance not fail."""
+    if sae.d_in != width:
+        raise SAEFileError(f"the SAE reads {sae.d_in} dimensions but {layer} has {width}: set LAYER_SIGNATURE "
+                           "(and MODEL_ID) to the layer the SAE was trained on, or SAE_PATH to an SAE for this layer")

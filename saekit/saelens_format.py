@@ -100,6 +100,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
         cfg = json.loads((folder / CFG_FILE).read_text())
     except (OSError, ValueError) as err:
         raise SAELensFormatError(f"{folder / CFG_FILE} cannot be read as JSON: {err}") from None
+    _check_cfg_types(cfg, folder / CFG_FILE)
     architecture = cfg.get("architecture") or ("topk" if cfg.get("activation_fn") == "topk" else "standard")
     if architecture not in ("topk", "jumprelu"):
         raise SAELensFormatError(f"{folder} holds a {architecture!r} SAE; stages 03-05 analyse TopK and JumpReLU "
@@ -125,6 +126,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
                                  f"b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)} do not fit together")
     if architecture == "jumprelu" and weights["threshold"].shape != (d_sae,):
         raise SAELensFormatError(f"{folder}: threshold has shape {tuple(weights['threshold'].shape)}, not ({d_sae},)")
+    _check_weights(cfg, weights, folder)
     if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):  # a TopK option only
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
@@ -145,6 +147,54 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> tupl
     return sae.to(device).eval(), cfg
 
 
+# cfg.json keys whose value, where present, must have this type; SAELens writes more, read nowhere here
+_CFG_TYPES: dict[str, tuple[type, ...]] = {
+    "architecture": (str,), "activation_fn": (str,), "normalize_activations": (str,),
+    "d_in": (int,), "d_sae": (int,), "apply_b_dec_to_input": (bool,), "rescale_acts_by_decoder_norm": (bool,),
+    "activation_fn_kwargs": (dict,), "metadata": (dict,)}
+
+
+def _check_cfg_types(cfg: Any, path: Path) -> None:
+    """A cfg.json that is a JSON object whose known keys have SAELens's types; anything else (a list,
+    null, a metadata that is a string) would fail later, far from its cause."""
+    if not isinstance(cfg, dict):
+        raise SAELensFormatError(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings "
+                                 "(architecture, d_in, d_sae, ...): it is not a SAELens config")
+    for key, types in _CFG_TYPES.items():
+        value = cfg.get(key)
+        # JSON true is a Python int too: only a key that wants a bool may hold one
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            raise SAELensFormatError(f"{path}: {key} must be a {types[0].__name__}, got {_short(value)} "
+                                     f"({type(value).__name__}): it is not a SAELens config this project can read")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """Refuse weights that contradict cfg.json, hold a non-finite value, or have a latent that cannot
+    write anything: each would give codes or a verdict computed from nonsense, with no word why."""
+    d_in, d_sae = weights["W_enc"].shape
+    for key, actual in (("d_in", d_in), ("d_sae", d_sae)):
+        if key in cfg and cfg[key] != actual:
+            raise SAELensFormatError(f"{folder / CFG_FILE} says {key} = {cfg[key]} but {WEIGHTS_FILE} has {actual}: "
+                                     "the config and the weights do not belong together")
+    for name, tensor in weights.items():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        if bad:
+            raise SAELensFormatError(f"{folder / WEIGHTS_FILE}: {name} has {bad} non-finite value(s) (NaN or inf) "
+                                     f"of {tensor.numel()}: the SAE is broken; export it again")
+    # A zero row cannot write anything, and SAELens's decoder-norm rescaling would divide by it: the
+    # decoder geometry, the logit lens and steering need a direction for every latent, so refuse.
+    zero = (weights["W_dec"] == 0).all(dim=1).nonzero().flatten()
+    if len(zero):
+        raise SAELensFormatError(f"{folder / WEIGHTS_FILE}: {len(zero)} of {d_sae} latents have an all-zero decoder "
+                                 f"row (first: latent {int(zero[0])}), so they cannot write anything; give every "
+                                 "latent a decoder direction, or drop those latents from the SAE")
+
+
 def load_sae(settings, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
     """The SAE that stages 03-05 analyse, with its metadata: SAE_PATH's SAELens folder when set,
     else stage 02's store/sae_model/topk_sae.pt.
@@ -159,7 +209,7 @@ def load_sae(settings, device: str | torch.device = "cpu") -> tuple[TopKSAE, dic
         return sae, {**meta, "source": "stage 02"}
     folder = Path(settings.SAE_PATH)
     sae, cfg = load_saelens(folder, device)
-    written_here = cfg.get("metadata", {})
+    written_here = cfg.get("metadata") or {}
     return sae, {"sae_id": sha256_file(folder / WEIGHTS_FILE)[:16], "source": str(folder),
                  "model_id": written_here.get("model_id", settings.MODEL_ID),
                  "layer_signature": written_here.get("layer_signature", settings.LAYER_SIGNATURE),

@@ -12,7 +12,6 @@ import importlib.util
 import math
 import os
 import shlex
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -185,12 +184,13 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
     "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
-    "SEED": _at_least(0), "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
+    "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
+    "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
     "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
     "TOP_N_EXAMPLES": _at_least(1), "CONTEXT_TOKENS": _at_least(0), "QUANTILE_EXAMPLES": _at_least(0),
     "NON_ACTIVATING_EXAMPLES": _at_least(0), "N_LATENTS_TO_NAME": _at_least(-1), "NAMING_MODEL_ID": _any,
-    "NAMING_MAX_NEW_TOKENS": _at_least(1),
+    "NAMING_MAX_NEW_TOKENS": _at_least(1), "NAMING_TIMEOUT_S": _between(0, 86400, open_low=True),
     "SCORING_EXAMPLES": _at_least(1), "LABEL_MAX_KEYS": _at_least(1), "LABEL_MIN_F1": _between(0, 1),
     "NAMING_API_MODEL": _any, "NAMING_API_KEY_ENV": _not_empty, "NAME_MIN_SCORE": _between(0.5, 1),
 }
@@ -249,12 +249,13 @@ def flags(args: list[str]) -> set[str]:
 
 
 def check_flags(args: list[str], allowed: set[str]) -> None:
+    """Refuse bare words and --flags the caller does not take: `--TOPK 16` would otherwise be ignored."""
     unknown = flags(args) - allowed
     bare = [a for a in args if not a.startswith("--")]
     if unknown or bare:
         bad = sorted(unknown) + bare
         allowed_text = ", ".join(f"--{f}" for f in sorted(allowed)) or "none"
-        sys.exit(
-            f"error: unknown argument(s) {bad}. Settings are given as --KEY=value "
+        raise SettingsError(
+            f"unknown argument(s) {bad}. Settings are given as --KEY=value "
             f"(see config.py) or --preset=NAME; flags this script takes: {allowed_text}"
         )

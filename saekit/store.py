@@ -300,6 +300,12 @@ class ActivationRun:
         verify_file(self.path / DOCUMENTS_FILE, self.meta["documents_sha256"], RERUN_01)
         return _load_npy(self.path / DOCUMENTS_FILE)
 
+    def count_embedded(self, hashes: Iterable[int]) -> int:
+        """How many of these documents (data.document_hash) this run embedded: evaluation must score
+        texts that training never saw."""
+        seen = set(self.document_hashes().tolist())
+        return sum(h in seen for h in hashes)
+
     def shard_offsets(self) -> np.ndarray:
         """Global row where each shard starts, plus the total at the end."""
         return np.concatenate([[0], np.cumsum([s["n_tokens"] for s in self.meta["shards"]])])
