@@ -25,6 +25,7 @@ from .saelens_format import load_sae
 from .settings import Settings
 from .store import ActivationRun, check_run_matches, open_run
 from .train import evaluate
+from .verdict import passed
 
 
 @dataclass
@@ -114,7 +115,7 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
 
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],
                    weights: dict[str, Any], splice: dict[str, float]) -> dict[str, Any]:
-    payload = {"passed": all(c["result"] == "PASS" for c in checks), "checks": checks, "heldout": heldout,
+    payload = {"passed": passed(checks), "checks": checks, "heldout": heldout,
                "weights": weights, "splice": splice, "activation_run_id": trained.run.run_id,
                "sae_id": trained.meta["sae_id"],
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
