@@ -119,3 +119,34 @@ def test_the_frontier_of_this_model_and_layer_is_used_and_names_its_texts(tmp_pa
     other_texts = verdict.frontier_position(points, 8.0, 0.03, "m", "l", "valid.jsonl")
     assert "the evaluation texts of stories.jsonl, not this run's valid.jsonl" in other_texts
     assert "Not placed" in verdict.frontier_position(points, 8.0, 0.03, "m", "another layer")
+
+
+# --- executed notebooks open offline ------------------------------------------------------------
+
+def assert_offline(html: str) -> None:
+    """Nothing in the page fetches from the network (URLs left in CSS comments fetch nothing)."""
+    import re
+
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert not re.search(r"""import\s*\(?\s*["']https?:""", html)
+    for cdn in ("cdnjs", "unpkg", "cdn.jsdelivr", "require.min.js", "MathJax", "widget-state+json"):
+        assert cdn not in html, cdn
+
+
+def test_notebook_html_needs_no_network_and_shows_widgets_as_text():
+    import nbformat
+
+    from saekit.notebooks import offline_html
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}, "version_major": 2,
+                                                                            "version_minor": 0}}
+    cell = nbformat.v4.new_code_cell("for _ in tqdm(range(3)): pass")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2, "version_minor": 0},
+        "text/plain": "CE with the SAE spliced in: 100% 3/3"})]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Stage 03"), cell]
+    html = offline_html(nb)
+    assert_offline(html)
+    assert "CE with the SAE spliced in: 100% 3/3" in html and "Stage 03" in html
+    assert "application/vnd.jupyter.widget-view+json" in nb.cells[1].outputs[0].data  # the .ipynb keeps its own
