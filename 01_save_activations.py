@@ -9,7 +9,7 @@ Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process
 """
 import sys
 
-from saekit.data import open_role_texts
+from saekit.data import open_role_texts, texts_line
 from saekit.models import layer_names, resolve_layer
 from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.store import open_run, save_activations
@@ -28,7 +28,8 @@ run_dir = save_activations(
     model, tokenizer, texts, settings.LAYER_SIGNATURE, settings.store,
     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
     dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS,
-    metadata={"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
+    metadata={"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": texts.read_from.get("split"),
+              "texts_read": texts.read_from, "n_texts_asked": settings.DATA_LIMIT,
               "source": texts.source, "text_field": settings.TEXT_FIELD, "device": str(device), "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "settings": settings.as_dict()},
     progress=world.is_main, world=world,
@@ -36,6 +37,6 @@ run_dir = save_activations(
 if world.is_main:
     record_settings(settings, "01_save_activations")
     n_texts = open_run(settings.store).meta["n_documents"]
-    print(f"embedded {n_texts} texts from {texts.source} ({texts.skipped_empty} empty or whitespace-only skipped)")
+    print("embedded " + texts_line(n_texts, settings.DATA_LIMIT, texts.source, texts.skipped_empty))
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")

@@ -65,8 +65,18 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
 def heldout_tokens(trained: TrainedSAE) -> dict[str, Any]:
     """Reconstruction of every held-out token: overall stats, and L0 and error per token."""
     stats = evaluate(trained.sae, trained.run, trained.heldout_start, trained.run.n_tokens, per_token=True)
-    return {"stats": stats, "summary": stats.summary(), "l0_per_token": stats.per_token_l0(),
+    summary = {**stats.summary(), "token_set": heldout_token_set(trained)}
+    return {"stats": stats, "summary": summary, "l0_per_token": stats.per_token_l0(),
             "per_token_fvu": stats.per_token_fvu()}
+
+
+def heldout_token_set(trained: TrainedSAE) -> str:
+    """Which tokens "held-out" FVU, L0 and dead latents count: stage 02's held-out rows of the
+    activation run, not the evaluation texts that the CE figures and stages 04-05 use."""
+    run = trained.run
+    return (f"the {run.n_tokens - trained.heldout_start} tokens of the last documents of activation run {run.run_id} "
+            f"(from row {trained.heldout_start}; texts of {run.meta.get('source', run.meta.get('dataset'))}) that "
+            "training never saw")
 
 
 def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]] | None:
@@ -107,6 +117,9 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
+    result["n_texts_asked"] = settings.EVAL_DATA_LIMIT
+    if progress:
+        print("CE figures on " + texts.summary())
     # evaluation must score what training never saw: count evaluation texts that stage 01 embedded
     seen = set(trained.run.document_hashes().tolist())
     result["eval_texts_in_training"] = sum(h in seen for h in texts.hashes())

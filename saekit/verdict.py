@@ -91,8 +91,11 @@ def verdict_text(check_rows: list[dict[str, Any]], heldout: dict[str, float], sp
     else:
         recovered = (f"{splice['ce_recovered_vs_mean']:.1%} of the mean-ablation loss recovered (mean-ablating the "
                      f"layer costs {cost:.3f} nats)")
+    # two sets of held-out tokens: stage 02's rows of the activation run, and the evaluation texts
+    heldout_set = f" on {heldout['token_set']}" if "token_set" in heldout else " on stage 02's held-out tokens"
+    eval_set = f" on {splice['n_texts']} evaluation texts" if "n_texts" in splice else ""
     figures = (f"held-out FVU {heldout['fvu']:.3f}, L0 {heldout['l0']:.2f} (k = {k}), "
-               f"{heldout['dead_fraction']:.2%} of latents dead; spliced into the model ΔCE "
+               f"{heldout['dead_fraction']:.2%} of latents dead{heldout_set}; spliced into the model{eval_set} ΔCE "
                f"{splice['delta_ce']:.4f} nats, {recovered}")
     failed = [c for c in check_rows if c["result"] == "FAIL"]
     if not failed:

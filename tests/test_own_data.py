@@ -150,3 +150,61 @@ def test_notebook_html_needs_no_network_and_shows_widgets_as_text():
     assert_offline(html)
     assert "CE with the SAE spliced in: 100% 3/3" in html and "Stage 03" in html
     assert "application/vnd.jupyter.widget-view+json" in nb.cells[1].outputs[0].data  # the .ipynb keeps its own
+
+
+# --- what was read, and how many texts ------------------------------------------------------------
+
+def _settings(tmp_path, *args):
+    texts = [f"story number {i} about a cat and a dog" for i in range(400)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    return train, load_settings([f"--HF_DATASET={train}", "--EVAL_SHARE=0.1", *args])
+
+
+def test_a_split_less_file_records_the_file_and_its_hash_share_not_a_split(tmp_path):
+    from saekit.data import open_role_texts
+
+    train, settings = _settings(tmp_path, "--EVAL_DATA_LIMIT=200")
+    evaluation = open_role_texts(settings, "eval").read()
+    assert evaluation.read_from == {"file": str(train), "eval_share": 0.1, "side": "evaluation",
+                                    "chosen_by": "document hash"}
+    training = open_role_texts(settings, "train")
+    assert training.read_from["side"] == "training" and "split" not in training.read_from
+
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text(json.dumps({"text": "a story of its own"}))
+    _, two_files = _settings(tmp_path, f"--EVAL_DATASET={valid}")
+    assert open_role_texts(two_files, "eval").read().read_from == {"file": str(valid)}
+
+
+def test_fewer_texts_than_asked_are_counted_and_warned_about(tmp_path):
+    from saekit.data import open_role_texts
+
+    _, settings = _settings(tmp_path, "--EVAL_DATA_LIMIT=200")
+    evaluation = open_role_texts(settings, "eval").read()
+    assert 10 < len(evaluation) < 200  # a 10% share of 400 documents
+    line = evaluation.summary()
+    assert line.startswith(f"{len(evaluation)} texts from {settings.HF_DATASET} (the 10% evaluation share")
+    assert f"warning: fewer texts than asked: {len(evaluation)} of 200" in line
+    _, enough = _settings(tmp_path, "--EVAL_DATA_LIMIT=10")
+    assert "warning" not in open_role_texts(enough, "eval").read().summary()
+
+
+def test_stage_01_records_what_it_read(smoke_args):
+    from conftest import store_of
+    from saekit.store import open_run
+
+    meta = open_run(store_of(smoke_args)).meta
+    stories = next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--HF_DATASET="))
+    assert meta["split"] is None  # a .jsonl has no splits
+    assert meta["texts_read"] == {"file": stories, "eval_share": 0.25, "side": "training", "chosen_by": "document hash"}
+    assert meta["n_texts_asked"] == 24
+
+
+def test_the_verdict_names_the_tokens_each_figure_counts():
+    heldout = {**SOUND_HELDOUT, "token_set": "the 1200 tokens of the last documents of activation run r1"}
+    splice = {"eval_texts_in_training": 0, "ce_clean": 2.42, "ce_sae": 2.45, "ce_mean": 2.56, "delta_ce": 0.03,
+              "ce_recovered_vs_mean": 0.78, "n_texts": 97}
+    text = verdict.verdict_text(verdict.checks(load_settings([]), 8, heldout, None, splice), heldout, splice, 8)
+    assert "latents dead on the 1200 tokens of the last documents of activation run r1" in text
+    assert "spliced into the model on 97 evaluation texts ΔCE 0.0300" in text
