@@ -11,7 +11,7 @@ Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process
 import itertools
 import sys
 
-from saekit.data import open_role_texts
+from saekit.data import open_role_texts, texts_line
 from saekit.models import layer_names, resolve_layer
 from saekit.sources import count_training_texts
 from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
@@ -27,8 +27,9 @@ if "list-layers" in flags:
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
 
 texts = open_role_texts(settings, "train")  # read as it is embedded: memory stays flat however many texts
-metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": settings.DATA_SPLIT,
-            "source": texts.source, "text_field": settings.TEXT_FIELD, "device": str(device),
+metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": texts.read_from.get("split"),
+            "texts_read": texts.read_from, "n_texts_asked": settings.DATA_LIMIT, "source": texts.source,
+            "text_field": settings.TEXT_FIELD, "device": str(device),
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "settings": settings.as_dict()}
 on_the_fly = {}
 if settings.ACTIVATION_SOURCE == "model":  # stage 02 makes the training rows itself: count them, save the rest
@@ -51,7 +52,7 @@ run_dir = save_activations(
 if world.is_main:
     record_settings(settings, "01_save_activations")
     meta = open_run(settings.store).meta
-    print(f"embedded {meta['n_documents'] - meta.get('training_documents', 0)} texts from {metadata['source']} ({meta['skipped_empty']} empty or "
-          "whitespace-only skipped)")
+    done = "read" if settings.ACTIVATION_SOURCE == "model" else "embedded"  # on the fly, the held-out ones only
+    print(f"{done} " + texts_line(meta["n_documents"], settings.DATA_LIMIT, metadata["source"], meta["skipped_empty"]))
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")

@@ -41,6 +41,7 @@ from saekit.metrics import splice_metrics
 from saekit.models import load_model, resolve_layer
 from saekit.saelens_format import load_saelens
 from saekit.settings import load_settings
+from saekit.verdict import measured_on
 from saekit.store import open_run
 from saekit.train import evaluate, scaled_lr
 
@@ -172,7 +173,7 @@ for row_k in sorted({r["k"] for r in rows}):
     print(f"k = {row_k}: best here {best_ours['trainer']} ΔCE {best_ours['delta_ce']:.4f} at L0 {best_ours['l0']:.2f}; "
           f"best peer {best_peer['trainer']} {best_peer['delta_ce']:.4f} at L0 {best_peer['l0']:.2f}")
 path = save_result("bench_peers", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
-                   {"run_id": run.run_id, "train_tokens": heldout_start, "heldout_tokens": run.n_tokens - heldout_start,
-                    "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
+                   {"run_id": run.run_id, **measured_on(settings), "train_tokens": heldout_start,
+                    "heldout_tokens": run.n_tokens - heldout_start, "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
                     "n_latents": n_latents, "results": rows})
 print(f"wrote {path}")

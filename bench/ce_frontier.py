@@ -22,6 +22,7 @@ from saekit.data import load_texts
 from saekit.metrics import splice_metrics
 from saekit.models import load_model, resolve_layer
 from saekit.settings import load_settings
+from saekit.verdict import measured_on
 from saekit.store import open_run
 from saekit.train import TrainConfig, evaluate, train_sae
 
@@ -66,5 +67,6 @@ print(table(rows, COLUMNS))
 goal = {"min_recovered_vs_mean": base.MIN_CE_RECOVERED, "max_delta_ce": base.MAX_DELTA_CE}
 path = save_result("ce_frontier" if configurations is CONFIGURATIONS else "ce_frontier_custom",
                    "bench/ce_frontier.py " + " ".join(shlex.quote(c) for c in sys.argv[1:]),
-                   {"run_id": run.run_id, "eval_texts": len(texts), "goal": goal, "results": rows})
+                   {"run_id": run.run_id, **measured_on(base), "eval_texts": len(texts), "goal": goal,
+                    "results": rows})
 print(f"wrote {path}")

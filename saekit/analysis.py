@@ -25,6 +25,7 @@ from .saelens_format import load_sae
 from .settings import Settings
 from .store import ActivationRun, check_run_matches, open_run
 from .train import evaluate
+from .verdict import passed
 
 
 @dataclass
@@ -62,8 +63,18 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
 def heldout_tokens(trained: TrainedSAE) -> dict[str, Any]:
     """Reconstruction of every held-out token: overall stats, and L0 and error per token."""
     stats = evaluate(trained.sae, trained.run, trained.heldout_start, trained.run.n_tokens, per_token=True)
-    return {"stats": stats, "summary": stats.summary(), "l0_per_token": stats.per_token_l0(),
+    summary = {**stats.summary(), "token_set": heldout_token_set(trained)}
+    return {"stats": stats, "summary": summary, "l0_per_token": stats.per_token_l0(),
             "per_token_fvu": stats.per_token_fvu()}
+
+
+def heldout_token_set(trained: TrainedSAE) -> str:
+    """Which tokens "held-out" FVU, L0 and dead latents count: stage 02's held-out rows of the
+    activation run, not the evaluation texts that the CE figures and stages 04-05 use."""
+    run = trained.run
+    return (f"the {run.n_tokens - trained.heldout_start} tokens of the last documents of activation run {run.run_id} "
+            f"(from row {trained.heldout_start}; texts of {run.meta.get('source', run.meta.get('dataset'))}) that "
+            "training never saw")
 
 
 def weight_report(trained: TrainedSAE) -> dict[str, dict[str, float]] | None:
@@ -108,13 +119,16 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
+    result["n_texts_asked"] = settings.EVAL_DATA_LIMIT
+    if progress:
+        print("CE figures on " + texts.summary())
     result["eval_texts_in_training"] = trained.run.count_embedded(texts.hashes())
     return result
 
 
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],
                    weights: dict[str, Any], splice: dict[str, float]) -> dict[str, Any]:
-    payload = {"passed": all(c["result"] == "PASS" for c in checks), "checks": checks, "heldout": heldout,
+    payload = {"passed": passed(checks), "checks": checks, "heldout": heldout,
                "weights": weights, "splice": splice, "activation_run_id": trained.run.run_id,
                "sae_id": trained.meta["sae_id"],
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -91,7 +91,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     live = sorted({int(i) for i in codes.firing[1]})
     meta = {"model_id": settings.MODEL_ID, "layer_signature": settings.LAYER_SIGNATURE,
             "activation_run_id": sae_meta.get("activation_run_id"), "sae_id": sae_meta.get("sae_id"), "k": sae.k,
-            "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": settings.EVAL_SPLIT,
+            "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": texts.read_from.get("split"),
+            "texts_read": texts.read_from, "source": texts.source, "n_texts_asked": settings.EVAL_DATA_LIMIT,
             "naming_model_id": settings.NAMING_MODEL_ID,
             "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict()}
     built = build_concepts(codes, lens_records(model, tokenizer, sae, live), meta, top_n=settings.TOP_N_EXAMPLES,

@@ -293,7 +293,7 @@ def _json(obj: Any) -> str:
 
 def dashboard_data(concepts: Concepts, files: str) -> dict[str, Any]:
     """What the page embeds: metadata, where its files are, and the table's rows."""
-    meta_keys = ("model_id", "layer_signature", "n_latents", "k", "dataset", "split", "n_texts", "n_tokens",
+    meta_keys = ("model_id", "layer_signature", "n_latents", "k", "dataset", "split", "source", "n_texts", "n_tokens",
                  "n_scoring_texts", "context_tokens", "naming", "created")
     rows = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in ROW_COLUMNS] for r in latent_rows(concepts)]
     return {"meta": {k: concepts.meta.get(k) for k in meta_keys}, "files": files, "chunk": CHUNK,

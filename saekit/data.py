@@ -34,6 +34,8 @@ class Texts:
     source: str
     skipped_empty: int = 0
     fields: list[str] = field(default_factory=list)
+    limit: int | None = None  # how many were asked for (0 or None: all)
+    read_from: dict[str, Any] = field(default_factory=dict)  # the file or dataset, split or share (TextStream)
 
     def hashes(self) -> list[int]:
         return [document_hash(t) for t in self.texts]
@@ -42,7 +44,18 @@ class Texts:
         return len(self.texts)
 
     def summary(self) -> str:
-        return f"{len(self.texts)} texts from {self.source} ({self.skipped_empty} empty or whitespace-only skipped)"
+        return texts_line(len(self.texts), self.limit, self.source, self.skipped_empty)
+
+
+def texts_line(n: int, limit: int | None, source: str, skipped_empty: int) -> str:
+    """How many texts a stage used, from where; with a warning when the source gave fewer than asked
+    (a 10% hash share of a file holds fewer than EVAL_DATA_LIMIT sooner than one expects, and the
+    labels' F1 halves on half the texts)."""
+    line = f"{n} texts from {source} ({skipped_empty} empty or whitespace-only skipped)"
+    if limit and n < limit:
+        line += (f"\nwarning: fewer texts than asked: {n} of {limit}; {source} has no more. Figures on fewer texts "
+                 "are noisier: give more texts, or a larger share or limit.")
+    return line
 
 
 def document_hash(text: str) -> int:
@@ -56,10 +69,12 @@ class TextStream:
     as it is read; a pass that finds no text at all stops with an error saying what to check."""
 
     def __init__(self, records: Callable[[], Iterable[Any]], text_field: str | None, limit: int | None,
-                 source: str, keep: Callable[[str], bool] | None = None):
+                 source: str, keep: Callable[[str], bool] | None = None, read_from: dict[str, Any] | None = None):
         self._records, self.text_field, self.limit, self.source, self._keep = records, text_field, limit, source, keep
         self.skipped_empty = 0
         self.fields: list[str] = []
+        # what was read, for the artifacts' metadata: a file has no split to name
+        self.read_from: dict[str, Any] = dict(read_from or {"dataset": source})
 
     def __iter__(self) -> Iterator[str]:
         self.skipped_empty, given = 0, 0
@@ -95,7 +110,7 @@ class TextStream:
     def read(self) -> Texts:
         """All of it, as a list (evaluation's few hundred texts; stage 01 streams instead)."""
         texts = list(self)
-        return Texts(texts, self.source, self.skipped_empty, self.fields)
+        return Texts(texts, self.source, self.skipped_empty, self.fields, self.limit, dict(self.read_from))
 
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
@@ -169,6 +184,8 @@ def open_role_texts(settings, role: str) -> TextStream:
             texts = open_texts(dataset, split, settings.TEXT_FIELD, limit, keep=keep)
             part = f"the {share:.0%} evaluation share" if role == "eval" else f"all but the {share:.0%} evaluation share"
             texts.source = f"{dataset} ({part}, chosen by document hash)"
+            texts.read_from.update(eval_share=share, side="evaluation" if role == "eval" else "training",
+                                   chosen_by="document hash")
             return texts
         if settings.DATA_SPLIT == settings.EVAL_SPLIT:
             raise DatasetError(
@@ -204,19 +221,22 @@ def open_texts(dataset: str, split: str = "train", text_field: str = "text", lim
         if not EMBEDDED_CORPUS.exists():
             raise DatasetError(f"{EMBEDDED_CORPUS} is missing; rebuild it with python tools/make_corpus.py")
         return TextStream(lambda: (r for r in _jsonl_records(EMBEDDED_CORPUS) if r.get("split") == split),
-                          text_field, limit, f"the embedded corpus ({split} split)", keep)
+                          text_field, limit, f"the embedded corpus ({split} split)", keep,
+                          {"dataset": EMBEDDED_DATASET, "file": str(EMBEDDED_CORPUS), "split": split})
 
     path = Path(dataset)
     suffix = path.suffix.lower()
     if is_splitless(dataset):
         if not path.is_file():
             raise DatasetError(f"dataset file {path} does not exist")
+        read_from = {"file": str(path)}
         if suffix == ".txt":
-            return TextStream(lambda: (line for _, line in _lines(path)), None, limit, str(path), keep)
+            return TextStream(lambda: (line for _, line in _lines(path)), None, limit, str(path), keep, read_from)
         if suffix == ".jsonl":
-            return TextStream(lambda: _jsonl_records(path), text_field, limit, str(path), keep)
-        return TextStream(lambda: _parquet_records(path), text_field, limit, str(path), keep)
-    return TextStream(lambda: _hf_records(dataset, split), text_field, limit, f"{dataset} ({split} split)", keep)
+            return TextStream(lambda: _jsonl_records(path), text_field, limit, str(path), keep, read_from)
+        return TextStream(lambda: _parquet_records(path), text_field, limit, str(path), keep, read_from)
+    return TextStream(lambda: _hf_records(dataset, split), text_field, limit, f"{dataset} ({split} split)", keep,
+                      {"dataset": dataset, "split": split})
 
 
 def _hf_records(dataset: str, split: str) -> Iterator[dict]:

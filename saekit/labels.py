@@ -28,7 +28,7 @@ detection (matches somewhere in activating windows, nowhere in silent ones) and 
 the marked peak, not a marked token where the latent is silent), each a balanced accuracy. These
 are the scores a model-written name has to beat (saekit.naming).
 
-Logit lens: a latent's decoder direction pushed through the final norm's weight and the
+Logit lens: a latent's decoder direction pushed through the final norm's gain and the
 unembedding, skipping the blocks in between: a rough first-order view of what it promotes.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .collect import HeldoutCodes, ScoringWindows, window
+from .models import final_norm_gain
 from .sae import TopKSAE
 
 RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "logit lens")
@@ -285,8 +286,7 @@ def window_scores(codes: HeldoutCodes, keys: TokenKeys, label: Label, windows: S
 def logit_lens(model, sae: TopKSAE, top: int = 10, chunk: int = 256) -> tuple[torch.Tensor, ...]:
     """(promoted ids, values, suppressed ids, values), each [n_latents, top]."""
     unembed = model.get_output_embeddings().weight.float().cpu()
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    gain = norm.weight.float().cpu() if norm is not None and hasattr(norm, "weight") else torch.ones(unembed.shape[1])
+    gain = final_norm_gain(model)  # the model's final norm, per architecture; refused where none is known
     results = [[], [], [], []]
     for lo in range(0, sae.n_latents, chunk):
         logits = (sae.W_dec[lo:lo + chunk].float().cpu() * gain) @ unembed.T

@@ -60,14 +60,31 @@ def embedded_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
 
 
-def _prepare_tokenizer(tokenizer, model) -> None:
+def _usable_token(token_id, tokenizer, model) -> bool:
+    """A token id that both the tokenizer and the model's embedding know."""
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    return isinstance(token_id, int) and 0 <= token_id < min(len(tokenizer), n_embeddings)
+
+
+def _prepare_tokenizer(tokenizer, model, model_id: str = "") -> None:
     # The GGUF tokenizer reports <|im_start|> as EOS; the model's config knows the real one
-    # (<|im_end|>), which generation must stop on.
+    # (<|im_end|>), which generation must stop on. A config eos outside the tokenizer's vocabulary
+    # (transformers' default GPT2Config says 50256 whatever the vocabulary) names no token: ignored.
     eos_id = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
+    if _usable_token(eos_id, tokenizer, model) and tokenizer.eos_token_id != eos_id:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if not _usable_token(tokenizer.pad_token_id, tokenizer, model):
+        # right padding is masked out of every figure, so any token the model can embed will do
+        for name in ("eos_token", "bos_token", "unk_token"):
+            if _usable_token(getattr(tokenizer, f"{name}_id"), tokenizer, model):
+                tokenizer.pad_token = getattr(tokenizer, name)
+                break
+        else:
+            raise ModelLoadError(
+                f"the tokenizer of {model_id or 'the model'} has no usable padding token (pad, eos, bos and unk are "
+                f"all unset or outside its {len(tokenizer)}-token vocabulary), so texts cannot be batched. "
+                "To fix it: set \"pad_token\" in the model folder's tokenizer_config.json (or special_tokens_map.json) "
+                "to a token of its vocabulary.")
     tokenizer.padding_side = "right"
 
 
@@ -133,7 +150,7 @@ def load_model(model_id: str, device: str | torch.device = "cpu", cache_dir: str
         ) from err
     if model_id == EMBEDDED_MODEL and cache_dir and "gguf_file" in kwargs:
         _cache_embedded(model, tokenizer, Path(cache_dir) / EMBEDDED_CACHE_NAME)
-    _prepare_tokenizer(tokenizer, model)
+    _prepare_tokenizer(tokenizer, model, model_id)
     model.to(device, dtype).eval()
     return model, tokenizer
 
@@ -166,6 +183,47 @@ def resolve_layer(model: nn.Module, signature: str) -> nn.Module:
             "to list every layer: python 01_save_activations.py --list-layers"
         )
     return model.get_submodule(names[signature])
+
+
+# Where each architecture keeps the norm applied before the unembedding. Listed, not guessed: a
+# wrong module would silently rescale every logit-lens direction.
+FINAL_NORM_PATHS = ("model.norm",  # Llama, Qwen2, Gemma, Gemma2, Gemma3, Phi3, Mistral
+                    "transformer.ln_f",  # GPT-2, GPT-J
+                    "gpt_neox.final_layer_norm",  # GPT-NeoX, Pythia
+                    "model.language_model.norm",  # Gemma3 multimodal
+                    "model.decoder.final_layer_norm")  # OPT
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm the model applies before its unembedding, or an error naming the model's class."""
+    for path in FINAL_NORM_PATHS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise LayerNotFoundError(
+        f"no final norm found in {type(model).__name__} (looked for {', '.join(FINAL_NORM_PATHS)}), so the logit "
+        "lens cannot be computed. Add the module path of its final norm to saekit.models.FINAL_NORM_PATHS.")
+
+
+@torch.no_grad()
+def final_norm_gain(model: nn.Module) -> torch.Tensor:
+    """The per-dimension gain of the final norm [d], float32 on the CPU.
+
+    Measured by running the norm itself, so each architecture's convention holds without being
+    listed: Gemma's RMSNorm scales by 1 + weight, GPT-2's and GPT-NeoX's LayerNorm add a bias. For
+    x of ±1 (mean 0, rms 1), norm(x) - norm(-x) = 2 x gain, the bias cancelling (exact for an even
+    width, within 1/d for an odd one)."""
+    norm = final_norm(model)
+    d = model.get_input_embeddings().embedding_dim
+    param = next(norm.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.ones(d, dtype=torch.float32)
+    x[1::2] = -1
+    probe = torch.stack([x, -x]).to(device, dtype)
+    out = norm(probe).float().cpu()
+    return (out[0] - out[1]) / (2 * x)
 
 
 class _StopForward(Exception):

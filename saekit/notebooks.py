@@ -24,7 +24,6 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     """Execute `notebook` top to bottom; return the path of the executed copy (and its .html)."""
     import nbformat
     from nbclient import NotebookClient
-    from nbconvert import HTMLExporter
 
     args = list(args or [])
     check_flags(args, set())  # notebooks take no flags: `--TOP_K 16` would otherwise be run without it
@@ -54,10 +53,49 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     out = settings.store / "notebooks" / notebook.name
     with atomic_path(out) as tmp:
         nbformat.write(nb, tmp)
-    html, _ = HTMLExporter().from_notebook_node(nb)
+    html = offline_html(nb)
     with atomic_path(out.with_suffix(".html")) as tmp:
         tmp.write_text(html)
     return out
+
+
+# nbconvert's lab template loads require.js and MathJax from cdnjs, the widget manager from unpkg and
+# mermaid from cdnjs, so offline a page lost its progress bars. The notebooks need none of them (no
+# math, no diagrams); progress-bar widgets are shown by the text that tqdm writes beside them.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{% block html_head_js_requirejs %}{% endblock html_head_js_requirejs %}
+{% block jupyter_widgets %}{% endblock jupyter_widgets %}
+{% block html_head_js_mathjax %}{% endblock html_head_js_mathjax %}
+{% block html_head_js_mermaidjs %}{% endblock html_head_js_mermaidjs %}
+"""
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def offline_html(nb) -> str:
+    """The executed notebook as one HTML page that loads nothing from the network: no scripts from a
+    CDN and no widget state, each widget output replaced by its text fallback."""
+    import copy
+
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        outputs = []
+        for output in cell.get("outputs", []):
+            data = output.get("data")
+            if data is not None and _WIDGET_VIEW in data:
+                del data[_WIDGET_VIEW]
+                if not data:
+                    continue
+            outputs.append(output)
+        if "outputs" in cell:
+            cell.outputs = outputs
+    exporter = HTMLExporter(extra_loaders=[DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
+                            template_file="offline.html.j2", embed_images=True)
+    html, _ = exporter.from_notebook_node(nb)
+    return html
 
 
 class NotebookError(PipelineError):

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from conftest import ROOT
+from test_own_data import assert_offline
 from saekit.notebooks import run_notebook
 from saekit.settings import load_settings
 
@@ -15,8 +16,10 @@ def test_analysis_notebook_writes_its_verdict(smoke_args):
     checks = {c["check"]: c for c in report["checks"]}
     assert set(checks) >= {"L0 equals TOP_K", "dead latents (held-out)", "held-out FVU",
                            "CE-loss recovered vs mean-ablation", "delta CE (nats)", "W_enc moved from its initialisation"}
-    assert all(c["result"] in ("PASS", "FAIL") for c in report["checks"])
-    assert report["passed"] == all(c["result"] == "PASS" for c in report["checks"])
+    # N/A: CE recovered is not judged where mean-ablating the layer costs nothing (a random tiny model may)
+    assert all(c["result"] in ("PASS", "FAIL", "N/A") for c in report["checks"])
+    assert report["passed"] == all(c["result"] != "FAIL" for c in report["checks"])
+    assert_offline(executed.with_suffix(".html").read_text())
     assert checks["L0 equals TOP_K"]["result"] == "PASS"  # TopK gives exactly k on any SAE
     assert checks["W_enc moved from its initialisation"]["result"] == "PASS"
     assert 0 <= report["heldout"]["fvu"] and report["splice"]["n_predictions"] > 0

@@ -197,7 +197,7 @@ function applyHash() {
 const m = data.meta;
 document.getElementById("meta").textContent =
   `${m.model_id} · ${m.layer_signature} · ${m.n_latents} latents, k = ${m.k} · ${m.n_texts} texts (${m.n_tokens} ` +
-  `tokens) of ${m.dataset} / ${m.split} · labels chosen on ${m.n_texts - m.n_scoring_texts} texts, scored on the ` +
+  `tokens) of ${m.source || m.dataset + " / " + m.split} (the evaluation texts) · labels chosen on ${m.n_texts - m.n_scoring_texts} texts, scored on the ` +
   `other ${m.n_scoring_texts} · ${m.created}`;
 document.getElementById("naming").textContent = m.naming || "";
 document.querySelector("#latents thead tr").append(...columns.map(([key, title]) => {
