@@ -240,7 +240,7 @@ def test_stage_03_analyses_a_jumprelu_sae_without_k_from_sae_path(tmp_path, smok
     heldout = analysis.heldout_tokens(other)
     assert heldout["summary"]["l0"] > 0 and heldout["l0_per_token"].max() > heldout["l0_per_token"].min()
     plots.l0_distribution(heldout["l0_per_token"], other.sae.k)
-    splice = {"eval_texts_in_training": 0, "delta_ce": 0.03, "ce_recovered_vs_mean": 0.8}
+    splice = {"eval_texts_in_training": 0, "delta_ce": 0.03, "ce_recovered_vs_mean": 0.8, "ce_clean": 2.0, "ce_mean": 2.15}
     names = [c["check"] for c in verdict.checks(settings, other.sae.k, heldout["summary"], None, splice,
                                                  other.sae.architecture)]
     assert "held-out FVU" in names and not any("L0" in name for name in names)
