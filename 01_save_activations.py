@@ -12,6 +12,7 @@ import itertools
 import sys
 
 from saekit.data import open_role_texts, texts_line
+from saekit.memory import check_fits, forward_parts
 from saekit.models import layer_names, resolve_layer
 from saekit.sources import count_training_texts
 from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
@@ -25,6 +26,8 @@ if "list-layers" in flags:
     print("\n".join(layer_names(model)))
     sys.exit(0)
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
+check_fits("stage 01's forward", forward_parts(model, settings.BATCH_SIZE_SAVE, settings.MAX_LENGTH), device,
+           "Lower BATCH_SIZE_SAVE (or MAX_LENGTH).")
 
 texts = open_role_texts(settings, "train")  # read as it is embedded: memory stays flat however many texts
 metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": texts.read_from.get("split"),

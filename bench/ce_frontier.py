@@ -9,8 +9,10 @@ steps; their held-out FVU is then over more documents, their CE over the same te
 
     .venv/bin/python bench/ce_frontier.py                         # the configurations below
     .venv/bin/python bench/ce_frontier.py "--TOP_K=128"           # others, one per argument
+    .venv/bin/python bench/ce_frontier.py --name=X "--TOP_K=128"  # ... written to ce_frontier_X.json
 
-The configurations below write bench/results/ce_frontier.json; others, ce_frontier_custom.json.
+The configurations below write bench/results/ce_frontier.json; others, ce_frontier_custom.json (or
+ce_frontier_<name>.json).
 """
 import shlex
 import sys
@@ -40,7 +42,8 @@ EVAL_TEXTS = 100
 COLUMNS = ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "recovered_vs_zero",
            "kl", "train_seconds"]
 
-configurations = sys.argv[1:] or CONFIGURATIONS
+name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--name=")), "custom")
+configurations = [a for a in sys.argv[1:] if not a.startswith("--name=")] or CONFIGURATIONS
 base = load_settings([])
 run = open_run(base.store)
 model, tokenizer = load_model(base.MODEL_ID, "cpu", cache_dir=base.store / "models")
@@ -65,7 +68,7 @@ for overrides in configurations:
 
 print(table(rows, COLUMNS))
 goal = {"min_recovered_vs_mean": base.MIN_CE_RECOVERED, "max_delta_ce": base.MAX_DELTA_CE}
-path = save_result("ce_frontier" if configurations is CONFIGURATIONS else "ce_frontier_custom",
+path = save_result("ce_frontier" if configurations is CONFIGURATIONS else f"ce_frontier_{name}",
                    "bench/ce_frontier.py " + " ".join(shlex.quote(c) for c in sys.argv[1:]),
                    {"run_id": run.run_id, **measured_on(base), "eval_texts": len(texts), "goal": goal,
                     "results": rows})

@@ -184,6 +184,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
     "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
+    "SELECT_DTYPE": _one_of("auto", "float32", "bfloat16"),
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
     "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),

@@ -28,6 +28,7 @@ import torch
 
 from .data import document_hash
 from .distributed import World, gather_objects
+from .memory import forward_parts
 from .models import document_activations, length_sorted_batches
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError
 
@@ -43,6 +44,9 @@ class RowSource(Protocol):
 
     def describe(self) -> str:
         """Where the rows come from, in a line."""
+
+    def memory_parts(self) -> dict[str, int]:
+        """The large buffers it will hold, in bytes (saekit.memory)."""
 
     def sample(self) -> torch.Tensor:
         """Training rows (float32, CPU) for the input scale and b_dec's starting point."""
@@ -118,6 +122,10 @@ class StoreRows:
 
     def describe(self) -> str:
         return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows)"
+
+    def memory_parts(self) -> dict[str, int]:
+        rows = min(self.n_rows, self.buffer_tokens + self.batch_size)
+        return {"the shuffle buffer": 2 * rows * self.run.d_model * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
 
     def sample(self) -> torch.Tensor:
         return training_sample(self.run, self.start, self.stop)
@@ -213,10 +221,10 @@ class ModelRows:
 
     kind = "model"
 
-    def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, max_length: int,
+    def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, d: int, max_length: int,
                  forward_batch: int, batch_size: int, buffer_tokens: int, dtype: str, device: torch.device, seed: int,
                  world: World = World()):
-        self.model, self.tokenizer, self.layer, self.texts, self.plan = model, tokenizer, layer, texts, plan
+        self.model, self.tokenizer, self.layer, self.texts, self.plan, self.d = model, tokenizer, layer, texts, plan, d
         self.max_length, self.forward_batch, self.batch_size = max_length, forward_batch, batch_size
         self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
         self.device, self.seed, self.world = torch.device(device), seed, world
@@ -226,6 +234,10 @@ class ModelRows:
     @property
     def n_rows(self) -> int:
         return self.plan.n_tokens
+
+    def memory_parts(self) -> dict[str, int]:
+        return {"the shuffle buffer": 2 * (self.buffer_tokens + self.batch_size) * self.d * self.dtype.itemsize,
+                **forward_parts(self.model, self.forward_batch, self.max_length)}
 
     def describe(self) -> str:
         return (f"the model, on the fly: {self.plan.n_training} training texts ({self.n_rows} tokens) "
@@ -335,7 +347,7 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
         raise StoreError("training on the fly reads the texts stage 01 counted, but " + ", ".join(changed)
                          + f" changed since. Pass stage 01's values, or {RERUN_01[0].lower()}{RERUN_01[1:]}")
     return ModelRows(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE),
-                     open_role_texts(settings, "train"), plan, max_length=settings.MAX_LENGTH,
+                     open_role_texts(settings, "train"), plan, d=run.d_model, max_length=settings.MAX_LENGTH,
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
                      seed=settings.SEED, world=world)

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import save_torch
-from .distributed import World, all_reduce_, share
+from .distributed import World, all_reduce_, broadcast_object, share
 from .errors import PipelineError
 from .integrity import IntegrityError, content_digest
+from .memory import check_fits, training_parts
 from .metrics import ReconstructionStats
 from .sae import ARCHITECTURES, TopKSAE, load_plain
 from .sources import RowSource, StoreRows
@@ -79,12 +80,14 @@ class TrainConfig:
     seed: int
     activation_source: str = "store"
     checkpoint_seconds: float = 600.0
+    select_dtype: str = "float32"
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
         return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
                    s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
-                   s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS)
+                   s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS,
+                   s.SELECT_DTYPE)
 
 
 LR_REFERENCE_K = 8  # the TOP_K at which LR_BASE was tuned
@@ -95,6 +98,23 @@ def scaled_lr(n_latents: int, base: float, k: int) -> float:
     activations, the LR tuned at k = 8 is too low for larger k (ΔCE at k = 16, 32, 64: 0.0263,
     0.0205, 0.0165 at the k = 8 LR; 0.0256, 0.0183, 0.0136 with this factor; observations.md)."""
     return base / math.sqrt(n_latents / 2 ** 14) * (k / LR_REFERENCE_K) ** (1 / 3)
+
+
+def select_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """SELECT_DTYPE: "auto" is bfloat16 where the hardware multiplies it natively (a CUDA GPU, a CPU
+    with AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and slower."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    return torch.bfloat16 if native else torch.float32
+
+
+def step_flops_per_token(d: int, n_latents: int, k: int) -> int:
+    """A training step's floating-point operations per token, counting what is computed: the
+    encoder's dense product over every latent (2 d n), and through the k chosen latents only, the
+    decoder (2 k d), its two gradients (4 k d) and the encoder's (4 k d). AuxK, whose size follows the
+    number of dead latents, is left out. Times tokens/s: the step's achieved FLOP/s."""
+    return 2 * d * n_latents + 10 * k * d
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor:
@@ -180,6 +200,7 @@ class _Trainer:
         # a GPU runs ahead of the host: read values back (loss, dead latents) only every SYNC_EVERY steps
         self.sync_every = 1 if device.type == "cpu" else SYNC_EVERY
         self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k)
+        self.sae.select_dtype = select_dtype(cfg.select_dtype, device)
         self.sae.to(device).train()
         # one kernel per tensor for the whole update (the loop version was ~5 ms of a ~45 ms CPU step)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda"))
@@ -290,7 +311,8 @@ class _Checkpoints:
         return ckpt
 
     def due(self) -> bool:
-        return time.monotonic() - self.last_saved >= self.every
+        """Rank 0's clock decides for every rank, so that all take part in what a checkpoint reduces."""
+        return bool(broadcast_object(time.monotonic() - self.last_saved >= self.every, self.world))
 
     def save(self, trainer: _Trainer, history: list[dict[str, Any]], epoch: int,
              partial: dict[str, Any] | None = None) -> None:
@@ -323,9 +345,14 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     """
     device = torch.device(device)
     _check_config(cfg, run.d_model, world)
-    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
     heldout_start = run.heldout_start(cfg.heldout_fraction)
     source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed)
+    n_latents = cfg.n_latents_multiplier * run.d_model
+    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
+                            **source.memory_parts()}, device,
+               "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
+               + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
+    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
     config = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_seconds"}  # free to change on resume
     checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config},
@@ -344,7 +371,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     stats = None
     for epoch in range(first_epoch, cfg.epochs):
         sums = _EpochSums(**partial["sums"]) if partial else _EpochSums()
-        totals = torch.tensor([sums.loss, sums.fvu], dtype=torch.float64, device=device)
+        # a checkpoint holds the epoch's loss summed over ranks: resumed, rank 0 carries it, the others start at 0
+        totals = torch.tensor([sums.loss, sums.fvu] if world.is_main else [0.0, 0.0], dtype=torch.float64, device=device)
         bar = tqdm(total=trainer.steps_per_epoch, initial=sums.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="step", disable=not progress)
         started = time.perf_counter() - sums.seconds
@@ -358,7 +386,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                 if sums.steps % trainer.sync_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", fvu=f"{fvu.item():.3f}", dead=len(trainer.dead_idx))
                 if position is not None and checkpoints.due():
-                    sums.loss, sums.fvu = totals.tolist()
+                    sums.loss, sums.fvu = all_reduce_(totals.clone(), world).tolist()
                     sums.seconds = time.perf_counter() - started
                     checkpoints.save(trainer, history, epoch - 1, {"position": position, "sums": asdict(sums)})
         except TrainingDiverged as err:
@@ -376,7 +404,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
         record = {"epoch": epoch + 1, "train_loss": loss_sum / sums.tokens, "train_fvu": fvu_sum / sums.tokens,
                   **{f"heldout_{k}": v for k, v in stats.summary().items()},
                   "dead_in_window": int(trainer.dead.sum()), "lr": trainer.schedule.get_last_lr()[0],
-                  "tokens_per_s": sums.tokens / seconds, "train_tokens": sums.tokens}
+                  "tokens_per_s": sums.tokens / seconds, "train_tokens": sums.tokens,
+                  "step_tflops": sums.tokens / seconds * step_flops_per_token(run.d_model, trainer.n_latents, cfg.k) / 1e12}
         history.append(record)
         if on_epoch:
             on_epoch(record)

@@ -270,3 +270,29 @@ def test_naming_timeout_has_a_range():
     for bad in ("0", "-1", "inf"):
         with pytest.raises(SettingsError, match="NAMING_TIMEOUT_S"):
             load_settings([f"--NAMING_TIMEOUT_S={bad}"])
+
+
+# --- settings too large for the machine ---------------------------------------------------------------
+
+@pytest.mark.parametrize("setting,says", [
+    ("--N_LATENTS_MULTIPLIER=10000000", "the SAE, its gradients and Adam's state"),
+    ("--BATCH_SIZE_TRAIN=1000000000", "a training step's products"),
+])
+def test_stage_02_refuses_settings_larger_than_memory_before_allocating(store, setting, says):
+    store_dir, args = store
+    proc = _refused(["02_train_sae.py", *args, setting], store_dir, "would need about", says, "free", "Lower")
+    assert "GB" in proc.stderr.splitlines()[-1]
+
+
+def test_a_shuffle_buffer_larger_than_memory_is_refused_on_the_fly(tmp_path, smoke_args):
+    store = tmp_path / "store"
+    args = [*copy_store(smoke_args, store), "--ACTIVATION_SOURCE=model"]
+    proc = _run(["01_save_activations.py", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _refused(["02_train_sae.py", *args, "--SHUFFLE_BUFFER_TOKENS=1000000000000"], store, "the shuffle buffer")
+
+
+def test_stage_01_refuses_a_forward_batch_larger_than_memory(store):
+    store_dir, args = store
+    _refused(["01_save_activations.py", *args, "--BATCH_SIZE_SAVE=100000000"], store_dir,
+             "stage 01's forward would need", "Lower BATCH_SIZE_SAVE")

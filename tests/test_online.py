@@ -148,7 +148,7 @@ def test_no_heldout_text_is_trained_on(tmp_path, tiny_model, tiny_tokenizer):
 
     def rows(texts_):
         source = ModelRows(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), texts_, plan,
-                           max_length=24, forward_batch=2, batch_size=8, buffer_tokens=30, dtype="float32",
+                           d=32, max_length=24, forward_batch=2, batch_size=8, buffer_tokens=30, dtype="float32",
                            device=torch.device("cpu"), seed=0)
         real = source._rows
         source._rows = lambda docs: trained.extend(docs) or real(docs)

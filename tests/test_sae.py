@@ -149,3 +149,30 @@ def test_a_reloaded_batchtopk_sae_keeps_its_architecture_and_threshold(tmp_path)
     assert type(loaded) is BatchTopKSAE and loaded.k == 3 and torch.equal(loaded.threshold, sae.threshold)
     with torch.no_grad():
         assert torch.equal(loaded(x), sae(x))
+
+
+def test_a_bfloat16_selection_keeps_float32_values_and_gradients():
+    """SELECT_DTYPE = bfloat16 only proposes the latents: the choice, the chosen values and every
+    gradient are those of the float32 definition."""
+    torch.manual_seed(0)
+    sae = TopKSAE(48, 192, 6)
+    sae.init_weights(torch.randn(48) * 0.1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    sae.select_dtype = torch.bfloat16
+    x = torch.randn(64, 48)
+    values, indices = sae.encode(x)
+    loss = (sae.decode(values, indices) - x).pow(2).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    sae.zero_grad()
+    pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc  # the float32 definition, dense autograd
+    reference = torch.relu(pre.gather(1, indices))
+    torch.testing.assert_close(values, reference, rtol=1e-5, atol=1e-6)
+    (((reference.unsqueeze(2) * sae.W_dec[indices]).sum(1) + sae.b_dec - x).pow(2).sum()).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # and the choice is float32's: bfloat16's top 2k re-scored in float32 hold float32's top k
+    exact = pre.detach().topk(6, dim=-1).indices
+    assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(indices, exact))
