@@ -23,16 +23,16 @@ from saekit.train import TrainConfig, evaluate, train_sae
 D, N_FEATURES, ACTIVE, TOKENS_PER_DOC = 576, 2304, 8, 128
 
 
-def structured_run(folder: Path, n_tokens: int):
+def structured_run(folder: Path, n_tokens: int, d: int = D, n_features: int = N_FEATURES):
     rng = np.random.default_rng(0)
-    features = rng.standard_normal((N_FEATURES, D)).astype(np.float32)
+    features = rng.standard_normal((n_features, d)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
-    writer = RunWriter(folder, "structured", D, "float16", 65536)
+    writer = RunWriter(folder, "structured", d, "float16", 65536)
     for lo in range(0, n_tokens, 8192):
         n = min(8192, n_tokens - lo)
-        which = rng.integers(0, N_FEATURES, (n, ACTIVE))
+        which = rng.integers(0, n_features, (n, ACTIVE))
         coef = rng.exponential(1.0, (n, ACTIVE)).astype(np.float32)
-        x = np.einsum("nk,nkd->nd", coef, features[which]) + 0.05 * rng.standard_normal((n, D)).astype(np.float32)
+        x = np.einsum("nk,nkd->nd", coef, features[which]) + 0.05 * rng.standard_normal((n, d)).astype(np.float32)
         docs = (lo + np.arange(n)) // TOKENS_PER_DOC
         writer.add(torch.from_numpy(x), torch.zeros(n, dtype=torch.long), torch.from_numpy(docs),
                    torch.from_numpy((lo + np.arange(n)) % TOKENS_PER_DOC))

@@ -6,14 +6,14 @@ token, stage 02 trains on them), on the same texts, one epoch each, every stage 
   cached flow alone, since the forward is the cost. Quality: held-out FVU and ΔCE (on EVAL_TEXTS
   evaluation texts) of one on-the-fly epoch against one cached epoch, the on-the-fly one through a
   buffer of BUFFER_TOKENS (a quarter of the epoch, so the buffer's mixing is what is measured; the
-  cached epoch is one full shuffle).
+  cached epoch is one full shuffle), over SEEDS seeds, since one seed's ΔCE moves by a few percent.
 - random: bench_scale.py's random 1-block Llama (d = 576) on SMALL and LARGE tokens of random text.
   Speed: on the fly against stage 01 plus stage 02 run back to back; peak RSS of stage 02 on the fly
   at both sizes; disk written by each flow.
 
-    .venv/bin/python bench/bench_online.py [--parts=embedded,random] [--small=500000] [--large=5000000]
+    .venv/bin/python bench/bench_online.py [--parts=embedded,random] [--seeds=3] [--small=500000] [--large=5000000]
 
-Writes bench/results/online.json.
+Writes bench/results/online.json (online_<part>.json for one part).
 """
 from __future__ import annotations
 
@@ -42,7 +42,16 @@ def child(out: str, script: str, args: list[str]) -> None:
     except SystemExit as stop:
         if stop.code not in (None, 0):
             raise
-    Path(out).write_text(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    Path(out).write_text(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss
+    across execve, so a child would report its parent's peak (here ~4 GB after the ΔCE splices)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def stage(script: str, args: list[str]) -> dict:
@@ -98,7 +107,18 @@ def delta_ce(store: Path, settings_args: list[str]) -> float:
     return splice["delta_ce"]
 
 
-def embedded(tmp: Path) -> dict:
+def quality(store: Path, source: str, seed: int) -> dict:
+    """Stage 02 (one epoch, `seed`) again on a store stage 01 already filled: held-out FVU and ΔCE."""
+    from saekit.integrity import read_sealed_json
+
+    args = [f"--STORE_DIR={store}", f"--ACTIVATION_SOURCE={source}", "--EPOCHS=1", f"--SEED={seed}",
+            *[f"--SHUFFLE_BUFFER_TOKENS={BUFFER_TOKENS}"] * (source == "model")]
+    stage("02_train_sae.py", args)
+    return {"seed": seed, "heldout_fvu": read_sealed_json(store / "training_history.json", "")["history"][-1]["heldout_fvu"],
+            "delta_ce": delta_ce(store, [])}
+
+
+def embedded(tmp: Path, seeds: int) -> dict:
     stores = {name: tmp / f"embedded_{name}" for name in ("store", "model")}
     for store in stores.values():  # the de-quantized embedded model, made once by `make demo` or a stage
         store.mkdir()
@@ -106,11 +126,20 @@ def embedded(tmp: Path) -> dict:
     cached = flow("store", [], stores["store"])
     online = flow("model", [f"--SHUFFLE_BUFFER_TOKENS={BUFFER_TOKENS}"], stores["model"])
     cached["delta_ce"], online["delta_ce"] = delta_ce(stores["store"], []), delta_ce(stores["model"], [])
-    return {"cached": cached, "online": online,
+    # seed noise: the same comparison with other seeds (the order of the rows, and the initialisation)
+    by_seed = [{"seed": 0, "cached": {k: cached[k] for k in ("heldout_fvu", "delta_ce")},
+                "online": {k: online[k] for k in ("heldout_fvu", "delta_ce")}}]
+    for seed in range(1, seeds):
+        by_seed.append({"seed": seed, "cached": quality(stores["store"], "store", seed),
+                        "online": quality(stores["model"], "model", seed)})
+    mean = {flow_: {k: sum(s[flow_][k] for s in by_seed) / len(by_seed) for k in ("heldout_fvu", "delta_ce")}
+            for flow_ in ("cached", "online")}
+    return {"cached": cached, "online": online, "by_seed": by_seed, "mean_over_seeds": mean,
             # the forward is the cost: the whole on-the-fly flow against stage 01 alone, the same texts
             "speed_vs_stage_01": cached["seconds_01"] / (online["seconds_01"] + online["seconds_02"]),
-            "fvu_change": online["heldout_fvu"] / cached["heldout_fvu"] - 1,
-            "delta_ce_change": online["delta_ce"] / cached["delta_ce"] - 1,
+            "fvu_change": mean["online"]["heldout_fvu"] / mean["cached"]["heldout_fvu"] - 1,
+            "delta_ce_change": mean["online"]["delta_ce"] / mean["cached"]["delta_ce"] - 1,
+            "delta_ce_change_by_seed": [s["online"]["delta_ce"] / s["cached"]["delta_ce"] - 1 for s in by_seed],
             "disk_ratio": online["run_bytes"] / cached["run_bytes"],
             "heldout_token_share": cached["heldout_tokens"] / cached["tokens_embedded"]}
 
@@ -149,13 +178,13 @@ def main() -> None:
     result = {"buffer_tokens_embedded": BUFFER_TOKENS, "eval_texts": EVAL_TEXTS}
     with tempfile.TemporaryDirectory(dir=options.get("workdir")) as tmp:
         if "embedded" in parts:
-            result["embedded"] = embedded(Path(tmp))
+            result["embedded"] = embedded(Path(tmp), int(options.get("seeds", 3)))
             e = result["embedded"]
             print(table([{"flow": k, **{c: e[k][c] for c in ("seconds_01", "seconds_02", "heldout_fvu", "delta_ce",
                                                                "run_bytes", "peak_rss_mb_02")}} for k in ("cached", "online")],
                         ["flow", "seconds_01", "seconds_02", "heldout_fvu", "delta_ce", "run_bytes", "peak_rss_mb_02"]))
-            print({k: e[k] for k in ("speed_vs_stage_01", "fvu_change", "delta_ce_change", "disk_ratio",
-                                     "heldout_token_share")}, flush=True)
+            print({k: e[k] for k in ("speed_vs_stage_01", "fvu_change", "delta_ce_change", "delta_ce_change_by_seed",
+                                     "disk_ratio", "heldout_token_share")}, flush=True)
         if "random" in parts:
             result["random"] = random_model(Path(tmp), sizes)
             for name in sizes:
@@ -167,7 +196,8 @@ def main() -> None:
                 print({k: r[k] for k in ("speed_vs_01_plus_02", "disk_ratio", "heldout_token_share", "fvu_change")},
                       flush=True)
             print("stage 02 on the fly, peak RSS growth for 10x the tokens:", result["random"].get("rss_growth_02_online"))
-    print(f"wrote {save_result('online', 'python bench/bench_online.py ' + ' '.join(sys.argv[1:]), result)}")
+    name = "online" if {"embedded", "random"} <= set(parts) else "online_" + "_".join(parts)
+    print(f"wrote {save_result(name, 'python bench/bench_online.py ' + ' '.join(sys.argv[1:]), result)}")
 
 
 if __name__ == "__main__":

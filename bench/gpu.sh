@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Stage 02 on a GPU machine (the device tool), CPU baseline on the same machine in the same run:
-# bench_devices for TopK and BatchTopK. Copies each result to $OUT when set (the device tool
-# brings $OUT back), named after the GPU.
+# bench_devices for TopK and BatchTopK; then bench_gpu_scale (stage 02 at the demo's and Bielik's
+# shape against the measured bf16 peak, and training on the fly on a random model of Bielik's shape
+# against its bare forward). Copies each result to $OUT when set (the device tool brings $OUT back),
+# named after the GPU.
 #
 #     bash bench/gpu.sh
 set -euo pipefail
@@ -12,3 +14,5 @@ for architecture in topk batchtopk; do
     suffix=$([ "$architecture" = topk ] && echo "" || echo "_$architecture")
     cp bench/results/devices.json "${OUT:-bench/results}/devices${suffix}_${gpu}.json"
 done
+python bench/bench_gpu_scale.py
+cp bench/results/gpu_scale.json "${OUT:-bench/results}/gpu_scale_${gpu}.json"

@@ -193,9 +193,8 @@ class TopKSAE(nn.Module):
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each decoder row, so that the step after it
         changes the rows' direction, not their norm (Bricken et al. 2023)."""
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= parallel * self.W_dec
+        if self.W_dec.grad is not None:  # in place, no [n_latents, d] temporaries
+            self.W_dec.grad.addcmul_(torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

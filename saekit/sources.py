@@ -25,14 +25,19 @@ from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import document_hash
 from .distributed import World, gather_objects
 from .memory import forward_parts
 from .models import document_activations, length_sorted_batches
-from .store import DTYPES, RERUN_01, ActivationRun, StoreError
+from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
-Position = dict[str, Any]  # {"buffer": int, "next": int, "carry": tensor}: where an epoch continues
+Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}: where an epoch continues
+# On the fly, the texts are read this many buffers ahead and dealt into buffers at random within that
+# window, as the store's chunks are: a buffer then mixes documents from across 16 buffers' worth of the
+# stream (4 MB of token ids at the default), not one stretch of it (observations.md: ΔCE)
+READ_AHEAD_BUFFERS = 16
 
 
 class RowSource(Protocol):
@@ -181,8 +186,6 @@ def count_training_texts(texts: Iterable[str], tokenizer, max_length: int, heldo
     """Read every text once (tokenize, hash) and decide which are training's: the last
     HELDOUT_FRACTION of documents are held out, as for a stored run, and a training document whose
     text is also a held-out one is left out of training. Returns the plan and the number left out."""
-    from tqdm.auto import tqdm
-
     hashes, lengths = [], []
     bar = tqdm(desc="counting training texts", unit="text", disable=not progress)
     for group in _groups(texts, 512):
@@ -190,11 +193,7 @@ def count_training_texts(texts: Iterable[str], tokenizer, max_length: int, heldo
         lengths.extend(len(ids) for ids in tokenizer(group, truncation=True, max_length=max_length)["input_ids"])
         bar.update(len(group))
     bar.close()
-    n_docs = len(hashes)
-    n_heldout = max(1, round(n_docs * heldout_fraction))
-    if n_heldout >= n_docs:
-        raise StoreError(f"HELDOUT_FRACTION={heldout_fraction} leaves no training documents out of {n_docs}")
-    n_training = n_docs - n_heldout
+    n_training = len(hashes) - heldout_documents(len(hashes), heldout_fraction)
     heldout = set(hashes[n_training:])
     duplicates = [i for i in range(n_training) if hashes[i] in heldout]
     n_tokens = sum(lengths[:n_training]) - sum(lengths[i] for i in duplicates)
@@ -213,9 +212,10 @@ def training_texts_of(run: ActivationRun) -> TrainingTexts:
 class ModelRows:
     """Activations of the training texts, made by the model as training consumes them.
 
-    Each buffer takes the next documents (whole, up to `buffer_tokens` tokens), runs them through the
-    model up to the layer in batches of similar length (little padding; the forward stops at the
-    layer), and shuffles their rows on the device. Under torchrun the buffer's forward batches are
+    The texts are read READ_AHEAD_BUFFERS buffers ahead (token ids only); their documents are dealt
+    at random into buffers of up to `buffer_tokens` tokens; each buffer is run through the model up to
+    the layer in batches of similar length (little padding; the forward stops at the layer), and its
+    rows are shuffled on the device. Under torchrun the buffer's forward batches are
     dealt out among the processes and their rows gathered, so every process holds the same buffer,
     made by the same batches, as one process would."""
 
@@ -237,13 +237,14 @@ class ModelRows:
 
     def memory_parts(self) -> dict[str, int]:
         return {"the shuffle buffer": 2 * (self.buffer_tokens + self.batch_size) * self.d * self.dtype.itemsize,
+                "the read-ahead window's token ids": READ_AHEAD_BUFFERS * self.buffer_tokens * 4,
                 **forward_parts(self.model, self.forward_batch, self.max_length)}
 
     def describe(self) -> str:
         return (f"the model, on the fly: {self.plan.n_training} training texts ({self.n_rows} tokens) "
                 f"each epoch, in buffers of up to {self.buffer_tokens} tokens")
 
-    def _documents(self, first: int) -> Iterator[tuple[int, list[int]]]:
+    def _documents(self, first: int) -> Iterator[tuple[int, np.ndarray]]:
         """(index, token ids) of the training documents from index `first` on, each checked against the
         hash stage 01 recorded for it; copies of held-out documents are left out."""
         index = first
@@ -254,26 +255,50 @@ class ModelRows:
                 if digest != int(self.plan.hashes[index]):
                     raise StoreError(f"training text {index} is not the one stage 01 read (the dataset or "
                                      f"its settings changed). {RERUN_01}")
-                if digest not in self._heldout:
-                    yield index, doc
+                if digest not in self._heldout and len(doc):  # a text the tokenizer makes nothing of has no rows
+                    yield index, np.asarray(doc, np.int32)  # 4 bytes a token while it waits in the read-ahead
                 index += 1
         if index < self.plan.n_training:
             raise StoreError(f"the dataset gave {index} training texts, not the {self.plan.n_training} stage 01 "
                              f"counted (it changed since). {RERUN_01}")
 
-    def _buffers(self, first: int) -> Iterator[tuple[list[list[int]], int, bool]]:
-        """(documents, index where the next buffer starts, whether it is the epoch's last)."""
-        docs, tokens = [], 0
+    def _windows(self, first: int) -> Iterator[tuple[list[np.ndarray], int, int]]:
+        """(documents, index of the first, index after the last) of each read-ahead window of up to
+        READ_AHEAD_BUFFERS buffers' worth of tokens, from document `first` on."""
+        docs, tokens, start = [], 0, first
         for index, doc in self._documents(first):
-            if docs and tokens + len(doc) > self.buffer_tokens:  # a document follows: not the last buffer
-                yield docs, index, False
-                docs, tokens = [], 0
+            if docs and tokens + len(doc) > READ_AHEAD_BUFFERS * self.buffer_tokens:
+                yield docs, start, index
+                docs, tokens, start = [], 0, index
             docs.append(doc)
             tokens += len(doc)
         if docs:
-            yield docs, self.plan.n_training, True
+            yield docs, start, self.plan.n_training
 
-    def _rows(self, docs: list[list[int]]) -> torch.Tensor:
+    def _buffers(self, epoch: int, position: Position | None) -> Iterator[tuple[list[np.ndarray], Position, bool]]:
+        """(documents, the position after them, whether they are the epoch's last) for each buffer.
+
+        A window's documents are dealt into its buffers in an order drawn from (SEED, epoch, the
+        window's first document), so a buffer mixes documents from across the window, not only
+        neighbours in the stream, and a resumed run finds the same buffers again."""
+        skip = position["in_window"] if position else 0
+        for docs, start, end in self._windows(position["next"] if position else 0):
+            order = torch.randperm(len(docs), generator=_generator(self.seed, epoch, start)).tolist()
+            buffers, current, tokens = [], [], 0
+            for i in order:
+                if current and tokens + len(docs[i]) > self.buffer_tokens:
+                    buffers.append(current)
+                    current, tokens = [], 0
+                current.append(docs[i])
+                tokens += len(docs[i])
+            buffers.append(current)
+            for b in range(skip, len(buffers)):
+                at_end = b == len(buffers) - 1
+                after = {"next": end, "in_window": 0} if at_end else {"next": start, "in_window": b + 1}
+                yield buffers[b], after, at_end and end == self.plan.n_training
+            skip = 0
+
+    def _rows(self, docs: list[np.ndarray]) -> torch.Tensor:
         """The documents' activations, in document order, on the device in the storage dtype."""
         batches = length_sorted_batches([len(d) for d in docs], self.forward_batch)
         made = {}
@@ -291,7 +316,7 @@ class ModelRows:
         return rows
 
     def sample(self) -> torch.Tensor:
-        docs, _, _ = next(self._buffers(0))
+        docs, _, _ = next(self._buffers(0, None))
         self._first = self._rows(docs)
         return evenly_spaced(self._first)
 
@@ -299,7 +324,7 @@ class ModelRows:
         """One pass over the training texts, as (batch, position); continues from `position`."""
         buffer = position["buffer"] if position else 0
         carry = position["carry"].to(self.device) if position else None
-        for docs, next_doc, last in self._buffers(position["next"] if position else 0):
+        for docs, after, last in self._buffers(epoch, position):
             if epoch == 0 and buffer == 0 and self._first is not None:
                 rows, self._first = self._first, None
             else:
@@ -307,7 +332,7 @@ class ModelRows:
             if carry is not None and len(carry):
                 rows = torch.cat([carry, rows])
             carry = yield from shuffled_batches(rows, _generator(self.seed, epoch, buffer), self.batch_size, last,
-                                                after={"buffer": buffer + 1, "next": next_doc})
+                                                after={"buffer": buffer + 1, **after})
             buffer += 1
 
 

@@ -341,9 +341,7 @@ class ActivationRun:
     def heldout_start(self, fraction: float) -> int:
         """First row of the held-out documents: the last `fraction` of documents, whole."""
         n_docs = self.meta["n_documents"]
-        n_heldout = max(1, round(n_docs * fraction)) if fraction > 0 else 0
-        if n_heldout >= n_docs:
-            raise StoreError(f"HELDOUT_FRACTION={fraction} leaves no training documents out of {n_docs}")
+        n_heldout = heldout_documents(n_docs, fraction)
         if not n_heldout:
             return self.n_tokens
         first_doc = n_docs - n_heldout
@@ -353,6 +351,15 @@ class ActivationRun:
             if docs[-1] >= first_doc:
                 return int(offsets[i] + np.searchsorted(docs, first_doc))
         return self.n_tokens
+
+
+def heldout_documents(n_docs: int, fraction: float) -> int:
+    """How many of a run's n_docs documents, the last ones, are held out: HELDOUT_FRACTION of them,
+    at least one; an error when none would be left for training."""
+    n_heldout = max(1, round(n_docs * fraction)) if fraction > 0 else 0
+    if n_heldout >= n_docs:
+        raise StoreError(f"HELDOUT_FRACTION={fraction} leaves no training documents out of {n_docs}")
+    return n_heldout
 
 
 def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:
