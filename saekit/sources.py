@@ -298,19 +298,27 @@ class ModelRows:
                 yield buffers[b], after, at_end and end == self.plan.n_training
             skip = 0
 
-    def _rows(self, docs: list[np.ndarray]) -> torch.Tensor:
-        """The documents' activations, in document order, on the device in the storage dtype."""
-        batches = length_sorted_batches([len(d) for d in docs], self.forward_batch)
-        made = {}
-        for batch in batches[self.world.rank::self.world.size]:
-            for i, rows in zip(batch, document_activations(self.model, self.tokenizer, self.layer,
+    def _rows(self, docs: list[np.ndarray], carry: torch.Tensor | None = None) -> torch.Tensor:
+        """`carry`, then the documents' activations in document order: one tensor on the device in the
+        storage dtype, each forward batch's rows written into place. (Kept as a tensor per document,
+        then joined, they fragmented the heap: peak RSS grew 37% for 10x the tokens.)"""
+        lengths = [len(doc) for doc in docs]
+        start = len(carry) if carry is not None else 0
+        offsets = (start + np.concatenate([[0], np.cumsum(lengths)])).tolist()
+        rows = torch.empty(offsets[-1], self.d, dtype=self.dtype, device=self.device)
+        if start:
+            rows[:start] = carry
+        mine = length_sorted_batches(lengths, self.forward_batch)[self.world.rank::self.world.size]
+        for batch in mine:
+            for i, acts in zip(batch, document_activations(self.model, self.tokenizer, self.layer,
                                                            [docs[i] for i in batch])):
-                made[i] = rows.to(self.dtype)
+                rows[offsets[i]:offsets[i + 1]] = acts
         if self.world.distributed:  # every process needs the whole buffer to draw the same global batches
-            made = {i: rows.to(self.device) for share in gather_objects({i: r.cpu() for i, r in made.items()},
-                                                                         self.world) for i, rows in share.items()}
-        rows = torch.cat([made[i] for i in range(len(docs))]).to(self.device)
-        if not bool(torch.isfinite(rows).all()):
+            made = {i: rows[offsets[i]:offsets[i + 1]].cpu() for batch in mine for i in batch}
+            for share in gather_objects(made, self.world):
+                for i, acts in share.items():
+                    rows[offsets[i]:offsets[i + 1]] = acts.to(self.device)
+        if not bool(torch.isfinite(rows[start:]).all()):
             raise StoreError(f"the layer gave non-finite activations (inf or NaN in {self.dtype}) for training "
                              "texts; use ACTIVATION_DTYPE='float32' if the values overflow float16, or check the model")
         return rows
@@ -328,9 +336,7 @@ class ModelRows:
             if epoch == 0 and buffer == 0 and self._first is not None:
                 rows, self._first = self._first, None
             else:
-                rows = self._rows(docs)
-            if carry is not None and len(carry):
-                rows = torch.cat([carry, rows])
+                rows = self._rows(docs, carry)
             carry = yield from shuffled_batches(rows, _generator(self.seed, epoch, buffer), self.batch_size, last,
                                                 after={"buffer": buffer + 1, **after})
             buffer += 1

@@ -152,7 +152,7 @@ def test_no_heldout_text_is_trained_on(tmp_path, tiny_model, tiny_tokenizer):
                            d=32, max_length=24, forward_batch=2, batch_size=8, buffer_tokens=30, dtype="float32",
                            device=torch.device("cpu"), seed=0)
         real = source._rows
-        source._rows = lambda docs: trained.extend(d.tolist() for d in docs) or real(docs)
+        source._rows = lambda docs, carry=None: trained.extend(d.tolist() for d in docs) or real(docs, carry)
         return sum(len(batch) for batch, _ in source.epoch(0))
 
     assert rows(texts) == plan.n_tokens
