@@ -105,7 +105,8 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     with AVX512-BF16 or AMX), float32 elsewhere, where bfloat16 would be emulated and slower."""
     if setting != "auto":
         return getattr(torch, setting)
-    native = device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+    native_on_cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # AMX CPUs have it too
+    native = device.type == "cuda" or (device.type == "cpu" and native_on_cpu())
     return torch.bfloat16 if native else torch.float32
 
 
@@ -175,7 +176,6 @@ def _add_up_across_ranks(stats: ReconstructionStats, d: int, device: str | torch
     stats.sum_sq_x, stats.sum_sq_err = float(packed[d]), float(packed[d + 1])
     stats.l0_total, stats.n_tokens = int(packed[d + 2]), int(packed[d + 3])
     stats.fire_counts = packed[d + 4:].round().long().cpu()
-
 
 
 def _lr_factor(step: int, warmup: int, total: int, min_fraction: float) -> float:

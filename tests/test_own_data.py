@@ -10,7 +10,6 @@ import torch
 
 from conftest import ROOT, STORIES
 from saekit import verdict
-from saekit.errors import PipelineError
 from saekit.models import load_model
 from saekit.settings import load_settings
 from test_faults import _assert_one_line_error, _run
