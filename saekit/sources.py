@@ -36,7 +36,7 @@ from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_document
 Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}: where an epoch continues
 # On the fly, the texts are read this many buffers ahead and dealt into buffers at random within that
 # window, as the store's chunks are: a buffer then mixes documents from across 16 buffers' worth of the
-# stream (4 MB of token ids at the default), not one stretch of it (observations.md: ΔCE)
+# stream (16 MB of token ids at the default), not one stretch of it (observations.md: ΔCE)
 READ_AHEAD_BUFFERS = 16
 
 
