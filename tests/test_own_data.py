@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, STORIES
+from conftest import ROOT, STORIES, copy_store
 from saekit import verdict
 from saekit.models import load_model
 from saekit.settings import load_settings
-from test_faults import _assert_one_line_error, _run
+from test_faults import _assert_one_line_error, _checksums, _run
 
 
 def _word_tokenizer(**special):
@@ -48,15 +48,17 @@ def test_a_gpt2_config_eos_outside_the_vocabulary_pads_with_the_tokenizers_eos(t
     assert enc.input_ids.max() < model.get_input_embeddings().num_embeddings
 
 
-def test_a_tokenizer_with_no_usable_pad_token_is_refused_in_one_line(tmp_path):
+def test_a_tokenizer_with_no_usable_pad_token_is_refused_in_one_line(tmp_path, smoke_args):
     folder = _default_gpt2_folder(tmp_path / "gpt2", _word_tokenizer())
     stories = tmp_path / "stories.jsonl"
     stories.write_text("\n".join(json.dumps({"text": s}) for s in STORIES))
+    store = tmp_path / "store"
+    copy_store(smoke_args, store)  # a store with a run and an SAE already: the refusal must leave them as they were
+    before = _checksums(store)
     proc = _run([str(ROOT / "01_save_activations.py"), f"--MODEL_ID={folder}", f"--HF_DATASET={stories}",
-                 "--LAYER_SIGNATURE=gpt2lmheadmodel_transformer_h_1", f"--STORE_DIR={tmp_path / 'store'}",
-                 "--DEVICE=cpu"])
+                 "--LAYER_SIGNATURE=gpt2lmheadmodel_transformer_h_1", f"--STORE_DIR={store}", "--DEVICE=cpu"])
     _assert_one_line_error(proc, "no usable padding token", "pad_token")
-    assert not (tmp_path / "store" / "run_id.txt").exists()
+    assert _checksums(store) == before
 
 
 # --- "CE recovered" when the ablation costs nothing -------------------------------------------
