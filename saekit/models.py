@@ -280,6 +280,18 @@ def document_activations(model: nn.Module, tokenizer, layer: nn.Module,
     return list(hidden[mask.to(device).bool()].split([len(d) for d in documents]))
 
 
+def write_document_activations(out: torch.Tensor, offsets: list[int], model: nn.Module, tokenizer, layer: nn.Module,
+                               documents: list, batches: list[list[int]]) -> None:
+    """Run each batch of `documents` (lists of indices, as length_sorted_batches gives) through the model
+    up to the layer and write document i's rows into out[offsets[i]:offsets[i + 1]], in out's dtype:
+    one tensor for all, never one per document (thousands of those a buffer fragmented the heap)."""
+    for batch in batches:
+        batch = [i for i in batch if len(documents[i])]  # a text the tokenizer makes nothing of has no rows
+        if batch:
+            for i, acts in zip(batch, document_activations(model, tokenizer, layer, [documents[i] for i in batch])):
+                out[offsets[i]:offsets[i + 1]] = acts
+
+
 @contextmanager
 def replaced_output(layer: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, the layer's output is replace(output): how an SAE is spliced into a model

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .data import document_hash
 from .distributed import World, gather_objects
 from .memory import forward_parts
-from .models import document_activations, length_sorted_batches
+from .models import length_sorted_batches, write_document_activations
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
 Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}: where an epoch continues
@@ -300,8 +300,8 @@ class ModelRows:
 
     def _rows(self, docs: list[np.ndarray], carry: torch.Tensor | None = None) -> torch.Tensor:
         """`carry`, then the documents' activations in document order: one tensor on the device in the
-        storage dtype, each forward batch's rows written into place. (Kept as a tensor per document,
-        then joined, they fragmented the heap: peak RSS grew 37% for 10x the tokens.)"""
+        storage dtype, each forward batch's rows written into place (kept as a tensor per document,
+        then joined, they fragmented the heap: peak RSS grew 37% for 10x the tokens)."""
         lengths = [len(doc) for doc in docs]
         start = len(carry) if carry is not None else 0
         offsets = (start + np.concatenate([[0], np.cumsum(lengths)])).tolist()
@@ -309,10 +309,7 @@ class ModelRows:
         if start:
             rows[:start] = carry
         mine = length_sorted_batches(lengths, self.forward_batch)[self.world.rank::self.world.size]
-        for batch in mine:
-            for i, acts in zip(batch, document_activations(self.model, self.tokenizer, self.layer,
-                                                           [docs[i] for i in batch])):
-                rows[offsets[i]:offsets[i + 1]] = acts
+        write_document_activations(rows, offsets, self.model, self.tokenizer, self.layer, docs, mine)
         if self.world.distributed:  # every process needs the whole buffer to draw the same global batches
             made = {i: rows[offsets[i]:offsets[i + 1]].cpu() for batch in mine for i in batch}
             for share in gather_objects(made, self.world):

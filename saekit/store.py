@@ -37,7 +37,7 @@ from .distributed import World, barrier, broadcast_object, gather_objects, share
 from .errors import PipelineError
 from .integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
     write_sealed_json
-from .models import document_activations, length_sorted_batches, resolve_layer
+from .models import length_sorted_batches, resolve_layer, write_document_activations
 
 RUN_ID_FILE = "run_id.txt"
 DOCUMENTS_FILE = "documents.npy"
@@ -188,16 +188,13 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
         if not window:
             continue
         docs = tokenizer(window, truncation=True, max_length=max_length)["input_ids"]
-        rows: list[torch.Tensor | None] = [None] * len(docs)
-        for batch in length_sorted_batches([len(d) for d in docs], batch_size):
-            batch = [i for i in batch if docs[i]]  # a text the tokenizer makes nothing of has no rows
-            if batch:
-                for i, acts in zip(batch, document_activations(model, tokenizer, layer, [docs[i] for i in batch])):
-                    rows[i] = acts
-        kept = [i for i in range(len(docs)) if docs[i]]
-        lengths = torch.tensor([len(docs[i]) for i in kept])
-        writer.add(torch.cat([rows[i] for i in kept]), torch.tensor([t for i in kept for t in docs[i]]),
-                   torch.tensor(kept).repeat_interleave(lengths) + start,
+        lengths = torch.tensor([len(doc) for doc in docs])
+        offsets = [0, *torch.cumsum(lengths, 0).tolist()]
+        rows = torch.empty(offsets[-1], writer.d_model, device=next(model.parameters()).device)
+        write_document_activations(rows, offsets, model, tokenizer, layer, docs,
+                                   length_sorted_batches(lengths.tolist(), batch_size))
+        writer.add(rows, torch.tensor([t for doc in docs for t in doc]),
+                   torch.arange(len(docs)).repeat_interleave(lengths) + start,
                    torch.cat([torch.arange(n) for n in lengths.tolist()]))
         hashes.extend(document_hash(text) for text in window)
         n_tokens += int(lengths.sum())

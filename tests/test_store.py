@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import STORIES, TINY_LAYER
-from saekit import store as store_module
+from saekit import models as models_module
 from saekit.models import LayerNotFoundError, ModelLoadError, load_model, resolve_layer
 from saekit.store import StoreError, check_run_matches, open_run, save_activations
 
@@ -62,7 +62,7 @@ def test_shards_and_metadata(tmp_path, tiny_model, tiny_tokenizer):
 def test_interrupted_run_keeps_the_previous_run(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     first = _save(tiny_model, tiny_tokenizer, tmp_path)
     calls = {"n": 0}
-    real_forward = store_module.document_activations
+    real_forward = models_module.document_activations
 
     def failing_forward(*args, **kwargs):
         calls["n"] += 1
@@ -70,7 +70,7 @@ def test_interrupted_run_keeps_the_previous_run(tmp_path, tiny_model, tiny_token
             raise KeyboardInterrupt
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "document_activations", failing_forward)
+    monkeypatch.setattr(models_module, "document_activations", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         _save(tiny_model, tiny_tokenizer, tmp_path, texts=STORIES * 4, run_id="interrupted")
     assert (tmp_path / "run_id.txt").read_text().strip() == first.name
