@@ -10,6 +10,7 @@ gives what one process would have produced.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,11 @@ def init_world(device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    # a process that exits with its group still up (a rank with nothing left to write) can abort in the
+    # backend's teardown ("terminate called without an active exception"), failing the whole torchrun
+    atexit.register(close_world, world)
+    return world
 
 
 def process_device(device: torch.device) -> torch.device:
