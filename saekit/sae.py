@@ -114,10 +114,11 @@ class SAEFileError(PipelineError):
 class TopKSAE(nn.Module):
     architecture = "topk"
     k_optional = False  # True where an SAE can work without a k (a JumpReLU SAE made elsewhere)
-    # In training, the dtype of the dense product that proposes each token's active latents (the
-    # step's one dense product); the choice among the proposals, the values and every gradient stay
+    # The dtype of the dense product that proposes each token's active latents (a training step's
+    # one dense product); the choice among the proposals, the values and every gradient stay
     # float32. bfloat16 runs that product 2.4x as fast on a CPU with AVX512-BF16 (observations.md).
-    # Evaluation always uses float32 throughout.
+    # Only the trainer sets it, for its steps and its held-out checks between epochs; the SAE it
+    # returns, and so every later stage, selects in float32.
     select_dtype: torch.dtype = torch.float32
     CANDIDATES_PER_K = 2  # a lower-precision product's top 2k are re-scored in float32, and the top k of those win
 
@@ -160,10 +161,10 @@ class TopKSAE(nn.Module):
 
     def _pre_activations(self, x: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(x - b_dec, its pre-activations for every latent); the latter outside autograd, and in
-        training in `select_dtype` unless `exact`."""
+        `select_dtype` unless `exact`."""
         x_centred = x - self.b_dec
         with torch.no_grad():
-            if self.training and not exact and self.select_dtype != x.dtype:
+            if not exact and self.select_dtype != x.dtype:
                 low = self.select_dtype
                 return x_centred, torch.addmm(self.b_enc.to(low), x_centred.to(low), self.W_enc.to(low).T)
             return x_centred, torch.addmm(self.b_enc, x_centred, self.W_enc.T)

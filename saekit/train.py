@@ -399,7 +399,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
             torch.cuda.synchronize(device)  # the clock stops when the device's work is done
         seconds = time.perf_counter() - started
 
-        stats = _evaluate(trainer, run, heldout_start, device, world)
+        stats = _evaluate(trainer, run, heldout_start, device, world, exact=epoch == cfg.epochs - 1)
         loss_sum, fvu_sum = totals.tolist()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / sums.tokens, "train_fvu": fvu_sum / sums.tokens,
                   **{f"heldout_{k}": v for k, v in stats.summary().items()},
@@ -412,8 +412,9 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
         checkpoints.save(trainer, history, epoch)
 
     if stats is None:  # resumed after the last epoch: nothing left to train
-        stats = _evaluate(trainer, run, heldout_start, device, world)
+        stats = _evaluate(trainer, run, heldout_start, device, world, exact=True)
     sae = trainer.sae.eval()
+    sae.select_dtype = torch.float32
     sae.fold_input_scale(trainer.scale)
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
@@ -423,13 +424,19 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
 
 
 def _evaluate(trainer: _Trainer, run: ActivationRun, heldout_start: int, device: torch.device,
-              world: World) -> ReconstructionStats:
-    trainer.sae.eval()
+              world: World, exact: bool) -> ReconstructionStats:
+    """The held-out check after an epoch. Between epochs it chooses latents as the steps do (with
+    SELECT_DTYPE's proposals: on the demo, FVU equal to 3e-10 and 1.8x as fast as float32); the check
+    after the last epoch, whose latent frequencies the record keeps, is `exact` float32."""
+    sae = trainer.sae.eval()
+    chosen_in = sae.select_dtype
+    if exact:
+        sae.select_dtype = torch.float32
     try:
-        return evaluate(trainer.sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device,
-                        world=world)
+        return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device, world=world)
     finally:
-        trainer.sae.train()
+        sae.select_dtype = chosen_in
+        sae.train()
 
 
 def _check_config(cfg: TrainConfig, d: int, world: World) -> None:

@@ -33,6 +33,27 @@ def test_trains_on_sparse_synthetic_data(tmp_path):
     assert not torch.equal(record["init"]["W_enc"], sae.W_enc.detach())
 
 
+def test_checks_between_epochs_choose_as_the_steps_do_and_the_last_in_float32(tmp_path, monkeypatch):
+    """With SELECT_DTYPE = bfloat16 the held-out checks between epochs take its proposals (as cheap
+    as the steps' choice); the last check, whose frequencies the record keeps, and the returned SAE
+    choose in float32."""
+    import saekit.train as train_module
+    seen = []
+
+    def spying_evaluate(sae, *args, **kwargs):
+        seen.append(sae.select_dtype)
+        return evaluate(sae, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", spying_evaluate)
+    run = make_synthetic_run(tmp_path, dtype="float16")
+    sae, record = train_sae(run, _cfg(epochs=3, select_dtype="bfloat16"), progress=False)
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert sae.select_dtype == torch.float32
+    stats = evaluate(sae, run, record["heldout_start_row"], run.n_tokens)
+    assert abs(stats.fvu - record["history"][-1]["heldout_fvu"]) < 1e-4
+    assert stats.frequencies.tolist() == pytest.approx(record["latent_frequency"])
+
+
 def test_batchtopk_trains_and_its_threshold_gives_about_k_latents_at_inference(tmp_path):
     run = make_synthetic_run(tmp_path)
     sae, record = train_sae(run, _cfg(epochs=8, architecture="batchtopk"), progress=False)

@@ -19,6 +19,10 @@ from saekit.settings import load_settings  # noqa: E402
 from saekit.store import open_run  # noqa: E402
 from saekit.train import TrainConfig, train_sae  # noqa: E402
 
+# torch.optim's first optimizer imports torch._dynamo (1.6 s here), inside train_sae's timing; sparsify
+# imports it with its own package, before its timed fit. Loaded here, neither trainer's time holds it.
+import torch._dynamo  # noqa: E402,F401
+
 spec = json.loads(sys.argv[1])
 settings = load_settings(spec["overrides"])
 run = open_run(settings.store)
