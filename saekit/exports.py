@@ -13,6 +13,8 @@
         manifest.json    checksums of the files above, the SAE's id and the activation run's id
     store/concepts_id.txt                names the current set; replaced last
     store/top_texts.json                 a copy of the set's top_texts.json, at the seed's path
+    store/neuronpedia/                   the set in Neuronpedia's upload formats (saekit.neuronpedia), replaced
+                                         together with concepts_id.txt
 
 Readers open the set through `open_concepts`, which checks every file and refuses a set made from
 another SAE than the current one.
@@ -39,6 +41,7 @@ from .errors import PipelineError
 from .integrity import clean_stale_partials, open_set, publish_set
 from .labels import Label, choose_labels, token_keys, window_scores
 from .naming import Name
+from .neuronpedia import Replacement, export_files, stage_export
 
 CONCEPTS_DIR = "concepts"
 POINTER = "concepts_id.txt"
@@ -210,8 +213,18 @@ def publish(store: Path, built: Built) -> Path:
         (folder / CSV_FILE).write_text(_csv(built.records))
         _dump(folder / TOP_TEXTS_FILE, built.top_texts)
 
-    folder = publish_set(parent, set_id, write, pointer,
-                         {key: meta.get(key) for key in ("sae_id", "activation_run_id", "model_id", "layer_signature")})
+    # store/neuronpedia/ changes with the pointer: the old export goes right before it names the new set,
+    # the new one comes right after, so no reader finds an export of another set than the current one
+    neuronpedia = Replacement(store, stage_export(store, set_id, export_files(meta, built.records, built.texts)))
+    try:
+        folder = publish_set(parent, set_id, write, pointer,
+                             {key: meta.get(key) for key in ("sae_id", "activation_run_id", "model_id",
+                                                             "layer_signature")},
+                             before_pointer=neuronpedia.move_old_away)
+    except BaseException:
+        neuronpedia.abandon()
+        raise
+    neuronpedia.install()
     with atomic_path(store / TOP_TEXTS_FILE) as tmp:  # for tools that read the seed's path
         shutil.copyfile(folder / TOP_TEXTS_FILE, tmp)
     for old in parent.iterdir():  # keep the new set and the one a reader may still have open
