@@ -56,6 +56,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .data import EMBEDDED_DATASET
 from .models import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL
 
 NEURONPEDIA_DIR = "neuronpedia"
@@ -96,6 +97,12 @@ def layer_number(layer_signature: str) -> int:
     """The block number in a layer signature (..._layers_15_post_attention_layernorm: 15), 0 if none."""
     found = re.search(r"_(\d+)(?:_|$)", layer_signature)
     return int(found.group(1)) if found else 0
+
+
+def dataset_name(meta: dict[str, Any]) -> str:
+    """The texts' dataset: a hub id or file as set, or for the embedded corpus the source stage 04 read."""
+    dataset = str(meta.get("dataset") or "")
+    return str(meta.get("source") or dataset) if dataset in ("", EMBEDDED_DATASET) else dataset
 
 
 def sae_set_name(meta: dict[str, Any]) -> str:
@@ -151,7 +158,7 @@ def dashboard_feature(record: dict[str, Any], texts: dict[str, Any], meta: dict[
         "freq_hist_data_bar_values": bar_values, "freq_hist_data_bar_heights": bar_heights,
         "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
         "n_prompts_total": meta["n_texts"], "n_tokens_in_prompt": max((len(t) for t in texts["tokens"]), default=0),
-        "dataset": str(meta.get("dataset") or meta.get("source") or ""),
+        "dataset": dataset_name(meta),
         "decoder_weights_dist": [],
         "activations": feature_activations(record, texts, meta["context_tokens"]),
         "vector": [],
@@ -209,7 +216,7 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
         "np_sae_id_suffix": None, "d_sae": meta["n_latents"], "live_latents": len(live), "dead_latents": len(dead),
         "n_features_at_a_time": FEATURES_PER_BATCH, "n_batches": math.ceil(len(live) / FEATURES_PER_BATCH),
         "n_prompts_total": meta["n_texts"], "n_tokens_in_prompt": max((len(t) for t in texts["tokens"]), default=0),
-        "huggingface_dataset_path": str(meta.get("dataset") or meta.get("source") or ""),
+        "huggingface_dataset_path": dataset_name(meta),
         "context_tokens": meta["context_tokens"],
         "histogram": "log-spaced bins (10^-3 to 10^3, 10 a decade); each bar at its bin's geometric centre",
         "quantile_groups": "4 quarters of per-text peaks sampled uniformly; bin_contains is the share of all tokens "

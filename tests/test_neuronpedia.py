@@ -97,7 +97,8 @@ def _check_upload(body: dict, batch: dict) -> None:
         for a, b in zip(f["activations"], feature["activations"]):
             assert a["tokens"] == b["tokens"] and a["values"] == b["values"] and 1 <= len(a["tokens"]) <= 1024
             assert a["quantileMin"] == b["bin_min"] and a["quantileMax"] == b["bin_max"]
-            assert a["quantileFraction"] is None if b["bin_contains"] == -1 else a["quantileFraction"] == b["bin_contains"]
+            top = b["bin_contains"] == -1  # the route takes no -1: a top example's share is null
+            assert a["quantileFraction"] == (None if top else b["bin_contains"])
             assert a["quantileFraction"] is None or 0 <= a["quantileFraction"] <= 1
 
 
@@ -219,7 +220,8 @@ def test_batches_of_128_latents_and_titles_as_explanations(tmp_path):
                 explained += 1
             else:  # an unexplained latent's best attempt is not offered as an explanation
                 assert texts == [] and record["title"].startswith("unexplained")
-    names = {f["index"]: f["explanations"] for n in range(len(batches)) for f in files[f"upload/batch-{n}.json"]["features"]}
+    names = {f["index"]: f["explanations"]
+             for n in range(len(batches)) for f in files[f"upload/batch-{n}.json"]["features"]}
     assert names[unexplained] == [{"text": "things", "methodName": None, "modelName": None}]  # it beat the label
     assert names[7] == [{"text": "kite", "methodName": None, "modelName": None}]  # the label: the name did not
     assert names[9][0]["text"] in ("dog | puppy", "puppy | dog")
@@ -275,5 +277,8 @@ def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path,
                                            ("/some/folder/Qwen2.5-0.5B/", "qwen2.5-0.5b")])
 def test_model_and_layer_names(model_id, name):
     assert NP.neuronpedia_model_id(model_id) == name
+    assert NP.dataset_name({"dataset": "embedded", "source": "data/stories.jsonl, split heldout"}) == \
+        "data/stories.jsonl, split heldout"
+    assert NP.dataset_name({"dataset": "roneneldan/TinyStories", "source": "x"}) == "roneneldan/TinyStories"
     assert NP.layer_number("gpt2lmheadmodel_transformer_h_5_mlp") == 5
     assert NP.layer_number("phi3forcausallm_model_layers_12_post_attention_layernorm") == 12
