@@ -2,8 +2,9 @@
 
     store/concepts/<concepts_id>/      published by saekit.integrity.publish_set
         concepts.json    run metadata, and per live latent: statistics, label and its scores, name and
-                         its scores, title, histogram, logit lens, and examples as references to the
-                         texts (text, position of the peak, activation, the latent's codes nearby)
+                         its scores, title, histogram, logit lens, examples as references to the
+                         texts (text, position of the peak, activation, the latent's codes nearby), and
+                         the activation interval of each quantile group of examples
         texts.json       the held-out texts, each once: raw text, and tokens as indices into a table
                          of token strings
         concepts.csv     one row per live latent
@@ -12,6 +13,8 @@
         manifest.json    checksums of the files above, the SAE's id and the activation run's id
     store/concepts_id.txt                names the current set; replaced last
     store/top_texts.json                 a copy of the set's top_texts.json, at the seed's path
+    store/neuronpedia/                   the set in Neuronpedia's upload formats (saekit.neuronpedia), replaced
+                                         together with concepts_id.txt
 
 Readers open the set through `open_concepts`, which checks every file and refuses a set made from
 another SAE than the current one.
@@ -38,6 +41,7 @@ from .errors import PipelineError
 from .integrity import clean_stale_partials, open_set, publish_set
 from .labels import Label, choose_labels, token_keys, window_scores
 from .naming import Name
+from .neuronpedia import Replacement, export_files, stage_export
 
 CONCEPTS_DIR = "concepts"
 POINTER = "concepts_id.txt"
@@ -66,6 +70,28 @@ def texts_table(codes: HeldoutCodes) -> dict[str, Any]:
     tokens = np.split(index.ravel(), codes.doc_start[1:-1])
     return {"texts": codes.texts, "vocab": [codes.token_text[int(t)] for t in ids],
             "tokens": [t.tolist() for t in tokens]}
+
+
+def quantile_bins(sampled: np.ndarray, chosen: list[tuple[int, int]], firing: np.ndarray,
+                  n_tokens: int) -> list[dict[str, Any]]:
+    """The interval of activations each quantile group of examples stands for, highest first.
+
+    `chosen` are (index into `sampled`, quantile) from `by_quantile`, which takes the highest of each
+    quarter of the sampled peaks, so a group's top example is its quarter's top: the interval runs from
+    the top of the next lower group (0 for the lowest) to this group's top. `contains` is the share of
+    all tokens whose activation (`firing`: the latent's nonzero codes) lies in it, ends included, as in
+    SAEDashboard's interval groups (whose lowest interval also counts the zeros; these do not)."""
+    tops: dict[int, float] = {}
+    for j, q in chosen:
+        tops[q] = max(tops.get(q, 0.0), float(sampled[j]))
+    bins, lower = [], 0.0
+    for q in sorted(tops):
+        upper = tops[q]
+        inside = int(np.count_nonzero((firing >= lower) & (firing <= upper)))
+        bins.append({"quantile": q, "min": round(lower, 4), "max": round(upper, 4),
+                     "contains": inside / max(n_tokens, 1)})
+        lower = upper
+    return bins[::-1]
 
 
 @dataclass
@@ -102,12 +128,15 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
                            max_keys, min_f1)
     windows = scoring_windows(codes, peaks, live, scoring_examples, context, is_scoring, rng)
     all_tokens = np.flatnonzero(codes.countable)
+    _, firing_latent, firing_value = codes.firing
+    firing_start = np.searchsorted(firing_latent, np.arange(n + 1))
     records = {}
     for i in live:
         label = labels[i]
         label.detection, label.fuzzing = window_scores(codes, keys, label, windows[i], context)
         used = np.flatnonzero(stats.histogram[i])
         quantile_tokens = peaks.token[sampled[i]]
+        in_quantiles = by_quantile(peaks.value[sampled[i]], per_quantile)
         records[i] = {
             "index": i, "frequency": int(stats.fire_counts[i]) / max(codes.n_tokens, 1),
             "max_activation": round(float(stats.max_activation[i]), 4),
@@ -119,9 +148,11 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
             "examples": {
                 "top": [example(codes, i, int(t), context) for t in peaks.token[top[i]]],
                 "quantiles": [{**example(codes, i, int(quantile_tokens[j]), context), "quantile": q}
-                              for j, q in by_quantile(peaks.value[sampled[i]], per_quantile)],
+                              for j, q in in_quantiles],
                 "silent": [{"doc": int(codes.doc[t]), "pos": int(codes.pos[t])}
                            for t in silent_windows(codes, i, non_activating, context, all_tokens, rng)]},
+            "quantile_bins": quantile_bins(peaks.value[sampled[i]], in_quantiles,
+                                           firing_value[firing_start[i]:firing_start[i + 1]], codes.n_tokens),
         }
     top_texts = {str(i): [{"text": codes.texts[codes.doc[t]], "score": round(float(v), 5),
                            "token_str": codes.token_text[int(codes.token_ids[t])], "token_idx": int(codes.pos[t]),
@@ -182,8 +213,18 @@ def publish(store: Path, built: Built) -> Path:
         (folder / CSV_FILE).write_text(_csv(built.records))
         _dump(folder / TOP_TEXTS_FILE, built.top_texts)
 
-    folder = publish_set(parent, set_id, write, pointer,
-                         {key: meta.get(key) for key in ("sae_id", "activation_run_id", "model_id", "layer_signature")})
+    # store/neuronpedia/ changes with the pointer: the old export goes right before it names the new set,
+    # the new one comes right after, so no reader finds an export of another set than the current one
+    neuronpedia = Replacement(store, stage_export(store, set_id, export_files(meta, built.records, built.texts)))
+    try:
+        folder = publish_set(parent, set_id, write, pointer,
+                             {key: meta.get(key) for key in ("sae_id", "activation_run_id", "model_id",
+                                                             "layer_signature")},
+                             before_pointer=neuronpedia.move_old_away)
+    except BaseException:
+        neuronpedia.abandon()
+        raise
+    neuronpedia.install()
     with atomic_path(store / TOP_TEXTS_FILE) as tmp:  # for tools that read the seed's path
         shutil.copyfile(folder / TOP_TEXTS_FILE, tmp)
     for old in parent.iterdir():  # keep the new set and the one a reader may still have open

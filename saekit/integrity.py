@@ -115,11 +115,12 @@ def read_sealed_json(path: str | os.PathLike, rerun: str) -> dict[str, Any]:
 # --- sets of files published together -----------------------------------------------------------
 
 def publish_set(parent: str | os.PathLike, set_id: str, write: Callable[[Path], None], pointer: str | os.PathLike,
-                manifest: dict[str, Any] | None = None) -> Path:
+                manifest: dict[str, Any] | None = None, before_pointer: Callable[[], None] | None = None) -> Path:
     """Write a set of files with `write(folder)`, seal their checksums, and make it current.
 
     The folder is `parent/<set_id>.partial` while written, `parent/<set_id>` once complete; `pointer`
-    (a text file holding set_id) is replaced last. Returns the final folder.
+    (a text file holding set_id) is replaced last, right after `before_pointer()` where given (for
+    files outside the set that must not outlive the set they were made with). Returns the final folder.
     """
     parent = Path(parent)
     final = parent / set_id
@@ -135,6 +136,8 @@ def publish_set(parent: str | os.PathLike, set_id: str, write: Callable[[Path], 
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
+    if before_pointer is not None:
+        before_pointer()
     write_text(pointer, set_id + "\n")
     return final
 

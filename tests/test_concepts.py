@@ -135,3 +135,7 @@ def test_concepts_notebook_on_smoke_artifacts(smoke_args):
         else:
             assert c["title"] == c["label"]["text"]
     assert (folder / "concepts.csv").read_text().startswith("index,title,title_source,label")
+    exported = settings.store / "neuronpedia"  # stage 04 also writes the set in Neuronpedia's formats
+    assert json.loads((exported / "run_settings.json").read_text())["concepts_id"] == folder.name
+    batch = json.loads((exported / "batch-0.json").read_text())
+    assert len(batch["features"]) == min(len(latents), 128) and (exported / "upload" / "batch-0.json").exists()

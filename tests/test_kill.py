@@ -5,6 +5,7 @@ Slow (a stage start per kill point): `make test-all` runs it.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,8 @@ def _accepted_sets_belong_together(args: list[str]) -> None:
             assert "Run stage 04" in str(err) or "rerun" in str(err).lower(), err
             return
         assert concepts["meta"]["sae_id"] == trained.meta["sae_id"]
+        exported = settings.store / "neuronpedia" / "run_settings.json"  # absent, or the current set's
+        assert not exported.exists() or json.loads(exported.read_text())["concepts_id"] == concepts["meta"]["concepts_id"]
 
 
 @pytest.mark.parametrize("stage,kill_after_s", [

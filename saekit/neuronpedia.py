@@ -1,0 +1,269 @@
+"""Stage 04's concepts in the files Neuronpedia imports, written to store/neuronpedia/ with every set.
+
+    store/neuronpedia/
+        batch-<n>.json        SAEDashboard's NeuronpediaRunner output: {model_id, layer, sae_set, sae_id_suffix,
+                              features: [...]}, 128 live latents each, by index. Neuronpedia's converter
+                              (neuronpedia-utils convert-saedashboard-to-neuronpedia-export.py, or SAEDashboard's
+                              neuronpedia_export.py) turns the folder into its bulk-import layout.
+        skipped_indexes.json  the dead latents, as NeuronpediaRunner records them; the body of Neuronpedia's
+                              /api/admin/upload-skipped-features, which creates them as dead features
+        run_settings.json     what made the export (NeuronpediaRunner writes its settings here): the
+                              concepts set, SAE, model, layer, and which fields hold no data
+        upload/batch-<n>.json bodies for POST /api/feature/upload-batch (the route a user with an API key
+                              may call; the only one that takes explanations): the same latents and
+                              examples, with the title as the explanation where it explains the latent
+
+Per live latent (SAEDashboard's keys; the values are stage 04's record for the latent):
+
+    activations    its top examples, then its examples by quantile, each {tokens, values,
+                   qualifying_token_index, bin_min, bin_max, bin_contains}: the window of CONTEXT_TOKENS
+                   each side of the peak, the latent's activation on each token, the peak's index. Top
+                   examples carry bin_min = bin_contains = -1 and bin_max = the latent's max activation
+                   (SAEDashboard's TOP ACTIVATIONS group); quantile examples their group's interval
+                   and the share of tokens in it (its INTERVAL groups), from the record's quantile_bins
+    pos_str, pos_values / neg_str, neg_values    the logit lens: promoted and suppressed tokens
+    frac_nonzero   the share of tokens it fires on
+    freq_hist_data_bar_heights / _values         its activation histogram: tokens per bin, bin centres
+    n_prompts_total, n_tokens_in_prompt, dataset the texts it was read from
+
+Kept empty, because stage 04 does not compute them (Neuronpedia shows nothing for an empty list, as for
+features created by upload-skipped-features): neuron_alignment_*, correlated_neurons_*,
+correlated_features_*, logits_hist_data_*, decoder_weights_dist, vector.
+
+The format was read (no code copied) from
+    jbloomAus/SAEDashboard at db4839a41116d729fc9f43c1878e7b8b157748ea:
+        sae_dashboard/neuronpedia/neuronpedia_runner.py     batch-<n>.json, run_settings.json, skipped_indexes.json
+        sae_dashboard/neuronpedia/neuronpedia_dashboard.py  NeuronpediaDashboardBatch/Feature/Activation.to_dict
+        sae_dashboard/neuronpedia/neuronpedia_converter.py  what each key holds (group titles to bins, DENSITY)
+        sae_dashboard/neuronpedia/neuronpedia_export.py     batch files to Neuronpedia's bulk-import layout
+        sae_dashboard/sequence_data_generator.py, sae_vis_runner.py, utils_fns.py  groups, frac_nonzero, histogram
+    hijohnnylin/neuronpedia at ebb8426fc550ad5d1f76d52c271a624af3c08a57:
+        utils/neuronpedia-utils/neuronpedia_utils/convert-saedashboard-to-neuronpedia-export.py  the keys it reads
+        apps/webapp/app/api/feature/upload-batch/route.tsx          the upload route's schema, explanations
+        apps/webapp/app/api/admin/upload-skipped-features/route.tsx skipped_indexes.json
+        apps/webapp/components/activations-list.tsx, feature-stats.tsx  how bins and the histogram are shown
+        webapp-python-client/neuronpedia/requests/feature_request.py    128 features per upload
+
+The folder is replaced whole, right before stage 04's pointer names the new set (saekit.exports.publish):
+a reader finds the export of the current set, or, after a kill at that moment, none.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .data import EMBEDDED_DATASET
+from .models import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL
+
+NEURONPEDIA_DIR = "neuronpedia"
+UPLOAD_DIR = "upload"
+RUN_SETTINGS_FILE, SKIPPED_FILE = "run_settings.json", "skipped_indexes.json"
+FEATURES_PER_BATCH = 128  # NeuronpediaRunner's n_features_at_a_time, and the upload route's maximum
+EXPLANATION_MAX_CHARS = 512  # the upload route's limit
+SOURCES = {
+    "jbloomAus/SAEDashboard@db4839a41116d729fc9f43c1878e7b8b157748ea": [
+        "sae_dashboard/neuronpedia/neuronpedia_runner.py", "sae_dashboard/neuronpedia/neuronpedia_dashboard.py",
+        "sae_dashboard/neuronpedia/neuronpedia_converter.py", "sae_dashboard/neuronpedia/neuronpedia_export.py"],
+    "hijohnnylin/neuronpedia@ebb8426fc550ad5d1f76d52c271a624af3c08a57": [
+        "utils/neuronpedia-utils/neuronpedia_utils/convert-saedashboard-to-neuronpedia-export.py",
+        "apps/webapp/app/api/feature/upload-batch/route.tsx",
+        "apps/webapp/app/api/admin/upload-skipped-features/route.tsx"],
+}
+EMPTY_FIELDS = {
+    "neuron_alignment_indices": "not computed by stage 04", "neuron_alignment_values": "not computed by stage 04",
+    "neuron_alignment_l1": "not computed by stage 04", "correlated_neurons_indices": "not computed by stage 04",
+    "correlated_neurons_l1": "not computed by stage 04", "correlated_neurons_pearson": "not computed by stage 04",
+    "correlated_features_indices": "not computed by stage 04", "correlated_features_l1": "not computed by stage 04",
+    "correlated_features_pearson": "not computed by stage 04",
+    "logits_hist_data_bar_heights": "stage 04 keeps the logit lens's top and bottom 10 tokens, not the vocabulary's "
+                                    "histogram",
+    "logits_hist_data_bar_values": "as logits_hist_data_bar_heights", "decoder_weights_dist": "attention SAEs only",
+    "vector": "steering vectors only",
+}
+
+
+def neuronpedia_model_id(model_id: str) -> str:
+    """A Neuronpedia-style model id (lower case, dashes): the embedded model's name, or the last part of
+    a hub id or folder."""
+    name = EMBEDDED_CACHE_NAME if model_id == EMBEDDED_MODEL else Path(str(model_id).rstrip("/")).name
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-") or "model"
+
+
+def layer_number(layer_signature: str) -> int:
+    """The block number in a layer signature (..._layers_15_post_attention_layernorm: 15), 0 if none."""
+    found = re.search(r"_(\d+)(?:_|$)", layer_signature)
+    return int(found.group(1)) if found else 0
+
+
+def dataset_name(meta: dict[str, Any]) -> str:
+    """The texts' dataset: a hub id or file as set, or for the embedded corpus the source stage 04 read."""
+    dataset = str(meta.get("dataset") or "")
+    return str(meta.get("source") or dataset) if dataset in ("", EMBEDDED_DATASET) else dataset
+
+
+def sae_set_name(meta: dict[str, Any]) -> str:
+    return f"saekit-{meta['n_latents']}"
+
+
+def _window(texts: dict[str, Any], example: dict[str, Any], context: int) -> tuple[list[str], list[float], int]:
+    """(tokens, the latent's activation on each, index of the peak) of an example's window."""
+    doc, pos = example["doc"], example["pos"]
+    ids = texts["tokens"][doc]
+    start, stop = max(0, pos - context), min(len(ids), pos + context + 1)
+    acts = {int(p): float(a) for p, a in example["acts"]}
+    return ([texts["vocab"][ids[p]] for p in range(start, stop)], [acts.get(p, 0.0) for p in range(start, stop)],
+            pos - start)
+
+
+def feature_activations(record: dict[str, Any], texts: dict[str, Any], context: int) -> list[dict[str, Any]]:
+    """The latent's examples as NeuronpediaDashboardActivation dicts: top examples, then by quantile, highest first."""
+    bins = {b["quantile"]: b for b in record["quantile_bins"]}
+    activations = []
+    for group, examples in (("top", record["examples"]["top"]), ("quantiles", record["examples"]["quantiles"])):
+        for e in examples:
+            tokens, values, peak = _window(texts, e, context)
+            if group == "top":
+                bin_min, bin_max, bin_contains = -1, record["max_activation"], -1
+            else:
+                b = bins[e["quantile"]]
+                bin_min, bin_max, bin_contains = b["min"], b["max"], b["contains"]
+            activations.append({"bin_min": bin_min, "bin_max": bin_max, "bin_contains": bin_contains,
+                                "tokens": tokens, "values": values, "qualifying_token_index": peak})
+    return activations
+
+
+def histogram_bars(histogram: dict[str, list]) -> tuple[list[float], list[int]]:
+    """(bar centres, counts) of the recorded histogram; its bins are log-spaced, so a bar's centre is the
+    geometric mean of its edges."""
+    edges = histogram["bin_edges"]
+    return [round(math.sqrt(lo * hi), 5) for lo, hi in zip(edges, edges[1:])], list(histogram["counts"])
+
+
+def dashboard_feature(record: dict[str, Any], texts: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """One live latent as a NeuronpediaDashboardFeature dict (its to_dict's keys, in its order)."""
+    lens = record["logit_lens"]
+    bar_values, bar_heights = histogram_bars(record["histogram"])
+    return {
+        "feature_index": record["index"],
+        "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
+        "correlated_neurons_indices": [], "correlated_neurons_l1": [], "correlated_neurons_pearson": [],
+        "correlated_features_indices": [], "correlated_features_l1": [], "correlated_features_pearson": [],
+        "neg_str": [t for t, _ in lens["suppressed"]], "neg_values": [float(v) for _, v in lens["suppressed"]],
+        "pos_str": [t for t, _ in lens["promoted"]], "pos_values": [float(v) for _, v in lens["promoted"]],
+        "frac_nonzero": record["frequency"],
+        "freq_hist_data_bar_values": bar_values, "freq_hist_data_bar_heights": bar_heights,
+        "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [],
+        "n_prompts_total": meta["n_texts"], "n_tokens_in_prompt": max((len(t) for t in texts["tokens"]), default=0),
+        "dataset": dataset_name(meta),
+        "decoder_weights_dist": [],
+        "activations": feature_activations(record, texts, meta["context_tokens"]),
+        "vector": [],
+    }
+
+
+def explanation(record: dict[str, Any]) -> str | None:
+    """The title, where it explains the latent: a name that beat the label, or a label above LABEL_MIN_F1.
+    An unexplained latent's best attempt is not an explanation."""
+    if record["title_source"] == "name" or record["label"]["explained"]:
+        return record["title"][:EXPLANATION_MAX_CHARS]
+    return None
+
+
+def upload_feature(feature: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The same latent as the upload route takes it. Its explanation has no methodName or modelName: the
+    route refuses names that are not in Neuronpedia's own lists."""
+    text = explanation(record)
+    return {
+        "index": feature["feature_index"], "density": feature["frac_nonzero"],
+        "topLogits": [{"token": t, "value": v} for t, v in zip(feature["pos_str"], feature["pos_values"])],
+        "bottomLogits": [{"token": t, "value": v} for t, v in zip(feature["neg_str"], feature["neg_values"])],
+        "explanations": [{"text": text, "methodName": None, "modelName": None}] if text else [],
+        # the route keeps quantileMin/Max as binMin/binMax; quantileFraction must lie in [0, 1], so a top
+        # example's -1 becomes null
+        "activations": [{"tokens": a["tokens"], "values": a["values"], "quantileMin": a["bin_min"],
+                         "quantileMax": a["bin_max"],
+                         "quantileFraction": None if a["bin_contains"] < 0 else a["bin_contains"]}
+                        for a in feature["activations"]],
+    }
+
+
+def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Every file of the export: {path relative to store/neuronpedia: JSON content}."""
+    model_id, layer, sae_set = neuronpedia_model_id(meta["model_id"]), layer_number(meta["layer_signature"]), \
+        sae_set_name(meta)
+    live = sorted(records)
+    files: dict[str, Any] = {}
+    for n, start in enumerate(range(0, len(live), FEATURES_PER_BATCH)):
+        indices = live[start:start + FEATURES_PER_BATCH]
+        features = [dashboard_feature(records[i], texts, meta) for i in indices]
+        files[f"batch-{n}.json"] = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "sae_id_suffix": None,
+                                    "features": features}
+        files[f"{UPLOAD_DIR}/batch-{n}.json"] = {
+            "modelId": model_id, "source": f"{layer}-{sae_set}",
+            "features": [upload_feature(f, records[i]) for f, i in zip(features, indices)]}
+    dead = sorted(set(range(meta["n_latents"])) - set(live))
+    files[SKIPPED_FILE] = {"model_id": model_id, "layer": str(layer), "sae_set": sae_set, "log_sparsity": None,
+                           "skipped_indexes": dead}
+    files[RUN_SETTINGS_FILE] = {
+        "concepts_id": meta.get("concepts_id"), "sae_id": meta.get("sae_id"),
+        "activation_run_id": meta.get("activation_run_id"), "saekit_model_id": meta["model_id"],
+        "layer_signature": meta["layer_signature"], "model_id": model_id, "layer": layer, "sae_set": sae_set,
+        "np_sae_id_suffix": None, "d_sae": meta["n_latents"], "live_latents": len(live), "dead_latents": len(dead),
+        "n_features_at_a_time": FEATURES_PER_BATCH, "n_batches": math.ceil(len(live) / FEATURES_PER_BATCH),
+        "n_prompts_total": meta["n_texts"], "n_tokens_in_prompt": max((len(t) for t in texts["tokens"]), default=0),
+        "huggingface_dataset_path": dataset_name(meta),
+        "context_tokens": meta["context_tokens"],
+        "histogram": "log-spaced bins (10^-3 to 10^3, 10 a decade); each bar at its bin's geometric centre",
+        "quantile_groups": "4 quarters of per-text peaks sampled uniformly; bin_contains is the share of all tokens "
+                           "whose activation lies in the group's interval",
+        "explanations": "upload/ only: the title where it explains the latent (a name above its label, or a label "
+                        "above LABEL_MIN_F1), without methodName or modelName",
+        "empty_fields": EMPTY_FIELDS, "format_read_from": SOURCES,
+    }
+    return files
+
+
+def stage_export(store: Path, set_id: str, files: dict[str, Any]) -> Path:
+    """Write the export into a hidden folder beside store/neuronpedia; return it. Leftovers of an
+    interrupted earlier stage 04 are removed first."""
+    for leftover in store.glob(f".{NEURONPEDIA_DIR}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staged = store / f".{NEURONPEDIA_DIR}.{set_id}.partial"
+    try:
+        for relative, content in files.items():
+            path = staged / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+class Replacement:
+    """Swaps a staged export in for store/neuronpedia around the moment the concepts pointer changes:
+    `move_old_away` right before it, `install` right after, `abandon` if publishing failed."""
+
+    def __init__(self, store: Path, staged: Path):
+        self.current, self.staged = store / NEURONPEDIA_DIR, staged
+        self.old = staged.with_name(staged.name.replace(".partial", ".old"))
+
+    def move_old_away(self) -> None:
+        if self.current.exists():
+            self.current.rename(self.old)
+
+    def install(self) -> None:
+        self.staged.rename(self.current)
+        shutil.rmtree(self.old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """Publishing failed: the previous export goes back where it was, with the previous set still current."""
+        if self.old.exists() and not self.current.exists():
+            self.old.rename(self.current)
+        shutil.rmtree(self.staged, ignore_errors=True)
+

@@ -1,0 +1,284 @@
+"""store/neuronpedia/: stage 04's concepts in the files Neuronpedia's importers read (saekit.neuronpedia).
+
+The keys checked are those that neuronpedia-utils' convert-saedashboard-to-neuronpedia-export.py and
+SAEDashboard's neuronpedia_export.py read from each batch-<n>.json (hijohnnylin/neuronpedia@ebb8426,
+jbloomAus/SAEDashboard@db4839a), the body of Neuronpedia's /api/feature/upload-batch route as its schema
+takes it, and skipped_indexes.json as /api/admin/upload-skipped-features reads it. The values are
+checked against the codes collected by the model, not only against the records they were made from."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saekit import integrity
+from saekit import neuronpedia as NP
+from saekit.atomic import StoreWriteError
+from saekit.exports import apply_names, build_concepts, publish
+from saekit.naming import Name
+from saekit.synthetic import synthetic_codes, synthetic_lens
+from test_concepts import TEXTS, _build, _collect, _sae
+
+# what the converters read from a batch, a feature and an activation (batch_data[...], feature_data[...],
+# activation_data[...]), with the type each value has in SAEDashboard's output
+BATCH_KEYS = {"model_id": str, "layer": int, "sae_set": str, "sae_id_suffix": type(None), "features": list}
+FEATURE_LISTS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+                 "correlated_neurons_indices", "correlated_neurons_pearson", "correlated_neurons_l1",
+                 "correlated_features_indices", "correlated_features_pearson", "correlated_features_l1",
+                 "neg_str", "neg_values", "pos_str", "pos_values", "freq_hist_data_bar_heights",
+                 "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+                 "decoder_weights_dist", "activations", "vector")
+ACTIVATION_KEYS = ("tokens", "values", "bin_min", "bin_max", "bin_contains", "qualifying_token_index")
+NUMBER = (int, float)
+
+
+def _read(folder: Path) -> dict[str, dict]:
+    return {str(p.relative_to(folder)): json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))}
+
+
+def _batches(files: dict[str, dict]) -> list[dict]:
+    names = [n for n in files if n.startswith("batch-")]  # what the converters list: batch-* at the top
+    assert sorted(names) == sorted(f"batch-{i}.json" for i in range(len(names))) and names
+    return [files[f"batch-{i}.json"] for i in range(len(names))]
+
+
+def _check_shapes(batch: dict) -> None:
+    """Every key the importers read, with its type and the shapes they rely on."""
+    for key, kind in BATCH_KEYS.items():
+        assert isinstance(batch[key], kind), key
+    assert 0 < len(batch["features"]) <= NP.FEATURES_PER_BATCH
+    for f in batch["features"]:
+        assert isinstance(f["feature_index"], int) and isinstance(f["frac_nonzero"], float)
+        assert 0 < f["frac_nonzero"] <= 1
+        for key in FEATURE_LISTS:
+            assert isinstance(f[key], list), key
+        assert all(isinstance(t, str) for t in f["pos_str"] + f["neg_str"])
+        assert all(isinstance(v, float) for v in f["pos_values"] + f["neg_values"])
+        assert len(f["pos_str"]) == len(f["pos_values"]) > 0 and len(f["neg_str"]) == len(f["neg_values"]) > 0
+        assert f["pos_values"] == sorted(f["pos_values"], reverse=True)  # the most promoted first
+        assert f["neg_values"] == sorted(f["neg_values"])  # the most suppressed first
+        assert len(f["freq_hist_data_bar_values"]) == len(f["freq_hist_data_bar_heights"]) > 0
+        assert all(isinstance(h, int) and h >= 0 for h in f["freq_hist_data_bar_heights"])
+        assert np.all(np.diff(f["freq_hist_data_bar_values"]) > 0)
+        assert isinstance(f["n_prompts_total"], int) and isinstance(f["n_tokens_in_prompt"], int)
+        assert isinstance(f["dataset"], str) and f["activations"]
+        for a in f["activations"]:
+            for key in ACTIVATION_KEYS:
+                assert key in a, key
+            assert all(isinstance(t, str) for t in a["tokens"]) and all(isinstance(v, NUMBER) for v in a["values"])
+            assert len(a["tokens"]) == len(a["values"]) > 0
+            peak = a["qualifying_token_index"]
+            assert isinstance(peak, int) and 0 <= peak < len(a["values"])
+            # the converters take maxValue = max(values), maxValueTokenIndex = values.index(maxValue)
+            assert a["values"][peak] == max(a["values"]) > 0 and min(a["values"]) >= 0
+            assert all(isinstance(a[k], NUMBER) for k in ("bin_min", "bin_max", "bin_contains"))
+            if a["bin_min"] == -1:  # a top example: SAEDashboard's TOP ACTIVATIONS group
+                assert a["bin_contains"] == -1 and max(a["values"]) <= a["bin_max"]
+            else:  # an INTERVAL group: the peak lies in it, and the share of tokens it holds
+                assert a["bin_min"] <= max(a["values"]) <= a["bin_max"] and 0 < a["bin_contains"] <= f["frac_nonzero"]
+
+
+def _check_upload(body: dict, batch: dict) -> None:
+    """The body of POST /api/feature/upload-batch, as its yup schema and its checks take it."""
+    assert isinstance(body["modelId"], str) and body["modelId"] == body["modelId"].lower()
+    assert body["source"] == f"{batch['layer']}-{batch['sae_set']}" and body["source"] == body["source"].lower()
+    assert 1 <= len(body["features"]) <= 128
+    assert len({f["index"] for f in body["features"]}) == len(body["features"])
+    for f, feature in zip(body["features"], batch["features"]):
+        assert f["index"] == feature["feature_index"] and 0 <= f["density"] <= 1
+        assert f["density"] == feature["frac_nonzero"]
+        for side, tokens, values in (("topLogits", "pos_str", "pos_values"), ("bottomLogits", "neg_str", "neg_values")):
+            assert len(f[side]) <= 20
+            assert [(x["token"], x["value"]) for x in f[side]] == list(zip(feature[tokens], feature[values]))
+        for e in f["explanations"]:
+            assert 1 <= len(e["text"]) <= 512 and e["methodName"] is None and e["modelName"] is None
+        assert len(f["activations"]) == len(feature["activations"]) >= 1
+        for a, b in zip(f["activations"], feature["activations"]):
+            assert a["tokens"] == b["tokens"] and a["values"] == b["values"] and 1 <= len(a["tokens"]) <= 1024
+            assert a["quantileMin"] == b["bin_min"] and a["quantileMax"] == b["bin_max"]
+            top = b["bin_contains"] == -1  # the route takes no -1: a top example's share is null
+            assert a["quantileFraction"] == (None if top else b["bin_contains"])
+            assert a["quantileFraction"] is None or 0 <= a["quantileFraction"] <= 1
+
+
+def _dense(codes) -> np.ndarray:
+    """[tokens, latents] every code, from the collected top-k slots."""
+    dense = np.zeros((len(codes.token_ids), codes.n_latents), np.float32)
+    rows, slots = np.nonzero(codes.latents >= 0)
+    dense[rows, codes.latents[rows, slots]] = codes.values[rows, slots]
+    return dense
+
+
+def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model, tiny_tokenizer, tmp_path):
+    sae = _sae()
+    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    built = _build(codes, tiny_model, tiny_tokenizer, sae, per_quantile=2)
+    set_folder = publish(tmp_path, built)
+    files = _read(tmp_path / "neuronpedia")
+    batches = _batches(files)
+    dense = _dense(codes)
+    n_tokens = int(codes.countable.sum())
+    context = built.meta["context_tokens"]
+    live = sorted(built.records)
+    assert [f["feature_index"] for b in batches for f in b["features"]] == live
+    assert files["skipped_indexes.json"]["skipped_indexes"] == sorted(set(range(sae.n_latents)) - set(live)) == [5]
+    run = files["run_settings.json"]
+    assert run["concepts_id"] == set_folder.name == (tmp_path / "concepts_id.txt").read_text().strip()
+    assert run["sae_id"] == "sae-a" and run["d_sae"] == sae.n_latents and run["live_latents"] == len(live)
+    for n, batch in enumerate(batches):
+        _check_shapes(batch)
+        assert batch["layer"] == 1 and batch["model_id"] == "tiny"  # TINY_LAYER is block 1
+        _check_upload(files[f"upload/batch-{n}.json"], batch)
+        for f in batch["features"]:
+            i, record = f["feature_index"], built.records[f["feature_index"]]
+            column = dense[:, i]
+            # logit lens, frequency and histogram: as recorded, and as the codes say
+            lens = record["logit_lens"]
+            assert list(zip(f["pos_str"], f["pos_values"])) == [tuple(p) for p in lens["promoted"]]
+            assert list(zip(f["neg_str"], f["neg_values"])) == [tuple(p) for p in lens["suppressed"]]
+            fires = int((column > 0).sum())
+            assert f["frac_nonzero"] == record["frequency"] == pytest.approx(fires / n_tokens)
+            assert f["freq_hist_data_bar_heights"] == record["histogram"]["counts"]
+            assert sum(f["freq_hist_data_bar_heights"]) == fires
+            edges = record["histogram"]["bin_edges"]
+            assert all(lo < c < hi for c, lo, hi in zip(f["freq_hist_data_bar_values"], edges, edges[1:]))
+            assert f["n_prompts_total"] == len(TEXTS)
+            assert f["n_tokens_in_prompt"] == max(codes.doc_start[1:] - codes.doc_start[:-1])
+            # examples: top ones first, then by quantile, each the recorded window, token by token
+            examples = record["examples"]["top"] + record["examples"]["quantiles"]
+            assert len(f["activations"]) == len(examples) > len(record["examples"]["top"])
+            bins = {b["quantile"]: b for b in record["quantile_bins"]}
+            for a, e in zip(f["activations"], examples):
+                ids = tiny_tokenizer(TEXTS[e["doc"]], truncation=True, max_length=20).input_ids
+                start, stop = max(0, e["pos"] - context), min(len(ids), e["pos"] + context + 1)
+                assert a["tokens"] == [tiny_tokenizer.decode([t]) for t in ids[start:stop]]
+                first = int(codes.doc_start[e["doc"]])
+                assert a["values"] == pytest.approx(column[first + start:first + stop].tolist(), abs=1e-4)
+                assert a["qualifying_token_index"] == e["pos"] - start and a["values"][e["pos"] - start] == e["score"]
+                if "quantile" in e:
+                    b = bins[e["quantile"]]
+                    assert (a["bin_min"], a["bin_max"], a["bin_contains"]) == (b["min"], b["max"], b["contains"])
+                else:
+                    assert a["bin_max"] == record["max_activation"] == pytest.approx(float(column.max()), abs=1e-4)
+            # the quantile intervals: contiguous from 0, each topped by its group's highest example, each
+            # holding the share of tokens the codes put in it, and no more than the histogram allows
+            ordered = sorted(record["quantile_bins"], key=lambda b: b["quantile"])
+            assert ordered[0]["min"] == 0 and all(a["max"] == b["min"] for a, b in zip(ordered, ordered[1:]))
+            for b in ordered:
+                scores = [e["score"] for e in record["examples"]["quantiles"] if e["quantile"] == b["quantile"]]
+                assert b["max"] == max(scores)
+                inside = int(((column > b["min"] + 1e-4) & (column < b["max"] - 1e-4)).sum())
+                around = int(((column > max(b["min"] - 1e-4, 0)) & (column <= b["max"] + 1e-4)).sum())
+                assert inside <= b["contains"] * n_tokens <= around
+                overlapping = sum(c for c, lo, hi in zip(record["histogram"]["counts"], edges, edges[1:])
+                                  if hi > b["min"] and lo <= b["max"])
+                assert b["contains"] * n_tokens <= overlapping
+    assert not list(tmp_path.glob(".neuronpedia*"))  # nothing staged is left behind
+
+
+WORDS = ["the", "a", "kite", "ran", "dog", "puppy"] + [f"w{i}" for i in range(40)]
+W = {w: i for i, w in enumerate(WORDS)}
+
+
+def _synthetic_built(n_latents: int, sae_id: str = "sae-s"):
+    planted = {7: lambda b, w, a: w == W["kite"], 9: lambda b, w, a: np.isin(w, [W["dog"], W["puppy"]])}
+    codes = synthetic_codes(WORDS, 30, 24, n_latents, 3, planted)
+    live = sorted(set(codes.firing[1].tolist()))
+    meta = {"model_id": "speakleash/Bielik-1.5B-v3.0-Instruct",
+            "layer_signature": "llamaforcausallm_model_layers_16_post_attention_layernorm", "sae_id": sae_id, "k": 3,
+            "dataset": "roneneldan/TinyStories"}
+    built = build_concepts(codes, synthetic_lens(WORDS, live), meta, top_n=3, context=2, per_quantile=1,
+                           non_activating=1, scoring_examples=6, max_keys=2, min_f1=0.3)
+    return built
+
+
+def test_batches_of_128_latents_and_titles_as_explanations(tmp_path):
+    built = _synthetic_built(300)
+    unexplained = min(i for i, r in built.records.items() if not r["label"]["explained"])
+    apply_names(built, {unexplained: Name("things", 1.0, 1.0), 7: Name("a name at chance", 0.5, 0.5)}, 0.7)
+    publish(tmp_path, built)
+    files = _read(tmp_path / "neuronpedia")
+    batches = _batches(files)
+    live = sorted(built.records)
+    assert len(batches) == math.ceil(len(live) / 128) == 3
+    assert [[f["feature_index"] for f in b["features"]] for b in batches] == [live[:128], live[128:256], live[256:]]
+    assert {b["model_id"] for b in batches} == {"bielik-1.5b-v3.0-instruct"} and {b["layer"] for b in batches} == {16}
+    assert files["skipped_indexes.json"]["skipped_indexes"] == sorted(set(range(300)) - set(live))
+    assert files["skipped_indexes.json"]["layer"] == "16"
+    explained = 0
+    for n, batch in enumerate(batches):
+        _check_shapes(batch)
+        assert all(f["dataset"] == "roneneldan/TinyStories" for f in batch["features"])
+        body = files[f"upload/batch-{n}.json"]
+        _check_upload(body, batch)
+        for f in body["features"]:
+            record = built.records[f["index"]]
+            texts = [e["text"] for e in f["explanations"]]
+            if record["title_source"] == "name" or record["label"]["explained"]:
+                assert texts == [record["title"]]
+                explained += 1
+            else:  # an unexplained latent's best attempt is not offered as an explanation
+                assert texts == [] and record["title"].startswith("unexplained")
+    names = {f["index"]: f["explanations"]
+             for n in range(len(batches)) for f in files[f"upload/batch-{n}.json"]["features"]}
+    assert names[unexplained] == [{"text": "things", "methodName": None, "modelName": None}]  # it beat the label
+    assert names[7] == [{"text": "kite", "methodName": None, "modelName": None}]  # the label: the name did not
+    assert names[9][0]["text"] in ("dog | puppy", "puppy | dog")
+    assert 2 <= explained < len(live)
+
+
+def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path, monkeypatch):
+    pointer = tmp_path / "concepts_id.txt"
+
+    def exported() -> tuple[str, list[str]]:
+        folder = tmp_path / "neuronpedia"
+        return (json.loads((folder / "run_settings.json").read_text())["concepts_id"],
+                sorted(p.name for p in folder.glob("batch-*")))
+
+    first = publish(tmp_path, _synthetic_built(300))
+    assert exported() == (first.name, ["batch-0.json", "batch-1.json", "batch-2.json"])
+    second = publish(tmp_path, _synthetic_built(100))  # a re-run: no batch of the old set may remain
+    assert exported() == (second.name, ["batch-0.json"]) and pointer.read_text().strip() == second.name
+
+    real_write_text = integrity.write_text
+
+    def pointer_fails(path, text):
+        if Path(path) == pointer:
+            raise StoreWriteError("disk full")
+        real_write_text(path, text)
+
+    monkeypatch.setattr(integrity, "write_text", pointer_fails)  # fails after the old export was moved away
+    with pytest.raises(StoreWriteError):
+        publish(tmp_path, _synthetic_built(300))
+    assert pointer.read_text().strip() == second.name and exported() == (second.name, ["batch-0.json"])
+    monkeypatch.undo()
+
+    def set_fails(path, obj):
+        raise StoreWriteError("disk full")
+
+    monkeypatch.setattr("saekit.exports._dump", set_fails)  # fails while the set is written
+    with pytest.raises(StoreWriteError):
+        publish(tmp_path, _synthetic_built(300))
+    assert pointer.read_text().strip() == second.name and exported() == (second.name, ["batch-0.json"])
+    monkeypatch.undo()
+
+    # a kill between moving the old export away and naming the new set: no export, never a stale one;
+    # the next stage 04 removes what was left and writes the export of its own set
+    replacement = NP.Replacement(tmp_path, NP.stage_export(tmp_path, "killed", {"batch-0.json": {}}))
+    replacement.move_old_away()
+    assert not (tmp_path / "neuronpedia").exists() and pointer.read_text().strip() == second.name
+    third = publish(tmp_path, _synthetic_built(300))
+    assert exported() == (third.name, ["batch-0.json", "batch-1.json", "batch-2.json"])
+    assert not list(tmp_path.glob(".neuronpedia*"))
+
+
+@pytest.mark.parametrize("model_id,name", [("embedded", "smollm2-135m-instruct"), ("org/Model_X-1B", "model-x-1b"),
+                                           ("/some/folder/Qwen2.5-0.5B/", "qwen2.5-0.5b")])
+def test_model_and_layer_names(model_id, name):
+    assert NP.neuronpedia_model_id(model_id) == name
+    assert NP.dataset_name({"dataset": "embedded", "source": "data/stories.jsonl, split heldout"}) == \
+        "data/stories.jsonl, split heldout"
+    assert NP.dataset_name({"dataset": "roneneldan/TinyStories", "source": "x"}) == "roneneldan/TinyStories"
+    assert NP.layer_number("gpt2lmheadmodel_transformer_h_5_mlp") == 5
+    assert NP.layer_number("phi3forcausallm_model_layers_12_post_attention_layernorm") == 12
