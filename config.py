@@ -45,9 +45,10 @@ N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
 EPOCHS = 10
 BATCH_SIZE_TRAIN = 1024
-SELECT_DTYPE = "auto"  # dtype of the dense product that proposes each token's latents in training (the choice,
-#                       values and gradients stay float32): auto = bfloat16 where native (CUDA, AVX512-BF16 CPUs:
-#                       1.37x stage 02's speed here, ΔCE within 1%, observations.md), else float32; or either
+SELECT_DTYPE = "auto"  # dtype of the dense product that proposes each token's latents in training steps and in the
+#                       held-out checks between epochs; the choice among them, values and gradients stay float32, as do
+#                       the last check, the saved SAE and stages 03-05. auto = bfloat16 where native (CUDA, AVX512-BF16
+#                       CPUs: 1.37x stage 02's speed here, ΔCE within 1%, observations.md), else float32; or either
 LR = 0.0  # 0 = LR_BASE / sqrt(n_latents / 2**14) (Gao et al. 2024) x (TOP_K / 8)**(1/3) (measured, observations.md)
 LR_BASE = 1e-3  # Gao et al. use 2e-4 for runs of billions of tokens; short CPU runs need more. Tuned at
 #                 TOP_K 8; larger k need more, hence the (TOP_K / 8)**(1/3) above (observations.md)
