@@ -252,8 +252,12 @@ class EndpointNamer:
                                                    temperature=0, stream=stream)
 
     def _streamed(self, chat: Chat, max_tokens: int) -> str:
-        """The answer's pieces, read to the stream's end (within _call, so the whole stream is bounded)."""
-        parts, chunks = [], 0
+        """The answer's pieces, read to the stream's end (within _call, so the whole stream is bounded).
+
+        A stream that ends before a chunk says why the answer finished (finish_reason) was cut off: a
+        server that fails mid-answer may say so in a line the client never reads (transformers serve
+        4.57 ends its stream with `data: {"error": ...}` and no blank line after it)."""
+        parts, chunks, finished = [], 0, False
         stream = self._create(chat, max_tokens, stream=True)
         try:
             for chunk in stream:
@@ -266,10 +270,15 @@ class EndpointNamer:
                 if delta is None or not isinstance(content, (str, type(None))):
                     raise self._not_a_chat(f"a streamed chunk without a delta ({str(chunk)[:100]})")
                 parts.append(content or "")
+                finished = finished or bool(getattr(choices[0], "finish_reason", None))
         finally:
             stream.close()
         if not chunks:
             raise self._not_a_chat("a streamed request with no chunk")
+        if not finished:
+            raise NamingError(self._redact(
+                f"the naming endpoint {self.base_url} cut its streamed answer off ({''.join(parts)[:60]!r} and no "
+                f"finish_reason): the server failed mid-answer, and its log says why. {self.KEPT}"))
         return "".join(parts)
 
     def _ask(self, chat: Chat, max_tokens: int) -> str:
