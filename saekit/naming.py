@@ -174,12 +174,20 @@ class EndpointNamer:
 
     Each request, its retries and its answer together take at most `timeout` seconds: the client's
     own timeout restarts with every byte, so a server that trickles its answer would hold the stage
-    forever. Every message about the endpoint has the key removed, whatever the server echoes."""
+    forever. Every message about the endpoint has the key removed, whatever the server echoes.
 
-    def __init__(self, base_url: str, model: str, api_key_env: str, max_new_tokens: int, timeout: float = 60):
+    `stream`: None asks for whole answers and, when the server streams anyway (`transformers serve`
+    answers every chat as an event stream, whatever it is asked), streams for the rest of the run;
+    True or False asks only one way."""
+
+    batch_size = 1  # chats go one at a time anyway; name_latents saves each latent as soon as it is scored
+    KEPT = "Names finished so far are kept; rerun stage 04 to go on."
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, max_new_tokens: int, timeout: float = 60,
+                 stream: bool | None = None):
         from openai import OpenAI
 
-        self.base_url, self.timeout = base_url, timeout
+        self.base_url, self.timeout, self.stream = base_url, timeout, stream
         self.secret = os.environ.get(api_key_env) or ""
         # local servers (vLLM, Ollama, llama.cpp) accept any key; the client insists on one
         self.client = OpenAI(base_url=base_url, api_key=self.secret or "not-needed", timeout=timeout, max_retries=2)
@@ -189,6 +197,8 @@ class EndpointNamer:
 
     def _call(self, request: Callable[[], Any], failed: str, advice: str) -> Any:
         """request(), bounded by the timeout as a whole; any failure is a NamingError that says `failed`."""
+        from openai import APIConnectionError, APIStatusError, APITimeoutError
+
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -208,8 +218,17 @@ class EndpointNamer:
                 f"(NAMING_TIMEOUT_S = {self.timeout:g}). Check the server, or raise NAMING_TIMEOUT_S. {advice}"))
         if "error" in outcome:
             err = outcome["error"]
-            # a server's error body may be long; the line keeps its start, which says what went wrong
-            raise NamingError(self._redact(f"{failed} ({type(err).__name__}: {str(err)[:400]}). {advice}")) from None
+            if isinstance(err, NamingError):  # an answer read and found wanting: its message says so
+                raise NamingError(self._redact(str(err))) from None
+            status = getattr(err, "status_code", None) if isinstance(err, APIStatusError) else None
+            if isinstance(err, APIConnectionError) and not isinstance(err, APITimeoutError):
+                hint = f" Nothing answers at {self.base_url}: start the server, or correct NAMING_MODEL_ID."
+            elif status in (404, 422) or status is not None and status >= 500:
+                hint = (" The server's log says why; a server that cannot find or load the model asked for needs "
+                        "NAMING_API_MODEL set to one it serves.")
+            else:
+                hint = ""
+            raise NamingError(self._redact(f"{failed} ({describe_error(err)}).{hint} {advice}")) from None
         return outcome["value"]
 
     def _redact(self, message: str) -> str:
@@ -223,18 +242,60 @@ class EndpointNamer:
             raise NamingError(f"the naming endpoint {self.base_url} lists no model. Set NAMING_API_MODEL.")
         return listed[0]
 
+    def _not_a_chat(self, what: str) -> NamingError:
+        return NamingError(self._redact(
+            f"the naming endpoint {self.base_url} answered {what}; it is not an OpenAI-compatible chat endpoint, "
+            f"or it failed. {self.KEPT}"))
+
+    def _create(self, chat: Chat, max_tokens: int, stream: bool) -> Any:
+        return self.client.chat.completions.create(model=self.model, messages=chat, max_tokens=max_tokens,
+                                                   temperature=0, stream=stream)
+
+    def _streamed(self, chat: Chat, max_tokens: int) -> str:
+        """The answer's pieces, read to the stream's end (within _call, so the whole stream is bounded).
+
+        A stream that ends before a chunk says why the answer finished (finish_reason) was cut off: a
+        server that fails mid-answer may say so in a line the client never reads (transformers serve
+        4.57 ends its stream with `data: {"error": ...}` and no blank line after it)."""
+        parts, chunks, finished = [], 0, False
+        stream = self._create(chat, max_tokens, stream=True)
+        try:
+            for chunk in stream:
+                chunks += 1
+                choices = getattr(chunk, "choices", None)
+                if not choices:  # a chunk of usage figures has none
+                    continue
+                delta = getattr(choices[0], "delta", None) if isinstance(choices, list) else None
+                content = getattr(delta, "content", None)
+                if delta is None or not isinstance(content, (str, type(None))):
+                    raise self._not_a_chat(f"a streamed chunk without a delta ({str(chunk)[:100]})")
+                parts.append(content or "")
+                finished = finished or bool(getattr(choices[0], "finish_reason", None))
+        finally:
+            stream.close()
+        if not chunks:
+            raise self._not_a_chat("a streamed request with no chunk")
+        if not finished:
+            raise NamingError(self._redact(
+                f"the naming endpoint {self.base_url} cut its streamed answer off ({''.join(parts)[:60]!r} and no "
+                f"finish_reason): the server failed mid-answer, and its log says why. {self.KEPT}"))
+        return "".join(parts)
+
     def _ask(self, chat: Chat, max_tokens: int) -> str:
-        kept = "Names finished so far are kept; rerun stage 04 to go on."
-        reply = self._call(lambda: self.client.chat.completions.create(
-            model=self.model, messages=chat, max_tokens=max_tokens, temperature=0),
-            "the naming endpoint failed", kept)
+        failed = f"the naming endpoint failed at {self.base_url}, asked for model {self.model!r}"
+        if self.stream:
+            return self._call(lambda: self._streamed(chat, max_tokens), failed, self.KEPT)
+        reply = self._call(lambda: self._create(chat, max_tokens, stream=False), failed, self.KEPT)
+        if isinstance(reply, str):  # the body was not JSON: the client hands it back as text
+            if self.stream is None and reply.lstrip().startswith("data:"):
+                self.stream = True  # an event stream where a whole answer was asked: stream from now on
+                return self._ask(chat, max_tokens)
+            raise self._not_a_chat(f"with text, not a chat completion ({reply[:100]!r})")
         choices = getattr(reply, "choices", None)
         message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
         content = getattr(message, "content", None)
         if message is None or not isinstance(content, (str, type(None))):
-            raise NamingError(self._redact(
-                f"the naming endpoint {self.base_url} answered without a message (choices: "
-                f"{str(choices)[:100]}); it is not an OpenAI-compatible chat endpoint, or it failed. {kept}"))
+            raise self._not_a_chat(f"without a message (choices: {str(choices)[:100]})")
         return content or ""
 
     def write(self, chats: list[Chat]) -> list[str]:
@@ -242,6 +303,17 @@ class EndpointNamer:
 
     def judge(self, chats: list[Chat]) -> list[bool]:
         return [self._ask(chat, 2).strip().lower().startswith("yes") for chat in chats]
+
+
+def describe_error(err: Exception) -> str:
+    """The error's kind and message, with the body a server sent where the message leaves it out
+    (the openai client reports a streamed {"error": "..."} as "An error occurred during streaming")."""
+    text = str(err)
+    body = getattr(err, "body", None)
+    if isinstance(body, str) and body and body not in text:
+        text = f"{text}: {body}"
+    # a server's error body may be long; the line keeps its start, which says what went wrong
+    return f"{type(err).__name__}: {text[:400]}"
 
 
 def redact(message: str, secret: str, shortest: int = 6) -> str:
@@ -300,10 +372,13 @@ def _read_cache(cache_path: Path) -> dict[str, Any]:
     return names if isinstance(names, dict) else {}
 
 
-def name_latents(namer: Namer, tasks: dict[int, NamingTask], cache_path: Path, batch_size: int = 8,
+def name_latents(namer: Namer, tasks: dict[int, NamingTask], cache_path: Path, batch_size: int | None = None,
                  progress: bool = True) -> dict[int, Name]:
     """Name and score each latent of `tasks`; finished latents are saved to `cache_path` after every
-    batch, so a rerun names only the rest."""
+    batch, so a rerun names only the rest. A batch is `batch_size` latents, by default the namer's own
+    (8 for a local model, which writes a batch of names at once; 1 for an endpoint, so a failure costs
+    at most the latent in hand)."""
+    batch_size = batch_size or getattr(namer, "batch_size", 8)
     done = _read_cache(cache_path)
     checksums = {i: task.checksum(namer.namer_id) for i, task in tasks.items()}
     todo = [i for i in tasks if done.get(str(i), {}).get("checksum") != checksums[i]]
