@@ -640,6 +640,13 @@ def sparse_probing(settings, trained, progress: bool = True) -> dict[str, Any]:
     return {**data.summary(), **score_sae(trained.sae, data)}
 
 
+def task_table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per kept task: its test positives, this SAE's accuracy at each k, and the SAE-free readouts."""
+    return [{"task": t["task"], "test positives": t["test_positives"],
+             **{f"SAE k={k}": v for k, v in t["accuracy"].items()},
+             **{f"lexical k={k}": v for k, v in t["lexical"].items()}, "dense": t["dense"]} for t in result["tasks"]]
+
+
 def summary_text(result: dict[str, Any]) -> str:
     """The probing result in a few lines: what it ran on, the means, and each dropped task's reason."""
     if result.get("skipped"):
