@@ -103,6 +103,10 @@ class Task:
                 "test_positives": int((self.test == 1).sum()), "test_negatives": int((self.test == 0).sum())}
 
 
+def _flipped(labels: np.ndarray) -> np.ndarray:
+    return np.where(labels < 0, labels, 1 - labels)
+
+
 def _labels(values: list[set[str] | None], value: str) -> np.ndarray:
     return np.array([-1 if v is None else int(value in v) for v in values], np.int8)
 
@@ -123,7 +127,8 @@ def build_tasks(train_records: list[Any], test_records: list[Any], fields: Itera
             task = Task(name, value, _labels(train_values, value), _labels(test_values, value))
             if min(task.counts().values()) < min_positives:
                 rare.append(value)
-            elif any(np.array_equal(task.train, 1 - t.train) and np.array_equal(task.test, 1 - t.test) for t in mine):
+            elif any(np.array_equal(task.train, _flipped(t.train)) and np.array_equal(task.test, _flipped(t.test))
+                     for t in mine):
                 continue  # the other value of a two-valued field: the same task, labels flipped
             elif len(mine) == per_field:
                 beyond += 1

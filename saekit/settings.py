@@ -195,7 +195,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
     "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
-    "PROBE_LABEL_FIELD": _label_field, "PROBE_TEXTS": _at_least(10), "PROBE_MIN_POSITIVES": _at_least(3),
+    "PROBE_LABEL_FIELD": _label_field, "PROBE_TEXTS": _at_least(10),
+    "PROBE_MIN_POSITIVES": _at_least(3),  # the probe's 3-fold cross-validation needs a positive in every fold
     "PROBE_MIN_ACCURACY": _between(0.5, 1),
     "TOP_N_EXAMPLES": _at_least(1), "CONTEXT_TOKENS": _at_least(0), "QUANTILE_EXAMPLES": _at_least(0),
     "NON_ACTIVATING_EXAMPLES": _at_least(0), "N_LATENTS_TO_NAME": _at_least(-1), "NAMING_MODEL_ID": _any,

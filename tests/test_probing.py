@@ -82,7 +82,7 @@ def test_balanced_accuracy_and_the_chance_bound():
 def test_tasks_come_from_frequent_values_and_rare_ones_or_missing_fields_are_handled():
     def record(i: int) -> dict:
         r = {"text": f"story {i}", "features": ["dialogue"] * (i % 3 == 0) + ["moral"] * (i % 4 == 0),
-             "noun": "ball" if i % 5 == 0 else f"rare{i}", "flag": i % 2 == 0}
+             "noun": "ball" if i % 5 == 0 else f"rare{i}", "flag": i % 2 == 0, "kind": "x" if i % 3 else "y"}
         if i % 7 == 0:
             del r["noun"]  # unknown: left out of the noun tasks, not a negative
         if i % 11 == 0:
@@ -90,9 +90,10 @@ def test_tasks_come_from_frequent_values_and_rare_ones_or_missing_fields_are_han
         return r
 
     train, test = [record(i) for i in range(100)], [record(i) for i in range(100, 160)]
-    tasks, dropped = probing.build_tasks(train, test, ["features", "noun", "flag", "absent"], min_positives=5)
+    tasks, dropped = probing.build_tasks(train, test, ["features", "noun", "flag", "kind", "absent"], min_positives=5)
     names = [t.name for t in tasks]
-    assert names == ["features = dialogue", "features = moral", "noun = ball", "flag"]  # a yes/no field is one task
+    # a yes/no field is one task, and so is a field of two values (the other is the same task, flipped)
+    assert names == ["features = dialogue", "features = moral", "noun = ball", "flag", "kind = x"]
     ball = tasks[2]
     assert ball.train[0] == -1 and ball.train[5] == 1 and ball.train[1] == 0  # 0: no noun field; 1: "rare1"
     assert tasks[0].train[11] == -1 and tasks[0].train[3] == 1 and tasks[0].train[4] == 0
