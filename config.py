@@ -81,6 +81,16 @@ MAX_DELTA_CE = 0.06  # nats. working: 0.020-0.034; broken: 0.125-0.126. A bound 
 #                      for layers whose ablation costs so much that a large ΔCE still "recovers" most of it
 MIN_WEIGHT_CHANGE = 0.05  # relative Frobenius change from the initialisation; 12 steps (in warmup) move 0.01
 
+# --- sparse probing (stage 03, bench/bench_peers.py): do a few latents predict a story property? ----
+# Story-level tasks from the dataset's label fields; for each, the k latents that best separate the classes
+# on the SAE's training stories feed a logistic regression scored on stories the SAE never saw (README).
+PROBE_LABEL_FIELD = ""  # "" = the fields features, noun, verb, adjective where the dataset has them (the embedded
+#                         corpus does); or the name of one label field of your dataset; "none" = no probing
+PROBE_TEXTS = 1000  # most stories on each side: the SAE's training stories; evaluation texts + the store's held-out ones
+PROBE_MIN_POSITIVES = 5  # a task needs this many positive and negative stories on each side
+PROBE_MIN_ACCURACY = 0.6  # a task is kept only where the probe on all d raw dimensions (its ceiling) reaches this
+#                           balanced accuracy on the test stories, and beats chance by 3 standard errors there
+
 # --- concepts (stages 04-05) ----------------------------------------------------------------
 TOP_N_EXAMPLES = 10
 CONTEXT_TOKENS = 10  # tokens each side of the peak kept with an example

@@ -19,6 +19,11 @@ dead_feature_threshold, its sign-SGD LR being on another scale than Adam's).
 Every trainer writes its SAE in SAELens's format, read back by saekit.saelens_format (TopK, and
 BatchTopK as the JumpReLU with the learned threshold that SAELens saves). Each loaded SAE is checked
 against the library's own reconstruction of 512 rows (scorer_max_error).
+
+Every SAE also gets stage 03's sparse probing (saekit.probing): the mean balanced accuracy over the
+kept tasks with k = 1, 2, 5 latents (columns probe_k1, probe_k2, probe_k5; each task in the JSON). The
+stories, tasks and SAE-free readouts are prepared once, from the settings as given (the evaluation
+texts of EVAL_DATA_LIMIT, not --eval-texts: the same stories as stage 03), and reused for every SAE.
 Writes bench/results/bench_peers.json with the exact settings of every trainer.
 """
 import json
@@ -39,6 +44,7 @@ from saekit.analysis import mean_training_activation
 from saekit.data import load_role_texts
 from saekit.metrics import splice_metrics
 from saekit.models import load_model, resolve_layer
+from saekit import probing
 from saekit.saelens_format import load_saelens
 from saekit.settings import load_settings
 from saekit.verdict import measured_on
@@ -50,8 +56,8 @@ PYTHONS = {"saekit": Path(sys.executable), "saelens": ROOT / "bench" / ".venv-sa
            "sparsify": ROOT / "bench" / ".venv-sparsify" / "bin" / "python"}
 SCRIPTS = {name: ROOT / "bench" / "peers" / f"{name}_train.py" for name in PYTHONS}
 FRONTIER_K = [16, 32, 64]
-COLUMNS = ["trainer", "k", "heldout_fvu", "l0", "dead_pct", "delta_ce", "recovered_vs_mean", "train_seconds",
-           "tokens_per_s", "load_before"]
+COLUMNS = ["trainer", "k", "heldout_fvu", "l0", "dead_pct", "delta_ce", "recovered_vs_mean", "probe_k1", "probe_k2",
+           "probe_k5", "train_seconds", "tokens_per_s", "load_before"]
 
 
 def train(trainer: str, spec: dict) -> dict:
@@ -142,9 +148,13 @@ with tempfile.TemporaryDirectory() as tmp:
         heldout = evaluate(scorer, run, heldout_start, run.n_tokens).summary()
         splice = splice_metrics(model, tokenizer, layer, texts, scorer, mean, settings.MAX_LENGTH,
                                 batch_size=settings.BATCH_SIZE_SAVE, progress=False)
+        probes = probing.score_sae(scorer, probe_data)
+        means = probes.get("mean") or {}
         row = {"trainer": name, "library": trainer, "k": k, "heldout_fvu": heldout["fvu"], "l0": heldout["l0"],
                "dead_pct": 100 * heldout["dead_fraction"], "delta_ce": splice["delta_ce"],
                "recovered_vs_mean": splice["ce_recovered_vs_mean"], "kl": splice["kl_sae"],
+               **{f"probe_k{j}": means.get(str(j)) for j in probing.KS},
+               "sparse_probing": [{key: t[key] for key in ("task", "accuracy", "latents")} for t in probes.get("tasks", [])],
                "train_seconds": trained["train_seconds"], "tokens_per_s": trained["tokens"] / trained["train_seconds"],
                "load_before": load_before, "scorer_max_error": scorer_error, "heldout": heldout, "splice": splice,
                "settings": {key: v for key, v in trained.items() if key not in ("train_seconds", "tokens")} | {
@@ -152,6 +162,8 @@ with tempfile.TemporaryDirectory() as tmp:
         print(table([row], COLUMNS), flush=True)
         return row
 
+    probe_data = probing.prepare(settings, run, heldout_start, model, tokenizer, layer, progress=False)  # once for all
+    print(probing.summary_text(probe_data.summary()), flush=True)
     for name, trainer, extras in configurations(k):
         rows.append(measure(name, trainer, extras, k))
     if frontier:  # at the other k: this project's two architectures and the two peers best at k
@@ -175,5 +187,5 @@ for row_k in sorted({r["k"] for r in rows}):
 path = save_result("bench_peers", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
                    {"run_id": run.run_id, **measured_on(settings), "train_tokens": heldout_start,
                     "heldout_tokens": run.n_tokens - heldout_start, "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
-                    "n_latents": n_latents, "results": rows})
+                    "n_latents": n_latents, "sparse_probing": probe_data.summary(), "results": rows})
 print(f"wrote {path}")

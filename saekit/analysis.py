@@ -127,9 +127,13 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
 
 
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],
-                   weights: dict[str, Any], splice: dict[str, float]) -> dict[str, Any]:
+                   weights: dict[str, Any], splice: dict[str, float],
+                   sparse_probing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """store/analysis.json: the verdict and its figures, and the sparse probing (saekit.probing), which
+    is reported beside the verdict, not part of it."""
     payload = {"passed": passed(checks), "checks": checks, "heldout": heldout,
-               "weights": weights, "splice": splice, "activation_run_id": trained.run.run_id,
+               "weights": weights, "splice": splice, "sparse_probing": sparse_probing,
+               "activation_run_id": trained.run.run_id,
                "sae_id": trained.meta["sae_id"],
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "settings": settings.as_dict()}

@@ -77,6 +77,13 @@ class TextStream:
         self.read_from: dict[str, Any] = dict(read_from or {"dataset": source})
 
     def __iter__(self) -> Iterator[str]:
+        for text, _ in self.with_records():
+            yield text
+
+    def with_records(self) -> Iterator[tuple[str, Any]]:
+        """Each text with the record it came from: a dict of all its fields for a .jsonl, .parquet or
+        `datasets` source (their other fields carry labels, saekit.probing), the line itself for a .txt
+        file. Same texts, order, limit and checks as iterating the stream."""
         self.skipped_empty, given = 0, 0
         for record in self._records():
             text = self._text(record)
@@ -85,7 +92,7 @@ class TextStream:
                 continue
             if self._keep is not None and not self._keep(text):
                 continue
-            yield text
+            yield text, record
             given += 1
             if self.limit and given >= self.limit:
                 return

@@ -166,3 +166,38 @@ def peak_tokens(rows: Sequence[dict[str, Any]], save_to=None):
     axes[1].set(title="mean score at that peak", xlabel="activation")
     axes[0].tick_params(axis="y", labelsize=8)
     return _finish(fig, save_to)
+
+
+def sparse_probing(results: dict[str, dict[str, Any]], save_to=None):
+    """Balanced accuracy against k per kept task (saekit.probing), one line per SAE (`results`: name ->
+    its probing result, all on the same tasks), with the two SAE-free readouts: the lexical probe on the
+    same k (dashed) and the dense probe on all d raw dimensions (dotted, the issue's ceiling)."""
+    first = next(iter(results.values()))
+    tasks = first.get("tasks") or []
+    if not tasks:
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.axis("off")
+        ax.text(0.5, 0.5, first.get("skipped") or "sparse probing: no task kept", ha="center", va="center", wrap=True)
+        return _finish(fig, save_to)
+    ks = [str(k) for k in first["ks"]]
+    panels = [("mean over kept tasks", {n: r["mean"] for n, r in results.items()}, first["mean_lexical"],
+               first["mean_dense"], None)]
+    panels += [(t["task"], {n: r["tasks"][i]["accuracy"] for n, r in results.items()}, t["lexical"], t["dense"],
+                t["test_positives"]) for i, t in enumerate(tasks)]
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax, (title, by_sae, lexical, dense, positives) in zip(axes.flat, panels):
+        for name, accuracy in by_sae.items():
+            ax.plot(ks, [accuracy[k] for k in ks], "o-", label=name)
+        ax.plot(ks, [lexical[k] for k in ks], "s--", color="grey", label="lexical (bag of tokens)")
+        ax.axhline(dense, color="black", ls=":", label="dense probe, all d dims")
+        ax.axhline(0.5, color="tab:red", lw=0.8, alpha=0.5)
+        ax.set(title=title + (f" ({positives} pos.)" if positives is not None else ""), xlabel="k latents",
+               ylim=(0.3, 1.02))
+        ax.title.set_fontsize(9)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("balanced accuracy (test)")
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    return _finish(fig, save_to)

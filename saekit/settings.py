@@ -163,6 +163,12 @@ def _device(v: str) -> str | None:
     return "auto, cpu, cuda, cuda:N or mps"
 
 
+def _label_field(v: str) -> str | None:
+    if v == v.strip() and "," not in v:
+        return None
+    return "'' (automatic), 'none' or one field name, without spaces around it or commas"
+
+
 def _sae_path(v: str) -> str | None:
     if not v or ((Path(v) / "cfg.json").is_file() and (Path(v) / "sae_weights.safetensors").is_file()):
         return None
@@ -189,6 +195,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
     "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
+    "PROBE_LABEL_FIELD": _label_field, "PROBE_TEXTS": _at_least(10),
+    "PROBE_MIN_POSITIVES": _at_least(3),  # the probe's 3-fold cross-validation needs a positive in every fold
+    "PROBE_MIN_ACCURACY": _between(0.5, 1),
     "TOP_N_EXAMPLES": _at_least(1), "CONTEXT_TOKENS": _at_least(0), "QUANTILE_EXAMPLES": _at_least(0),
     "NON_ACTIVATING_EXAMPLES": _at_least(0), "N_LATENTS_TO_NAME": _at_least(-1), "NAMING_MODEL_ID": _any,
     "NAMING_MAX_NEW_TOKENS": _at_least(1), "NAMING_TIMEOUT_S": _between(0, 86400, open_low=True),
