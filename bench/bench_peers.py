@@ -6,6 +6,8 @@ stage 02 trains on, every SAE scored by the project's metrics on the same held-o
     .venv/bin/python bench/bench_peers.py --frontier  # also k = 16, 32, 64: this project and the two best peers (~65 min)
     .venv/bin/python bench/bench_peers.py --EPOCHS=1 --eval-texts=8   # a quick check that every trainer runs
     .venv/bin/python bench/bench_peers.py --speed=3   # stage 02 vs sparsify's speed only, alternately, 3 times each (~6 min)
+    .venv/bin/python bench/bench_peers.py --only=saekit --SEED=1 --name=bench_peers_saekit_seed1  # this project's
+                                                      # SAEs at another seed (seed noise), to bench_peers_saekit_seed1.json
 
 Each trainer runs in its own process (its own venv: bench/.venv-saelens, bench/.venv-sparsify), one
 after another, so each is timed alone; only the library's training call is timed (this project's:
@@ -74,7 +76,12 @@ def train(trainer: str, spec: dict) -> dict:
 frontier = "--frontier" in sys.argv
 eval_texts = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--eval-texts=")), EVAL_TEXTS)
 speed_repeats = next((int(a.split("=")[1]) for a in sys.argv[1:] if a.startswith("--speed=")), 0)
-args = [a for a in sys.argv[1:] if a != "--frontier" and not a.startswith(("--eval-texts=", "--speed="))]
+only = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")), list(PYTHONS))
+result_name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--name=")), "bench_peers")
+args = [a for a in sys.argv[1:]
+        if a != "--frontier" and not a.startswith(("--eval-texts=", "--speed=", "--only=", "--name="))]
+if unknown := set(only) - set(PYTHONS):
+    sys.exit(f"--only takes trainers among {', '.join(PYTHONS)}, not {', '.join(sorted(unknown))}")
 settings = load_settings(args)
 run = open_run(settings.store)
 heldout_start = run.heldout_start(settings.HELDOUT_FRACTION)
@@ -165,26 +172,30 @@ with tempfile.TemporaryDirectory() as tmp:
     probe_data = probing.prepare(settings, run, heldout_start, model, tokenizer, layer, progress=False)  # once for all
     print(probing.summary_text(probe_data.summary()), flush=True)
     for name, trainer, extras in configurations(k):
-        rows.append(measure(name, trainer, extras, k))
+        if trainer in only:
+            rows.append(measure(name, trainer, extras, k))
     if frontier:  # at the other k: this project's two architectures and the two peers best at k
         best_peers = sorted((r for r in rows if r["library"] != "saekit"), key=lambda r: r["delta_ce"])[:2]
         for frontier_k in FRONTIER_K:
             configs = configurations(frontier_k)
             for name, trainer, extras in configs[:2] + [c for c in configs if c[0] in {r["trainer"] for r in best_peers}]:
-                rows.append(measure(name, trainer, extras, frontier_k))
+                if trainer in only:
+                    rows.append(measure(name, trainer, extras, frontier_k))
 
 print(table(rows, COLUMNS))
 ours = rows[0]
-fastest_peer = max((r for r in rows if r["library"] != "saekit" and r["k"] == k), key=lambda r: r["tokens_per_s"])
-print(f"stage 02 tokens/s vs the fastest peer ({fastest_peer['trainer']}): "
-      f"{ours['tokens_per_s'] / fastest_peer['tokens_per_s']:.2f}x")
-for row_k in sorted({r["k"] for r in rows}):
+peers_at_k = [r for r in rows if r["library"] != "saekit" and r["k"] == k]
+if ours["library"] == "saekit" and peers_at_k:
+    fastest_peer = max(peers_at_k, key=lambda r: r["tokens_per_s"])
+    print(f"stage 02 tokens/s vs the fastest peer ({fastest_peer['trainer']}): "
+          f"{ours['tokens_per_s'] / fastest_peer['tokens_per_s']:.2f}x")
+for row_k in sorted({r["k"] for r in rows} if peers_at_k else ()):
     at_k = [r for r in rows if r["k"] == row_k]
     best_ours = min((r for r in at_k if r["library"] == "saekit"), key=lambda r: r["delta_ce"])
     best_peer = min((r for r in at_k if r["library"] != "saekit"), key=lambda r: r["delta_ce"])
     print(f"k = {row_k}: best here {best_ours['trainer']} ΔCE {best_ours['delta_ce']:.4f} at L0 {best_ours['l0']:.2f}; "
           f"best peer {best_peer['trainer']} {best_peer['delta_ce']:.4f} at L0 {best_peer['l0']:.2f}")
-path = save_result("bench_peers", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
+path = save_result(result_name, "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
                    {"run_id": run.run_id, **measured_on(settings), "train_tokens": heldout_start,
                     "heldout_tokens": run.n_tokens - heldout_start, "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
                     "n_latents": n_latents, "sparse_probing": probe_data.summary(), "results": rows})
