@@ -135,7 +135,7 @@ with tempfile.TemporaryDirectory() as tmp:
                   for name in ("saekit", "sparsify TopK, defaults")}
         ratio = median["saekit"] / median["sparsify TopK, defaults"]
         print(f"stage 02 tokens/s vs sparsify at its defaults, medians of {speed_repeats}: {ratio:.3f}x")
-        path = save_result("bench_peers_speed", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
+        path = save_result(result_name if result_name != "bench_peers" else "bench_peers_speed", "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
                            {"run_id": run.run_id, "train_tokens": heldout_start, "epochs": settings.EPOCHS, "k": k,
                             "median_tokens_per_s": median, "ratio": ratio, "timings": timings})
         print(f"wrote {path}")
