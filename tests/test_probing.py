@@ -241,3 +241,14 @@ def test_stories_come_from_the_sae_training_texts_and_texts_it_never_saw(labelle
     assert probing.summary_text(result).startswith("sparse probing")
     figure = plots.sparse_probing({"this SAE": result})
     assert figure is not None
+
+
+def test_the_tasks_and_probes_do_not_depend_on_the_training_seed(labelled_runs):
+    """SEED trains the SAE; the probing evaluation's folds are its own, so SAEs of two seeds are
+    compared on the same tasks by the same probes."""
+    settings = labelled_runs["store"]
+    (data, run), (reseeded, _) = _prepare(settings), _prepare(type(settings)(**{**vars(settings), "SEED": 7}))
+    assert data.summary() == reseeded.summary()
+    sae = TopKSAE(run.d_model, 2 * run.d_model, 4)
+    sae.init_weights(torch.zeros(run.d_model), torch.Generator().manual_seed(0))
+    assert probing.score_sae(sae, data) == probing.score_sae(sae, reseeded)
