@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,24 @@ def chat_tokenizer(tiny_tokenizer):
                                    eos_token="</s>", pad_token="<pad>", unk_token="[UNK]")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return tok
+
+
+class ChatStubHandler(BaseHTTPRequestHandler):
+    """The base of the tests' OpenAI-compatible stub servers: quiet, lists one model (MODEL), and
+    sends each reply whole with its length."""
+
+    MODEL = "m"
+
+    def log_message(self, *args):
+        pass
+
+    def send_body(self, status: int, body: bytes, kind: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.send_body(200, json.dumps({"object": "list", "data": [{"id": self.MODEL, "object": "model", "created": 0,
+                                                                      "owned_by": "t"}]}).encode())

@@ -8,14 +8,14 @@ import json
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import copy_store
+from conftest import ChatStubHandler, copy_store
 from test_faults import _assert_one_line_error, _checksums, _run
 
 SECRET = "sk-foreign-0123456789abcdef"
@@ -169,24 +169,9 @@ def test_the_notebook_runner_refuses_arguments_it_would_ignore(store, given):
 
 # --- a naming server -------------------------------------------------------------------------------------
 
-class _Hostile(BaseHTTPRequestHandler):
+class _Hostile(ChatStubHandler):
     """An OpenAI-compatible server that lists a model, then answers chats as `server.mode` says.
     Every wait is bounded and ends when the test sets `server.stop`."""
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: bytes, length: bool = True):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        if length:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
-                                                                  "owned_by": "t"}]}).encode())
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -207,11 +192,11 @@ class _Hostile(BaseHTTPRequestHandler):
                 except OSError:
                     break
         elif mode == "echo the key":
-            self._send(401, json.dumps({"error": {"message": f"invalid key: {self.headers['Authorization']}; "
+            self.send_body(401, json.dumps({"error": {"message": f"invalid key: {self.headers['Authorization']}; "
                                                              f"yours ends {SECRET[-12:]}", "type": "auth"}}).encode())
         else:
             choices = [] if mode == "choices []" else None
-            self._send(200, json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            self.send_body(200, json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
                                         "choices": choices}).encode())
 
 

@@ -3,11 +3,12 @@ the label, an OpenAI-compatible endpoint served on 127.0.0.1 by the test, and re
 import json
 import shutil
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
+from conftest import ChatStubHandler
 from saekit.collect import scoring_half
 from saekit.concepts import run_concepts
 from saekit.exports import apply_names, build_concepts, open_concepts, publish
@@ -35,23 +36,17 @@ def _built(seed=0):
     return codes, built
 
 
-class _Judge(BaseHTTPRequestHandler):
+class _Judge(ChatStubHandler):
     """An OpenAI-compatible server that names and judges like a capable model would on these texts."""
 
-    def log_message(self, *args):
-        pass
+    MODEL = "judge-1"
 
     def _reply(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_body(200, json.dumps(body).encode())
 
     def do_GET(self):
         self.server.seen.append(("GET", self.path, self.headers.get("Authorization"), None))
-        self._reply({"object": "list", "data": [{"id": "judge-1", "object": "model", "created": 0, "owned_by": "t"}]})
+        super().do_GET()
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -15,13 +15,12 @@ import sys
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import copy_store
+from conftest import ChatStubHandler, copy_store
 from saekit.concepts import run_concepts
 from saekit.exports import build_concepts
 from saekit.naming import EndpointNamer, NamingError, name_latents, naming_task
@@ -257,23 +256,9 @@ def _chunk(delta: dict, finish=None) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
-class _Failing(BaseHTTPRequestHandler):
+class _Failing(ChatStubHandler):
     """An OpenAI-compatible server that answers as a healthy one until the `server.fail_at`-th name is asked
     for (None: never), then in `server.failure`'s way. Names are "name 1", "name 2", ...; judgements "Yes"."""
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: bytes, kind: str = "application/json"):
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
-                                                                  "owned_by": "t"}]}).encode())
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -287,30 +272,30 @@ class _Failing(BaseHTTPRequestHandler):
         mode = server.failure if failing else ("stream" if request.get("stream") else "ok")
         answer = f"name {len(server.names)}" if prompt.startswith("Examples:") else "Yes"
         if mode == "ok":
-            self._send(200, json.dumps(_completion(answer)).encode())
+            self.send_body(200, json.dumps(_completion(answer)).encode())
         elif mode == "stream":
-            self._send(200, _chunk({"role": "assistant"}) + _chunk({"content": answer}) + _chunk({}, "stop")
+            self.send_body(200, _chunk({"role": "assistant"}) + _chunk({"content": answer}) + _chunk({}, "stop")
                        + b"data: [DONE]\n\n", "text/event-stream")
         elif mode == "slow":
             server.stop.wait(1.0)
-            self._send(200, json.dumps(_completion(answer)).encode())
+            self.send_body(200, json.dumps(_completion(answer)).encode())
         elif mode.startswith("http "):
             status = int(mode.split()[1])
-            self._send(status, json.dumps({"error": {"message": f"server error {status}", "type": "x"}}).encode())
+            self.send_body(status, json.dumps({"error": {"message": f"server error {status}", "type": "x"}}).encode())
         elif mode == "garbage json":
-            self._send(200, b'{"choices": [{"message": {"content": "Ye')
+            self.send_body(200, b'{"choices": [{"message": {"content": "Ye')
         elif mode == "html":
-            self._send(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            self.send_body(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
         elif mode == "stream garbage":
-            self._send(200, b"data: {not json\n\n", "text/event-stream")
+            self.send_body(200, b"data: {not json\n\n", "text/event-stream")
         elif mode == "stream error":  # an error event, as a server may send mid-answer
-            self._send(200, _chunk({"role": "assistant"}) + b'data: {"error": "CUDA out of memory"}\n\n',
+            self.send_body(200, _chunk({"role": "assistant"}) + b'data: {"error": "CUDA out of memory"}\n\n',
                        "text/event-stream")
         elif mode == "cut-off stream":  # transformers serve 4.57 failing mid-answer: no blank line ends its error
-            self._send(200, _chunk({"role": "assistant"}) + _chunk({"content": "Ye"})
+            self.send_body(200, _chunk({"role": "assistant"}) + _chunk({"content": "Ye"})
                        + b'data: {"error": "CUDA out of memory"}', "text/event-stream")
         elif mode == "empty stream":
-            self._send(200, b"", "text/event-stream")
+            self.send_body(200, b"", "text/event-stream")
         else:
             raise AssertionError(mode)
 
