@@ -88,8 +88,9 @@ PROBE_LABEL_FIELD = ""  # "" = the fields features, noun, verb, adjective where 
 #                         corpus does); or the name of one label field of your dataset; "none" = no probing
 PROBE_TEXTS = 1000  # most stories on each side: the SAE's training stories; evaluation texts + the store's held-out ones
 PROBE_MIN_POSITIVES = 5  # a task needs this many positive and negative stories on each side
-PROBE_MIN_ACCURACY = 0.6  # a task is kept only where the probe on all d raw dimensions (its ceiling) reaches this
-#                           balanced accuracy on the test stories, and beats chance by 3 standard errors there
+PROBE_MIN_ACCURACY = 0.6  # a task is kept only where a readout without an SAE (all d raw dimensions, or which
+#                           tokens a story holds) reaches this balanced accuracy on the test stories and beats
+#                           chance by 3 standard errors there: otherwise its label is not in the stories
 
 # --- concepts (stages 04-05) ----------------------------------------------------------------
 TOP_N_EXAMPLES = 10
