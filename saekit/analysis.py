@@ -108,15 +108,30 @@ def mean_training_activation(run: ActivationRun, stop: int, batch_size: int = 65
     return torch.from_numpy(total / stop).float()
 
 
-def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True) -> dict[str, float]:
-    """CE and KL with the SAE spliced into the model, on EVAL_SPLIT texts."""
+@dataclass
+class LayerModel:
+    """The model with its tokenizer and the SAE's layer, loaded once for stage 03's splice and probing."""
+
+    model: Any
+    tokenizer: Any
+    layer: Any
+    device: torch.device
+
+
+def load_layer_model(settings: Settings) -> LayerModel:
     device = detect_device(settings.DEVICE)
     model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
-    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    return LayerModel(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), device)
+
+
+def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True,
+                  loaded: LayerModel | None = None) -> dict[str, float]:
+    """CE and KL with the SAE spliced into the model (`loaded`, or loaded here), on EVAL_SPLIT texts."""
+    loaded = loaded or load_layer_model(settings)
     texts = load_role_texts(settings, "eval")
-    sae = trained.sae.to(device)
+    sae = trained.sae.to(loaded.device)
     mean = mean_training_activation(trained.run, trained.heldout_start)
-    result = splice_metrics(model, tokenizer, layer, texts.texts, sae, mean, settings.MAX_LENGTH,
+    result = splice_metrics(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
     result["n_texts_asked"] = settings.EVAL_DATA_LIMIT

@@ -639,18 +639,17 @@ def score_sae(sae: TopKSAE, data: ProbeData) -> dict[str, Any]:
     return {"skipped": None, "mean": {str(k): _mean(r["accuracy"][str(k)] for r in rows) for k in KS}, "tasks": rows}
 
 
-def sparse_probing(settings, trained, progress: bool = True) -> dict[str, Any]:
-    """Stage 03's sparse probing of its SAE (analysis.TrainedSAE): the prepared stories and tasks with
-    this SAE's accuracies, for store/analysis.json. A dataset without labels is skipped before the
-    model is loaded."""
-    from .models import detect_device, load_model, resolve_layer
+def sparse_probing(settings, trained, progress: bool = True, loaded=None) -> dict[str, Any]:
+    """Stage 03's sparse probing of its SAE (analysis.TrainedSAE) with the model that `loaded`
+    (analysis.LayerModel) holds, or loaded here: the prepared stories and tasks with this SAE's
+    accuracies, for store/analysis.json. A dataset without labels is skipped before any model load."""
+    from .analysis import load_layer_model
 
     _, skipped = probe_fields(settings)
     if skipped:
         return {"skipped": skipped}
-    model, tokenizer = load_model(settings.MODEL_ID, detect_device(settings.DEVICE), cache_dir=settings.store / "models")
-    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
-    data = prepare(settings, trained.run, trained.heldout_start, model, tokenizer, layer, progress)
+    loaded = loaded or load_layer_model(settings)
+    data = prepare(settings, trained.run, trained.heldout_start, loaded.model, loaded.tokenizer, loaded.layer, progress)
     return {**data.summary(), **score_sae(trained.sae, data)}
 
 
