@@ -11,12 +11,12 @@ Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process
 import itertools
 import sys
 
-from saekit.data import open_role_texts, texts_line
-from saekit.memory import check_fits, forward_parts
-from saekit.models import layer_names, resolve_layer
-from saekit.sources import count_training_texts
-from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.store import open_run, save_activations
+from saekit.activations.data import open_role_texts, texts_line
+from saekit.activations.models import layer_names, resolve_layer
+from saekit.activations.sources import count_training_texts
+from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
+from saekit.activations.store import open_run, save_activations
+from saekit.base.memory import check_fits, forward_parts
 
 settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
 device, world = stage_runtime(settings)  # under torchrun, each process embeds a share of the texts

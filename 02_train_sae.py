@@ -14,12 +14,12 @@ of it). Every file loads without running code.
 """
 import sys
 
-from saekit.integrity import write_sealed_json
-from saekit.saelens_format import save_saelens
-from saekit.sources import model_rows, store_rows
-from saekit.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.store import check_run_matches, open_run
-from saekit.train import TrainConfig, train_sae
+from saekit.activations.sources import model_rows, store_rows
+from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
+from saekit.activations.store import check_run_matches, open_run
+from saekit.base.integrity import write_sealed_json
+from saekit.training.saelens_format import save_saelens
+from saekit.training.train import TrainConfig, train_sae
 
 settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
 device, world = stage_runtime(settings)  # under torchrun: data parallel, each process a share of each batch

@@ -13,11 +13,11 @@ import torch
 
 from common import save_result, table, timer
 
-from saekit.collect import collect, text_peaks, top_peaks
-from saekit.data import load_texts
-from saekit.models import load_model, resolve_layer
-from saekit.sae import TopKSAE
-from saekit.settings import load_settings
+from saekit.activations.data import load_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.base.settings import load_settings
+from saekit.concepts.collect import collect, text_peaks, top_peaks
+from saekit.training.sae import TopKSAE
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--texts", type=int, default=64)

@@ -5,7 +5,7 @@ and at the specification's (6,144 latents x 1,000 texts).
 
 Demo size: the store's own concepts when stage 04 has run there, otherwise made-up codes of the
 demo's shape (2,304 latents, 200 texts of 128 tokens, k = 8). Specification size: made-up codes of
-6,144 latents and 1,000 texts of 128 tokens, k = 8 (saekit.synthetic), taken through stage 04's
+6,144 latents and 1,000 texts of 128 tokens, k = 8 (saekit.concepts.synthetic), taken through stage 04's
 exports and stage 05's writer like real ones. Random latents make the largest labels ("unexplained
 (best attempt: ...)"), so this is the heavy case.
 
@@ -28,10 +28,10 @@ import numpy as np
 
 from common import save_result, table, timer
 
-from saekit import dashboard
-from saekit.exports import build_concepts, open_concepts, publish
-from saekit.settings import load_settings
-from saekit.synthetic import synthetic_codes, synthetic_lens
+from saekit.base.settings import load_settings
+from saekit.concepts.exports import build_concepts, open_concepts, publish
+from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
+from saekit.show import dashboard
 
 GOAL_MS, GOAL_BYTES = 2000, 5_000_000
 

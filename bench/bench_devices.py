@@ -16,9 +16,9 @@ import torch
 
 from common import save_result, table, timer
 
-from saekit.settings import load_settings
-from saekit.store import RunWriter, open_run
-from saekit.train import TrainConfig, evaluate, train_sae
+from saekit.activations.store import RunWriter, open_run
+from saekit.base.settings import load_settings
+from saekit.training.train import TrainConfig, evaluate, train_sae
 
 D, N_FEATURES, ACTIVE, TOKENS_PER_DOC = 576, 2304, 8, 128
 

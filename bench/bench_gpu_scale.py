@@ -7,7 +7,7 @@ shape, against the bare forward up to the layer on the same texts.
     .venv/bin/python bench/bench_gpu_scale.py --device=cpu --tokens=20000 --layers=2   # a quick check here
 
 - store: structured synthetic activations (bench_devices.structured_run) of width d, 4d latents,
-  TopK 8, one epoch of TOKENS; tokens/s and the history's step TFLOP/s (saekit.train.step_flops_per_token).
+  TopK 8, one epoch of TOKENS; tokens/s and the history's step TFLOP/s (saekit.training.train.step_flops_per_token).
 - online: a random Llama of Bielik-1.5B's shape as far as it is known here (hidden 1,536, 32 layers,
   intermediate 8,960, 12 heads, 2 key-value heads; the hub's config.json was never read), stopped at
   block 16, over random texts of 128 tokens: stage 01 (ACTIVATION_SOURCE = model) then stage 02 for one
@@ -47,8 +47,8 @@ def bf16_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> 
 
 def from_store(device: torch.device, tokens: int, tmp: Path) -> list[dict]:
     from bench_devices import structured_run
-    from saekit.settings import load_settings
-    from saekit.train import TrainConfig, train_sae
+    from saekit.base.settings import load_settings
+    from saekit.training.train import TrainConfig, train_sae
 
     rows = []
     for d, name in SHAPES:
@@ -66,7 +66,7 @@ def online(device: torch.device, tokens: int, layers: int, tmp: Path) -> dict:
 
     from bench_online import stage
     from bench_scale import TOKENS_PER_TEXT, WORDS, _tokenizer, write_texts
-    from saekit.models import document_activations, length_sorted_batches, load_model, resolve_layer
+    from saekit.activations.models import document_activations, length_sorted_batches, load_model, resolve_layer
 
     torch.manual_seed(0)
     shape = {**BIELIK, "num_hidden_layers": layers}

@@ -18,10 +18,10 @@ import torch
 
 from common import save_result, table, timer
 
-from saekit.models import detect_device
-from saekit.settings import load_settings
-from saekit.store import RunWriter, open_run
-from saekit.train import TrainConfig, train_sae
+from saekit.activations.models import detect_device
+from saekit.activations.store import RunWriter, open_run
+from saekit.base.settings import load_settings
+from saekit.training.train import TrainConfig, train_sae
 
 DEMO_TOKENS, DEMO_D, DEMO_DOCS = 126_648, 576, 1000
 

@@ -1,17 +1,17 @@
-"""Stage 04's labels against the labeller it used before (bench/old_labeller.py), on the same held-out
+"""Stage 04's labels against the labeller it used before (bench/history/old_labeller.py), on the same held-out
 tokens and windows, in one run, on the store's trained SAE.
 
     .venv/bin/python bench/bench_labels.py [any setting]
 
 The concept texts' codes are collected once. Both labellers see only the choosing half: the new one
-its tokens (saekit.labels), the old one the top examples of each latent among its texts (what it was
+its tokens (saekit.concepts.labels), the old one the top examples of each latent among its texts (what it was
 given before, minus the other half). Both are then scored on the scoring half by the same code:
   - F1 (and precision, recall) of "the label matches at this token" against "the latent fires here",
     over every token that can fire. An old label matches where the new rules would read it: a peak
     token at the token, "before X" at the next token, "predicts X" at the next token, a context
     n-gram anywhere within 3 tokens, as the old rule looked for it near the peak;
   - detection (balanced accuracy) on the same held-out windows: the old keyword test for old labels,
-    saekit.labels.window_scores for new ones.
+    saekit.concepts.labels.window_scores for new ones.
 Results: bench/results/labels.json.
 """
 import sys
@@ -21,13 +21,13 @@ import numpy as np
 
 from common import save_result, timer
 
-from old_labeller import contains, make_label, norm
-from saekit.collect import collect, scoring_half, scoring_windows, text_peaks, top_peaks, window
-from saekit.data import load_role_texts
-from saekit.labels import balanced_accuracy, choose_labels, lens_records, token_keys, window_scores
-from saekit.models import load_model, resolve_layer
-from saekit.sae import TopKSAE
-from saekit.settings import load_settings
+from history.old_labeller import contains, make_label, norm
+from saekit.activations.data import load_role_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.base.settings import load_settings
+from saekit.concepts.collect import collect, scoring_half, scoring_windows, text_peaks, top_peaks, window
+from saekit.concepts.labels import balanced_accuracy, choose_labels, lens_records, token_keys, window_scores
+from saekit.training.sae import TopKSAE
 
 settings = load_settings(sys.argv[1:])
 context = settings.CONTEXT_TOKENS

@@ -9,9 +9,9 @@ import torch
 
 from common import save_result, table, timer
 
-from saekit.data import load_role_texts
-from saekit.models import forward_to_layer, load_model, resolve_layer
-from saekit.settings import load_settings
+from saekit.activations.data import load_role_texts
+from saekit.activations.models import forward_to_layer, load_model, resolve_layer
+from saekit.base.settings import load_settings
 
 
 def embed(model, tokenizer, layer, texts, max_length, batch_size):

@@ -72,8 +72,8 @@ def folder_bytes(path: Path) -> int:
 
 def flow(source: str, args: list[str], store: Path) -> dict:
     """Stage 01 then one epoch of stage 02 with `source`; times, memory, disk and the run's counts."""
-    from saekit.integrity import read_sealed_json
-    from saekit.store import open_run
+    from saekit.activations.store import open_run
+    from saekit.base.integrity import read_sealed_json
 
     args = [*args, f"--STORE_DIR={store}", f"--ACTIVATION_SOURCE={source}", "--EPOCHS=1"]
     s01 = stage("01_save_activations.py", args)
@@ -88,13 +88,13 @@ def flow(source: str, args: list[str], store: Path) -> dict:
 
 
 def delta_ce(store: Path, settings_args: list[str]) -> float:
-    from saekit.analysis import mean_training_activation
-    from saekit.data import load_texts
-    from saekit.metrics import splice_metrics
-    from saekit.models import load_model, resolve_layer
-    from saekit.sae import TopKSAE
-    from saekit.settings import load_settings
-    from saekit.store import open_run
+    from saekit.activations.data import load_texts
+    from saekit.activations.models import load_model, resolve_layer
+    from saekit.activations.store import open_run
+    from saekit.base.settings import load_settings
+    from saekit.evaluation.analysis import mean_training_activation
+    from saekit.evaluation.splice import splice_metrics
+    from saekit.training.sae import TopKSAE
 
     settings = load_settings([*settings_args, f"--STORE_DIR={store}"])
     sae, meta = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
@@ -109,7 +109,7 @@ def delta_ce(store: Path, settings_args: list[str]) -> float:
 
 def quality(store: Path, source: str, seed: int) -> dict:
     """Stage 02 (one epoch, `seed`) again on a store stage 01 already filled: held-out FVU and ΔCE."""
-    from saekit.integrity import read_sealed_json
+    from saekit.base.integrity import read_sealed_json
 
     args = [f"--STORE_DIR={store}", f"--ACTIVATION_SOURCE={source}", "--EPOCHS=1", f"--SEED={seed}",
             *[f"--SHUFFLE_BUFFER_TOKENS={BUFFER_TOKENS}"] * (source == "model")]

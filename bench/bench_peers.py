@@ -18,11 +18,11 @@ defaults, and at settings matched to this run's size where the library exposes t
 and dead window as stage 02 (SAELens: lr, dead_feature_window; sparsify: AuxK 1/32 and
 dead_feature_threshold, its sign-SGD LR being on another scale than Adam's).
 
-Every trainer writes its SAE in SAELens's format, read back by saekit.saelens_format (TopK, and
+Every trainer writes its SAE in SAELens's format, read back by saekit.training.saelens_format (TopK, and
 BatchTopK as the JumpReLU with the learned threshold that SAELens saves). Each loaded SAE is checked
 against the library's own reconstruction of 512 rows (scorer_max_error).
 
-Every SAE also gets stage 03's sparse probing (saekit.probing): the mean balanced accuracy over the
+Every SAE also gets stage 03's sparse probing (saekit.evaluation.probing): the mean balanced accuracy over the
 kept tasks with k = 1, 2, 5 latents (columns probe_k1, probe_k2, probe_k5; each task in the JSON). The
 stories, tasks and SAE-free readouts are prepared once, from the settings as given (the evaluation
 texts of EVAL_DATA_LIMIT, not --eval-texts: the same stories as stage 03), and reused for every SAE.
@@ -42,16 +42,16 @@ from safetensors.torch import load_file
 
 from common import ROOT, save_result, table
 
-from saekit.analysis import mean_training_activation
-from saekit.data import load_role_texts
-from saekit.metrics import splice_metrics
-from saekit.models import load_model, resolve_layer
-from saekit import probing
-from saekit.saelens_format import load_saelens
-from saekit.settings import load_settings
-from saekit.verdict import measured_on
-from saekit.store import open_run
-from saekit.train import evaluate, scaled_lr
+from saekit.activations.data import load_role_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.activations.store import open_run
+from saekit.base.settings import load_settings
+from saekit.evaluation import probing
+from saekit.evaluation.analysis import mean_training_activation
+from saekit.evaluation.splice import splice_metrics
+from saekit.evaluation.verdict import measured_on
+from saekit.training.saelens_format import load_saelens
+from saekit.training.train import evaluate, scaled_lr
 
 EVAL_TEXTS = 100
 PYTHONS = {"saekit": Path(sys.executable), "saelens": ROOT / "bench" / ".venv-saelens" / "bin" / "python",

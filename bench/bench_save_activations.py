@@ -13,10 +13,10 @@ import torch
 
 from common import save_result, table, timer
 
-from saekit.data import load_texts
-from saekit.models import forward_to_layer, load_model, resolve_layer
-from saekit.settings import load_settings
-from saekit.store import save_activations
+from saekit.activations.data import load_texts
+from saekit.activations.models import forward_to_layer, load_model, resolve_layer
+from saekit.activations.store import save_activations
+from saekit.base.settings import load_settings
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--texts", type=int, default=200)

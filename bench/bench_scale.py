@@ -65,15 +65,15 @@ def write_texts(path: Path, n_tokens: int) -> None:
 
 def child(stage: str, args: list[str]) -> None:
     """One measured step, in its own process; prints a JSON line with its figures."""
-    from saekit.settings import load_settings
-    from saekit.stage import load_stage_model, stage_runtime
+    from saekit.activations.stage import load_stage_model, stage_runtime
+    from saekit.base.settings import load_settings
 
     settings = load_settings(args)
     device, world = stage_runtime(settings)
     started = time.perf_counter()
     if stage == "01":
-        from saekit.data import open_role_texts
-        from saekit.store import save_activations
+        from saekit.activations.data import open_role_texts
+        from saekit.activations.store import save_activations
 
         model, tokenizer = load_stage_model(settings, device, world)
         run_dir = save_activations(model, tokenizer, open_role_texts(settings, "train"), settings.LAYER_SIGNATURE,
@@ -82,8 +82,8 @@ def child(stage: str, args: list[str]) -> None:
                                    progress=False, world=world)
         tokens = json.loads((run_dir / "metadata.json").read_text())["n_tokens"]
     else:
-        from saekit.store import open_run
-        from saekit.train import TrainConfig, train_sae
+        from saekit.activations.store import open_run
+        from saekit.training.train import TrainConfig, train_sae
 
         run = open_run(settings.store)
         _, record = train_sae(run, TrainConfig.from_settings(settings), device=device, progress=False, world=world)

@@ -13,12 +13,12 @@ import sys
 import torch
 
 from common import dense_fp32_gflops, peak_rss_mb, save_result, table, timer
-from mi_crow_recipe import train_mi_crow
+from history.mi_crow_recipe import train_mi_crow
 
-from saekit.metrics import ReconstructionStats
-from saekit.settings import load_settings
-from saekit.store import open_run
-from saekit.train import TrainConfig, evaluate, train_sae
+from saekit.activations.store import open_run
+from saekit.base.settings import load_settings
+from saekit.training.reconstruction import ReconstructionStats
+from saekit.training.train import TrainConfig, evaluate, train_sae
 
 
 def run_ours(settings, run, heldout_start):

@@ -19,14 +19,14 @@ import sys
 
 from common import save_result, table, timer
 
-from saekit.analysis import mean_training_activation
-from saekit.data import load_texts
-from saekit.metrics import splice_metrics
-from saekit.models import load_model, resolve_layer
-from saekit.settings import load_settings
-from saekit.verdict import measured_on
-from saekit.store import open_run
-from saekit.train import TrainConfig, evaluate, train_sae
+from saekit.activations.data import load_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.activations.store import open_run
+from saekit.base.settings import load_settings
+from saekit.evaluation.analysis import mean_training_activation
+from saekit.evaluation.splice import splice_metrics
+from saekit.evaluation.verdict import measured_on
+from saekit.training.train import TrainConfig, evaluate, train_sae
 
 CONFIGURATIONS = [
     "",  # the embedded default

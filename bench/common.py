@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from saekit.atomic import write_json  # noqa: E402
+from saekit.base.atomic import write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -26,18 +26,19 @@ import sys
 import torch
 
 from common import save_result, table, timer
-from mi_crow_recipe import MiCrowReconstruction, train_mi_crow
+from history.mi_crow_recipe import MiCrowReconstruction, train_mi_crow
 
-from saekit import verdict
-from saekit.analysis import mean_training_activation, weight_change
-from saekit.data import load_role_texts
-from saekit.metrics import ReconstructionStats, splice_metrics
-from saekit.models import load_model, resolve_layer
-from saekit.settings import load_settings
-from saekit.store import open_run
-from saekit.sources import training_sample
-from saekit.train import TrainConfig, evaluate, geometric_median, train_sae
-from saekit.sae import TopKSAE
+from saekit.activations.data import load_role_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.activations.sources import training_sample
+from saekit.activations.store import open_run
+from saekit.base.settings import load_settings
+from saekit.evaluation import verdict
+from saekit.evaluation.analysis import mean_training_activation, weight_change
+from saekit.evaluation.splice import splice_metrics
+from saekit.training.reconstruction import ReconstructionStats
+from saekit.training.sae import TopKSAE
+from saekit.training.train import TrainConfig, evaluate, geometric_median, train_sae
 
 
 def untrained(settings, run, heldout_start):

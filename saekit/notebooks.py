@@ -13,9 +13,9 @@ from pathlib import Path
 
 from nbclient.exceptions import CellExecutionError
 
-from .atomic import atomic_path
-from .errors import PipelineError, print_user_errors
-from .settings import PROJECT_ROOT, check_flags, load_settings
+from .base.atomic import atomic_path
+from .base.errors import PipelineError, print_user_errors
+from .base.settings import PROJECT_ROOT, check_flags, load_settings
 
 KERNEL_LOG_LEVEL = "--IPKernelApp.log_level=ERROR"
 

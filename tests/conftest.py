@@ -78,7 +78,7 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
                        active: int = 3, seed: int = 0, dtype: str = "float32", shard_tokens: int = 1000):
     """An activation run whose tokens are sparse sums of known unit directions (plus noise):
     a TopK SAE with enough latents should reconstruct it almost perfectly."""
-    from saekit.store import RunWriter, open_run
+    from saekit.activations.store import RunWriter, open_run
 
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(n_features, d, generator=g)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import STORIES
-from saekit.metrics import splice_metrics
-from saekit.models import LayerNotFoundError, final_norm, final_norm_gain, forward_to_layer, layer_names, resolve_layer
+from saekit.activations.models import LayerNotFoundError, final_norm, final_norm_gain, forward_to_layer, layer_names, resolve_layer
+from saekit.evaluation.splice import splice_metrics
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)

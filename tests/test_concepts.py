@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import ROOT, STORIES, TINY_LAYER
-from saekit import collect as C
-from saekit.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
-from saekit.integrity import IntegrityError
-from saekit.labels import lens_records
-from saekit.models import forward_to_layer, resolve_layer
+from saekit.activations.models import forward_to_layer, resolve_layer
+from saekit.base.integrity import IntegrityError
+from saekit.base.settings import load_settings
+from saekit.concepts import collect as C
+from saekit.concepts.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
+from saekit.concepts.labels import lens_records
 from saekit.notebooks import run_notebook
-from saekit.sae import TopKSAE
-from saekit.settings import load_settings
+from saekit.training.sae import TopKSAE
 
 TEXTS = [f"{a} {b}" for a, b in zip(STORIES, STORIES[1:] + STORIES[:1])] * 2  # 16 texts, repeats included
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_LAYER
-from saekit import dashboard
-from saekit.errors import PipelineError
-from saekit.exports import ConceptsMismatchError, apply_names, build_concepts, publish
-from saekit.naming import Name
+from saekit.base.errors import PipelineError
+from saekit.base.settings import load_settings
+from saekit.concepts.exports import ConceptsMismatchError, apply_names, build_concepts, publish
+from saekit.concepts.naming import Name
+from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
 from saekit.notebooks import run_notebook
-from saekit.sae import TopKSAE
-from saekit.settings import load_settings
-from saekit.synthetic import synthetic_codes, synthetic_lens
+from saekit.show import dashboard
+from saekit.training.sae import TopKSAE
 
 NASTY = '</script><img src=x onerror="alert(1)"> & "quotes"'  # a token text must never become markup
 MODEL_ID = "fixture-model"

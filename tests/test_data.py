@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from saekit.data import DatasetError, load_texts
+from saekit.activations.data import DatasetError, load_texts
 
 
 def test_jsonl_skips_and_counts_empty_texts(tmp_path):

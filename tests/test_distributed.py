@@ -26,7 +26,7 @@ def _torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess
 
 
 def test_stage_01_on_two_processes_stores_the_same_rows_in_the_same_order(tmp_path, smoke_args):
-    from saekit.store import open_run
+    from saekit.activations.store import open_run
 
     _torchrun(["01_save_activations.py"], with_store(smoke_args, tmp_path / "store"))
     single, double = open_run(store_of(smoke_args)), open_run(tmp_path / "store")
@@ -39,8 +39,8 @@ def test_stage_01_on_two_processes_stores_the_same_rows_in_the_same_order(tmp_pa
 
 
 def test_stage_02_on_two_processes_matches_one_process(tmp_path, smoke_args):
-    from saekit.integrity import read_sealed_json
-    from saekit.sae import TopKSAE
+    from saekit.base.integrity import read_sealed_json
+    from saekit.training.sae import TopKSAE
 
     store = tmp_path / "store"
     assert "in 2 processes" in _torchrun(["02_train_sae.py"], copy_store(smoke_args, store)).stdout
@@ -55,15 +55,15 @@ def test_stage_02_on_two_processes_matches_one_process(tmp_path, smoke_args):
 
 
 def test_stage_04_on_two_processes_publishes_the_same_concepts(tmp_path, smoke_args):
-    from saekit.exports import open_concepts
-    from saekit.sae import TopKSAE
+    from saekit.concepts.exports import open_concepts
+    from saekit.training.sae import TopKSAE
 
     single_store, double_store = tmp_path / "single", tmp_path / "double"
-    one = subprocess.run([sys.executable, "-m", "saekit.concepts", *copy_store(smoke_args, single_store, "concepts*")],
+    one = subprocess.run([sys.executable, "-m", "saekit.concepts.runner", *copy_store(smoke_args, single_store, "concepts*")],
                          cwd=ROOT,
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-3000:]
-    _torchrun(["-m", "saekit.concepts"], copy_store(smoke_args, double_store, "concepts*"))
+    _torchrun(["-m", "saekit.concepts.runner"], copy_store(smoke_args, double_store, "concepts*"))
     _, meta = TopKSAE.load(single_store / "sae_model" / "topk_sae.pt")
     single, single_texts, _ = open_concepts(single_store, meta["sae_id"])
     double, double_texts, _ = open_concepts(double_store, meta["sae_id"])
@@ -76,10 +76,10 @@ def test_stage_04_on_two_processes_publishes_the_same_concepts(tmp_path, smoke_a
 def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_path, smoke_args):
     import pytest
 
-    from saekit.sae import TopKSAE
-    from saekit.settings import load_settings
-    from saekit.store import open_run
-    from saekit.train import TrainConfig, train_sae
+    from saekit.activations.store import open_run
+    from saekit.base.settings import load_settings
+    from saekit.training.sae import TopKSAE
+    from saekit.training.train import TrainConfig, train_sae
 
     store = tmp_path / "store"
     args = copy_store(smoke_args, store, "sae_model")

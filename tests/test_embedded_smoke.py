@@ -4,8 +4,8 @@ import json
 import numpy as np
 
 from conftest import run_stage
-from saekit.settings import load_settings
-from saekit.store import open_run
+from saekit.activations.store import open_run
+from saekit.base.settings import load_settings
 
 
 def test_stage01_on_the_embedded_model(tmp_path):

@@ -112,8 +112,8 @@ def _crafted_pickle(path: Path, marker: Path) -> None:
 
 
 def test_a_crafted_sae_file_runs_no_code(tmp_path):
-    from saekit.integrity import IntegrityError
-    from saekit.sae import TopKSAE
+    from saekit.base.integrity import IntegrityError
+    from saekit.training.sae import TopKSAE
 
     marker = tmp_path / "ran"
     _crafted_pickle(tmp_path / "topk_sae.pt", marker)
@@ -138,7 +138,7 @@ def test_a_crafted_checkpoint_runs_no_code_on_resume(store_copy, tmp_path):
 
 def _reseal_metadata(run_dir: Path) -> None:
     """Update a run's checksums after changing a shard, as if stage 01 itself had written the values."""
-    from saekit.integrity import read_sealed_json, sha256_file, write_sealed_json
+    from saekit.base.integrity import read_sealed_json, sha256_file, write_sealed_json
 
     meta = read_sealed_json(run_dir / "metadata.json", "")
     for shard in meta["shards"]:
@@ -202,10 +202,10 @@ def test_a_corrupt_checkpoint_is_refused_on_resume(store_copy):
 
 
 def test_a_history_from_another_training_is_refused(store_copy):
-    from saekit.analysis import load_trained_sae
-    from saekit.errors import PipelineError
-    from saekit.integrity import read_sealed_json, write_sealed_json
-    from saekit.settings import load_settings
+    from saekit.base.errors import PipelineError
+    from saekit.base.integrity import read_sealed_json, write_sealed_json
+    from saekit.base.settings import load_settings
+    from saekit.evaluation.analysis import load_trained_sae
 
     store, args = store_copy
     history = read_sealed_json(store / "training_history.json", "")
@@ -272,8 +272,8 @@ def test_a_stale_partial_run_is_cleaned_with_a_line(store_copy):
 # --- evaluation never sees training text ---------------------------------------------------------------
 
 def test_train_and_eval_texts_of_one_file_never_overlap(tmp_path):
-    from saekit.data import load_role_texts
-    from saekit.settings import load_settings
+    from saekit.activations.data import load_role_texts
+    from saekit.base.settings import load_settings
 
     file = tmp_path / "stories.jsonl"
     file.write_text("\n".join(json.dumps({"text": f"story number {i}"}) for i in range(400)))
@@ -288,8 +288,8 @@ def test_train_and_eval_texts_of_one_file_never_overlap(tmp_path):
 
 
 def test_one_split_for_both_roles_is_refused(tmp_path):
-    from saekit.data import DatasetError, load_role_texts
-    from saekit.settings import load_settings
+    from saekit.activations.data import DatasetError, load_role_texts
+    from saekit.base.settings import load_settings
 
     settings = load_settings(["--HF_DATASET=some/hub-dataset", "--DATA_SPLIT=train", "--EVAL_SPLIT=train"])
     with pytest.raises(DatasetError, match="both 'train'.*Set EVAL_SPLIT to another split"):

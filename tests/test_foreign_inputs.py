@@ -19,7 +19,7 @@ from conftest import ChatStubHandler, copy_store
 from test_faults import _assert_one_line_error, _checksums, _run
 
 SECRET = "sk-foreign-0123456789abcdef"
-STAGE_04 = ["-m", "saekit.concepts"]
+STAGE_04 = ["-m", "saekit.concepts.runner"]
 NOTEBOOK_04 = ["-m", "saekit.notebooks", "04_name_sae_concepts.ipynb"]
 
 
@@ -216,7 +216,7 @@ def hostile(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["choices []", "choices null"])
 def test_a_reply_without_choices_is_one_line(hostile, mode):
-    from saekit.naming import EndpointNamer, NamingError
+    from saekit.concepts.naming import EndpointNamer, NamingError
 
     httpd, url = hostile
     httpd.mode = mode
@@ -227,7 +227,7 @@ def test_a_reply_without_choices_is_one_line(hostile, mode):
 
 @pytest.mark.parametrize("mode", ["silent", "trickle"])
 def test_the_whole_wait_for_one_answer_is_bounded(hostile, mode):
-    from saekit.naming import EndpointNamer, NamingError
+    from saekit.concepts.naming import EndpointNamer, NamingError
 
     httpd, url = hostile
     httpd.mode = mode
@@ -249,7 +249,7 @@ def test_a_key_the_server_echoes_never_reaches_the_terminal(hostile, store):
 
 
 def test_naming_timeout_has_a_range():
-    from saekit.settings import SettingsError, load_settings
+    from saekit.base.settings import SettingsError, load_settings
 
     assert load_settings(["--NAMING_TIMEOUT_S=5"]).NAMING_TIMEOUT_S == 5.0
     for bad in ("0", "-1", "inf"):

@@ -44,11 +44,11 @@ def _kill_after(stage: str, args: list[str], seconds: float) -> bool:
 
 
 def _accepted_sets_belong_together(args: list[str]) -> None:
-    from saekit.analysis import load_trained_sae
-    from saekit.errors import PipelineError
-    from saekit.exports import POINTER, open_concepts
-    from saekit.settings import load_settings
-    from saekit.store import open_run
+    from saekit.activations.store import open_run
+    from saekit.base.errors import PipelineError
+    from saekit.base.settings import load_settings
+    from saekit.concepts.exports import POINTER, open_concepts
+    from saekit.evaluation.analysis import load_trained_sae
 
     settings = load_settings(args)
     run = open_run(settings.store)  # stage 01's publication is one rename and one pointer: always whole

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import STORIES
-from saekit.collect import collect, scoring_half, scoring_windows, text_peaks
-from saekit.labels import choose_labels, token_keys, window_scores
-from saekit.models import resolve_layer
-from saekit.sae import TopKSAE
-from saekit.synthetic import synthetic_codes
+from saekit.activations.models import resolve_layer
+from saekit.concepts.collect import collect, scoring_half, scoring_windows, text_peaks
+from saekit.concepts.labels import choose_labels, token_keys, window_scores
+from saekit.concepts.synthetic import synthetic_codes
+from saekit.training.sae import TopKSAE
 
 EMBEDDINGS = "llamaforcausallm_model_embed_tokens"  # the SAE reads token embeddings: what fires is known exactly
 WORDS = ["the", "a", "kite", "kites", "red", "dog", "cat", "ran", "flew", "sky"] + [f"w{i}" for i in range(60)]

@@ -1,6 +1,6 @@
 import torch
 
-from saekit.metrics import ReconstructionStats, fvu, overcomplete_r2
+from saekit.training.reconstruction import ReconstructionStats, fvu, overcomplete_r2
 
 
 def _stats_over_batches(x, x_hat, batch):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import ChatStubHandler
-from saekit.collect import scoring_half
-from saekit.concepts import run_concepts
-from saekit.exports import apply_names, build_concepts, open_concepts, publish
-from saekit.naming import EndpointNamer, Name, name_latents, naming_task
-from saekit.sae import TopKSAE
-from saekit.settings import load_settings
-from saekit.synthetic import synthetic_codes, synthetic_lens
+from saekit.base.settings import load_settings
+from saekit.concepts.collect import scoring_half
+from saekit.concepts.exports import apply_names, build_concepts, open_concepts, publish
+from saekit.concepts.naming import EndpointNamer, Name, name_latents, naming_task
+from saekit.concepts.runner import run_concepts
+from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
+from saekit.training.sae import TopKSAE
 
 WORDS = ["the", "a", "kite", "bird", "sky", "flew", "wing", "dog", "cat", "ran"] + [f"w{i}" for i in range(60)]
 FLYING = {"kite", "bird", "sky", "flew", "wing"}
@@ -172,7 +172,7 @@ def test_naming_resumes_after_an_interruption(tmp_path):
 
 
 def test_a_corrupt_naming_cache_is_set_aside(tmp_path, capsys):
-    from saekit.naming import _read_cache
+    from saekit.concepts.naming import _read_cache
 
     cache = tmp_path / "concept_names.json"
     cache.write_text('{"names": {"3": {"text": "cut off')

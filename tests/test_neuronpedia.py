@@ -1,4 +1,4 @@
-"""store/neuronpedia/: stage 04's concepts in the files Neuronpedia's importers read (saekit.neuronpedia).
+"""store/neuronpedia/: stage 04's concepts in the files Neuronpedia's importers read (saekit.concepts.neuronpedia).
 
 The keys checked are those that neuronpedia-utils' convert-saedashboard-to-neuronpedia-export.py and
 SAEDashboard's neuronpedia_export.py read from each batch-<n>.json (hijohnnylin/neuronpedia@ebb8426,
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saekit import integrity
-from saekit import neuronpedia as NP
-from saekit.atomic import StoreWriteError
-from saekit.exports import apply_names, build_concepts, publish
-from saekit.naming import Name
-from saekit.synthetic import synthetic_codes, synthetic_lens
+from saekit.base import integrity
+from saekit.base.atomic import StoreWriteError
+from saekit.concepts import neuronpedia as NP
+from saekit.concepts.exports import apply_names, build_concepts, publish
+from saekit.concepts.naming import Name
+from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
 from test_concepts import TEXTS, _build, _collect, _sae
 
 # what the converters read from a batch, a feature and an activation (batch_data[...], feature_data[...],
@@ -257,7 +257,7 @@ def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path,
     def set_fails(path, obj):
         raise StoreWriteError("disk full")
 
-    monkeypatch.setattr("saekit.exports._dump", set_fails)  # fails while the set is written
+    monkeypatch.setattr("saekit.concepts.exports._dump", set_fails)  # fails while the set is written
     with pytest.raises(StoreWriteError):
         publish(tmp_path, _synthetic_built(300))
     assert pointer.read_text().strip() == second.name and exported() == (second.name, ["batch-0.json"])

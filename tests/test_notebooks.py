@@ -4,8 +4,8 @@ from pathlib import Path
 
 from conftest import ROOT
 from test_own_data import assert_offline
+from saekit.base.settings import load_settings
 from saekit.notebooks import run_notebook
-from saekit.settings import load_settings
 
 
 def test_analysis_notebook_writes_its_verdict(smoke_args):

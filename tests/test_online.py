@@ -20,7 +20,7 @@ ON_THE_FLY = ["--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150", "--CHE
 
 
 def _sae(store: Path):
-    from saekit.sae import TopKSAE
+    from saekit.training.sae import TopKSAE
 
     return TopKSAE.load(store / "sae_model" / "topk_sae.pt")
 
@@ -47,7 +47,7 @@ def _store(args: list[str]) -> Path:
 
 
 def test_stage_01_saves_only_the_heldout_documents_and_counts_the_rest(online_args, smoke_args):
-    from saekit.store import open_run
+    from saekit.activations.store import open_run
 
     online, stored = open_run(_store(online_args)), open_run(_store(smoke_args))
     first_heldout = stored.heldout_start(0.25)
@@ -63,7 +63,7 @@ def test_stage_01_saves_only_the_heldout_documents_and_counts_the_rest(online_ar
 def test_the_sae_and_its_history_say_which_source_trained_them(online_args):
     import json
 
-    from saekit.integrity import read_sealed_json
+    from saekit.base.integrity import read_sealed_json
 
     store = _store(online_args)
     _, meta = _sae(store)
@@ -82,11 +82,11 @@ def test_on_the_fly_with_a_seed_is_deterministic(online_args, tmp_path):
 
 
 def _train(args: list[str], checkpoint: Path, resume: bool = False, stop_at_save: int | None = None):
-    from saekit.models import load_model
-    from saekit.settings import load_settings
-    from saekit.sources import model_rows
-    from saekit.store import open_run
-    from saekit.train import TrainConfig, _Checkpoints, train_sae
+    from saekit.activations.models import load_model
+    from saekit.activations.sources import model_rows
+    from saekit.activations.store import open_run
+    from saekit.base.settings import load_settings
+    from saekit.training.train import TrainConfig, _Checkpoints, train_sae
 
     settings = load_settings(args)
     model, tokenizer = load_model(settings.MODEL_ID)
@@ -135,10 +135,10 @@ def test_two_gloo_processes_equal_one(online_args, tmp_path):
 def test_no_heldout_text_is_trained_on(tmp_path, tiny_model, tiny_tokenizer):
     """A training text that is also a held-out one (a duplicate in the dataset) is left out; every
     text trained on is checked against the hash stage 01 recorded for it."""
-    from saekit.data import document_hash
-    from saekit.models import resolve_layer
-    from saekit.sources import ModelRows, count_training_texts
-    from saekit.store import StoreError
+    from saekit.activations.data import document_hash
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, count_training_texts
+    from saekit.activations.store import StoreError
 
     from conftest import STORIES, TINY_LAYER
 

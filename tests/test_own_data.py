@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, STORIES, copy_store
-from saekit import verdict
-from saekit.models import load_model
-from saekit.settings import load_settings
+from saekit.activations.models import load_model
+from saekit.base.settings import load_settings
+from saekit.evaluation import verdict
 from test_faults import _assert_one_line_error, _checksums, _run
 
 
@@ -163,7 +163,7 @@ def _settings(tmp_path, *args):
 
 
 def test_a_split_less_file_records_the_file_and_its_hash_share_not_a_split(tmp_path):
-    from saekit.data import open_role_texts
+    from saekit.activations.data import open_role_texts
 
     train, settings = _settings(tmp_path, "--EVAL_DATA_LIMIT=200")
     evaluation = open_role_texts(settings, "eval").read()
@@ -179,7 +179,7 @@ def test_a_split_less_file_records_the_file_and_its_hash_share_not_a_split(tmp_p
 
 
 def test_fewer_texts_than_asked_are_counted_and_warned_about(tmp_path):
-    from saekit.data import open_role_texts
+    from saekit.activations.data import open_role_texts
 
     _, settings = _settings(tmp_path, "--EVAL_DATA_LIMIT=200")
     evaluation = open_role_texts(settings, "eval").read()
@@ -193,7 +193,7 @@ def test_fewer_texts_than_asked_are_counted_and_warned_about(tmp_path):
 
 def test_stage_01_records_what_it_read(smoke_args):
     from conftest import store_of
-    from saekit.store import open_run
+    from saekit.activations.store import open_run
 
     meta = open_run(store_of(smoke_args)).meta
     stories = next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--HF_DATASET="))

@@ -1,4 +1,4 @@
-"""Sparse probing (saekit.probing): the probe finds a latent that is the label and nothing in a shuffled
+"""Sparse probing (saekit.evaluation.probing): the probe finds a latent that is the label and nothing in a shuffled
 one; tasks come from the label fields, rare values and missing fields handled; a dataset without
 labels is skipped in one line; the stories come from where the SAE trained and from texts it never saw."""
 from __future__ import annotations
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from conftest import ROOT, STORIES, TINY_LAYER, run_stage
-from saekit import plots, probing
-from saekit.data import document_hash, open_texts
-from saekit.models import load_model, resolve_layer
-from saekit.sae import TopKSAE
-from saekit.settings import SettingsError, load_settings
-from saekit.store import open_run
+from saekit.activations.data import document_hash, open_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.activations.store import open_run
+from saekit.base.settings import SettingsError, load_settings
+from saekit.evaluation import probing
+from saekit.show import plots
+from saekit.training.sae import TopKSAE
 
 
 def _planted(n: int, n_latents: int = 64, latent: int = 7, positives: float = 0.15, seed: int = 0):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from saekit import sae as sae_module
-from saekit.sae import BatchTopKSAE, SAEFileError, TopKSAE
+from saekit.training import sae as sae_module
+from saekit.training.sae import BatchTopKSAE, SAEFileError, TopKSAE
 
 
 def _sae(d=12, n=40, k=5, seed=0, architecture=TopKSAE):

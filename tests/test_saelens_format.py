@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, copy_store
-from saekit.sae import BatchTopKSAE, TopKSAE
-from saekit.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
+from saekit.training.sae import BatchTopKSAE, TopKSAE
+from saekit.training.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
 
 SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
 
@@ -169,8 +169,8 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
 
 
 def test_stage_02_writes_its_sae_in_saelens_format_and_stages_03_to_05_can_read_either(smoke_args):
-    from saekit.saelens_format import load_sae
-    from saekit.settings import load_settings
+    from saekit.base.settings import load_settings
+    from saekit.training.saelens_format import load_sae
 
     settings = load_settings(smoke_args)
     ours, meta = load_sae(settings)
@@ -185,15 +185,15 @@ def test_stage_02_writes_its_sae_in_saelens_format_and_stages_03_to_05_can_read_
 
 
 def test_sae_path_must_name_a_saelens_folder(tmp_path):
-    from saekit.settings import SettingsError, load_settings
+    from saekit.base.settings import SettingsError, load_settings
 
     with pytest.raises(SettingsError, match="SAE_PATH"):
         load_settings([f"--SAE_PATH={tmp_path}"])
 
 
 def test_stage_03_analyses_an_sae_from_sae_path_without_history_or_initialisation(smoke_args):
-    from saekit import analysis
-    from saekit.settings import load_settings
+    from saekit.base.settings import load_settings
+    from saekit.evaluation import analysis
 
     settings = load_settings(smoke_args)
     own = analysis.load_trained_sae(settings)
@@ -208,13 +208,13 @@ def test_stage_04_finds_concepts_of_an_sae_from_sae_path(tmp_path, smoke_args):
     import os
     import sys
 
-    from saekit.exports import open_concepts
-    from saekit.saelens_format import load_sae
-    from saekit.settings import load_settings
+    from saekit.base.settings import load_settings
+    from saekit.concepts.exports import open_concepts
+    from saekit.training.saelens_format import load_sae
 
     store = tmp_path / "store"
     args = copy_store(smoke_args, store, "concepts*") + [f"--SAE_PATH={store / 'sae_model' / 'saelens'}"]
-    proc = subprocess.run([sys.executable, "-m", "saekit.concepts", *args], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "saekit.concepts.runner", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, meta = load_sae(load_settings(args))
@@ -225,8 +225,9 @@ def test_stage_04_finds_concepts_of_an_sae_from_sae_path(tmp_path, smoke_args):
 def test_stage_03_analyses_a_jumprelu_sae_without_k_from_sae_path(tmp_path, smoke_args):
     """A JumpReLU SAE from elsewhere (SAELens's BatchTopK, Gemma Scope) has thresholds and no k: stage 03
     measures it, plots its L0 and judges it without the L0 check."""
-    from saekit import analysis, plots, verdict
-    from saekit.settings import load_settings
+    from saekit.base.settings import load_settings
+    from saekit.evaluation import analysis, verdict
+    from saekit.show import plots
 
     settings = load_settings(smoke_args)
     own = analysis.load_trained_sae(settings)

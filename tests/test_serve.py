@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ChatStubHandler, copy_store
-from saekit.concepts import run_concepts
-from saekit.exports import build_concepts
-from saekit.naming import EndpointNamer, NamingError, name_latents, naming_task
-from saekit.settings import load_settings
-from saekit.synthetic import synthetic_codes, synthetic_lens
+from saekit.base.settings import load_settings
+from saekit.concepts.exports import build_concepts
+from saekit.concepts.naming import EndpointNamer, NamingError, name_latents, naming_task
+from saekit.concepts.runner import run_concepts
+from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
 from test_faults import _assert_one_line_error, _run
 
 READY_S = 120  # the longest `transformers serve` may take to start answering /health
@@ -108,7 +108,7 @@ class Served:
 def embedded_folder(tmp_path_factory) -> Path:
     """The embedded GGUF model as a plain transformers folder, made as stage 01 caches it in store/models:
     `transformers serve` loads folders and hub ids, not GGUF files."""
-    from saekit.models import EMBEDDED_CACHE_NAME, load_model
+    from saekit.activations.models import EMBEDDED_CACHE_NAME, load_model
 
     cache = tmp_path_factory.mktemp("models")
     model, _ = load_model("embedded", "cpu", cache_dir=cache)
@@ -399,7 +399,7 @@ def test_stage_04_stops_in_one_line_on_a_failing_server_then_resumes(failing, sm
         f"--NAMING_MODEL_ID={url}", f"--NAMING_API_KEY_ENV={NO_KEY}", "--N_LATENTS_TO_NAME=3", "--SCORING_EXAMPLES=2",
         "--NAMING_TIMEOUT_S=10"]
     httpd.fail_at, httpd.failure = 2, "html"
-    proc = _run(["-m", "saekit.concepts", *args], env={"NO_PROXY": "127.0.0.1,localhost"})
+    proc = _run(["-m", "saekit.concepts.runner", *args], env={"NO_PROXY": "127.0.0.1,localhost"})
     _assert_one_line_error(proc, "answered with text, not a chat completion", "rerun stage 04 to go on")
     assert not (store / "concepts_id.txt").exists()  # nothing published
     kept = json.loads((store / "concept_names.json").read_text())["names"]

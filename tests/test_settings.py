@@ -1,6 +1,6 @@
 import pytest
 
-from saekit.settings import SettingsError, load_settings
+from saekit.base.settings import SettingsError, load_settings
 
 
 def test_defaults_are_the_local_preset():

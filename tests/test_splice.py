@@ -1,8 +1,8 @@
 import torch
 
 from conftest import STORIES, TINY_LAYER
-from saekit.metrics import splice_metrics
-from saekit.models import resolve_layer
+from saekit.activations.models import resolve_layer
+from saekit.evaluation.splice import splice_metrics
 
 
 def _run(model, tok, reconstruct, mean=None):

@@ -3,15 +3,15 @@ import pytest
 import torch
 
 from conftest import TINY_LAYER
-from saekit.models import replaced_output, resolve_layer
-from saekit.steering import active_latents, amplification, generate, steer, steered_reconstruction
+from saekit.activations.models import replaced_output, resolve_layer
+from saekit.show.steering import active_latents, amplification, generate, steer, steered_reconstruction
 
 PROMPT = "Once upon a time there was a little"
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, tiny_tokenizer):
-    from saekit.sae import TopKSAE
+    from saekit.training.sae import TopKSAE
 
     d = tiny_model.config.hidden_size
     sae = TopKSAE(d, 4 * d, 4)

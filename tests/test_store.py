@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import STORIES, TINY_LAYER
-from saekit import models as models_module
-from saekit.models import LayerNotFoundError, ModelLoadError, load_model, resolve_layer
-from saekit.store import StoreError, check_run_matches, open_run, save_activations
+from saekit.activations import models as models_module
+from saekit.activations.models import LayerNotFoundError, ModelLoadError, load_model, resolve_layer
+from saekit.activations.store import StoreError, check_run_matches, open_run, save_activations
 
 
 def _save(model, tok, store_dir, texts=STORIES, **kw):

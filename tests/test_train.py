@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import make_synthetic_run
-from saekit.sources import StoreRows
-from saekit.settings import load_settings
-from saekit.sae import TopKSAE
-from saekit.train import TrainConfig, TrainingDiverged, auxk_loss, evaluate, train_sae
+from saekit.activations.sources import StoreRows
+from saekit.base.settings import load_settings
+from saekit.training.sae import TopKSAE
+from saekit.training.train import TrainConfig, TrainingDiverged, auxk_loss, evaluate, train_sae
 
 SMALL = dict(n_latents_multiplier=4, k=3, epochs=4, batch_size=128, lr=3e-3, warmup_steps=10,
              heldout_fraction=0.2, shuffle_buffer_tokens=2048)
@@ -37,7 +37,7 @@ def test_checks_between_epochs_choose_as_the_steps_do_and_the_last_in_float32(tm
     """With SELECT_DTYPE = bfloat16 the held-out checks between epochs take its proposals (as cheap
     as the steps' choice); the last check, whose frequencies the record keeps, and the returned SAE
     choose in float32."""
-    import saekit.train as train_module
+    import saekit.training.train as train_module
     seen = []
 
     def spying_evaluate(sae, *args, **kwargs):
@@ -63,8 +63,8 @@ def test_batchtopk_trains_and_its_threshold_gives_about_k_latents_at_inference(t
 
 
 def test_batchtopk_under_torchrun_is_refused_before_training(tmp_path):
-    from saekit.distributed import World
-    from saekit.errors import PipelineError
+    from saekit.base.distributed import World
+    from saekit.base.errors import PipelineError
 
     with pytest.raises(PipelineError, match="trains in one process"):
         train_sae(make_synthetic_run(tmp_path), _cfg(architecture="batchtopk"), progress=False, world=World(0, 2, 0))

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import ROOT, make_synthetic_run
-from saekit import verdict
-from saekit.analysis import weight_change
-from saekit.settings import load_settings
-from saekit.train import TrainConfig, evaluate, train_sae
+from saekit.base.settings import load_settings
+from saekit.evaluation import verdict
+from saekit.evaluation.analysis import weight_change
+from saekit.training.train import TrainConfig, evaluate, train_sae
 
 CALIBRATION = ROOT / "bench" / "results" / "verdict_calibration.json"
 # what a sound splice looks like on the demo (the default run's figures), for the checks that need no model

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from saekit.atomic import write_text  # noqa: E402
-from saekit.models import load_model  # noqa: E402
+from saekit.activations.models import load_model  # noqa: E402
+from saekit.base.atomic import write_text  # noqa: E402
 
 NOUNS = """ball cat dog tree house car boat bird fish sun moon star flower garden park cake cookie
 apple banana toy doll bear box hat shoe sock bed book cup spoon door window rain snow cloud river

@@ -4,7 +4,7 @@
 
 The spec names the output folder and the setting overrides (e.g. ["--TOP_K=16"]); the rows are the
 store's run, as stage 02 reads them. Only train_sae is timed. The SAE is written in SAELens's
-format (saekit.saelens_format), like every peer's, so one scorer reads them all.
+format (saekit.training.saelens_format), like every peer's, so one scorer reads them all.
 Prints one JSON line: train_seconds, tokens, settings.
 """
 import json
@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from saekit.saelens_format import save_saelens  # noqa: E402
-from saekit.settings import load_settings  # noqa: E402
-from saekit.store import open_run  # noqa: E402
-from saekit.train import TrainConfig, train_sae  # noqa: E402
+from saekit.activations.store import open_run  # noqa: E402
+from saekit.base.settings import load_settings  # noqa: E402
+from saekit.training.saelens_format import save_saelens  # noqa: E402
+from saekit.training.train import TrainConfig, train_sae  # noqa: E402
 
 # torch.optim's first optimizer imports torch._dynamo (1.6 s here), inside train_sae's timing; sparsify
 # imports it with its own package, before its timed fit. Loaded here, neither trainer's time holds it.

@@ -128,7 +128,7 @@ def cross_entropy_bars(splice: dict[str, float], save_to=None):
 
 
 def frontier(points: Sequence[dict[str, Any]], l0: float, delta_ce: float, save_to=None):
-    """ΔCE against L0: each trainer's measured points (saekit.verdict.load_frontier), and this SAE."""
+    """ΔCE against L0: each trainer's measured points (saekit.evaluation.verdict.load_frontier), and this SAE."""
     fig, ax = plt.subplots(figsize=(8, 4.2))
     by_trainer: dict[str, list[dict[str, Any]]] = {}
     for p in points:
@@ -157,7 +157,7 @@ def most_active_latents(frequencies: np.ndarray, labels: dict[int, str] | None =
 
 
 def peak_tokens(rows: Sequence[dict[str, Any]], save_to=None):
-    """The tokens that most often carry a latent's peak (rows of saekit.dashboard.peak_tokens)."""
+    """The tokens that most often carry a latent's peak (rows of saekit.show.dashboard.peak_tokens)."""
     tokens = [repr(r["token"]) for r in rows][::-1]  # repr shows a token's leading space
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.28 * len(rows) + 1.4), sharey=True)
     axes[0].barh(tokens, [r["examples"] for r in rows][::-1], color="tab:blue")
@@ -169,7 +169,7 @@ def peak_tokens(rows: Sequence[dict[str, Any]], save_to=None):
 
 
 def sparse_probing(results: dict[str, dict[str, Any]], save_to=None):
-    """Balanced accuracy against k per kept task (saekit.probing), one line per SAE (`results`: name ->
+    """Balanced accuracy against k per kept task (saekit.evaluation.probing), one line per SAE (`results`: name ->
     its probing result, all on the same tasks), with the two SAE-free readouts: the lexical probe on the
     same k (dashed) and the dense probe on all d raw dimensions (dotted, the issue's ceiling)."""
     first = next(iter(results.values()))

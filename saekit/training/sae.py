@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import save_torch
-from .errors import PipelineError
-from .integrity import IntegrityError, content_digest
+from ..base.atomic import save_torch
+from ..base.errors import PipelineError
+from ..base.integrity import IntegrityError, content_digest
 
 FORMAT = "saekit.topk_sae/2"
 RERUN_02 = "Train it again: python 02_train_sae.py"

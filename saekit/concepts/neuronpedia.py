@@ -44,7 +44,7 @@ The format was read (no code copied) from
         apps/webapp/components/activations-list.tsx, feature-stats.tsx  how bins and the histogram are shown
         webapp-python-client/neuronpedia/requests/feature_request.py    128 features per upload
 
-The folder is replaced whole, right before stage 04's pointer names the new set (saekit.exports.publish):
+The folder is replaced whole, right before stage 04's pointer names the new set (saekit.concepts.exports.publish):
 a reader finds the export of the current set, or, after a kill at that moment, none.
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .data import EMBEDDED_DATASET
-from .models import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL
+from ..activations.data import EMBEDDED_DATASET
+from ..activations.models import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL
 
 NEURONPEDIA_DIR = "neuronpedia"
 UPLOAD_DIR = "upload"

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path, write_text
+from ..base.atomic import atomic_path, write_text
+from ..base.distributed import World, barrier, broadcast_object, gather_objects, share
+from ..base.errors import PipelineError
 from .data import document_hash
-from .distributed import World, barrier, broadcast_object, gather_objects, share
-from .errors import PipelineError
-from .integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
+from ..base.integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
     write_sealed_json
 from .models import length_sorted_batches, resolve_layer, write_document_activations
 

@@ -1,7 +1,7 @@
 """Stage 03: everything that decides whether training worked, computed from the stored artifacts.
 
-The notebook calls these in order, prints the results and draws them with saekit.plots; the
-checks and the verdict (saekit.verdict) are also written to store/analysis.json. With SAE_PATH set,
+The notebook calls these in order, prints the results and draws them with saekit.show.plots; the
+checks and the verdict (saekit.evaluation.verdict) are also written to store/analysis.json. With SAE_PATH set,
 the SAE is one in SAELens's format, analysed on the store's activations: it has no training
 history and no known initialisation, so those parts are left out.
 """
@@ -14,17 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import write_json
-from .data import load_role_texts
-from .errors import PipelineError
-from .integrity import read_sealed_json
-from .metrics import splice_metrics
-from .models import detect_device, load_model, resolve_layer
-from .sae import RERUN_02, TopKSAE, check_sae_matches, check_sae_width
-from .saelens_format import load_sae
-from .settings import Settings
-from .store import ActivationRun, check_run_matches, open_run
-from .train import evaluate
+from ..activations.data import load_role_texts
+from ..activations.models import detect_device, load_model, resolve_layer
+from ..activations.store import ActivationRun, check_run_matches, open_run
+from ..base.atomic import write_json
+from ..base.errors import PipelineError
+from ..base.integrity import read_sealed_json
+from ..base.settings import Settings
+from ..training.sae import RERUN_02, TopKSAE, check_sae_matches, check_sae_width
+from ..training.saelens_format import load_sae
+from ..training.train import evaluate
+from .splice import splice_metrics
 from .verdict import passed
 
 
@@ -144,7 +144,7 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],
                    weights: dict[str, Any], splice: dict[str, float],
                    sparse_probing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """store/analysis.json: the verdict and its figures, and the sparse probing (saekit.probing), which
+    """store/analysis.json: the verdict and its figures, and the sparse probing (saekit.evaluation.probing), which
     is reported beside the verdict, not part of it."""
     payload = {"passed": passed(checks), "checks": checks, "heldout": heldout,
                "weights": weights, "splice": splice, "sparse_probing": sparse_probing,

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from .errors import PipelineError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENV_VAR = "SAE_ARGS"
 
 
@@ -215,7 +215,7 @@ def check_values(values: dict[str, Any]) -> None:
             continue
         rule = RULES.get(key)
         if rule is None:
-            problems.append(f"{key} has no rule in saekit.settings.RULES (add one saying its valid range)")
+            problems.append(f"{key} has no rule in saekit.base.settings.RULES (add one saying its valid range)")
         elif (wrong := rule(value)) is not None:
             problems.append(f"{key}={value!r} must be {wrong}")
     if problems:

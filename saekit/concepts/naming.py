@@ -16,7 +16,7 @@ The namer sees the latent's top examples from the choosing half only, its peak t
 the same model as the judge: detection (does the name pick the activating windows out from silent
 ones?) and fuzzing (does it accept the marked peak and reject a marked token where the latent is
 silent?), each a balanced accuracy. The label's rule is scored on the very same windows
-(saekit.labels.window_scores), so the two are compared like for like.
+(saekit.concepts.labels.window_scores), so the two are compared like for like.
 
 Naming resumes after an interruption: each finished latent is cached under a checksum of everything
 that went into it (namer, prompts, windows), so a rerun asks only about the rest.
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import write_json
+from ..base.atomic import write_json
+from ..base.errors import PipelineError
 from .collect import HeldoutCodes, ScoringWindows, window
-from .errors import PipelineError
 from .labels import balanced_accuracy
 
 PROMPT_VERSION = 4

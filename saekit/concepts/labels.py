@@ -26,7 +26,7 @@ score. Every live latent gets a label and a score.
 The same rule is also scored delphi's way on windows of the scoring half (`window_scores`):
 detection (matches somewhere in activating windows, nowhere in silent ones) and fuzzing (matches
 the marked peak, not a marked token where the latent is silent), each a balanced accuracy. These
-are the scores a model-written name has to beat (saekit.naming).
+are the scores a model-written name has to beat (saekit.concepts.naming).
 
 Logit lens: a latent's decoder direction pushed through the final norm's gain and the
 unembedding, skipping the blocks in between: a rough first-order view of what it promotes.
@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..activations.models import final_norm_gain
+from ..training.sae import TopKSAE
 from .collect import HeldoutCodes, ScoringWindows, window
-from .models import final_norm_gain
-from .sae import TopKSAE
 
 RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "logit lens")
 LENS_TOKENS = 10  # promoted tokens that the logit-lens rule may use

@@ -18,7 +18,7 @@ Recipe, and where each piece comes from:
   LR still: times (k / 8)^(1/3) (`scaled_lr`). Linear warmup, cosine decay to
   MIN_LR_FRACTION, gradient-norm clipping.
 - Batches shuffled in a buffer of SHUFFLE_BUFFER_TOKENS rows on the training device, from the
-  stored activations or made by the model as training goes (saekit.sources); the last
+  stored activations or made by the model as training goes (saekit.activations.sources); the last
   HELDOUT_FRACTION of documents are never trained on and give every epoch's metrics.
 """
 from __future__ import annotations
@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .atomic import save_torch
-from .distributed import World, all_reduce_, broadcast_object, share
-from .errors import PipelineError
-from .integrity import IntegrityError, content_digest
-from .memory import check_fits, training_parts
-from .metrics import ReconstructionStats
+from ..activations.sources import RowSource, StoreRows
+from ..activations.store import ActivationRun
+from ..base.atomic import save_torch
+from ..base.distributed import World, all_reduce_, broadcast_object, share
+from ..base.errors import PipelineError
+from ..base.integrity import IntegrityError, content_digest
+from ..base.memory import check_fits, training_parts
+from .reconstruction import ReconstructionStats
 from .sae import ARCHITECTURES, TopKSAE, load_plain
-from .sources import RowSource, StoreRows
-from .store import ActivationRun
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents

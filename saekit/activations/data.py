@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import PipelineError
-from .settings import PROJECT_ROOT
+from ..base.errors import PipelineError
+from ..base.settings import PROJECT_ROOT
 
 EMBEDDED_DATASET = "embedded"
 EMBEDDED_CORPUS = PROJECT_ROOT / "data" / "stories.jsonl"
@@ -82,7 +82,7 @@ class TextStream:
 
     def with_records(self) -> Iterator[tuple[str, Any]]:
         """Each text with the record it came from: a dict of all its fields for a .jsonl, .parquet or
-        `datasets` source (their other fields carry labels, saekit.probing), the line itself for a .txt
+        `datasets` source (their other fields carry labels, saekit.evaluation.probing), the line itself for a .txt
         file. Same texts, order, limit and checks as iterating the stream."""
         self.skipped_empty, given = 0, 0
         for record in self._records():

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import World, gather_objects, share
-from .models import forward_to_layer
-from .sae import TopKSAE, check_sae_width
+from ..activations.models import forward_to_layer
+from ..base.distributed import World, gather_objects, share
+from ..training.sae import TopKSAE, check_sae_width
 
 HIST_EDGES = np.logspace(-3, 3, 61)  # activation histogram bins (log-spaced: any layer's scale fits)
 QUANTILES = 4

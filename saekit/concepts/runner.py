@@ -1,10 +1,10 @@
 """Stage 04 from the settings: collect the codes, label every live latent, name where a namer is set,
 and publish the exports. Each step is its own module:
 
-    saekit.collect   the SAE's codes on every held-out token, and examples drawn from them
-    saekit.labels    token-level labels, chosen on one half of the texts and scored on the other
-    saekit.naming    names written by a model, scored by detection and fuzzing
-    saekit.exports   the records, published as one set of files
+    saekit.concepts.collect   the SAE's codes on every held-out token, and examples drawn from them
+    saekit.concepts.labels    token-level labels, chosen on one half of the texts and scored on the other
+    saekit.concepts.naming    names written by a model, scored by detection and fuzzing
+    saekit.concepts.exports   the records, published as one set of files
 """
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from typing import Any
 
 import torch
 
+from ..activations.data import Texts, load_role_texts
+from ..activations.models import detect_device, load_model, resolve_layer
+from ..activations.stage import load_stage_model, stage_runtime, start_stage
+from ..activations.store import RUN_ID_FILE, open_run
+from ..base.distributed import World
+from ..base.errors import PipelineError
+from ..training.sae import check_sae_matches
+from ..training.saelens_format import load_sae
 from .collect import collect
-from .data import Texts, load_role_texts
-from .distributed import World
-from .errors import PipelineError
 from .exports import apply_names, build_concepts, publish
 from .labels import lens_records
-from .models import detect_device, load_model, resolve_layer
 from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
-from .sae import check_sae_matches
-from .saelens_format import load_sae
-from .stage import load_stage_model, stage_runtime, start_stage
-from .store import RUN_ID_FILE, open_run
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
                  "0.50 by detection and by fuzzing, observations.md), so titles are the labels. To name latents, set "
@@ -73,7 +73,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
                  world: World = World()) -> dict[str, Any] | None:
     """Stage 04: returns the published concepts ({"meta": ..., "latents": ...}).
 
-    Under torchrun (python -m saekit.concepts) the ranks collect codes over shares of the texts;
+    Under torchrun (python -m saekit.concepts.runner) the ranks collect codes over shares of the texts;
     rank 0 labels, names and publishes, and the other ranks return None."""
     device = device or detect_device(settings.DEVICE)
     sae, sae_meta = load_sae(settings, device)  # stage 02's SAE, or SAE_PATH's SAELens folder
@@ -115,7 +115,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     return {"meta": {**built.meta, "concepts_id": folder.name}, "latents": built.records}
 
 
-if __name__ == "__main__":  # stage 04 as a script, e.g. under torchrun: torchrun --nproc_per_node=N -m saekit.concepts
+if __name__ == "__main__":  # stage 04 as a script, e.g. under torchrun: torchrun --nproc_per_node=N -m saekit.concepts.runner
     import sys
 
     stage_settings, _ = start_stage("04 name SAE concepts", sys.argv[1:])

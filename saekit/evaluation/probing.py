@@ -38,11 +38,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .data import TextStream, document_hash, open_role_texts
-from .errors import PipelineError
-from .models import length_sorted_batches, write_document_activations
-from .sae import TopKSAE
-from .store import ActivationRun
+from ..activations.data import TextStream, document_hash, open_role_texts
+from ..activations.models import length_sorted_batches, write_document_activations
+from ..activations.store import ActivationRun
+from ..base.errors import PipelineError
+from ..training.sae import TopKSAE
 
 # PROBE_LABEL_FIELD = "": the embedded corpus's story fields, wherever a dataset has them. Other
 # fields of a user's data are not guessed at (an id, a title or a split would make nonsense tasks).

@@ -1,6 +1,6 @@
 """Stage 04, exports: one record per live latent, published with the texts as one set of files.
 
-    store/concepts/<concepts_id>/      published by saekit.integrity.publish_set
+    store/concepts/<concepts_id>/      published by saekit.base.integrity.publish_set
         concepts.json    run metadata, and per live latent: statistics, label and its scores, name and
                          its scores, title, histogram, logit lens, examples as references to the
                          texts (text, position of the peak, activation, the latent's codes nearby), and
@@ -13,7 +13,7 @@
         manifest.json    checksums of the files above, the SAE's id and the activation run's id
     store/concepts_id.txt                names the current set; replaced last
     store/top_texts.json                 a copy of the set's top_texts.json, at the seed's path
-    store/neuronpedia/                   the set in Neuronpedia's upload formats (saekit.neuronpedia), replaced
+    store/neuronpedia/                   the set in Neuronpedia's upload formats (saekit.concepts.neuronpedia), replaced
                                          together with concepts_id.txt
 
 Readers open the set through `open_concepts`, which checks every file and refuses a set made from
@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from ..base.atomic import atomic_path
 from .collect import (HIST_EDGES, QUANTILES, HeldoutCodes, ScoringWindows, by_quantile, latent_activations,
                       latent_stats, sampled_peaks, scoring_half, scoring_windows, silent_windows, text_peaks,
                       top_peaks, window)
-from .errors import PipelineError
-from .integrity import clean_stale_partials, open_set, publish_set
+from ..base.errors import PipelineError
+from ..base.integrity import clean_stale_partials, open_set, publish_set
 from .labels import Label, choose_labels, token_keys, window_scores
 from .naming import Name
 from .neuronpedia import Replacement, export_files, stage_export
@@ -112,7 +112,7 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
                    min_f1: float, seed: int = 0) -> Built:
     """Statistics, examples, labels and their scores for every live latent of `codes`.
 
-    `lens`: per live latent, the logit lens's promoted and suppressed tokens (saekit.labels.lens_records)."""
+    `lens`: per live latent, the logit lens's promoted and suppressed tokens (saekit.concepts.labels.lens_records)."""
     rng = np.random.default_rng(seed)
     n = codes.n_latents
     stats = latent_stats(codes)

@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import PipelineError
-from .integrity import sha256_file
+from ..base.errors import PipelineError
+from ..base.integrity import sha256_file
 from .sae import BatchTopKSAE, TopKSAE
 
 CFG_FILE = "cfg.json"

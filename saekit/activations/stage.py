@@ -6,11 +6,11 @@ import sys
 
 import torch
 
-from .atomic import write_json
-from .distributed import World, barrier, init_world, process_device
-from .errors import print_user_errors, show_user_errors_in_notebook
+from ..base.atomic import write_json
+from ..base.distributed import World, barrier, init_world, process_device
+from ..base.errors import print_user_errors, show_user_errors_in_notebook
+from ..base.settings import Settings, check_flags, flags, load_settings
 from .models import detect_device, load_model, model_dtype
-from .settings import Settings, check_flags, flags, load_settings
 
 
 def start_stage(name: str, args: list[str] | None = None,

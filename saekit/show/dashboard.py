@@ -1,6 +1,6 @@
 """Stage 05: show what the latents learned, in the notebook and as a dashboard that opens from disk.
 
-Both read stage 04's set of exports (saekit.exports), checked against the current SAE. The
+Both read stage 04's set of exports (saekit.concepts.exports), checked against the current SAE. The
 notebook gets HTML strings from `latent_html`. The dashboard is store/dashboard.html, which embeds
 only the table (one row per live latent), and a folder beside it, store/dashboard_files/<id>/,
 with the texts (texts.js) and the latents' details in chunks (latents-N.js) that the page loads
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text
-from .exports import RERUN_04, ConceptsMismatchError, open_concepts
-from .saelens_format import load_sae
-from .settings import Settings
+from ..base.atomic import write_text
+from ..base.settings import Settings
+from ..concepts.exports import RERUN_04, ConceptsMismatchError, open_concepts
+from ..training.saelens_format import load_sae
 
 DASHBOARD_FILE = "dashboard.html"
 FILES_DIR = "dashboard_files"

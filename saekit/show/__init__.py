@@ -1,0 +1,1 @@
+"""Stage 05: the concepts shown: the dashboard, plots and steering."""
