@@ -83,3 +83,13 @@ def test_every_wing_says_what_it_does():
     for path in PACKAGE.rglob("*.py"):
         assert ast.get_docstring(ast.parse(path.read_text())), f"{path.relative_to(ROOT)} needs an opening docstring"
 
+
+def test_the_package_imports_from_another_folder(tmp_path):
+    # installed (pip install -e ., which `make setup` runs), saekit is importable outside the project folder
+    proc = subprocess.run([sys.executable, "-c", "import saekit.notebooks, saekit.base.settings as s; print(s.PROJECT_ROOT)"],
+                          cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    if proc.returncode and "No module named 'saekit'" in proc.stderr:
+        pytest.fail("saekit is not installed in this environment: run `make setup` (pip install -e .)")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == ROOT
+
