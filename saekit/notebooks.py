@@ -2,6 +2,8 @@
 
     python -m saekit.notebooks 03_analyze_training.ipynb [--KEY=value ...]
 
+from any folder: a notebook that is not in the working folder is looked for in the project's.
+
 Settings overrides reach the notebook through SAE_ARGS, as when a user starts Jupyter with it.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ def run_notebook(notebook: str | Path, args: list[str] | None = None, timeout: i
     check_flags(args, set())  # notebooks take no flags: `--TOP_K 16` would otherwise be run without it
     settings = load_settings(args)
     notebook = Path(notebook)
+    if not notebook.is_file() and (PROJECT_ROOT / notebook).is_file():
+        notebook = PROJECT_ROOT / notebook  # a stage's notebook named from another folder
     if not notebook.is_file():
         raise NotebookError(f"no notebook {notebook}; the stages are 03_analyze_training.ipynb, "
                             "04_name_sae_concepts.ipynb and 05_show_concepts.ipynb")

@@ -93,3 +93,13 @@ def test_the_package_imports_from_another_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == ROOT
 
+
+def test_a_stage_notebook_runs_from_another_folder(tmp_path):
+    # the notebook is found in the project and executed; with an empty store it stops, as it should, at
+    # the missing SAE: the stage's own one-line error, not "no notebook"
+    proc = subprocess.run([sys.executable, "-m", "saekit.notebooks", "03_analyze_training.ipynb",
+                           f"--STORE_DIR={tmp_path / 'store'}"], cwd=tmp_path, capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert lines[-1].startswith("error: ") and "no notebook" not in lines[-1], lines[-3:]
+    assert "no trained SAE" in lines[-1], lines[-1]
