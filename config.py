@@ -39,7 +39,7 @@ SHARD_TOKENS = 65536  # tokens per activation shard on disk
 # --- SAE and its training -----------------------------------------------------------------
 ACTIVATION_SOURCE = "store"  # store: train on stage 01's saved activations (many epochs over a corpus that fits on
 #                              disk); model: make them as training goes, stage 01 saving only the held-out
-#                              documents (hundreds of millions of tokens; each epoch runs the model again). README
+#                              documents (hundreds of millions of tokens; each epoch runs the model again). docs/scale.md
 ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K on average over each batch (observations.md)
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
@@ -83,7 +83,7 @@ MIN_WEIGHT_CHANGE = 0.05  # relative Frobenius change from the initialisation; 1
 
 # --- sparse probing (stage 03, bench/bench_peers.py): do a few latents predict a story property? ----
 # Story-level tasks from the dataset's label fields; for each, the k latents that best separate the classes
-# on the SAE's training stories feed a logistic regression scored on stories the SAE never saw (README).
+# on the SAE's training stories feed a logistic regression scored on stories the SAE never saw (docs/probing.md).
 PROBE_LABEL_FIELD = ""  # "" = the fields features, noun, verb, adjective where the dataset has them (the embedded
 #                         corpus does); or the name of one label field of your dataset; "none" = no probing
 PROBE_TEXTS = 1000  # most stories on each side: the SAE's training stories; evaluation texts + the store's held-out ones
