@@ -8,7 +8,7 @@ ones. So amplifying one concept the way its demo does (multiplication[i] = facto
 This runs mi_crow's own TopKSae hook on random inputs (no model, no download) and measures it
 against the intended codes * multiplication. Seconds on a CPU:
 
-    .venv/bin/python bench/mi_crow_concept_bias.py
+    .venv/bin/python bench/history/mi_crow_concept_bias.py
 """
 import torch
 from mi_crow.mechanistic.sae.modules.topk_sae import TopKSae
