@@ -13,14 +13,14 @@ from saekit.concepts import collect as C
 from saekit.concepts.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
 from saekit.concepts.labels import lens_records
 from saekit.notebooks import run_notebook
-from saekit.training.sae import TopKSAE
+from saekit.training.sae import BatchTopKSAE, TopKSAE
 
 TEXTS = [f"{a} {b}" for a, b in zip(STORIES, STORIES[1:] + STORIES[:1])] * 2  # 16 texts, repeats included
 
 
-def _sae(d=32, n=64, k=4, dead=(5,)):
+def _sae(d=32, n=64, k=4, dead=(5,), architecture=TopKSAE):
     torch.manual_seed(1)
-    sae = TopKSAE(d, n, k)
+    sae = architecture(d, n, k)
     sae.init_weights(torch.zeros(d), torch.Generator().manual_seed(1))
     with torch.no_grad():
         sae.W_enc.mul_(3)
@@ -42,8 +42,11 @@ def _build(codes, model, tok, sae, **overrides):
     return build_concepts(codes, lens_records(model, tok, sae, live), meta, **{**settings, **overrides})
 
 
-def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokenizer):
-    sae = _sae()
+@pytest.mark.parametrize("architecture", [TopKSAE, BatchTopKSAE])
+def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokenizer, architecture):
+    # BatchTopK at inference keeps every code above its threshold (0 here: every positive one), so each batch
+    # of texts is encoded as wide as its most active token and the batches' widths differ
+    sae = _sae(architecture=architecture)
     codes = _collect(tiny_model, tiny_tokenizer, sae)
     # brute force: every text alone, full codes, special tokens silent
     best = torch.zeros(len(TEXTS), sae.n_latents)

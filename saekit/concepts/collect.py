@@ -22,6 +22,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..activations.models import forward_to_layer
@@ -95,9 +96,9 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, max_leng
         latent_parts.append(torch.where(values > 0, latents, -1))
         doc_parts.append((torch.arange(start, start + len(enc.input_ids)).unsqueeze(1)
                           .expand_as(enc.input_ids).flatten()[real]))
-    parts = [torch.cat(part) if part else None for part in (ids_parts, latent_parts, value_parts, doc_parts)]
+    parts = [_join_rows(part) if part else None for part in (ids_parts, latent_parts, value_parts, doc_parts)]
     if world.distributed:  # every rank's codes, in rank order: the order of the texts
-        parts = [torch.cat([p for p in ranked if p is not None]) for ranked in zip(*gather_objects(parts, world))]
+        parts = [_join_rows([p for p in ranked if p is not None]) for ranked in zip(*gather_objects(parts, world))]
     ids_all, latents_all, values_all, doc_all = parts
     ids = ids_all.numpy()
     doc = doc_all.numpy().astype(np.int32)
@@ -109,6 +110,16 @@ def collect(model, tokenizer, layer, sae: TopKSAE, texts: list[str], *, max_leng
                         values=values_all.numpy().astype(np.float32), n_latents=sae.n_latents,
                         token_text={int(t): tokenizer.decode([int(t)]) for t in np.unique(ids)},
                         tokens_per_s=len(ids) / (time.perf_counter() - started))
+
+
+def _join_rows(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Blocks of rows joined in order. A BatchTopK or JumpReLU SAE encodes each batch as wide as that
+    batch's most active token, so narrower blocks of codes are padded with no latent (-1) at value 0."""
+    if blocks[0].dim() == 1:
+        return torch.cat(blocks)
+    width = max(block.shape[1] for block in blocks)
+    return torch.cat([F.pad(block, (0, width - block.shape[1]), value=-1 if block.dtype == torch.long else 0)
+                      for block in blocks])
 
 
 # --- statistics ----------------------------------------------------------------------------------
