@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 NB_RUN := $(PY) -m saekit.notebooks
 
-.PHONY: demo test test-all setup clean-store bench-peers
+.PHONY: demo test test-all setup clean-store bench-peers saelens-venv
 
 setup: $(STAMP)
 
@@ -47,6 +47,8 @@ $(SPARSIFY_VENV)/.installed:
 	test -x $(SPARSIFY_VENV)/bin/python || $(PYTHON) -m venv $(SPARSIFY_VENV)
 	$(SPARSIFY_VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 eai-sparsify==1.3.3
 	touch $@
+
+saelens-venv: $(SAELENS_VENV)/.installed
 
 bench-peers: $(STAMP) $(SAELENS_VENV)/.installed $(SPARSIFY_VENV)/.installed
 	test -f store/run_id.txt || $(PY) 01_save_activations.py $(ARGS)

@@ -93,12 +93,30 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
     return open_run(store_dir)
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment every test subprocess runs in: one thread a process, as two processes share 2 cores."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_python(argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGV...` in the project folder, as a user runs a stage, with its output captured."""
+    return subprocess.run([sys.executable, *argv], cwd=kwargs.pop("cwd", ROOT), capture_output=True, text=True,
+                          env=subprocess_env(**(env or {})), **kwargs)
+
+
 def run_stage(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """Run a stage script the way a user does; fail the test with its output if it fails."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python([str(ROOT / script), *args])
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def run_notebook_as_user(notebook: str, args: list[str]) -> Path:
+    """Run a stage's notebook headless as a user does (python -m saekit.notebooks); fail the test with its
+    output if it fails; return the executed copy."""
+    proc = run_python(["-m", "saekit.notebooks", notebook, *args])
+    assert proc.returncode == 0, f"{notebook} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return store_of(args) / "notebooks" / notebook
 
 
 def store_of(args: list[str]) -> Path:
@@ -127,7 +145,7 @@ def smoke_args(tmp_path_factory, tiny_model_dir) -> list[str]:
     stories.write_text("\n".join(json.dumps({"text": s}) for s in texts))
     args = [f"--MODEL_ID={tiny_model_dir}", f"--LAYER_SIGNATURE={TINY_LAYER}", f"--HF_DATASET={stories}",
             f"--STORE_DIR={folder / 'store'}", "--DATA_LIMIT=24", "--EVAL_DATA_LIMIT=8", "--MAX_LENGTH=24",
-            "--EPOCHS=3", "--BATCH_SIZE_TRAIN=64", "--N_LATENTS_MULTIPLIER=2", "--TOP_K=4", "--WARMUP_STEPS=2",
+            "--EPOCHS=3", "--BATCH_SIZE_TRAIN=64", "--BATCH_SIZE_SAVE=3", "--N_LATENTS_MULTIPLIER=2", "--TOP_K=4", "--WARMUP_STEPS=2",
             "--HELDOUT_FRACTION=0.25", "--EVAL_SHARE=0.25", "--DEVICE=cpu", "--TOP_N_EXAMPLES=3", "--N_LATENTS_TO_NAME=2",
             f"--NAMING_MODEL_ID={tiny_model_dir}", "--NAMING_MAX_NEW_TOKENS=4"]
     run_stage("01_save_activations.py", args)
