@@ -185,3 +185,35 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
         train_sae(run, _cfg(), checkpoint_path=ckpt, progress=False)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["sae"].values())
+
+
+def test_training_never_reads_a_heldout_row(tmp_path, monkeypatch):
+    """The held-out documents are the last HELDOUT_FRACTION of them, whole: every row training draws (its batches
+    and the sample that sets b_dec and the input scale) comes from before them, and every earlier row is drawn."""
+    n_docs, fraction, marker = 120, 0.2, 1e4
+    first_heldout_row = 50 * (n_docs - round(n_docs * fraction))  # documents of 50 rows
+
+    def plant(x, docs):  # a value no real row has, in every held-out row
+        x[docs >= n_docs - round(n_docs * fraction), 0] = marker
+
+    run = make_synthetic_run(tmp_path, n_tokens=50 * n_docs, edit_rows=plant)
+    batches, samples = [], []
+    epoch, sample = StoreRows.epoch, StoreRows.sample
+
+    def watched_epoch(self, *args, **kwargs):
+        for batch, position in epoch(self, *args, **kwargs):
+            batches.append(batch.float())
+            yield batch, position
+
+    def watched_sample(self):
+        samples.append(sample(self).float())
+        return samples[-1]
+
+    monkeypatch.setattr(StoreRows, "epoch", watched_epoch)
+    monkeypatch.setattr(StoreRows, "sample", watched_sample)
+    cfg = _cfg(epochs=1, heldout_fraction=fraction)
+    train_sae(run, cfg, progress=False)
+    assert samples and batches
+    assert (torch.cat(samples + batches)[:, 0] < marker / 2).all(), "training drew a held-out row"
+    # one epoch draws every training row once (a remainder short of a batch may wait for the next epoch)
+    assert first_heldout_row - cfg.batch_size < sum(map(len, batches)) <= first_heldout_row
