@@ -2,17 +2,31 @@
 import json
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+import torch
+
+from conftest import ROOT, copy_store, store_of
 from test_own_data import assert_offline
+from saekit.activations.data import load_role_texts
+from saekit.activations.models import load_model, resolve_layer
+from saekit.activations.store import open_run
 from saekit.base.settings import load_settings
 from saekit.notebooks import run_notebook
+from saekit.training.sae import TopKSAE
 
 
-def test_analysis_notebook_writes_its_verdict(smoke_args):
-    executed = run_notebook(ROOT / "03_analyze_training.ipynb", smoke_args)
-    store = load_settings(smoke_args).store
+@pytest.fixture(scope="module")
+def stage_03(smoke_args, tmp_path_factory):
+    """Notebook 03 run once on a copy of the smoke store: (its arguments, its executed copy, analysis.json)."""
+    args = copy_store(smoke_args, tmp_path_factory.mktemp("stage03") / "store", "analysis.json", "notebooks")
+    executed = run_notebook(ROOT / "03_analyze_training.ipynb", args)
+    return args, executed, json.loads((store_of(args) / "analysis.json").read_text())
+
+
+def test_analysis_notebook_writes_its_verdict(stage_03):
+    args, executed, report = stage_03
+    store = store_of(args)
     assert executed.exists() and executed.with_suffix(".html").exists()
-    report = json.loads((store / "analysis.json").read_text())
     checks = {c["check"]: c for c in report["checks"]}
     assert set(checks) >= {"L0 equals TOP_K", "dead latents (held-out)", "held-out FVU",
                            "CE-loss recovered vs mean-ablation", "delta CE (nats)", "W_enc moved from its initialisation"}
@@ -29,6 +43,83 @@ def test_analysis_notebook_writes_its_verdict(smoke_args):
     for figure in ("training_curves", "l0_distribution", "weights_vs_init", "decoder_geometry",
                    "reconstruction_error", "latent_frequency", "cross_entropy"):
         assert (store / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+
+def _independent_ce(settings, sae: TopKSAE, mean: torch.Tensor) -> dict[str, float]:
+    """Next-token CE over the evaluation texts, one text at a time (no padding), in float64: clean, with the
+    layer's output replaced by the SAE's reconstruction, and by the training rows' mean."""
+    model, tokenizer = load_model(settings.MODEL_ID)
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    replacements = {"sae": lambda h: sae(h.reshape(-1, sae.d_in)).reshape(h.shape),
+                    "mean": lambda h: mean.expand_as(h).to(h.dtype)}
+    nll, count = {"clean": 0.0, "sae": 0.0, "mean": 0.0}, 0
+    for text in load_role_texts(settings, "eval").texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=settings.MAX_LENGTH).input_ids
+        targets = ids[0, 1:]
+        with torch.no_grad():
+            for name in nll:
+                handle = (layer.register_forward_hook(lambda m, i, o, f=replacements[name]: f(o))
+                          if name != "clean" else None)
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                if handle:
+                    handle.remove()
+                nll[name] -= float(logp[torch.arange(len(targets)), targets].sum())
+        count += len(targets)
+    return {name: total / count for name, total in nll.items()}
+
+
+def test_stage_03_figures_and_verdict_agree_with_an_independent_pass(stage_03):
+    """Held-out FVU and dead share from the held-out rows themselves, ΔCE and CE recovered from a plain
+    float64 forward over the evaluation texts, and every check's PASS/FAIL from its value and config.py's
+    threshold: none of it read from the code that wrote analysis.json."""
+    args, _, report = stage_03
+    settings = load_settings(args)
+    run = open_run(settings.store)
+    sae, _ = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt")
+    start = run.heldout_start(settings.HELDOUT_FRACTION)
+    x = torch.from_numpy(run.rows(start, run.n_tokens)).double()
+    with torch.no_grad():
+        values, indices = sae.encode(x.float())
+        x_hat = sae.decode(values, indices).double()
+    fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    fired = torch.zeros(sae.n_latents, dtype=torch.bool)
+    fired[indices[values > 0]] = True
+    dead_fraction = 1 - float(fired.double().mean())
+    checks = {c["check"]: c for c in report["checks"]}
+    assert abs(report["heldout"]["fvu"] - fvu) < 1e-4 and abs(checks["held-out FVU"]["value"] - fvu) < 1e-4
+    assert abs(checks["dead latents (held-out)"]["value"] - dead_fraction) < 1e-9
+
+    mean = torch.from_numpy(run.rows(0, start)).double().mean(0).float()
+    ce = _independent_ce(settings, sae, mean)
+    assert abs(checks["delta CE (nats)"]["value"] - (ce["sae"] - ce["clean"])) < 1e-4
+    recovered = (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"])
+    assert abs(checks["CE-loss recovered vs mean-ablation"]["value"] - recovered) < 1e-4 / abs(ce["mean"] - ce["clean"])
+
+    limits = {"held-out FVU": fvu <= settings.MAX_HELDOUT_FVU,
+              "dead latents (held-out)": dead_fraction <= settings.MAX_DEAD_FRACTION,
+              "delta CE (nats)": ce["sae"] - ce["clean"] <= settings.MAX_DELTA_CE,
+              "L0 equals TOP_K": abs(float((values > 0).sum(1).double().mean()) - sae.k) <= 0.01 * sae.k}
+    for name, ok in limits.items():
+        assert checks[name]["result"] == ("PASS" if ok else "FAIL"), name
+    assert report["passed"] == all(c["result"] != "FAIL" for c in report["checks"])
+
+
+def test_stage_03_fails_a_broken_sae(stage_03, tmp_path):
+    """The same SAE with its decoder scrambled, read through SAE_PATH: stage 03's verdict is FAIL, on FVU."""
+    from saekit.training.saelens_format import load_saelens, save_saelens
+
+    args, _, _ = stage_03
+    settings = load_settings(args)
+    sae, _ = load_saelens(settings.store / "sae_model" / "saelens")
+    with torch.no_grad():
+        sae.W_dec.copy_(sae.W_dec[torch.randperm(sae.n_latents, generator=torch.Generator().manual_seed(0))])
+    folder = save_saelens(sae, tmp_path / "broken", settings.MODEL_ID, settings.LAYER_SIGNATURE)
+    broken_args = copy_store(args, tmp_path / "store", "analysis.json", "notebooks") + [f"--SAE_PATH={folder}"]
+    run_notebook(ROOT / "03_analyze_training.ipynb", broken_args)
+    report = json.loads((store_of(broken_args) / "analysis.json").read_text())
+    checks = {c["check"]: c for c in report["checks"]}
+    assert report["passed"] is False and checks["held-out FVU"]["result"] == "FAIL"
 
 
 def test_notebooks_are_committed_without_outputs():
