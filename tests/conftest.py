@@ -97,6 +97,16 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
     return open_run(store_dir)
 
 
+def alter_one_character(path: Path) -> None:
+    """Change one letter or digit near the middle of a text file to another of its kind: the file stays valid
+    JSON or CSV, so only its checksum can tell."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    at = min((i for i, b in enumerate(data) if chr(b).isalnum()), key=lambda i: abs(i - middle))
+    data[at] = ord("7" if chr(data[at]) != "7" else "3") if chr(data[at]).isdigit() else ord("q" if chr(data[at]) != "q" else "z")
+    path.write_bytes(bytes(data))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment every test subprocess runs in: one thread a process, as two processes share 2 cores."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, TINY_LAYER
+from conftest import ROOT, STORIES, TINY_LAYER, alter_one_character
 from saekit.activations.models import forward_to_layer, resolve_layer
 from saekit.base.integrity import IntegrityError
 from saekit.base.settings import load_settings
@@ -123,6 +123,15 @@ def test_exports_are_published_as_one_set_tied_to_the_sae(tiny_model, tiny_token
     with pytest.raises(IntegrityError, match="corrupt"):
         open_concepts(tmp_path, "sae-a")
 
+
+
+@pytest.mark.parametrize("name", ["concepts.json", "texts.json", "concepts.csv", "top_texts.json", "manifest.json"])
+def test_one_altered_character_in_any_file_of_the_set_is_refused(tiny_model, tiny_tokenizer, tmp_path, name):
+    sae = _sae()
+    folder = publish(tmp_path, _build(_collect(tiny_model, tiny_tokenizer, sae), tiny_model, tiny_tokenizer, sae))
+    alter_one_character(folder / name)
+    with pytest.raises((IntegrityError, ConceptsMismatchError), match="Run stage 04"):
+        open_concepts(tmp_path, "sae-a")
 
 def test_concepts_notebook_on_smoke_artifacts(smoke_args):
     run_notebook(ROOT / "04_name_sae_concepts.ipynb", smoke_args)

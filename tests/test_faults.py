@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, copy_store
+from conftest import ROOT, alter_one_character, copy_store
 
 MARKER_CODE = "import pathlib; pathlib.Path({path!r}).write_text('code ran')"
 
@@ -213,6 +213,17 @@ def test_a_history_from_another_training_is_refused(store_copy):
     with pytest.raises(PipelineError, match="do not belong together"):
         load_trained_sae(load_settings(args))
 
+
+
+def test_an_altered_history_is_refused(store_copy):
+    from saekit.base.errors import PipelineError
+    from saekit.base.settings import load_settings
+    from saekit.evaluation.analysis import load_trained_sae
+
+    store, args = store_copy
+    alter_one_character(store / "training_history.json")  # still valid JSON: only its checksum tells
+    with pytest.raises(PipelineError, match="training_history.json is corrupt"):
+        load_trained_sae(load_settings(args))
 
 # --- inputs and the disk --------------------------------------------------------------------------------
 
