@@ -217,3 +217,27 @@ def test_training_never_reads_a_heldout_row(tmp_path, monkeypatch):
     assert (torch.cat(samples + batches)[:, 0] < marker / 2).all(), "training drew a held-out row"
     # one epoch draws every training row once (a remainder short of a batch may wait for the next epoch)
     assert first_heldout_row - cfg.batch_size < sum(map(len, batches)) <= first_heldout_row
+
+
+def test_auxk_revives_latents_that_training_without_it_leaves_dead(tmp_path, monkeypatch):
+    """Half the latents start with their encoder rows shrunk 100x: they never win a TopK slot, so the main loss
+    never reaches them. AuxK trains the dead ones on what the live ones miss, until they win slots again."""
+    import saekit.training.train as train_module
+
+    initialise = train_module._Trainer.initialise
+
+    def weakened(self, sample):
+        initialise(self, sample)
+        with torch.no_grad():
+            self.sae.W_enc[:self.n_latents // 2] *= 0.01
+
+    monkeypatch.setattr(train_module._Trainer, "initialise", weakened)
+    run = make_synthetic_run(tmp_path)
+    dead = {}
+    for coef in (0.0, 1 / 32):
+        _, record = train_sae(run, _cfg(epochs=4, auxk_coef=coef), progress=False)
+        frequency = torch.tensor(record["latent_frequency"])
+        weak = frequency[:len(frequency) // 2]
+        dead[coef] = int((weak == 0).sum())
+    assert dead[0.0] == len(weak)  # without AuxK every weakened latent stays dead
+    assert dead[1 / 32] <= len(weak) // 2, dead  # with it, most come back (measured: 10 of 32 still dead)
