@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny randomly initialised Llama and a word-level tokenizer, built offline."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,6 +149,50 @@ def copy_store(args: list[str], dest: Path, *ignore: str) -> list[str]:
     same arguments pointing at it."""
     shutil.copytree(store_of(args), dest, ignore=shutil.ignore_patterns("models", *ignore))
     return with_store(args, dest)
+
+
+def checksums(store: Path, *skip: str) -> dict[str, str]:
+    """SHA-256 of every file of a store (the model cache left out, and files whose name contains one of `skip`):
+    the same before and after a stage means it wrote nothing."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*"))
+            if p.is_file() and "models" not in p.relative_to(store).parts and not any(s in p.name for s in skip)}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    """A user's mistake ends the process with exit code 1 and one `error:` line, the last of its output, that says
+    each of `expected`; no traceback. Returns that line."""
+    # progress bars may come first; the error is the one line that ends the output
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and "\x1b[" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_offline(html: str) -> None:
+    """Nothing in the page fetches from the network (URLs left in CSS comments fetch nothing)."""
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert not re.search(r"""import\s*\(?\s*["']https?:""", html)
+    for cdn in ("cdnjs", "unpkg", "cdn.jsdelivr", "require.min.js", "MathJax", "widget-state+json"):
+        assert cdn not in html, cdn
+
+
+def torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`command` under torchrun with `nproc` gloo processes on this machine; fail the test if it fails."""
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *command, *args])
+    assert proc.returncode == 0, f"{command} under torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture()
+def store_copy(tmp_path, smoke_args):
+    """A private copy of the smoke pipeline's store (stages 01-02 done), and args pointing at it."""
+    store = tmp_path / "store"
+    return store, copy_store(smoke_args, store)
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,10 @@
 """The committed corpus matches its card, and the generator writes valid records."""
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 CORPUS = ROOT / "data" / "stories.jsonl"
 CARD = ROOT / "data" / "stories.md"
@@ -52,10 +50,9 @@ def test_generator_writes_valid_records_with_a_tiny_model(tmp_path, tiny_model, 
     tiny_model.save_pretrained(folder)
     chat_tokenizer.save_pretrained(folder)
     out = tmp_path / "stories.jsonl"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_corpus.py"), "--model", str(folder),
-                           "--out", str(out), "--train", "3", "--heldout", "1", "--batch-size", "4",
-                           "--max-new-tokens", "24", "--min-words", "3", "--max-batches", "20"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_python([str(ROOT / "tools" / "make_corpus.py"), "--model", str(folder), "--out", str(out),
+                       "--train", "3", "--heldout", "1", "--batch-size", "4", "--max-new-tokens", "24",
+                       "--min-words", "3", "--max-batches", "20"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     made = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["split"] for r in made].count("heldout") == 1 and len(made) == 4

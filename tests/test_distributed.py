@@ -2,14 +2,11 @@
 one process."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 
-from conftest import ROOT, copy_store, store_of, with_store
+from conftest import copy_store, run_python, store_of, torchrun, with_store
 
 # The same steps, summed in another order: Adam scales a latent's rare, tiny gradients up to the step
 # size, so round-off shows at ~3e-4 in a few weights after 3 epochs (measured); a latent chosen
@@ -17,18 +14,10 @@ from conftest import ROOT, copy_store, store_of, with_store
 ROUND_OFF = dict(atol=1e-3, rtol=1e-3)
 
 
-def _torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *command, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"{command} under torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 def test_stage_01_on_two_processes_stores_the_same_rows_in_the_same_order(tmp_path, smoke_args):
     from saekit.activations.store import open_run
 
-    _torchrun(["01_save_activations.py"], with_store(smoke_args, tmp_path / "store"))
+    torchrun(["01_save_activations.py"], with_store(smoke_args, tmp_path / "store"))
     single, double = open_run(store_of(smoke_args)), open_run(tmp_path / "store")
     assert double.meta["processes"] == 2 and len(double.meta["shards"]) >= 2
     assert double.n_tokens == single.n_tokens and double.meta["n_documents"] == single.meta["n_documents"]
@@ -43,7 +32,7 @@ def test_stage_02_on_two_processes_matches_one_process(tmp_path, smoke_args):
     from saekit.training.sae import TopKSAE
 
     store = tmp_path / "store"
-    assert "in 2 processes" in _torchrun(["02_train_sae.py"], copy_store(smoke_args, store)).stdout
+    assert "in 2 processes" in torchrun(["02_train_sae.py"], copy_store(smoke_args, store)).stdout
     single, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     double, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in single.state_dict().items():
@@ -59,11 +48,9 @@ def test_stage_04_on_two_processes_publishes_the_same_concepts(tmp_path, smoke_a
     from saekit.training.sae import TopKSAE
 
     single_store, double_store = tmp_path / "single", tmp_path / "double"
-    one = subprocess.run([sys.executable, "-m", "saekit.concepts.runner", *copy_store(smoke_args, single_store, "concepts*")],
-                         cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one = run_python(["-m", "saekit.concepts.runner", *copy_store(smoke_args, single_store, "concepts*")])
     assert one.returncode == 0, one.stderr[-3000:]
-    _torchrun(["-m", "saekit.concepts.runner"], copy_store(smoke_args, double_store, "concepts*"))
+    torchrun(["-m", "saekit.concepts.runner"], copy_store(smoke_args, double_store, "concepts*"))
     _, meta = TopKSAE.load(single_store / "sae_model" / "topk_sae.pt")
     single, single_texts, _ = open_concepts(single_store, meta["sae_id"])
     double, double_texts, _ = open_concepts(double_store, meta["sae_id"])
@@ -91,7 +78,7 @@ def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train_sae(open_run(store), TrainConfig.from_settings(load_settings(args)),
                   checkpoint_path=store / "sae_model" / "checkpoint.pt", progress=False, on_epoch=stop_after_first_epoch)
-    assert "resuming after epoch 1" in _torchrun(["02_train_sae.py"], args + ["--resume"]).stdout
+    assert "resuming after epoch 1" in torchrun(["02_train_sae.py"], args + ["--resume"]).stdout
     uninterrupted, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     resumed, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in uninterrupted.state_dict().items():

@@ -6,49 +6,16 @@ one `error:` line (no traceback) that says what to do, every artifact written be
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, alter_one_character, copy_store
+from conftest import alter_one_character, assert_one_line_error, checksums, run_python
 
 MARKER_CODE = "import pathlib; pathlib.Path({path!r}).write_text('code ran')"
-
-
-def _checksums(store: Path) -> dict[str, str]:
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file() and "models" not in p.parts}
-
-
-def _run(cmd: list[str], env: dict[str, str] | None = None, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, preexec_fn=preexec,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def _assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> str:
-    # progress bars may come first; the error is the one line that ends the output
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1, f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr and "\x1b[" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
-    for text in expected:
-        assert text in errors[0], errors[0]
-    return errors[0]
-
-
-@pytest.fixture()
-def store_copy(tmp_path, smoke_args):
-    """A private copy of the smoke pipeline's store (stages 01-02 done), and args pointing at it."""
-    store = tmp_path / "store"
-    return store, copy_store(smoke_args, store)
 
 
 def _run_dir(store: Path) -> Path:
@@ -77,14 +44,14 @@ def _flip(path: Path, offset: int, count: int) -> None:
 ])
 def test_a_bad_setting_stops_before_anything_is_written(store_copy, script, setting, says):
     store, args = store_copy
-    before = _checksums(store)
-    _assert_one_line_error(_run([script, *args, setting]), says)
-    assert _checksums(store) == before
+    before = checksums(store)
+    assert_one_line_error(run_python([script, *args, setting]), says)
+    assert checksums(store) == before
 
 
 def test_the_notebook_runner_gives_settings_errors_one_line(store_copy):
     store, args = store_copy
-    _assert_one_line_error(_run(["-m", "saekit.notebooks", "03_analyze_training.ipynb", *args, "--TOP_K=-3"]),
+    assert_one_line_error(run_python(["-m", "saekit.notebooks", "03_analyze_training.ipynb", *args, "--TOP_K=-3"]),
                            "TOP_K=-3 must be at least 1")
 
 
@@ -92,7 +59,7 @@ def test_a_preset_file_is_read_as_data_never_run(tmp_path):
     marker = tmp_path / "ran"
     preset = tmp_path / "evil.py"
     preset.write_text(f"TOP_K = 4\n{MARKER_CODE.format(path=str(marker))}\n")
-    line = _assert_one_line_error(_run(["02_train_sae.py", f"--preset={preset}"]), "evil.py:2")
+    line = assert_one_line_error(run_python(["02_train_sae.py", f"--preset={preset}"]), "evil.py:2")
     assert "read as data" in line and not marker.exists()
 
 
@@ -129,9 +96,9 @@ def test_a_crafted_checkpoint_runs_no_code_on_resume(store_copy, tmp_path):
     store, args = store_copy
     marker = tmp_path / "ran"
     _crafted_pickle(store / "sae_model" / "checkpoint.pt", marker)
-    before = _checksums(store)
-    _assert_one_line_error(_run(["02_train_sae.py", *args, "--resume"]), "checkpoint.pt", "no code in it runs")
-    assert not marker.exists() and _checksums(store) == before
+    before = checksums(store)
+    assert_one_line_error(run_python(["02_train_sae.py", *args, "--resume"]), "checkpoint.pt", "no code in it runs")
+    assert not marker.exists() and checksums(store) == before
 
 
 # --- corruption is detected, not trained on --------------------------------------------------------------
@@ -178,27 +145,27 @@ def test_corrupt_activations_stop_stage_02_and_keep_the_sae(store_copy, fault, s
         meta.write_text(meta.read_text()[:100])
     elif fault == "flip token bytes":
         _flip(run_dir / "shard_00000.tokens.npy", 200, 8)
-    before = _checksums(store)
-    _assert_one_line_error(_run(["02_train_sae.py", *args]), says, "Run stage 01 again")
-    assert _checksums(store) == before
+    before = checksums(store)
+    assert_one_line_error(run_python(["02_train_sae.py", *args]), says, "Run stage 01 again")
+    assert checksums(store) == before
 
 
 def test_a_corrupt_sae_stops_the_analysis_notebook_with_one_line(store_copy):
     store, args = store_copy
     _flip(store / "sae_model" / "topk_sae.pt", 2000, 256)
-    before = _checksums(store)
+    before = checksums(store)
     # which message depends on where the flipped bytes land (tensor data: checksum; pickle: refused)
-    _assert_one_line_error(_run(["-m", "saekit.notebooks", "03_analyze_training.ipynb", *args]),
+    assert_one_line_error(run_python(["-m", "saekit.notebooks", "03_analyze_training.ipynb", *args]),
                            "topk_sae.pt", "corrupt", "Train it again")
-    assert _checksums(store) == before
+    assert checksums(store) == before
 
 
 def test_a_corrupt_checkpoint_is_refused_on_resume(store_copy):
     store, args = store_copy
     _flip(store / "sae_model" / "checkpoint.pt", 3000, 256)
-    before = _checksums(store)
-    _assert_one_line_error(_run(["02_train_sae.py", *args, "--resume"]), "checkpoint.pt", "Drop --resume")
-    assert _checksums(store) == before
+    before = checksums(store)
+    assert_one_line_error(run_python(["02_train_sae.py", *args, "--resume"]), "checkpoint.pt", "Drop --resume")
+    assert checksums(store) == before
 
 
 def test_a_history_from_another_training_is_refused(store_copy):
@@ -231,27 +198,27 @@ def test_invalid_utf8_names_the_file_and_line(store_copy, tmp_path):
     store, args = store_copy
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    before = _checksums(store)
-    _assert_one_line_error(_run(["01_save_activations.py", *args, f"--HF_DATASET={bad}"]),
+    before = checksums(store)
+    assert_one_line_error(run_python(["01_save_activations.py", *args, f"--HF_DATASET={bad}"]),
                            f"{bad}:2 is not valid UTF-8")
-    assert _checksums(store) == before
+    assert checksums(store) == before
 
 
 def test_a_folder_that_is_not_a_dataset(store_copy, tmp_path):
     store, args = store_copy
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.md").write_text("not data")
-    before = _checksums(store)
-    _assert_one_line_error(_run(["01_save_activations.py", *args, f"--HF_DATASET={tmp_path / 'notes'}"]),
+    before = checksums(store)
+    assert_one_line_error(run_python(["01_save_activations.py", *args, f"--HF_DATASET={tmp_path / 'notes'}"]),
                            "could not load dataset")
-    assert _checksums(store) == before
+    assert checksums(store) == before
 
 
 def test_an_unwritable_store_is_named(store_copy, tmp_path):
     _, args = store_copy
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    _assert_one_line_error(_run(["01_save_activations.py", *args, f"--STORE_DIR={blocker / 'store'}"]),
+    assert_one_line_error(run_python(["01_save_activations.py", *args, f"--STORE_DIR={blocker / 'store'}"]),
                            str(blocker))
 
 
@@ -259,14 +226,14 @@ def test_a_full_disk_leaves_the_previous_run_current(store_copy):
     import resource
 
     store, args = store_copy
-    before = _checksums(store)
+    before = checksums(store)
 
     def limit_file_size():  # ulimit -f: any write past 4 kB fails as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    _assert_one_line_error(_run(["01_save_activations.py", *args, "--SHARD_TOKENS=100000"],
-                                preexec=limit_file_size), "cannot write", "free disk space")
-    after = {k: v for k, v in _checksums(store).items() if ".partial/" not in k}  # the next run cleans it
+    assert_one_line_error(run_python(["01_save_activations.py", *args, "--SHARD_TOKENS=100000"],
+                                preexec_fn=limit_file_size), "cannot write", "free disk space")
+    after = {k: v for k, v in checksums(store).items() if ".partial/" not in k}  # the next run cleans it
     assert after == before  # the old run, run_id.txt and the SAE as they were
 
 
@@ -275,7 +242,7 @@ def test_a_stale_partial_run_is_cleaned_with_a_line(store_copy):
     stale = store / "runs" / "activations_old.partial"
     stale.mkdir()
     (stale / "owner.pid").write_text("999999999")
-    proc = _run(["01_save_activations.py", *args])
+    proc = run_python(["01_save_activations.py", *args])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"removed {stale}" in proc.stdout and not stale.exists()
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ChatStubHandler, copy_store
-from test_faults import _assert_one_line_error, _checksums, _run
+from conftest import ChatStubHandler, assert_one_line_error, checksums, copy_store, run_python
 
 SECRET = "sk-foreign-0123456789abcdef"
 STAGE_04 = ["-m", "saekit.concepts.runner"]
@@ -27,7 +26,7 @@ NOTEBOOK_04 = ["-m", "saekit.notebooks", "04_name_sae_concepts.ipynb"]
 def concepts_args(tmp_path_factory, smoke_args) -> list[str]:
     """The smoke pipeline's store with a concept set published by stage 04: the set a refusal must keep."""
     args = copy_store(smoke_args, tmp_path_factory.mktemp("concepts") / "store", "concepts*", "notebooks")
-    proc = _run([*STAGE_04, *args])
+    proc = run_python([*STAGE_04, *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return args
 
@@ -42,11 +41,11 @@ def store(tmp_path, concepts_args) -> tuple[Path, list[str]]:
 
 def _refused(cmd: list[str], store: Path, *expected: str, env: dict[str, str] | None = None):
     """Run `cmd`; check it ends in one error line saying `expected` and changes nothing in `store`."""
-    before = _checksums(store)
-    proc = _run(cmd, env)
-    _assert_one_line_error(proc, *expected)
+    before = checksums(store)
+    proc = run_python(cmd, env)
+    assert_one_line_error(proc, *expected)
     assert "without encryption" not in proc.stderr  # ipykernel's warning would follow the error line
-    assert _checksums(store) == before
+    assert checksums(store) == before
     return proc
 
 
@@ -272,7 +271,7 @@ def test_stage_02_refuses_settings_larger_than_memory_before_allocating(store, s
 def test_a_shuffle_buffer_larger_than_memory_is_refused_on_the_fly(tmp_path, smoke_args):
     store = tmp_path / "store"
     args = [*copy_store(smoke_args, store), "--ACTIVATION_SOURCE=model"]
-    proc = _run(["01_save_activations.py", *args])
+    proc = run_python(["01_save_activations.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _refused(["02_train_sae.py", *args, "--SHUFFLE_BUFFER_TOKENS=1000000000000"], store, "the shuffle buffer")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, copy_store
+from conftest import ROOT, copy_store, run_python, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def _kill_after(stage: str, args: list[str], seconds: float) -> bool:
     """Start a stage, SIGKILL it and its children (a notebook's kernel) after `seconds`; True if it
     was still running then."""
     proc = subprocess.Popen([sys.executable, *_command(stage), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.DEVNULL, env=subprocess_env(),
                             start_new_session=True)
     time.sleep(seconds)
     running = proc.poll() is None
@@ -92,6 +92,5 @@ def test_kill_9_never_leaves_a_mismatched_set_that_is_accepted(tmp_path, smoke_a
 
 
 def _finish(stage: str, args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, *_command(stage), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python([*_command(stage), *args])
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, copy_store, store_of
-from test_own_data import assert_offline
+from conftest import ROOT, assert_offline, copy_store, store_of
 from saekit.activations.data import load_role_texts
 from saekit.activations.models import load_model, resolve_layer
 from saekit.activations.store import open_run

@@ -2,7 +2,6 @@
 stage 02 makes the training rows with the model as it trains, on the tiny model."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_stage, with_store
+from conftest import ROOT, checksums, run_python, run_stage, subprocess_env, with_store
 from test_distributed import ROUND_OFF
 
 ON_THE_FLY = ["--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150", "--CHECKPOINT_SECONDS=0"]
@@ -124,9 +123,7 @@ def test_two_gloo_processes_equal_one(online_args, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(_store(online_args), store, ignore=shutil.ignore_patterns("sae_model", "models"))
     args = with_store(online_args, store)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "02_train_sae.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "02_train_sae.py", *args])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "in 2 processes" in proc.stdout
     _assert_same_weights(_sae(_store(online_args))[0], _sae(store)[0], exact=False)
@@ -165,23 +162,16 @@ def test_no_heldout_text_is_trained_on(tmp_path, tiny_model, tiny_tokenizer):
 
 
 def test_settings_that_change_the_texts_are_refused(online_args):
-    proc = subprocess.run([sys.executable, "02_train_sae.py", *online_args, "--MAX_LENGTH=20"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["02_train_sae.py", *online_args, "--MAX_LENGTH=20"])
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "MAX_LENGTH (stage 01: 24, now 20)" in last
 
 
 def test_a_store_source_on_a_heldout_only_run_is_refused(online_args):
-    proc = subprocess.run([sys.executable, "02_train_sae.py", *online_args, "--ACTIVATION_SOURCE=store"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["02_train_sae.py", *online_args, "--ACTIVATION_SOURCE=store"])
     assert proc.returncode == 1
     assert "--ACTIVATION_SOURCE=model" in proc.stderr.strip().splitlines()[-1]
-
-
-def _checksums(store: Path) -> dict[str, str]:
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file() and "checkpoint" not in p.name and "models" not in p.parts}
 
 
 def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
@@ -190,11 +180,11 @@ def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(_store(online_args), store, ignore=shutil.ignore_patterns("models"))
     args = with_store(online_args, store) + ["--EPOCHS=200"]
-    before = _checksums(store)
+    before = checksums(store, "checkpoint")
     checkpoint = store / "sae_model" / "checkpoint.pt"
     stamp = checkpoint.stat().st_mtime_ns
     proc = subprocess.Popen([sys.executable, "02_train_sae.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.DEVNULL, env=subprocess_env(),
                             start_new_session=True)
     deadline = time.monotonic() + 60
     while checkpoint.stat().st_mtime_ns == stamp and time.monotonic() < deadline:  # killed mid-training
@@ -202,4 +192,4 @@ def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
     assert proc.poll() is None, "stage 02 ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _checksums(store) == before  # the SAE, its history and the SAELens folder as they were
+    assert checksums(store, "checkpoint") == before  # the SAE, its history and the SAELens folder as they were

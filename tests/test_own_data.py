@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, copy_store
+from conftest import ROOT, STORIES, assert_offline, assert_one_line_error, checksums, copy_store, run_python
 from saekit.activations.models import load_model
 from saekit.base.settings import load_settings
 from saekit.evaluation import verdict
-from test_faults import _assert_one_line_error, _checksums, _run
 
 
 def _word_tokenizer(**special):
@@ -54,11 +53,11 @@ def test_a_tokenizer_with_no_usable_pad_token_is_refused_in_one_line(tmp_path, s
     stories.write_text("\n".join(json.dumps({"text": s}) for s in STORIES))
     store = tmp_path / "store"
     copy_store(smoke_args, store)  # a store with a run and an SAE already: the refusal must leave them as they were
-    before = _checksums(store)
-    proc = _run([str(ROOT / "01_save_activations.py"), f"--MODEL_ID={folder}", f"--HF_DATASET={stories}",
+    before = checksums(store)
+    proc = run_python([str(ROOT / "01_save_activations.py"), f"--MODEL_ID={folder}", f"--HF_DATASET={stories}",
                  "--LAYER_SIGNATURE=gpt2lmheadmodel_transformer_h_1", f"--STORE_DIR={store}", "--DEVICE=cpu"])
-    _assert_one_line_error(proc, "no usable padding token", "pad_token")
-    assert _checksums(store) == before
+    assert_one_line_error(proc, "no usable padding token", "pad_token")
+    assert checksums(store) == before
 
 
 # --- "CE recovered" when the ablation costs nothing -------------------------------------------
@@ -123,16 +122,6 @@ def test_the_frontier_of_this_model_and_layer_is_used_and_names_its_texts(tmp_pa
 
 
 # --- executed notebooks open offline ------------------------------------------------------------
-
-def assert_offline(html: str) -> None:
-    """Nothing in the page fetches from the network (URLs left in CSS comments fetch nothing)."""
-    import re
-
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
-    assert not re.search(r"""import\s*\(?\s*["']https?:""", html)
-    for cdn in ("cdnjs", "unpkg", "cdn.jsdelivr", "require.min.js", "MathJax", "widget-state+json"):
-        assert cdn not in html, cdn
-
 
 def test_notebook_html_needs_no_network_and_shows_widgets_as_text():
     import nbformat

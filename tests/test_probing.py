@@ -4,16 +4,13 @@ labels is skipped in one line; the stories come from where the SAE trained and f
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, TINY_LAYER, run_stage
+from conftest import STORIES, TINY_LAYER, run_python, run_stage
 from saekit.activations.data import document_hash, open_texts
 from saekit.activations.models import load_model, resolve_layer
 from saekit.activations.store import open_run
@@ -174,9 +171,7 @@ def test_invalid_probe_settings_are_refused_in_one_line(setting, says):
 
 
 def test_the_analysis_notebook_refuses_a_bad_probe_setting_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "saekit.notebooks", "03_analyze_training.ipynb",
-                           f"--STORE_DIR={tmp_path}", "--PROBE_MIN_ACCURACY=2"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["-m", "saekit.notebooks", "03_analyze_training.ipynb", f"--STORE_DIR={tmp_path}", "--PROBE_MIN_ACCURACY=2"])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1] == "error: PROBE_MIN_ACCURACY=2.0 must be in [0.5, 1]" and not list(tmp_path.iterdir())

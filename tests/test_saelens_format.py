@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, copy_store
+from conftest import ROOT, copy_store, run_python
 from saekit.training.sae import BatchTopKSAE, TopKSAE
 from saekit.training.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
 
@@ -210,17 +210,13 @@ def test_stage_03_analyses_an_sae_from_sae_path_without_history_or_initialisatio
 
 
 def test_stage_04_finds_concepts_of_an_sae_from_sae_path(tmp_path, smoke_args):
-    import os
-    import sys
-
     from saekit.base.settings import load_settings
     from saekit.concepts.exports import open_concepts
     from saekit.training.saelens_format import load_sae
 
     store = tmp_path / "store"
     args = copy_store(smoke_args, store, "concepts*") + [f"--SAE_PATH={store / 'sae_model' / 'saelens'}"]
-    proc = subprocess.run([sys.executable, "-m", "saekit.concepts.runner", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["-m", "saekit.concepts.runner", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, meta = load_sae(load_settings(args))
     concepts, _, _ = open_concepts(store, meta["sae_id"])  # the set names the SAE_PATH SAE, not stage 02's

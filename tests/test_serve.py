@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ChatStubHandler, copy_store
+from conftest import ChatStubHandler, assert_one_line_error, copy_store, run_python
 from saekit.base.settings import load_settings
 from saekit.concepts.exports import build_concepts
 from saekit.concepts.naming import EndpointNamer, NamingError, name_latents, naming_task
 from saekit.concepts.runner import run_concepts
 from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
-from test_faults import _assert_one_line_error, _run
 
 READY_S = 120  # the longest `transformers serve` may take to start answering /health
 NO_KEY = "SAEKIT_TEST_NO_KEY"  # an unset variable: local servers take any key
@@ -399,8 +398,8 @@ def test_stage_04_stops_in_one_line_on_a_failing_server_then_resumes(failing, sm
         f"--NAMING_MODEL_ID={url}", f"--NAMING_API_KEY_ENV={NO_KEY}", "--N_LATENTS_TO_NAME=3", "--SCORING_EXAMPLES=2",
         "--NAMING_TIMEOUT_S=10"]
     httpd.fail_at, httpd.failure = 2, "html"
-    proc = _run(["-m", "saekit.concepts.runner", *args], env={"NO_PROXY": "127.0.0.1,localhost"})
-    _assert_one_line_error(proc, "answered with text, not a chat completion", "rerun stage 04 to go on")
+    proc = run_python(["-m", "saekit.concepts.runner", *args], env={"NO_PROXY": "127.0.0.1,localhost"})
+    assert_one_line_error(proc, "answered with text, not a chat completion", "rerun stage 04 to go on")
     assert not (store / "concepts_id.txt").exists()  # nothing published
     kept = json.loads((store / "concept_names.json").read_text())["names"]
     assert len(kept) == 1

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_python
+
 PACKAGE = ROOT / "saekit"
 WINGS = ["base", "activations", "training", "evaluation", "concepts", "show"]
 ENTRY_POINTS = {"__init__", "notebooks"}  # saekit/notebooks.py runs the stages: it may import any wing
@@ -97,8 +98,8 @@ def test_the_package_imports_from_another_folder(tmp_path):
 def test_a_stage_notebook_runs_from_another_folder(tmp_path):
     # the notebook is found in the project and executed; with an empty store it stops, as it should, at
     # the missing SAE: the stage's own one-line error, not "no notebook"
-    proc = subprocess.run([sys.executable, "-m", "saekit.notebooks", "03_analyze_training.ipynb",
-                           f"--STORE_DIR={tmp_path / 'store'}"], cwd=tmp_path, capture_output=True, text=True)
+    proc = run_python(["-m", "saekit.notebooks", "03_analyze_training.ipynb", f"--STORE_DIR={tmp_path / 'store'}"],
+                      cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert lines[-1].startswith("error: ") and "no notebook" not in lines[-1], lines[-3:]
