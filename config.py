@@ -62,7 +62,7 @@ HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
 SHUFFLE_BUFFER_TOKENS = 262144  # activations shuffled together on the training device (from disk or the model)
 CHECKPOINT_SECONDS = 600  # a checkpoint after every epoch, and mid-epoch at a buffer's end once this long has passed
 SEED = 0
-STORE_DIR = "store"  # every artifact lives here
+STORE_DIR = "store"  # every artifact lives here. Relative paths, in every path setting, are read from this project folder
 
 # --- which SAE stages 03-05 analyse ---------------------------------------------------------
 SAE_PATH = ""  # "" = stage 02's SAE; or a folder in SAELens's format (cfg.json + sae_weights.safetensors; TopK or JumpReLU)

@@ -47,3 +47,80 @@ def test_make_clean_store_removes_only_unfinished_folders_of_store_dir(tmp_path)
     assert f"{store}: 4 unfinished folder(s) removed" in proc.stdout
     # the project's own store/ is not STORE_DIR here: untouched
     assert (sorted(p.name for p in (ROOT / "store").iterdir()) if (ROOT / "store").is_dir() else []) == project_store
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, proc.stderr
+    return lines[-1]
+
+
+def test_a_store_dir_that_is_a_file_is_named_before_any_work(tmp_path, smoke_args):
+    from conftest import with_store
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for store in (a_file, a_file / "store"):
+        proc = _run([sys.executable, str(ROOT / "01_save_activations.py"), *with_store(smoke_args, store)])
+        assert f"must be a folder, but {a_file} is a file" in _one_error_line(proc)
+        assert "saving activations" not in proc.stderr  # refused before the model or the texts were read
+    assert a_file.read_text() == "x"
+
+
+def test_relative_paths_are_read_from_the_project_folder_whatever_the_working_folder(tmp_path, smoke_args):
+    from conftest import with_store
+
+    from saekit.activations.store import open_run
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = tmp_path / "store"
+    args = [a for a in with_store(smoke_args, store) if not a.startswith("--HF_DATASET=")]
+    # data/stories.jsonl is the project's file: found from another working folder
+    proc = _run([sys.executable, str(ROOT / "01_save_activations.py"), *args, "--HF_DATASET=data/stories.jsonl",
+                 "--DATA_LIMIT=8"], cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert open_run(store).meta["dataset"] == str(ROOT / "data" / "stories.jsonl")
+    # a relative path that exists only in the working folder is refused, not read from there
+    (elsewhere / "mine.jsonl").write_text('{"text": "a cat"}\n')
+    proc = _run([sys.executable, str(ROOT / "01_save_activations.py"), *args, "--HF_DATASET=mine.jsonl"],
+                cwd=elsewhere)
+    line = _one_error_line(proc)
+    assert "relative paths are read from the project folder" in line and str(elsewhere / "mine.jsonl") in line
+
+
+def test_relative_path_rule_covers_every_path_setting(tmp_path, monkeypatch):
+    from saekit.base.settings import PATH_SETTINGS, PROJECT_ROOT, load_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(["--STORE_DIR=store", "--HF_DATASET=data/stories.jsonl", "--EVAL_DATASET=data",
+                              "--MODEL_ID=tests", "--NAMING_MODEL_ID=tests"])
+    for key in PATH_SETTINGS:
+        value = getattr(settings, key)
+        assert value == "" or value.startswith(str(PROJECT_ROOT)), (key, value)
+    # words and hub ids are not paths
+    settings = load_settings(["--MODEL_ID=org/model", "--NAMING_MODEL_ID=http://localhost:8000/v1"])
+    assert (settings.MODEL_ID, settings.NAMING_MODEL_ID, settings.HF_DATASET) == (
+        "org/model", "http://localhost:8000/v1", "embedded")
+
+
+def test_a_corrupt_documents_file_is_caught_when_the_run_is_opened(tmp_path, smoke_args):
+    import pytest
+    from conftest import copy_store
+
+    from saekit.activations.store import open_run
+    from saekit.base.integrity import IntegrityError
+
+    store = tmp_path / "store"
+    copy_store(smoke_args, store)
+    run_dir = store / "runs" / (store / "run_id.txt").read_text().strip()
+    documents = run_dir / "documents.npy"
+    data = bytearray(documents.read_bytes())
+    data[-1] ^= 0xFF
+    documents.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="documents.npy is corrupt"):
+        open_run(store)
+    documents.unlink()
+    with pytest.raises(IntegrityError, match="documents.npy is missing"):
+        open_run(store)

@@ -281,6 +281,25 @@ class ActivationRun:
                       disable=not progress):
             self.check_shard(i)
 
+    def check_small_files(self) -> None:
+        """What can be checked in a moment, when the run is opened rather than minutes later: the
+        documents' hashes (checksum and length), and that every shard's two files are there, none shorter
+        than the rows its metadata lists (the shards' checksums come when each is first read)."""
+        if "documents_sha256" in self.meta:
+            hashes = self.document_hashes()
+            if hashes.shape != (self.meta["n_documents"],):
+                raise IntegrityError(f"{self.path / DOCUMENTS_FILE} holds {hashes.shape[0]} hashes, not the "
+                                     f"{self.meta['n_documents']} documents its metadata says. {RERUN_01}")
+        itemsize = np.dtype(DTYPES[self.meta["dtype"]]).itemsize if self.meta.get("dtype") in DTYPES else 0
+        for i, shard in enumerate(self.meta["shards"]):
+            for kind, row_bytes in (("acts", self.d_model * itemsize), ("tokens", 3 * 4)):
+                path = self._shard_file(i, kind)
+                if not path.is_file():
+                    raise IntegrityError(f"{path} is missing. {RERUN_01}")
+                if path.stat().st_size < shard["n_tokens"] * row_bytes:
+                    raise IntegrityError(f"{path} is truncated (shorter than its {shard['n_tokens']} rows). "
+                                         f"{RERUN_01}")
+
     def shard_acts(self, i: int) -> np.ndarray:
         self.check_shard(i)
         return _load_npy(self._shard_file(i, "acts"), mmap=True)
@@ -372,7 +391,9 @@ def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:
     meta_file = path / "metadata.json"
     if not run_id or not meta_file.exists():
         raise StoreError(f"activation run {run_id!r} is gone or incomplete ({meta_file} missing). {RERUN_01}")
-    return ActivationRun(path, read_sealed_json(meta_file, RERUN_01))
+    run = ActivationRun(path, read_sealed_json(meta_file, RERUN_01))
+    run.check_small_files()
+    return run
 
 
 def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -> None:

@@ -105,9 +105,32 @@ def _preset_file(path: Path) -> dict[str, Any]:
     return values
 
 
+# Settings that may name a file or folder. One rule for all: a relative path is read from the project
+# folder (where config.py is), whatever the working folder, as STORE_DIR's default "store" always was.
+PATH_SETTINGS = ("STORE_DIR", "MODEL_ID", "HF_DATASET", "EVAL_DATASET", "SAE_PATH", "NAMING_MODEL_ID")
+NOT_PATHS = ("", "embedded", "none")  # the settings' own words, never files
+
+
+def resolve_path(key: str, value: str) -> str:
+    """`value` as the stages read it: an absolute path stays; a relative one that exists in the project
+    folder becomes that path; anything else (a hub id, an endpoint, a folder still to be made) stays as
+    given, except a relative path that exists only in the working folder, which is refused rather than
+    read from a folder the rule does not name."""
+    if value in NOT_PATHS or "://" in value or Path(value).is_absolute():
+        return value
+    in_project = PROJECT_ROOT / value
+    if in_project.exists():
+        return str(in_project)
+    if Path(value).exists() and Path.cwd().resolve() != PROJECT_ROOT:
+        raise SettingsError(f"{key}={value!r} is a relative path, and relative paths are read from the project "
+                            f"folder {PROJECT_ROOT}, where it does not exist; it exists in the working folder: "
+                            f"give its absolute path, {key}={str(Path(value).resolve())!r}")
+    return value
+
+
 def _preset_overrides(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if name.endswith(".py"):
-        path = Path(name)
+        path = Path(resolve_path("PRESET", name))
         if not path.exists():
             raise SettingsError(f"preset file {name} does not exist")
         return _preset_file(path)
@@ -169,6 +192,16 @@ def _label_field(v: str) -> str | None:
     return "'' (automatic), 'none' or one field name, without spaces around it or commas"
 
 
+def _store_dir(v: str) -> str | None:
+    if not v.strip():
+        return "not empty"
+    path = Path(v) if Path(v).is_absolute() else PROJECT_ROOT / v
+    for folder in (path, *path.parents):  # the first part that exists must be a folder, or nothing can go in
+        if folder.exists():
+            return None if folder.is_dir() else f"a folder, but {folder} is a file"
+    return None
+
+
 def _sae_path(v: str) -> str | None:
     if not v or ((Path(v) / "cfg.json").is_file() and (Path(v) / "sae_weights.safetensors").is_file()):
         return None
@@ -192,7 +225,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
     "SELECT_DTYPE": _one_of("auto", "float32", "bfloat16"),
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
-    "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
+    "STORE_DIR": _store_dir, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
     "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
     "PROBE_LABEL_FIELD": _label_field, "PROBE_TEXTS": _at_least(10),
@@ -247,6 +280,9 @@ def load_settings(args: list[str] | None = None, config_path: str | os.PathLike 
 
     _apply(values, _preset_overrides(preset, presets), f"preset {preset!r}")
     _apply(values, overrides, "the command line")
+    for key in PATH_SETTINGS:
+        if isinstance(values.get(key), str):
+            values[key] = resolve_path(key, values[key])
     values["PRESET"] = preset
     values.pop("PRESETS", None)
     check_values(values)
