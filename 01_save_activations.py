@@ -33,6 +33,7 @@ texts = open_role_texts(settings, "train")  # read as it is embedded: memory sta
 metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": texts.read_from.get("split"),
             "texts_read": texts.read_from, "n_texts_asked": settings.DATA_LIMIT, "source": texts.source,
             "text_field": settings.TEXT_FIELD, "device": str(device),
+            "layer_module": layer_names(model)[settings.LAYER_SIGNATURE],  # SAELens's hook name for it (02)
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "settings": settings.as_dict()}
 on_the_fly = {}
 if settings.ACTIVATION_SOURCE == "model":  # stage 02 makes the training rows itself: count them, save the rest

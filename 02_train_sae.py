@@ -14,11 +14,12 @@ of it). Every file loads without running code.
 """
 import sys
 
+from saekit.activations.models import public_model_id
 from saekit.activations.sources import model_rows, store_rows
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.activations.store import check_run_matches, open_run
 from saekit.base.integrity import write_sealed_json
-from saekit.training.saelens_format import save_saelens
+from saekit.training.saelens_format import saelens_hook_name, save_saelens
 from saekit.training.train import TrainConfig, train_sae
 
 settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
@@ -49,7 +50,9 @@ provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.me
 sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
 write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
 # the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project
-save_saelens(sae, model_dir / "saelens", run.meta["model_id"], run.meta["layer_signature"], {**provenance, "sae_id": sae_id})
+save_saelens(sae, model_dir / "saelens", public_model_id(run.meta["model_id"]),
+             saelens_hook_name(run.meta["layer_signature"], run.meta.get("layer_module")),
+             {**provenance, "sae_id": sae_id})
 record_settings(settings, "02_train_sae")
 
 final = record["history"][-1]

