@@ -124,3 +124,23 @@ def test_a_corrupt_documents_file_is_caught_when_the_run_is_opened(tmp_path, smo
     documents.unlink()
     with pytest.raises(IntegrityError, match="documents.npy is missing"):
         open_run(store)
+
+
+def test_one_long_text_does_not_swell_the_exports(tmp_path, smoke_args):
+    import json
+
+    from conftest import STORIES, copy_store
+
+    store = tmp_path / "store"
+    args = copy_store(smoke_args, store, "concepts*")
+    long_text = " ".join(STORIES[::-1]) * 16000  # ~1.2 MB on one line; the model reads MAX_LENGTH=24 tokens of it
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text("\n".join(json.dumps({"text": t}) for t in
+                                    [long_text, *(f"{b} {a} {b}" for a, b in zip(STORIES, STORIES[1:]))]))
+    proc = _run([sys.executable, "-m", "saekit.concepts.runner", *args, f"--EVAL_DATASET={evaluation}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = store / "concepts" / (store / "concepts_id.txt").read_text().strip()
+    for path in [*folder.iterdir(), store / "top_texts.json", *(store / "neuronpedia").rglob("*.json")]:
+        assert path.stat().st_size < 300_000, (path, path.stat().st_size)  # before: 1.2 MB an example
+    kept = json.loads((folder / "texts.json").read_text())["texts"][0]
+    assert long_text.startswith(kept) and 50 < len(kept) < 1000  # the part the model read, no more

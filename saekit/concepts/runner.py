@@ -45,6 +45,22 @@ def open_namer(settings, device, model, tokenizer) -> Namer | None:
     return TransformersNamer(model, tokenizer, naming_id, settings.NAMING_MAX_NEW_TOKENS)
 
 
+def read_parts(texts: list[str], tokenizer, max_length: int) -> list[str]:
+    """Each text cut where the model stops reading it (MAX_LENGTH tokens): the exports carry no more of a
+    text than was analysed, so one long text cannot swell them (a 5 MB text once made a 177 MB
+    top_texts.json). A text the model reads whole is kept as it is."""
+    limit = max(1, max_length - tokenizer.num_special_tokens_to_add())  # BOS and the like take their places
+    if not texts:
+        return []
+    if tokenizer.is_fast:
+        offsets = tokenizer(texts, truncation=True, max_length=limit, return_offsets_mapping=True,
+                            add_special_tokens=False)["offset_mapping"]
+        return [text[:spans[-1][1]] if len(spans) == limit else text for text, spans in zip(texts, offsets)]
+    ids = tokenizer(texts, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(read, clean_up_tokenization_spaces=False) if len(read) == limit else text
+            for text, read in zip(texts, ids)]  # no offsets: the tokens read, decoded
+
+
 class EvalOverlapError(PipelineError):
     """Stage 04's texts include some that stage 01 embedded."""
 
@@ -83,7 +99,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     check_texts_unseen(settings, sae_meta, texts)
     if world.is_main:
         print(texts.summary())
-    codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts.texts,
+    read = read_parts(texts.texts, tokenizer, settings.MAX_LENGTH)
+    codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, read,
                     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
                     progress=progress and world.is_main, world=world)
     if not world.is_main:
