@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, copy_store, store_of, with_store
 
-# What docs/scale.md promises of 2 processes against 1: the held-out metrics to 1e-4 (relative), the
+# What docs/scale.md promises of 2 processes against 1: the held-out metrics to 1e-4 (absolute below 1), the
 # weights only to round-off that Adam magnifies (it scales a latent's rare, tiny gradients up to the step
 # size): ~3e-4 in a few weights after the tiny run's 3 epochs (measured), up to 0.046 after 5 epochs on the
 # demo's activations; a latent chosen differently anywhere would move weights by ~1e-1.
