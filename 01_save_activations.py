@@ -12,7 +12,7 @@ import itertools
 import sys
 
 from saekit.activations.data import open_role_texts, texts_line
-from saekit.activations.models import layer_names, resolve_layer
+from saekit.activations.models import layer_names, resolve_layer, weights_identity
 from saekit.activations.sources import count_training_texts
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.activations.store import open_run, save_activations
@@ -34,6 +34,7 @@ metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "spli
             "texts_read": texts.read_from, "n_texts_asked": settings.DATA_LIMIT, "source": texts.source,
             "text_field": settings.TEXT_FIELD, "device": str(device),
             "layer_module": layer_names(model)[settings.LAYER_SIGNATURE],  # SAELens's hook name for it (02)
+            "model_weights": weights_identity(settings.MODEL_ID, model),  # checked by stage 02 on the fly
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "settings": settings.as_dict()}
 on_the_fly = {}
 if settings.ACTIVATION_SOURCE == "model":  # stage 02 makes the training rows itself: count them, save the rest

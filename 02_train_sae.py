@@ -14,10 +14,10 @@ of it). Every file loads without running code.
 """
 import sys
 
-from saekit.activations.models import public_model_id
+from saekit.activations.models import public_model_id, weights_identity
 from saekit.activations.sources import model_rows, store_rows
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.activations.store import check_run_matches, open_run
+from saekit.activations.store import check_run_matches, check_same_weights, open_run
 from saekit.base.integrity import write_sealed_json
 from saekit.training.saelens_format import saelens_hook_name, save_saelens
 from saekit.training.train import TrainConfig, train_sae
@@ -27,7 +27,9 @@ device, world = stage_runtime(settings)  # under torchrun: data parallel, each p
 run = open_run(settings.store)
 check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
 if settings.ACTIVATION_SOURCE == "model":
-    source = model_rows(settings, run, *load_stage_model(settings, device, world), device, world)
+    model, tokenizer = load_stage_model(settings, device, world)
+    check_same_weights(run, weights_identity(settings.MODEL_ID, model))  # the model stage 01 read, unchanged
+    source = model_rows(settings, run, model, tokenizer, device, world)
 else:
     source = store_rows(settings, run, device)
 if world.is_main:

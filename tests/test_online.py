@@ -203,3 +203,31 @@ def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _checksums(store) == before  # the SAE, its history and the SAELens folder as they were
+
+
+def test_a_model_changed_between_stages_01_and_02_is_refused(tmp_path, smoke_args, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from saekit.activations.models import weights_changes
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    args = [a for a in with_store(smoke_args, tmp_path / "store") if not a.startswith("--MODEL_ID=")] + \
+        ON_THE_FLY + [f"--MODEL_ID={model_dir}"]
+    run_stage("01_save_activations.py", args)
+    newer = AutoModelForCausalLM.from_pretrained(model_dir)  # a new revision of the weights, same files
+    with torch.no_grad():
+        newer.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    newer.save_pretrained(model_dir)
+    proc = subprocess.run([sys.executable, "02_train_sae.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: the model's weights changed since stage 01") and \
+        "model.safetensors changed" in lines[-1], lines[-1]
+    assert not (tmp_path / "store" / "sae_model").exists()
+    # a hub model is known by its resolved revision
+    assert weights_changes({"revision": "abc"}, {"revision": "def"}) == ["revision abc is now def"]
+    assert weights_changes({"revision": "abc"}, {"revision": "abc"}) == []

@@ -37,7 +37,7 @@ from ..base.errors import PipelineError
 from .data import document_hash
 from ..base.integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
     write_sealed_json
-from .models import length_sorted_batches, resolve_layer, write_document_activations
+from .models import length_sorted_batches, resolve_layer, weights_changes, write_document_activations
 
 RUN_ID_FILE = "run_id.txt"
 DOCUMENTS_FILE = "documents.npy"
@@ -394,6 +394,18 @@ def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:
     run = ActivationRun(path, read_sealed_json(meta_file, RERUN_01))
     run.check_small_files()
     return run
+
+
+def check_same_weights(run: ActivationRun, now: dict[str, Any]) -> None:
+    """Stop training on the fly with weights other than those stage 01 read (the folder's files replaced by a
+    new revision, say): its held-out rows would come from the old weights and the training rows from the
+    new. `now` is models.weights_identity of the model loaded; a run that recorded none is not checked."""
+    recorded = run.meta.get("model_weights")
+    changes = weights_changes(recorded, now) if recorded is not None else []
+    if changes:
+        raise StoreError(f"the model's weights changed since stage 01 read them for run {run.run_id} "
+                         f"({'; '.join(changes)}): its held-out rows come from the old weights. Run stage 01 again "
+                         "(python 01_save_activations.py), or put back the model it read.")
 
 
 def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -> None:
