@@ -108,6 +108,15 @@ NAMING_MAX_NEW_TOKENS = 16
 NAMING_TIMEOUT_S = 60.0  # the longest an endpoint may take over one request, retries and a trickling answer included
 NAME_MIN_SCORE = 0.7  # a name becomes the title only above its label's score and at least this (0.5 = chance)
 
+# --- Neuronpedia (stage 04 writes store/neuronpedia/; docs/neuronpedia.md) ---------------------------
+# the names every file there agrees on; "" = the default in brackets
+NEURONPEDIA_MODEL_ID = ""  # Neuronpedia's model id [the model's name in lower case: smollm2-135m-instruct]
+NEURONPEDIA_SOURCE_SET = ""  # the source set; the source is <block>-<source set> [saekit-<latents>]
+NEURONPEDIA_RELEASE = ""  # the release the source set belongs to [<model id>-<source set>]
+NEURONPEDIA_HOOK_POINT = ""  # where the SAE reads [SAELens's hook name for LAYER_SIGNATURE, docs/settings.md]
+NEURONPEDIA_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # a user id of the Neuronpedia imported into (a fresh one's first user)
+NEURONPEDIA_CREATOR_NAME = "saekit"  # the creator's name shown with the release and source set
+
 PRESETS = {
     "local": {},
     # the specification's values exactly (speakleash/Bielik-1.5B on TinyStories)

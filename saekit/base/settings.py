@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import math
 import os
+import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -202,6 +203,19 @@ def _store_dir(v: str) -> str | None:
     return None
 
 
+def _neuronpedia_id(v: str) -> str | None:
+    """Neuronpedia's ids are lower case (its upload route refuses others) and sit in URLs and S3 paths."""
+    return None if v == "" or re.fullmatch(r"[a-z0-9][a-z0-9._-]*", v) else \
+        "'' (the default) or lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def _source_set_name(v: str) -> str | None:
+    """What Neuronpedia's /api/source-set/new accepts as a name."""
+    ok = v == "" or re.fullmatch(r"[a-z][a-z0-9-]*[a-z0-9]|[a-z0-9]", v) and "--" not in v and v != "neurons"
+    return None if ok else ("'' (the default) or a name Neuronpedia takes: lower-case letters, digits and single "
+                            "hyphens, starting with a letter, not ending with a hyphen, not 'neurons'")
+
+
 def _sae_path(v: str) -> str | None:
     if not v or ((Path(v) / "cfg.json").is_file() and (Path(v) / "sae_weights.safetensors").is_file()):
         return None
@@ -236,6 +250,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "NAMING_MAX_NEW_TOKENS": _at_least(1), "NAMING_TIMEOUT_S": _between(0, 86400, open_low=True),
     "SCORING_EXAMPLES": _at_least(1), "LABEL_MAX_KEYS": _at_least(1), "LABEL_MIN_F1": _between(0, 1),
     "NAMING_API_MODEL": _any, "NAMING_API_KEY_ENV": _not_empty, "NAME_MIN_SCORE": _between(0.5, 1),
+    "NEURONPEDIA_MODEL_ID": _neuronpedia_id, "NEURONPEDIA_SOURCE_SET": _source_set_name,
+    "NEURONPEDIA_RELEASE": _neuronpedia_id, "NEURONPEDIA_HOOK_POINT": _any, "NEURONPEDIA_CREATOR_ID": _not_empty,
+    "NEURONPEDIA_CREATOR_NAME": _not_empty,
 }
 
 

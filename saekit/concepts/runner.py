@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..activations.data import Texts, load_role_texts
-from ..activations.models import detect_device, load_model, resolve_layer
+from ..activations.models import detect_device, layer_names, load_model, resolve_layer
 from ..activations.stage import load_stage_model, stage_runtime, start_stage
 from ..activations.store import RUN_ID_FILE, open_run
 from ..base.distributed import World
@@ -108,6 +108,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     live = sorted({int(i) for i in codes.firing[1]})
     meta = {"model_id": settings.MODEL_ID, "layer_signature": settings.LAYER_SIGNATURE,
             "activation_run_id": sae_meta.get("activation_run_id"), "sae_id": sae_meta.get("sae_id"), "k": sae.k,
+            "layer_module": layer_names(model)[settings.LAYER_SIGNATURE], "d_model": sae.d_in,
+            "model_layers": getattr(model.config, "num_hidden_layers", None), "max_length": settings.MAX_LENGTH,
             "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": texts.read_from.get("split"),
             "texts_read": texts.read_from, "source": texts.source, "n_texts_asked": settings.EVAL_DATA_LIMIT,
             "naming_model_id": settings.NAMING_MODEL_ID,
