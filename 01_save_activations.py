@@ -15,7 +15,7 @@ from saekit.activations.data import open_role_texts, texts_line
 from saekit.activations.models import layer_names, resolve_layer, weights_identity
 from saekit.activations.sources import count_training_texts
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.activations.store import open_run, save_activations
+from saekit.activations.store import excluded_token_ids, open_run, role_token_ids, save_activations
 from saekit.base.memory import check_fits, forward_parts
 
 settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
@@ -39,7 +39,8 @@ metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "spli
 on_the_fly = {}
 if settings.ACTIVATION_SOURCE == "model":  # stage 02 makes the training rows itself: count them, save the rest
     plan, left_out = count_training_texts(texts, tokenizer, settings.MAX_LENGTH, settings.HELDOUT_FRACTION,
-                                          progress=world.is_main)
+                                          progress=world.is_main,
+                                          excluded=excluded_token_ids(settings.EXCLUDE_TOKENS, role_token_ids(tokenizer)))
     metadata.update(rows="heldout", training_documents=plan.n_training, training_tokens=plan.n_tokens,
                     training_copies_of_heldout=left_out, skipped_empty=texts.skipped_empty)
     on_the_fly = {"document_offset": plan.n_training, "hashes_before": plan.hashes[:plan.n_training].tolist()}

@@ -26,6 +26,7 @@ settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
 device, world = stage_runtime(settings)  # under torchrun: data parallel, each process a share of each batch
 run = open_run(settings.store)
 check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+run.exclude_tokens(settings.EXCLUDE_TOKENS)  # out of the training rows and the held-out metrics
 if settings.ACTIVATION_SOURCE == "model":
     model, tokenizer = load_stage_model(settings, device, world)
     check_same_weights(run, weights_identity(settings.MODEL_ID, model))  # the model stage 01 read, unchanged

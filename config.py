@@ -59,6 +59,10 @@ AUXK_COEF = 1 / 32
 AUXK_K = 0  # 0 = d_in / 2
 DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = a tenth of an epoch, at most 10M
 HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
+EXCLUDE_TOKENS = ["bos", "pad"]  # rows of these tokens (roles bos, eos, pad, or token ids) stay out of training, the
+#                                 held-out metrics and the SAE's splice (the model keeps its own activation there):
+#                                 BOS rows are outliers on many models' residual stream (observations.md). Padding
+#                                 is never stored; "pad" also drops a real token that has the pad token's id
 SHUFFLE_BUFFER_TOKENS = 262144  # activations shuffled together on the training device (from disk or the model)
 CHECKPOINT_SECONDS = 600  # a checkpoint after every epoch, and mid-epoch at a buffer's end once this long has passed
 SEED = 0

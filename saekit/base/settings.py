@@ -216,6 +216,14 @@ def _source_set_name(v: str) -> str | None:
                             "hyphens, starting with a letter, not ending with a hyphen, not 'neurons'")
 
 
+TOKEN_ROLES = ("bos", "eos", "pad")
+
+
+def _token_list(v: list) -> str | None:
+    ok = all(item in TOKEN_ROLES or isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in v)
+    return None if ok else f"a list of {', '.join(map(repr, TOKEN_ROLES))} and token ids (integers >= 0)"
+
+
 def _sae_path(v: str) -> str | None:
     if not v or ((Path(v) / "cfg.json").is_file() and (Path(v) / "sae_weights.safetensors").is_file()):
         return None
@@ -236,6 +244,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
     "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),
+    "EXCLUDE_TOKENS": _token_list,
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
     "SELECT_DTYPE": _one_of("auto", "float32", "bfloat16"),
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
