@@ -12,10 +12,10 @@ import itertools
 import sys
 
 from saekit.activations.data import open_role_texts, texts_line
-from saekit.activations.models import layer_names, resolve_layer
+from saekit.activations.models import layer_names, resolve_layer, weights_identity
 from saekit.activations.sources import count_training_texts
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.activations.store import open_run, save_activations
+from saekit.activations.store import excluded_token_ids, open_run, role_token_ids, save_activations
 from saekit.base.memory import check_fits, forward_parts
 
 settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
@@ -33,11 +33,14 @@ texts = open_role_texts(settings, "train")  # read as it is embedded: memory sta
 metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": texts.read_from.get("split"),
             "texts_read": texts.read_from, "n_texts_asked": settings.DATA_LIMIT, "source": texts.source,
             "text_field": settings.TEXT_FIELD, "device": str(device),
+            "layer_module": layer_names(model)[settings.LAYER_SIGNATURE],  # SAELens's hook name for it (02)
+            "model_weights": weights_identity(settings.MODEL_ID, model),  # checked by stage 02 on the fly
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "settings": settings.as_dict()}
 on_the_fly = {}
 if settings.ACTIVATION_SOURCE == "model":  # stage 02 makes the training rows itself: count them, save the rest
     plan, left_out = count_training_texts(texts, tokenizer, settings.MAX_LENGTH, settings.HELDOUT_FRACTION,
-                                          progress=world.is_main)
+                                          progress=world.is_main,
+                                          excluded=excluded_token_ids(settings.EXCLUDE_TOKENS, role_token_ids(tokenizer)))
     metadata.update(rows="heldout", training_documents=plan.n_training, training_tokens=plan.n_tokens,
                     training_copies_of_heldout=left_out, skipped_empty=texts.skipped_empty)
     on_the_fly = {"document_offset": plan.n_training, "hashes_before": plan.hashes[:plan.n_training].tolist()}

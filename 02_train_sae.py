@@ -14,19 +14,23 @@ of it). Every file loads without running code.
 """
 import sys
 
+from saekit.activations.models import public_model_id, weights_identity
 from saekit.activations.sources import model_rows, store_rows
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
-from saekit.activations.store import check_run_matches, open_run
+from saekit.activations.store import check_run_matches, check_same_weights, open_run
 from saekit.base.integrity import write_sealed_json
-from saekit.training.saelens_format import save_saelens
+from saekit.training.saelens_format import saelens_hook_name, save_saelens
 from saekit.training.train import TrainConfig, train_sae
 
 settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
 device, world = stage_runtime(settings)  # under torchrun: data parallel, each process a share of each batch
 run = open_run(settings.store)
 check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+run.exclude_tokens(settings.EXCLUDE_TOKENS)  # out of the training rows and the held-out metrics
 if settings.ACTIVATION_SOURCE == "model":
-    source = model_rows(settings, run, *load_stage_model(settings, device, world), device, world)
+    model, tokenizer = load_stage_model(settings, device, world)
+    check_same_weights(run, weights_identity(settings.MODEL_ID, model))  # the model stage 01 read, unchanged
+    source = model_rows(settings, run, model, tokenizer, device, world)
 else:
     source = store_rows(settings, run, device)
 if world.is_main:
@@ -49,7 +53,9 @@ provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.me
 sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
 write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
 # the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project
-save_saelens(sae, model_dir / "saelens", run.meta["model_id"], run.meta["layer_signature"], {**provenance, "sae_id": sae_id})
+save_saelens(sae, model_dir / "saelens", public_model_id(run.meta["model_id"]),
+             saelens_hook_name(run.meta["layer_signature"], run.meta.get("layer_module")),
+             {**provenance, "sae_id": sae_id})
 record_settings(settings, "02_train_sae")
 
 final = record["history"][-1]

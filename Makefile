@@ -54,5 +54,7 @@ bench-peers: $(STAMP) $(SAELENS_VENV)/.installed $(SPARSIFY_VENV)/.installed
 	test -f store/run_id.txt || $(PY) 01_save_activations.py $(ARGS)
 	$(PY) bench/bench_peers.py $(ARGS)
 
-clean-store:
-	find store -mindepth 1 -not -name .gitkeep -not -path 'store/models*' -delete
+# Only the unfinished .partial folders a killed stage left behind, in STORE_DIR as the stages read it
+# (make clean-store ARGS="--STORE_DIR=/shared/sae_store"); runs, the SAE and concepts are kept
+clean-store: $(STAMP)
+	$(PY) -m saekit.base.cleanup $(ARGS)

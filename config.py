@@ -59,10 +59,14 @@ AUXK_COEF = 1 / 32
 AUXK_K = 0  # 0 = d_in / 2
 DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = a tenth of an epoch, at most 10M
 HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
+EXCLUDE_TOKENS = ["bos", "pad"]  # rows of these tokens (roles bos, eos, pad, or token ids) stay out of training, the
+#                                 held-out metrics and the SAE's splice (the model keeps its own activation there):
+#                                 BOS rows are outliers on many models' residual stream (observations.md). Padding
+#                                 is never stored; "pad" also drops a real token that has the pad token's id
 SHUFFLE_BUFFER_TOKENS = 262144  # activations shuffled together on the training device (from disk or the model)
 CHECKPOINT_SECONDS = 600  # a checkpoint after every epoch, and mid-epoch at a buffer's end once this long has passed
 SEED = 0
-STORE_DIR = "store"  # every artifact lives here
+STORE_DIR = "store"  # every artifact lives here. Relative paths, in every path setting, are read from this project folder
 
 # --- which SAE stages 03-05 analyse ---------------------------------------------------------
 SAE_PATH = ""  # "" = stage 02's SAE; or a folder in SAELens's format (cfg.json + sae_weights.safetensors; TopK or JumpReLU)
@@ -107,6 +111,15 @@ NAMING_API_KEY_ENV = "OPENAI_API_KEY"  # environment variable holding the endpoi
 NAMING_MAX_NEW_TOKENS = 16
 NAMING_TIMEOUT_S = 60.0  # the longest an endpoint may take over one request, retries and a trickling answer included
 NAME_MIN_SCORE = 0.7  # a name becomes the title only above its label's score and at least this (0.5 = chance)
+
+# --- Neuronpedia (stage 04 writes store/neuronpedia/; docs/neuronpedia.md) ---------------------------
+# the names every file there agrees on; "" = the default in brackets
+NEURONPEDIA_MODEL_ID = ""  # Neuronpedia's model id [the model's name in lower case: smollm2-135m-instruct]
+NEURONPEDIA_SOURCE_SET = ""  # the source set; the source is <block>-<source set> [saekit-<latents>]
+NEURONPEDIA_RELEASE = ""  # the release the source set belongs to [<model id>-<source set>]
+NEURONPEDIA_HOOK_POINT = ""  # where the SAE reads [SAELens's hook name for LAYER_SIGNATURE, docs/settings.md]
+NEURONPEDIA_CREATOR_ID = "clkht01d40000jv08hvalcvly"  # a user id of the Neuronpedia imported into (a fresh one's first user)
+NEURONPEDIA_CREATOR_NAME = "saekit"  # the creator's name shown with the release and source set
 
 PRESETS = {
     "local": {},

@@ -181,6 +181,13 @@ def assert_offline(html: str) -> None:
         assert cdn not in html, cdn
 
 
+# What docs/scale.md promises of 2 processes against 1: the held-out metrics to 1e-4 (absolute below 1), the
+# weights only to round-off that Adam magnifies (it scales a latent's rare, tiny gradients up to the step
+# size): ~3e-4 in a few weights after the tiny run's 3 epochs (measured), up to 0.046 after 5 epochs on the
+# demo's activations; a latent chosen differently anywhere would move weights by ~1e-1.
+ROUND_OFF = dict(atol=1e-3, rtol=1e-3)
+
+
 def torchrun(command: list[str], args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     """`command` under torchrun with `nproc` gloo processes on this machine; fail the test if it fails."""
     proc = run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *command, *args])

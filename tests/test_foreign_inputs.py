@@ -52,11 +52,13 @@ def _refused(cmd: list[str], store: Path, *expected: str, env: dict[str, str] | 
 # --- an SAE from elsewhere (SAE_PATH) -------------------------------------------------------------------
 
 def _foreign_sae(store: Path, folder: Path, cfg=None, weights=None) -> Path:
-    """Stage 02's SAELens export, copied to `folder`, with cfg.json and the weights changed by the callables."""
+    """Stage 02's SAELens export, copied to `folder` as a folder from elsewhere (no seal, not marked as
+    this project's), with cfg.json and the weights changed by the callables."""
     shutil.copytree(store / "sae_model" / "saelens", folder)
-    if cfg is not None:
-        config = json.loads((folder / "cfg.json").read_text())
-        (folder / "cfg.json").write_text(json.dumps(cfg(config)))
+    (folder / "saekit_seal.json").unlink()
+    config = json.loads((folder / "cfg.json").read_text())
+    del config["metadata"]["written_by"]
+    (folder / "cfg.json").write_text(json.dumps(config if cfg is None else cfg(config)))
     if weights is not None:
         tensors = load_file(folder / "sae_weights.safetensors")
         save_file({k: v.contiguous() for k, v in weights(tensors).items()}, folder / "sae_weights.safetensors")

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, checksums, run_python, run_stage, subprocess_env, with_store
-from test_distributed import ROUND_OFF
+from conftest import ROOT, ROUND_OFF, checksums, run_python, run_stage, subprocess_env, with_store
 
 ON_THE_FLY = ["--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150", "--CHECKPOINT_SECONDS=0"]
 
@@ -51,7 +50,8 @@ def test_stage_01_saves_only_the_heldout_documents_and_counts_the_rest(online_ar
     online, stored = open_run(_store(online_args)), open_run(_store(smoke_args))
     first_heldout = stored.heldout_start(0.25)
     assert online.meta["rows"] == "heldout"
-    assert online.meta["training_tokens"] == first_heldout  # the tokens stage 02 will make, counted exactly
+    stored.exclude_tokens(["bos", "pad"])  # EXCLUDE_TOKENS's default: BOS rows are not trained on
+    assert online.meta["training_tokens"] == stored.count_kept(0, first_heldout) < first_heldout  # counted exactly
     assert online.n_tokens == stored.n_tokens - first_heldout  # the held-out rows and nothing else
     assert online.heldout_start(0.25) == 0
     assert (online.document_hashes() == stored.document_hashes()).all()
@@ -193,3 +193,30 @@ def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert checksums(store, "checkpoint") == before  # the SAE, its history and the SAELens folder as they were
+
+
+def test_a_model_changed_between_stages_01_and_02_is_refused(tmp_path, smoke_args, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from saekit.activations.models import weights_changes
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    args = [a for a in with_store(smoke_args, tmp_path / "store") if not a.startswith("--MODEL_ID=")] + \
+        ON_THE_FLY + [f"--MODEL_ID={model_dir}"]
+    run_stage("01_save_activations.py", args)
+    newer = AutoModelForCausalLM.from_pretrained(model_dir)  # a new revision of the weights, same files
+    with torch.no_grad():
+        newer.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    newer.save_pretrained(model_dir)
+    proc = run_python(["02_train_sae.py", *args])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: the model's weights changed since stage 01") and \
+        "model.safetensors changed" in lines[-1], lines[-1]
+    assert not (tmp_path / "store" / "sae_model").exists()
+    # a hub model is known by its resolved revision
+    assert weights_changes({"revision": "abc"}, {"revision": "def"}) == ["revision abc is now def"]
+    assert weights_changes({"revision": "abc"}, {"revision": "abc"}) == []

@@ -2,8 +2,10 @@
 that `make saelens-venv` creates (bench/.venv-saelens; CI builds it), and is skipped where it is absent."""
 import json
 import os
+import re
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, copy_store, run_python
 from saekit.training.sae import BatchTopKSAE, TopKSAE
-from saekit.training.saelens_format import CFG_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
+from saekit.training.saelens_format import CFG_FILE, SEAL_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
 
 SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
 
@@ -53,7 +55,7 @@ def _saelens_reference(cfg: dict, weights: dict, x: torch.Tensor) -> torch.Tenso
 def test_export_and_load_reproduce_the_reconstruction(tmp_path):
     sae = _trained_looking_sae()
     folder = save_saelens(sae, tmp_path / "saelens", "some/model", "some_layer", {"activation_run_id": "r1"})
-    assert sorted(p.name for p in folder.iterdir()) == [CFG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILE, WEIGHTS_FILE, SEAL_FILE])
     cfg = json.loads((folder / CFG_FILE).read_text())
     assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (12, 40, 5)
     assert cfg["metadata"]["hook_name"] == "some_layer" and cfg["metadata"]["activation_run_id"] == "r1"
@@ -184,7 +186,7 @@ def test_stage_02_writes_its_sae_in_saelens_format_and_stages_03_to_05_can_read_
     x = torch.randn(64, ours.d_in)
     with torch.no_grad():
         assert torch.equal(exported(x), ours(x))
-    assert meta["source"] == "stage 02" and exported_meta["source"] == str(folder)
+    assert meta["source"] == "stage 02" and exported_meta["source"].startswith(f"{folder}, sealed")
     assert exported_meta["saelens_metadata"]["sae_id"] == meta["sae_id"]
     assert (exported_meta["model_id"], exported_meta["layer_signature"]) == (meta["model_id"], meta["layer_signature"])
 
@@ -246,3 +248,92 @@ def test_stage_03_analyses_a_jumprelu_sae_without_k_from_sae_path(tmp_path, smok
     names = [c["check"] for c in verdict.checks(settings, other.sae.k, heldout["summary"], None, splice,
                                                  other.sae.architecture)]
     assert "held-out FVU" in names and not any("L0" in name for name in names)
+
+
+def _as_from_elsewhere(own: Path, folder: Path, **cfg_metadata) -> Path:
+    """Stage 02's SAELens folder as SAELens or a download would give it: no seal, other metadata."""
+    import shutil
+
+    shutil.copytree(own, folder)
+    (folder / SEAL_FILE).unlink()
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    cfg["metadata"] = {key: value for key, value in cfg["metadata"].items()
+                       if key in ("sae_lens_version", "model_name", "hook_name")} | cfg_metadata
+    (folder / CFG_FILE).write_text(json.dumps(cfg))
+    return folder
+
+
+def test_stage_02s_saelens_folder_names_the_real_model_and_a_saelens_hook_readable_by_all(smoke_args):
+    import stat
+
+    from saekit.activations.models import EMBEDDED_HUB_ID, public_model_id
+    from saekit.base.settings import load_settings
+    from saekit.training.saelens_format import saelens_hook_name
+
+    settings = load_settings(smoke_args)
+    folder = settings.store / "sae_model" / "saelens"
+    metadata = json.loads((folder / CFG_FILE).read_text())["metadata"]
+    assert metadata["hook_name"] == "model.layers.1.post_attention_layernorm"  # the transformers module path
+    assert metadata["model_name"] == public_model_id(settings.MODEL_ID)
+    assert public_model_id("embedded") == EMBEDDED_HUB_ID
+    assert saelens_hook_name("llamaforcausallm_model_layers_15") == "blocks.15.hook_resid_post"
+    for path in folder.iterdir():  # as every other file of the store, under the usual umask
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask(), path
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("metadata,says", [
+    ({"hook_name": "blocks.0.hook_resid_post"}, "set --LAYER_SIGNATURE=llamaforcausallm_model_layers_0 "),
+    ({"hook_name": "model.layers.2.post_attention_layernorm"},
+     "set --LAYER_SIGNATURE=llamaforcausallm_model_layers_2_post_attention_layernorm "),
+    ({"hook_name": "blocks.1.ln2.hook_normalized"}, "not a hook this project can place"),
+    ({"model_name": "gpt2-small"}, "trained on model 'gpt2-small' (cfg.json's model_name) but MODEL_ID is"),
+])
+def test_an_sae_from_elsewhere_for_another_layer_or_model_is_refused(tmp_path, smoke_args, metadata, says):
+    from saekit.base.settings import load_settings
+    from saekit.training.saelens_format import load_sae
+
+    settings = load_settings(smoke_args)
+    folder = _as_from_elsewhere(settings.store / "sae_model" / "saelens", tmp_path / "theirs", **metadata)
+    with pytest.raises(SAELensFormatError, match=re.escape(says)):
+        load_sae(load_settings(smoke_args + [f"--SAE_PATH={folder}"]))
+
+
+def test_an_sae_from_elsewhere_at_the_right_layer_loads_and_says_it_has_no_seal(tmp_path, smoke_args):
+    from saekit.base.settings import load_settings
+    from saekit.training.saelens_format import load_sae
+
+    settings = load_settings(smoke_args)
+    folder = _as_from_elsewhere(settings.store / "sae_model" / "saelens", tmp_path / "theirs")
+    _, meta = load_sae(load_settings(smoke_args + [f"--SAE_PATH={folder}"]))
+    assert meta["sealed"] is False and "from elsewhere: it has no seal" in meta["source"]
+
+
+def test_the_projects_own_saelens_folder_is_sealed_and_checked_when_read_back(tmp_path, smoke_args):
+    import shutil
+
+    from saekit.base.integrity import IntegrityError
+    from saekit.base.settings import load_settings
+    from saekit.training.saelens_format import load_sae
+
+    own = load_settings(smoke_args).store / "sae_model" / "saelens"
+    folder = tmp_path / "copy"
+    shutil.copytree(own, folder)
+    args = smoke_args + [f"--SAE_PATH={folder}"]
+    assert load_sae(load_settings(args))[1]["sealed"] is True
+    weights = folder / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit of a weight: still a readable file, a different SAE
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sae_weights.safetensors is corrupt"):
+        load_sae(load_settings(args))
+    (folder / SEAL_FILE).unlink()
+    with pytest.raises(SAELensFormatError, match="saekit_seal.json is missing"):
+        load_sae(load_settings(args))

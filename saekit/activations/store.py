@@ -35,9 +35,10 @@ from ..base.atomic import atomic_path, write_text
 from ..base.distributed import World, barrier, broadcast_object, gather_objects, share
 from ..base.errors import PipelineError
 from .data import document_hash
+from ..base.settings import TOKEN_ROLES
 from ..base.integrity import IntegrityError, clean_stale_partials, read_sealed_json, sha256_file, verify_file, \
     write_sealed_json
-from .models import length_sorted_batches, resolve_layer, write_document_activations
+from .models import length_sorted_batches, resolve_layer, weights_changes, write_document_activations
 
 RUN_ID_FILE = "run_id.txt"
 DOCUMENTS_FILE = "documents.npy"
@@ -209,7 +210,7 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
         **(metadata or {}),
         "layer_signature": layer_signature,
         "tokenizer": {"name_or_path": tokenizer.name_or_path, "class": type(tokenizer).__name__,
-                      "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                      "vocab_size": len(tokenizer), **role_token_ids(tokenizer),
                       "padding_side": tokenizer.padding_side},
         "n_documents": len(all_hashes),
         "max_length": max_length,
@@ -230,6 +231,17 @@ def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def role_token_ids(tokenizer) -> dict[str, int | None]:
+    """{bos_token_id, eos_token_id, pad_token_id} of a tokenizer: what EXCLUDE_TOKENS's roles name."""
+    return {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id", None) for role in TOKEN_ROLES}
+
+
+def excluded_token_ids(exclude: list, ids_by_role: dict[str, Any]) -> frozenset[int]:
+    """The token ids EXCLUDE_TOKENS names: its ids, and the ids of its roles (a role the tokenizer lacks names none)."""
+    ids = {ids_by_role.get(f"{item}_token_id") if isinstance(item, str) else item for item in exclude}
+    return frozenset(int(i) for i in ids if i is not None)
+
+
 # --- reading --------------------------------------------------------------------------------
 
 @dataclass
@@ -241,6 +253,31 @@ class ActivationRun:
     path: Path
     meta: dict[str, Any]
     _checked: set[int] = field(default_factory=set, repr=False)
+    excluded: frozenset[int] = frozenset()  # token ids whose rows the readers below leave out (EXCLUDE_TOKENS)
+    _keep: np.ndarray | None = field(default=None, repr=False)
+
+    def exclude_tokens(self, exclude: list) -> None:
+        """Leave the rows of EXCLUDE_TOKENS's tokens out of `kept_rows`, `iter_rows` and `count_kept`: out of
+        training and of the held-out metrics. The roles are resolved with the ids stage 01 recorded."""
+        self.excluded = excluded_token_ids(exclude, self.meta.get("tokenizer", {}))
+        self._keep = None
+
+    def keep(self) -> np.ndarray | None:
+        """[n_tokens] True for the rows kept, or None when nothing is excluded; made a shard at a time."""
+        if self.excluded and self._keep is None:
+            ids = np.array(sorted(self.excluded))
+            self._keep = np.concatenate([~np.isin(self.shard_tokens(i)[:, 0], ids)
+                                         for i in range(len(self.meta["shards"]))])
+        return self._keep if self.excluded else None
+
+    def kept_rows(self, start: int, stop: int, dtype: np.dtype = np.float32) -> np.ndarray:
+        """`rows(start, stop)` without the excluded tokens' rows."""
+        rows, keep = self.rows(start, stop, dtype), self.keep()
+        return rows if keep is None else rows[keep[start:stop]]
+
+    def count_kept(self, start: int, stop: int) -> int:
+        keep = self.keep()
+        return stop - start if keep is None else int(keep[start:stop].sum())
 
     @property
     def run_id(self) -> str:
@@ -280,6 +317,25 @@ class ActivationRun:
         for i in tqdm(range(len(self.meta["shards"])), desc="checking activations", unit="shard",
                       disable=not progress):
             self.check_shard(i)
+
+    def check_small_files(self) -> None:
+        """What can be checked in a moment, when the run is opened rather than minutes later: the
+        documents' hashes (checksum and length), and that every shard's two files are there, none shorter
+        than the rows its metadata lists (the shards' checksums come when each is first read)."""
+        if "documents_sha256" in self.meta:
+            hashes = self.document_hashes()
+            if hashes.shape != (self.meta["n_documents"],):
+                raise IntegrityError(f"{self.path / DOCUMENTS_FILE} holds {hashes.shape[0]} hashes, not the "
+                                     f"{self.meta['n_documents']} documents its metadata says. {RERUN_01}")
+        itemsize = np.dtype(DTYPES[self.meta["dtype"]]).itemsize if self.meta.get("dtype") in DTYPES else 0
+        for i, shard in enumerate(self.meta["shards"]):
+            for kind, row_bytes in (("acts", self.d_model * itemsize), ("tokens", 3 * 4)):
+                path = self._shard_file(i, kind)
+                if not path.is_file():
+                    raise IntegrityError(f"{path} is missing. {RERUN_01}")
+                if path.stat().st_size < shard["n_tokens"] * row_bytes:
+                    raise IntegrityError(f"{path} is truncated (shorter than its {shard['n_tokens']} rows). "
+                                         f"{RERUN_01}")
 
     def shard_acts(self, i: int) -> np.ndarray:
         self.check_shard(i)
@@ -332,8 +388,9 @@ class ActivationRun:
         return np.concatenate(parts)
 
     def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
+        """Rows [start, stop) a chunk at a time, the excluded tokens' rows left out."""
         for lo in range(start, stop, chunk):
-            yield self.rows(lo, min(stop, lo + chunk))
+            yield self.kept_rows(lo, min(stop, lo + chunk))
 
     def heldout_start(self, fraction: float) -> int:
         """First row of the held-out documents: the last `fraction` of documents, whole."""
@@ -372,7 +429,21 @@ def open_run(store_dir: Path, run_id: str | None = None) -> ActivationRun:
     meta_file = path / "metadata.json"
     if not run_id or not meta_file.exists():
         raise StoreError(f"activation run {run_id!r} is gone or incomplete ({meta_file} missing). {RERUN_01}")
-    return ActivationRun(path, read_sealed_json(meta_file, RERUN_01))
+    run = ActivationRun(path, read_sealed_json(meta_file, RERUN_01))
+    run.check_small_files()
+    return run
+
+
+def check_same_weights(run: ActivationRun, now: dict[str, Any]) -> None:
+    """Stop training on the fly with weights other than those stage 01 read (the folder's files replaced by a
+    new revision, say): its held-out rows would come from the old weights and the training rows from the
+    new. `now` is models.weights_identity of the model loaded; a run that recorded none is not checked."""
+    recorded = run.meta.get("model_weights")
+    changes = weights_changes(recorded, now) if recorded is not None else []
+    if changes:
+        raise StoreError(f"the model's weights changed since stage 01 read them for run {run.run_id} "
+                         f"({'; '.join(changes)}): its held-out rows come from the old weights. Run stage 01 again "
+                         "(python 01_save_activations.py), or put back the model it read.")
 
 
 def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -> None:

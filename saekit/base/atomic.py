@@ -28,7 +28,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+        give_ordinary_permissions(tmp_path)  # mkstemp makes 0600
         os.replace(tmp_path, path)
     except OSError as err:  # a full disk, a file-size limit, a folder made read-only meanwhile
         raise StoreWriteError(_cannot_write(path, err)) from None
@@ -74,6 +74,12 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
             torch.save(obj, tmp)
         except RuntimeError as err:  # torch reports a failed write (a full disk, say) as RuntimeError
             raise StoreWriteError(_cannot_write(Path(path), OSError(str(err)))) from None
+
+
+def give_ordinary_permissions(path: str | os.PathLike) -> None:
+    """rw for the owner, read for the rest as the umask allows (0644 under the usual 022): colleagues on a
+    shared store can read what a stage wrote, whatever mode the library that wrote it chose."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:

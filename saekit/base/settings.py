@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import math
 import os
+import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,9 +106,32 @@ def _preset_file(path: Path) -> dict[str, Any]:
     return values
 
 
+# Settings that may name a file or folder. One rule for all: a relative path is read from the project
+# folder (where config.py is), whatever the working folder, as STORE_DIR's default "store" always was.
+PATH_SETTINGS = ("STORE_DIR", "MODEL_ID", "HF_DATASET", "EVAL_DATASET", "SAE_PATH", "NAMING_MODEL_ID")
+NOT_PATHS = ("", "embedded", "none")  # the settings' own words, never files
+
+
+def resolve_path(key: str, value: str) -> str:
+    """`value` as the stages read it: an absolute path stays; a relative one that exists in the project
+    folder becomes that path; anything else (a hub id, an endpoint, a folder still to be made) stays as
+    given, except a relative path that exists only in the working folder, which is refused rather than
+    read from a folder the rule does not name."""
+    if value in NOT_PATHS or "://" in value or Path(value).is_absolute():
+        return value
+    in_project = PROJECT_ROOT / value
+    if in_project.exists():
+        return str(in_project)
+    if Path(value).exists() and Path.cwd().resolve() != PROJECT_ROOT:
+        raise SettingsError(f"{key}={value!r} is a relative path, and relative paths are read from the project "
+                            f"folder {PROJECT_ROOT}, where it does not exist; it exists in the working folder: "
+                            f"give its absolute path, {key}={str(Path(value).resolve())!r}")
+    return value
+
+
 def _preset_overrides(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if name.endswith(".py"):
-        path = Path(name)
+        path = Path(resolve_path("PRESET", name))
         if not path.exists():
             raise SettingsError(f"preset file {name} does not exist")
         return _preset_file(path)
@@ -169,6 +193,37 @@ def _label_field(v: str) -> str | None:
     return "'' (automatic), 'none' or one field name, without spaces around it or commas"
 
 
+def _store_dir(v: str) -> str | None:
+    if not v.strip():
+        return "not empty"
+    path = Path(v) if Path(v).is_absolute() else PROJECT_ROOT / v
+    for folder in (path, *path.parents):  # the first part that exists must be a folder, or nothing can go in
+        if folder.exists():
+            return None if folder.is_dir() else f"a folder, but {folder} is a file"
+    return None
+
+
+def _neuronpedia_id(v: str) -> str | None:
+    """Neuronpedia's ids are lower case (its upload route refuses others) and sit in URLs and S3 paths."""
+    return None if v == "" or re.fullmatch(r"[a-z0-9][a-z0-9._-]*", v) else \
+        "'' (the default) or lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def _source_set_name(v: str) -> str | None:
+    """What Neuronpedia's /api/source-set/new accepts as a name."""
+    ok = v == "" or re.fullmatch(r"[a-z][a-z0-9-]*[a-z0-9]|[a-z0-9]", v) and "--" not in v and v != "neurons"
+    return None if ok else ("'' (the default) or a name Neuronpedia takes: lower-case letters, digits and single "
+                            "hyphens, starting with a letter, not ending with a hyphen, not 'neurons'")
+
+
+TOKEN_ROLES = ("bos", "eos", "pad")
+
+
+def _token_list(v: list) -> str | None:
+    ok = all(item in TOKEN_ROLES or isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in v)
+    return None if ok else f"a list of {', '.join(map(repr, TOKEN_ROLES))} and token ids (integers >= 0)"
+
+
 def _sae_path(v: str) -> str | None:
     if not v or ((Path(v) / "cfg.json").is_file() and (Path(v) / "sae_weights.safetensors").is_file()):
         return None
@@ -189,10 +244,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
     "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),
+    "EXCLUDE_TOKENS": _token_list,
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
     "SELECT_DTYPE": _one_of("auto", "float32", "bfloat16"),
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
-    "STORE_DIR": _not_empty, "SAE_PATH": _sae_path,
+    "STORE_DIR": _store_dir, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
     "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
     "PROBE_LABEL_FIELD": _label_field, "PROBE_TEXTS": _at_least(10),
@@ -203,6 +259,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "NAMING_MAX_NEW_TOKENS": _at_least(1), "NAMING_TIMEOUT_S": _between(0, 86400, open_low=True),
     "SCORING_EXAMPLES": _at_least(1), "LABEL_MAX_KEYS": _at_least(1), "LABEL_MIN_F1": _between(0, 1),
     "NAMING_API_MODEL": _any, "NAMING_API_KEY_ENV": _not_empty, "NAME_MIN_SCORE": _between(0.5, 1),
+    "NEURONPEDIA_MODEL_ID": _neuronpedia_id, "NEURONPEDIA_SOURCE_SET": _source_set_name,
+    "NEURONPEDIA_RELEASE": _neuronpedia_id, "NEURONPEDIA_HOOK_POINT": _any, "NEURONPEDIA_CREATOR_ID": _not_empty,
+    "NEURONPEDIA_CREATOR_NAME": _not_empty,
 }
 
 
@@ -247,6 +306,9 @@ def load_settings(args: list[str] | None = None, config_path: str | os.PathLike 
 
     _apply(values, _preset_overrides(preset, presets), f"preset {preset!r}")
     _apply(values, overrides, "the command line")
+    for key in PATH_SETTINGS:
+        if isinstance(values.get(key), str):
+            values[key] = resolve_path(key, values[key])
     values["PRESET"] = preset
     values.pop("PRESETS", None)
     check_values(values)

@@ -10,8 +10,15 @@
         run_settings.json     what made the export (NeuronpediaRunner writes its settings here): the
                               concepts set, SAE, model, layer, and which fields hold no data
         upload/batch-<n>.json bodies for POST /api/feature/upload-batch (the route a user with an API key
-                              may call; the only one that takes explanations): the same latents and
-                              examples, with the title as the explanation where it explains the latent
+                              may call): the same latents and examples, with the title as the explanation
+                              where it explains the latent
+        bulk/<model>/<source>/ Neuronpedia's bulk-import layout, as its admin import route reads it from
+                              s3://neuronpedia-datasets/v1/<model>/<source>/: release.jsonl, model.jsonl,
+                              sourceset.jsonl, source.jsonl, features/, activations/ and explanations/
+                              batch-<n>.jsonl.gz. Everything above in one path, titles included
+
+The ids (model, source set, release, hook point, creator) come from the NEURONPEDIA_* settings and are the
+same in every file (`neuronpedia_ids`).
 
 Per live latent (SAEDashboard's keys; the values are stage 04's record for the latent):
 
@@ -42,6 +49,9 @@ The format was read (no code copied) from
         apps/webapp/app/api/feature/upload-batch/route.tsx          the upload route's schema, explanations
         apps/webapp/app/api/admin/upload-skipped-features/route.tsx skipped_indexes.json
         apps/webapp/components/activations-list.tsx, feature-stats.tsx  how bins and the histogram are shown
+        apps/webapp/app/api/admin/import/route.ts, lib/db/import.ts, lib/utils/s3.ts, prisma/schema.prisma
+                                                                    the bulk import: files, tables, columns
+        apps/webapp/app/api/source-set/new/route.tsx                a source set's name
         webapp-python-client/neuronpedia/requests/feature_request.py    128 features per upload
 
 The folder is replaced whole, right before stage 04's pointer names the new set (saekit.concepts.exports.publish):
@@ -49,18 +59,33 @@ a reader finds the export of the current set, or, after a kill at that moment, n
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..activations.data import EMBEDDED_DATASET
-from ..activations.models import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL
+from ..activations.models import EMBEDDED_CACHE_NAME, EMBEDDED_MODEL, public_model_id
+from ..training.saelens_format import saelens_hook_name
 
 NEURONPEDIA_DIR = "neuronpedia"
 UPLOAD_DIR = "upload"
+BULK_DIR = "bulk"  # bulk/<model>/<source>/ is what goes to s3://neuronpedia-datasets/v1/<model>/<source>/
+# the user a fresh Neuronpedia creates first (apps/webapp/prisma/seed.ts, lib/env.ts DEFAULT_CREATOR_USER_ID)
+DEFAULT_CREATOR_ID = "clkht01d40000jv08hvalcvly"
+DEFAULT_CREATOR_NAME = "saekit"
+VISIBILITY = "PUBLIC"  # schema.prisma's Visibility: PUBLIC, UNLISTED or PRIVATE
+# the Neuron table's columns that a batch's feature carries under the same name (the converter's copy)
+NEURON_COLUMNS = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+                  "correlated_neurons_indices", "correlated_neurons_pearson", "correlated_neurons_l1",
+                  "correlated_features_indices", "correlated_features_pearson", "correlated_features_l1",
+                  "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_heights",
+                  "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+                  "decoder_weights_dist")
 RUN_SETTINGS_FILE, SKIPPED_FILE = "run_settings.json", "skipped_indexes.json"
 FEATURES_PER_BATCH = 128  # NeuronpediaRunner's n_features_at_a_time, and the upload route's maximum
 EXPLANATION_MAX_CHARS = 512  # the upload route's limit
@@ -71,7 +96,9 @@ SOURCES = {
     "hijohnnylin/neuronpedia@ebb8426fc550ad5d1f76d52c271a624af3c08a57": [
         "utils/neuronpedia-utils/neuronpedia_utils/convert-saedashboard-to-neuronpedia-export.py",
         "apps/webapp/app/api/feature/upload-batch/route.tsx",
-        "apps/webapp/app/api/admin/upload-skipped-features/route.tsx"],
+        "apps/webapp/app/api/admin/upload-skipped-features/route.tsx",
+        "apps/webapp/app/api/admin/import/route.ts", "apps/webapp/lib/db/import.ts", "apps/webapp/lib/utils/s3.ts",
+        "apps/webapp/prisma/schema.prisma", "apps/webapp/app/api/source-set/new/route.tsx"],
 }
 EMPTY_FIELDS = {
     "neuron_alignment_indices": "not computed by stage 04", "neuron_alignment_values": "not computed by stage 04",
@@ -191,21 +218,135 @@ def upload_feature(feature: dict[str, Any], record: dict[str, Any]) -> dict[str,
     }
 
 
+@dataclass(frozen=True)
+class NeuronpediaIds:
+    """The names every file of the export agrees on: the NEURONPEDIA_* settings, or their defaults."""
+
+    model: str  # Neuronpedia's model id
+    layer: int  # the block number, which leads the source id
+    source_set: str
+    release: str
+    hook_point: str
+    creator_id: str
+    creator_name: str
+
+    @property
+    def source(self) -> str:
+        """The source's id, as Neuronpedia forms it: <layer>-<source set>."""
+        return f"{self.layer}-{self.source_set}"
+
+
+def neuronpedia_ids(meta: dict[str, Any]) -> NeuronpediaIds:
+    """The ids from the settings stage 04 ran with (meta["settings"]); an empty setting takes its default."""
+    settings = meta.get("settings") or {}
+    model = settings.get("NEURONPEDIA_MODEL_ID") or neuronpedia_model_id(public_model_id(meta["model_id"]))
+    source_set = settings.get("NEURONPEDIA_SOURCE_SET") or sae_set_name(meta)
+    return NeuronpediaIds(
+        model=model, layer=layer_number(meta["layer_signature"]), source_set=source_set,
+        release=settings.get("NEURONPEDIA_RELEASE") or f"{model}-{source_set}",
+        hook_point=settings.get("NEURONPEDIA_HOOK_POINT") or saelens_hook_name(meta["layer_signature"],
+                                                                               meta.get("layer_module")),
+        creator_id=settings.get("NEURONPEDIA_CREATOR_ID") or DEFAULT_CREATOR_ID,
+        creator_name=settings.get("NEURONPEDIA_CREATOR_NAME") or DEFAULT_CREATOR_NAME)
+
+
+def bulk_import_files(ids: NeuronpediaIds, meta: dict[str, Any], records: dict[int, dict[str, Any]],
+                      batches: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Neuronpedia's bulk-import layout, under bulk/<model>/<source>/ as its admin import route reads it from
+    s3://neuronpedia-datasets/v1/<model>/<source>/: {path: rows} for .jsonl and .jsonl.gz files.
+
+    Each row holds only columns of its table (schema.prisma), every column that has no default, and the
+    same keys as the file's first row (the route takes the columns from it). The first four files go
+    through prisma's create (which refuses unknown keys); the others through a SQL insert that ignores rows
+    already there, so the activations' and explanations' ids carry the concepts set's id."""
+    created = meta.get("created")
+    folder = f"{BULK_DIR}/{ids.model}/{ids.source}"
+    described = f"saekit SAE {meta.get('sae_id')} ({meta['n_latents']} latents, k = {meta.get('k')}) at {ids.hook_point}"
+    files: dict[str, Any] = {
+        f"{folder}/release.jsonl": [{
+            "name": ids.release, "description": described, "descriptionShort": described[:100],
+            "creatorName": ids.creator_name, "creatorNameShort": ids.creator_name, "creatorId": ids.creator_id,
+            "visibility": VISIBILITY, "urls": [], "createdAt": created}],
+        f"{folder}/model.jsonl": [{
+            "id": ids.model, "displayName": ids.model, "displayNameShort": ids.model, "creatorId": ids.creator_id,
+            "dimension": meta.get("d_model"), "layers": meta.get("model_layers") or 0, "neuronsPerLayer": 0,
+            "owner": public_model_id(meta["model_id"]).split("/")[0] if "/" in public_model_id(meta["model_id"]) else "",
+            "instruct": "instruct" in ids.model, "visibility": VISIBILITY, "createdAt": created, "updatedAt": created}],
+        f"{folder}/sourceset.jsonl": [{
+            "modelId": ids.model, "name": ids.source_set, "description": described, "creatorName": ids.creator_name,
+            "creatorId": ids.creator_id, "releaseName": ids.release, "visibility": VISIBILITY, "urls": [],
+            "createdAt": created}],
+        f"{folder}/source.jsonl": [{
+            "id": ids.source, "modelId": ids.model, "setName": ids.source_set, "creatorId": ids.creator_id,
+            "visibility": VISIBILITY, "dataset": dataset_name(meta), "num_prompts": meta["n_texts"],
+            "num_tokens_in_prompt": meta.get("max_length"),
+            "saelensConfig": {"model_name": public_model_id(meta["model_id"]), "hook_name": ids.hook_point,
+                              "d_sae": meta["n_latents"], "k": meta.get("k")},
+            "notes": f"made by saekit from concepts set {meta.get('concepts_id')}", "createdAt": created}],
+    }
+    by_index = {f["feature_index"]: f for batch in batches for f in batch}
+    for n, start in enumerate(range(0, meta["n_latents"], FEATURES_PER_BATCH)):
+        indices = range(start, min(start + FEATURES_PER_BATCH, meta["n_latents"]))
+        files[f"{folder}/features/batch-{n}.jsonl.gz"] = [_neuron_row(ids, i, by_index.get(i), created)
+                                                         for i in indices]  # dead latents too, with no data
+        files[f"{folder}/activations/batch-{n}.jsonl.gz"] = [
+            _activation_row(ids, meta, i, j, a, created)
+            for i in indices if i in by_index for j, a in enumerate(by_index[i]["activations"])]
+        files[f"{folder}/explanations/batch-{n}.jsonl.gz"] = [
+            {"id": f"saekit-{meta.get('concepts_id')}-{i}", "modelId": ids.model, "layer": ids.source, "index": str(i),
+             "description": text, "authorId": ids.creator_id, "notes": _explanation_note(records[i]),
+             "createdAt": created}
+            for i in indices if i in records and (text := explanation(records[i])) is not None]
+    return {path: rows for path, rows in files.items() if rows}  # a batch with no explanation has no file
+
+
+def _neuron_row(ids: NeuronpediaIds, index: int, feature: dict[str, Any] | None, created: str | None) -> dict[str, Any]:
+    """A row of the Neuron table: the latent's statistics, or for a dead latent, its place with no data."""
+    row = {"modelId": ids.model, "layer": ids.source, "index": str(index), "sourceSetName": ids.source_set,
+           "creatorId": ids.creator_id, "createdAt": created,
+           "maxActApprox": max((max(a["values"]) for a in feature["activations"]), default=0.0) if feature else 0.0}
+    for key in NEURON_COLUMNS:
+        row[key] = feature[key] if feature else ([] if key != "frac_nonzero" else 0.0)
+    return row
+
+
+def _activation_row(ids: NeuronpediaIds, meta: dict[str, Any], index: int, n: int, activation: dict[str, Any],
+                    created: str | None) -> dict[str, Any]:
+    """A row of the Activation table: one example, as the converter makes it from a batch's activation."""
+    values = activation["values"]
+    peak = max(values)
+    return {"id": f"saekit-{meta.get('concepts_id')}-{index}-{n}", "modelId": ids.model, "layer": ids.source,
+            "index": str(index), "tokens": activation["tokens"], "values": values, "maxValue": peak,
+            "maxValueTokenIndex": values.index(peak), "minValue": min(values), "creatorId": ids.creator_id,
+            "binMin": activation["bin_min"], "binMax": activation["bin_max"], "binContains": activation["bin_contains"],
+            "qualifyingTokenIndex": activation["qualifying_token_index"], "createdAt": created}
+
+
+def _explanation_note(record: dict[str, Any]) -> str:
+    if record["title_source"] == "name":
+        return f"model-written name, detection and fuzzing score {record['name']['score']:.3f} on held-out windows"
+    label = record["label"]
+    return f"saekit label ({label['rule']}), F1 {label['f1']:.3f} on held-out texts"
+
+
 def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts: dict[str, Any]
                  ) -> dict[str, Any]:
-    """Every file of the export: {path relative to store/neuronpedia: JSON content}."""
-    model_id, layer, sae_set = neuronpedia_model_id(meta["model_id"]), layer_number(meta["layer_signature"]), \
-        sae_set_name(meta)
+    """Every file of the export: {path relative to store/neuronpedia: JSON content, or rows for .jsonl(.gz)}."""
+    ids = neuronpedia_ids(meta)
+    model_id, layer, sae_set = ids.model, ids.layer, ids.source_set
     live = sorted(records)
     files: dict[str, Any] = {}
+    batches = []
     for n, start in enumerate(range(0, len(live), FEATURES_PER_BATCH)):
         indices = live[start:start + FEATURES_PER_BATCH]
         features = [dashboard_feature(records[i], texts, meta) for i in indices]
+        batches.append(features)
         files[f"batch-{n}.json"] = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "sae_id_suffix": None,
                                     "features": features}
         files[f"{UPLOAD_DIR}/batch-{n}.json"] = {
-            "modelId": model_id, "source": f"{layer}-{sae_set}",
+            "modelId": model_id, "source": ids.source,
             "features": [upload_feature(f, records[i]) for f, i in zip(features, indices)]}
+    files.update(bulk_import_files(ids, meta, records, batches))
     dead = sorted(set(range(meta["n_latents"])) - set(live))
     files[SKIPPED_FILE] = {"model_id": model_id, "layer": str(layer), "sae_set": sae_set, "log_sparsity": None,
                            "skipped_indexes": dead}
@@ -221,8 +362,11 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
         "histogram": "log-spaced bins (10^-3 to 10^3, 10 a decade); each bar at its bin's geometric centre",
         "quantile_groups": "4 quarters of per-text peaks sampled uniformly; bin_contains is the share of all tokens "
                            "whose activation lies in the group's interval",
-        "explanations": "upload/ only: the title where it explains the latent (a name above its label, or a label "
-                        "above LABEL_MIN_F1), without methodName or modelName",
+        "explanations": "upload/ and bulk/.../explanations/: the title where it explains the latent (a name above "
+                        "its label, or a label above LABEL_MIN_F1), without a method or model name",
+        "neuronpedia": {"model": ids.model, "source_set": ids.source_set, "source": ids.source, "release": ids.release,
+                        "hook_point": ids.hook_point, "creator_id": ids.creator_id, "creator_name": ids.creator_name,
+                        "bulk_import": f"{BULK_DIR}/{ids.model}/{ids.source}"},
         "empty_fields": EMPTY_FIELDS, "format_read_from": SOURCES,
     }
     return files
@@ -238,7 +382,12 @@ def stage_export(store: Path, set_id: str, files: dict[str, Any]) -> Path:
         for relative, content in files.items():
             path = staged / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")))
+            if relative.endswith((".jsonl", ".jsonl.gz")):
+                body = "".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n" for row in content)
+                # mtime 0: the same rows give the same bytes
+                path.write_bytes(gzip.compress(body.encode(), mtime=0) if relative.endswith(".gz") else body.encode())
+            else:
+                path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

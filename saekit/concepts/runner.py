@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..activations.data import Texts, load_role_texts
-from ..activations.models import detect_device, load_model, resolve_layer
+from ..activations.models import detect_device, layer_names, load_model, resolve_layer
 from ..activations.stage import load_stage_model, stage_runtime, start_stage
 from ..activations.store import RUN_ID_FILE, open_run
 from ..base.distributed import World
@@ -43,6 +43,22 @@ def open_namer(settings, device, model, tokenizer) -> Namer | None:
     if naming_id != settings.MODEL_ID:
         model, tokenizer = load_model(naming_id, device, cache_dir=settings.store / "models")
     return TransformersNamer(model, tokenizer, naming_id, settings.NAMING_MAX_NEW_TOKENS)
+
+
+def read_parts(texts: list[str], tokenizer, max_length: int) -> list[str]:
+    """Each text cut where the model stops reading it (MAX_LENGTH tokens): the exports carry no more of a
+    text than was analysed, so one long text cannot swell them (a 5 MB text once made a 177 MB
+    top_texts.json). A text the model reads whole is kept as it is."""
+    limit = max(1, max_length - tokenizer.num_special_tokens_to_add())  # BOS and the like take their places
+    if not texts:
+        return []
+    if tokenizer.is_fast:
+        offsets = tokenizer(texts, truncation=True, max_length=limit, return_offsets_mapping=True,
+                            add_special_tokens=False)["offset_mapping"]
+        return [text[:spans[-1][1]] if len(spans) == limit else text for text, spans in zip(texts, offsets)]
+    ids = tokenizer(texts, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
+    return [tokenizer.decode(read, clean_up_tokenization_spaces=False) if len(read) == limit else text
+            for text, read in zip(texts, ids)]  # no offsets: the tokens read, decoded
 
 
 class EvalOverlapError(PipelineError):
@@ -83,7 +99,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     check_texts_unseen(settings, sae_meta, texts)
     if world.is_main:
         print(texts.summary())
-    codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts.texts,
+    read = read_parts(texts.texts, tokenizer, settings.MAX_LENGTH)
+    codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, read,
                     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
                     progress=progress and world.is_main, world=world)
     if not world.is_main:
@@ -91,6 +108,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     live = sorted({int(i) for i in codes.firing[1]})
     meta = {"model_id": settings.MODEL_ID, "layer_signature": settings.LAYER_SIGNATURE,
             "activation_run_id": sae_meta.get("activation_run_id"), "sae_id": sae_meta.get("sae_id"), "k": sae.k,
+            "layer_module": layer_names(model)[settings.LAYER_SIGNATURE], "d_model": sae.d_in,
+            "model_layers": getattr(model.config, "num_hidden_layers", None), "max_length": settings.MAX_LENGTH,
             "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": texts.read_from.get("split"),
             "texts_read": texts.read_from, "source": texts.source, "n_texts_asked": settings.EVAL_DATA_LIMIT,
             "naming_model_id": settings.NAMING_MODEL_ID,

@@ -16,7 +16,7 @@ import torch
 
 from ..activations.data import load_role_texts
 from ..activations.models import detect_device, load_model, resolve_layer
-from ..activations.store import ActivationRun, check_run_matches, open_run
+from ..activations.store import ActivationRun, check_run_matches, excluded_token_ids, open_run, role_token_ids
 from ..base.atomic import write_json
 from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
@@ -50,6 +50,7 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
     if settings.SAE_PATH:
         run = open_run(store)
         check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+        run.exclude_tokens(settings.EXCLUDE_TOKENS)
         check_sae_width(sae, run.d_model, settings.LAYER_SIGNATURE)
         meta = {**meta, "activation_run_id": run.run_id, "heldout_start_row": run.heldout_start(settings.HELDOUT_FRACTION)}
         return TrainedSAE(sae, meta, None, run)
@@ -57,7 +58,9 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
     if history.get("sae_id") != meta["sae_id"]:
         raise PipelineError("training_history.json and topk_sae.pt do not belong together (stage 02 was "
                             f"interrupted between them, or one was replaced). {RERUN_02}")
-    return TrainedSAE(sae, meta, history, open_run(store, meta["activation_run_id"]))
+    run = open_run(store, meta["activation_run_id"])
+    run.exclude_tokens(settings.EXCLUDE_TOKENS)  # the held-out metrics leave out what training left out
+    return TrainedSAE(sae, meta, history, run)
 
 
 def heldout_tokens(trained: TrainedSAE) -> dict[str, Any]:
@@ -72,7 +75,9 @@ def heldout_token_set(trained: TrainedSAE) -> str:
     """Which tokens "held-out" FVU, L0 and dead latents count: stage 02's held-out rows of the
     activation run, not the evaluation texts that the CE figures and stages 04-05 use."""
     run = trained.run
-    return (f"the {run.n_tokens - trained.heldout_start} tokens of the last documents of activation run {run.run_id} "
+    left_out = f" (token ids {sorted(run.excluded)} left out: EXCLUDE_TOKENS)" if run.excluded else ""
+    return (f"the {run.count_kept(trained.heldout_start, run.n_tokens)} tokens{left_out} of the last documents of "
+            f"activation run {run.run_id} "
             f"(from row {trained.heldout_start}; texts of {run.meta.get('source', run.meta.get('dataset'))}) that "
             "training never saw")
 
@@ -105,7 +110,7 @@ def mean_training_activation(run: ActivationRun, stop: int, batch_size: int = 65
     total = np.zeros(run.d_model, np.float64)
     for chunk in run.iter_rows(0, stop, batch_size):
         total += chunk.sum(0, dtype=np.float64)
-    return torch.from_numpy(total / stop).float()
+    return torch.from_numpy(total / max(run.count_kept(0, stop), 1)).float()
 
 
 @dataclass
@@ -131,8 +136,9 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     texts = load_role_texts(settings, "eval")
     sae = trained.sae.to(loaded.device)
     mean = mean_training_activation(trained.run, trained.heldout_start)
+    excluded = excluded_token_ids(settings.EXCLUDE_TOKENS, role_token_ids(loaded.tokenizer))
     result = splice_metrics(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, sae, mean, settings.MAX_LENGTH,
-                            batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
+                            batch_size=settings.BATCH_SIZE_SAVE, progress=progress, kept=excluded)
     result["n_texts"] = len(texts)
     result["n_texts_asked"] = settings.EVAL_DATA_LIMIT
     if progress:

@@ -18,9 +18,11 @@ class _CESums:
 
 @torch.no_grad()
 def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_activation: torch.Tensor,
-                   max_length: int, batch_size: int = 8, progress: bool = True) -> dict[str, float]:
+                   max_length: int, batch_size: int = 8, progress: bool = True,
+                   kept: frozenset[int] = frozenset()) -> dict[str, float]:
     """Next-token cross-entropy with the layer's output kept, replaced by `reconstruct(output)`
-    (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token.
+    (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token. At the tokens
+    `kept` names (EXCLUDE_TOKENS: left out of training) every variant keeps the layer's own output.
 
     CE-loss recovered = (CE_ablated - CE_sae) / (CE_ablated - CE_clean): 1 when splicing the SAE
     costs nothing, 0 when it is as bad as removing the layer's information. Sums are float64 and
@@ -45,8 +47,9 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
         clean_p = clean_logp.exp()
         # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
         neg_entropy = (clean_p * clean_logp).sum(-1)
+        at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
         for name, replace in variants.items():
-            with replaced_output(layer, replace):
+            with replaced_output(layer, _except_at(at_kept, replace)):
                 logp = _next_token_logprobs(model, enc)
             sums[name].nll += _nll(logp, targets, valid)
             sums[name].kl += float((neg_entropy - (clean_p * logp).sum(-1))[valid].double().sum())
@@ -59,6 +62,13 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
         result[f"ce_recovered_vs_{ablation}"] = (ce[ablation] - ce["sae"]) / (ce[ablation] - ce["clean"])
     result["n_predictions"] = n_predictions
     return result
+
+
+def _except_at(at_kept: torch.Tensor, replace):
+    """`replace`, except where `at_kept` [batch, seq] is True: there the layer's output stays."""
+    if not bool(at_kept.any()):
+        return replace
+    return lambda h: torch.where(at_kept.unsqueeze(-1), h, replace(h))
 
 
 def _next_token_logprobs(model, enc) -> torch.Tensor:

@@ -20,6 +20,7 @@ SAELens 6 conventions this module relies on (sae_lens/saes/topk_sae.py, sae.py):
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..activations.models import public_model_id
+from ..base.atomic import give_ordinary_permissions
 from ..base.errors import PipelineError
-from ..base.integrity import sha256_file
+from ..base.integrity import read_sealed_json, sha256_file, verify_file, write_sealed_json
 from .sae import BatchTopKSAE, TopKSAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+# the checksums of cfg.json and the weights, sealed: a folder this project wrote is checked when read back
+# (SAELens ignores the file). A folder from elsewhere has none.
+SEAL_FILE = "saekit_seal.json"
+WRITTEN_BY = "saekit"
+RESEAL = "Run stage 02 again (python 02_train_sae.py), or copy the folder again from where it was made."
 # the config layout written here is SAELens 6's; an older version number would make SAELens
 # convert the file as a pre-6 config
 SAELENS_CONFIG_VERSION = "6.0.0"
@@ -73,8 +81,13 @@ def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: s
         cfg["architecture"] = "jumprelu"
         cfg["metadata"].update(trained_architecture=sae.architecture, k=sae.k)
         del cfg["k"], cfg["rescale_acts_by_decoder_norm"]
+    cfg["metadata"]["written_by"] = WRITTEN_BY
     save_file({name: w.float().cpu().contiguous() for name, w in weights.items()}, str(partial / WEIGHTS_FILE))
     (partial / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_sealed_json(partial / SEAL_FILE, {"files": {name: sha256_file(partial / name)
+                                                      for name in (CFG_FILE, WEIGHTS_FILE)}})
+    for path in partial.iterdir():
+        give_ordinary_permissions(path)  # safetensors writes 0600; a shared store's readers need 0644
     # swap the folders so a reader sees the old pair or the new pair, never one file of each
     old = folder.with_name(folder.name + ".old")
     if old.exists():
@@ -195,22 +208,117 @@ def _check_weights(cfg: dict[str, Any], weights: dict[str, torch.Tensor], folder
                                  "latent a decoder direction, or drop those latents from the SAE")
 
 
+def check_seal(folder: Path) -> bool:
+    """True when `folder` carries this project's seal and every file matches it; False for a folder
+    from elsewhere (no seal, and not marked as written here); an error when the files do not match the
+    seal, or a folder this project wrote has lost its seal."""
+    if (folder / SEAL_FILE).exists():
+        seal = read_sealed_json(folder / SEAL_FILE, RESEAL)
+        for name, digest in seal["files"].items():
+            verify_file(folder / name, digest, RESEAL)
+        return True
+    try:
+        written_by = (json.loads((folder / CFG_FILE).read_text()).get("metadata") or {}).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return False  # load_saelens names what is wrong with the config
+    if written_by == WRITTEN_BY:
+        raise SAELensFormatError(f"{folder} was written by this project's stage 02 but its {SEAL_FILE} is missing, "
+                                 f"so its files cannot be checked. {RESEAL}")
+    return False
+
+
+# TransformerLens hook names (SAELens's for TransformerLens models) that equal a module output this
+# project can hook: a block's output, its attention's and its MLP's outputs (docs/settings.md)
+_TL_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_attn_out|hook_mlp_out)$")
+_BLOCK = re.compile(r"^(?P<head>.*?_(?:layers|layer|h|blocks))_(?P<n>\d+)(?:_(?P<rest>.+))?$")
+_ATTENTION = ("self_attn", "attn", "attention", "self_attention")
+
+
+def saelens_hook_name(layer_signature: str, module_path: str | None = None) -> str:
+    """SAELens's name for the layer: the TransformerLens hook where one equals the module's output
+    (a block's output: blocks.N.hook_resid_post; its attention: hook_attn_out; its MLP: hook_mlp_out), else
+    the transformers module path, which is how SAELens names a hook on a transformers model
+    (model_class_name AutoModelForCausalLM). `module_path` is that path (stage 01 records it); without
+    it, the signature stands in."""
+    found = _BLOCK.match(layer_signature)
+    if found:
+        kind = {None: "hook_resid_post", "mlp": "hook_mlp_out",
+                **{name: "hook_attn_out" for name in _ATTENTION}}.get(found["rest"])
+        if kind:
+            return f"blocks.{found['n']}.{kind}"
+    return module_path or layer_signature
+
+
+def _hook_layer(hook_name: str, layer_signature: str) -> tuple[bool, str]:
+    """(whether `hook_name` names LAYER_SIGNATURE's layer, what to set instead where that can be said)."""
+    if hook_name == layer_signature or "." in hook_name and layer_signature.endswith("_" + hook_name.replace(".", "_")):
+        return True, ""
+    tl, ours = _TL_HOOK.match(hook_name), _BLOCK.match(layer_signature)
+    if tl is None and "." in hook_name and not hook_name.startswith(("blocks.", "hook_")):  # a module path
+        model_class = layer_signature.split("_", 1)[0]
+        return False, f"set --LAYER_SIGNATURE={model_class}_{hook_name.replace('.', '_')} and run stage 01 for it"
+    if tl is None:
+        return False, (f"it is not a hook this project can place (docs/settings.md); set hook_name in its {CFG_FILE} "
+                       "to the layer's module path (as --list-layers shows it, dots for underscores) if you know it "
+                       "reads that layer")
+    block, kind = int(tl[1]), tl[2]
+    if kind == "hook_resid_pre":  # the input of block N is the output of block N - 1
+        block, kind = block - 1, "hook_resid_post"
+    if ours is not None and block >= 0 and saelens_hook_name(layer_signature) == f"blocks.{block}.{kind}":
+        return True, ""
+    if ours is None or block < 0:
+        return False, "set LAYER_SIGNATURE to the layer that hook reads (python 01_save_activations.py --list-layers)"
+    rest = {"hook_resid_post": "", "hook_mlp_out": "_mlp", "hook_attn_out": "_self_attn"}[kind]
+    return False, f"set --LAYER_SIGNATURE={ours['head']}_{block}{rest} (the layer that hook reads) and run stage 01 for it"
+
+
+def _same_model(name: str, model_id: str) -> bool:
+    """Whether SAELens's model_name names MODEL_ID's model: by its last part, ignoring case (SAELens's own
+    pretrained SAEs say gemma-2-2b for google/gemma-2-2b)."""
+    def last(value: str) -> str:
+        return Path(value.rstrip("/")).name.lower()
+    return last(name) in (last(model_id), last(public_model_id(model_id)))
+
+
+def check_saelens_place(cfg: dict[str, Any], folder: Path, model_id: str, layer_signature: str) -> None:
+    """Refuse an SAE from elsewhere whose cfg.json names another model or another layer than the settings:
+    every layer of a model is often as wide, so the width check alone would analyse it at the wrong one."""
+    metadata = cfg.get("metadata") or {}
+    model_name, hook_name = (metadata.get(key, cfg.get(key)) for key in ("model_name", "hook_name"))
+    if isinstance(model_name, str) and model_name and not _same_model(model_name, model_id):
+        raise SAELensFormatError(f"the SAE in {folder} was trained on model {model_name!r} ({CFG_FILE}'s model_name) "
+                                 f"but MODEL_ID is {model_id!r}: set MODEL_ID to {model_name!r}'s hub id or local "
+                                 "folder (and run stage 01 for it), or SAE_PATH to an SAE of this model")
+    if isinstance(hook_name, str) and hook_name:
+        same, instead = _hook_layer(hook_name, layer_signature)
+        if not same:
+            raise SAELensFormatError(f"the SAE in {folder} reads hook {hook_name!r} ({CFG_FILE}'s hook_name), not "
+                                     f"LAYER_SIGNATURE {layer_signature!r} ({saelens_hook_name(layer_signature)!r}): "
+                                     f"{instead}, or set SAE_PATH to an SAE of this layer")
+
+
 def load_sae(settings, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
     """The SAE that stages 03-05 analyse, with its metadata: SAE_PATH's SAELens folder when set,
     else stage 02's store/sae_model/topk_sae.pt.
 
-    The metadata always holds sae_id, model_id, layer_signature and source. A folder written by
-    stage 02 names its model and layer; one from elsewhere (a SAELens hook name such as
-    blocks.8.hook_resid_pre means nothing to this project) is taken to be for MODEL_ID and
-    LAYER_SIGNATURE as set, which the caller checks against its width.
+    The metadata always holds sae_id, model_id, layer_signature, source and sealed. A folder written by
+    stage 02 carries its seal, checked here, and names its model and layer; one from elsewhere has no
+    seal, and its cfg.json's model_name and hook_name must name MODEL_ID's model and LAYER_SIGNATURE's
+    layer (blocks.N.hook_resid_post is block N's output), which it is then taken to be for; the caller
+    checks its width.
     """
     if not settings.SAE_PATH:
         sae, meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
         return sae, {**meta, "source": "stage 02"}
     folder = Path(settings.SAE_PATH)
+    sealed = check_seal(folder)  # before the weights are read: a flipped byte is named, not analysed
     sae, cfg = load_saelens(folder, device)
     written_here = cfg.get("metadata") or {}
-    return sae, {"sae_id": sha256_file(folder / WEIGHTS_FILE)[:16], "source": str(folder),
+    if not sealed:
+        check_saelens_place(cfg, folder, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+    source = (f"{folder}, sealed by this project's stage 02, checksums checked" if sealed else
+              f"{folder}, from elsewhere: it has no seal, so its files are not checked against checksums")
+    return sae, {"sae_id": sha256_file(folder / WEIGHTS_FILE)[:16], "source": source, "sealed": sealed,
                  "model_id": written_here.get("model_id", settings.MODEL_ID),
                  "layer_signature": written_here.get("layer_signature", settings.LAYER_SIGNATURE),
                  "saelens_metadata": written_here}
