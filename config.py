@@ -44,7 +44,7 @@ ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K o
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
 EPOCHS = 10
-BATCH_SIZE_TRAIN = 1024
+BATCH_SIZE_TRAIN = 1024  # at least 2 (the loss divides by the batch's variance); an epoch's remainder under half a batch is dropped
 SELECT_DTYPE = "auto"  # dtype of the dense product that proposes each token's latents in training steps and in the
 #                       held-out checks between epochs; the choice among them, values and gradients stay float32, as do
 #                       the last check, the saved SAE and stages 03-05. auto = bfloat16 where native (CUDA, AVX512-BF16

@@ -203,3 +203,22 @@ def test_a_killed_run_leaves_the_previous_sae_intact(online_args, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _checksums(store) == before  # the SAE, its history and the SAELens folder as they were
+
+
+@pytest.mark.parametrize("remainder", [0, 1, 2])
+def test_on_the_fly_an_epochs_last_batch_is_never_a_sliver(tiny_model, tiny_tokenizer, remainder):
+    """As from the store: a remainder under half a batch (here 0, 1 or 2 rows) is dropped, so no step
+    divides by the variance of one or two rows."""
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, batches_in_epoch, count_training_texts
+
+    from conftest import STORIES, TINY_LAYER
+
+    plan, _ = count_training_texts(STORIES, tiny_tokenizer, 24, 0.25)
+    batch_size = next(b for b in range(8, plan.n_tokens) if plan.n_tokens % b == remainder)
+    source = ModelRows(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), STORIES, plan, d=32,
+                       max_length=24, forward_batch=2, batch_size=batch_size, buffer_tokens=30, dtype="float32",
+                       device=torch.device("cpu"), seed=0)
+    sizes = [len(batch) for batch, _ in source.epoch(0)]
+    assert sizes == [batch_size] * (plan.n_tokens // batch_size)
+    assert len(sizes) == batches_in_epoch(plan.n_tokens, batch_size)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_synthetic_run
-from saekit.activations.sources import StoreRows
+from saekit.activations.sources import StoreRows, smallest_last_batch
 from saekit.base.settings import load_settings
 from saekit.training.sae import TopKSAE
 from saekit.training.train import TrainConfig, TrainingDiverged, auxk_loss, evaluate, train_sae
@@ -132,11 +132,11 @@ def test_a_range_that_fits_the_buffer_is_read_once_and_reshuffled_every_epoch(tm
         return real_rows(start, stop, dtype)
 
     run.rows = counting_rows
-    source = _rows(run, 0, 2500, 64, 4096)
+    source = _rows(run, 0, 2496, 64, 4096)  # 39 full batches
     epochs = [_epoch(source, epoch) for epoch in range(3)]
-    assert reads == [(0, 2500)]
+    assert reads == [(0, 2496)]
     for seen in epochs:
-        assert np.array_equal(np.sort(seen, axis=0), np.sort(real_rows(0, 2500, seen.dtype), axis=0))
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(real_rows(0, 2496, seen.dtype), axis=0))
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 
 
@@ -185,3 +185,61 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
         train_sae(run, _cfg(), checkpoint_path=ckpt, progress=False)
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["sae"].values())
+
+
+@pytest.mark.parametrize("remainder", [0, 1, 2, 63, 64])
+@pytest.mark.parametrize("buffer_tokens", [4096, 700], ids=["resident", "streamed"])
+def test_an_epochs_last_batch_is_never_smaller_than_half_a_batch(tmp_path, remainder, buffer_tokens):
+    """A remainder below half a batch is dropped (different rows each epoch); one row alone has zero
+    variance, and the loss, divided by it, would be infinite."""
+    run = make_synthetic_run(tmp_path, n_tokens=3000)
+    source = _rows(run, 0, 20 * 128 + remainder, 128, buffer_tokens)
+    kept = remainder >= smallest_last_batch(128)
+    epochs = [[batch.numpy() for batch, _ in source.epoch(epoch)] for epoch in range(2)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [128] * 20 + ([remainder] if kept else [])
+    if remainder and not kept:  # the rows left out differ between epochs
+        assert not np.array_equal(*(np.sort(np.concatenate(b), axis=0) for b in epochs))
+
+
+@pytest.mark.parametrize("remainder", [0, 1, 2])
+def test_training_rows_that_leave_a_remainder_of_0_1_or_2_train_to_a_finite_sae(tmp_path, remainder):
+    run = make_synthetic_run(tmp_path)
+    source = _rows(run, 0, 30 * 128 + remainder, 128, 2048)
+    sae, record = train_sae(run, _cfg(epochs=2), progress=False, source=source)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    assert [h["train_tokens"] for h in record["history"]] == [30 * 128] * 2
+    assert record["rows_dropped_per_epoch"] == remainder
+
+
+def test_too_few_rows_for_a_batch_is_one_clear_error(tmp_path):
+    from saekit.base.errors import PipelineError
+
+    run = make_synthetic_run(tmp_path)
+    with pytest.raises(PipelineError, match="lower BATCH_SIZE_TRAIN to at most 40"):
+        train_sae(run, _cfg(), progress=False, source=_rows(run, 0, 40, 128, 2048))
+
+
+def test_weights_that_diverge_between_read_backs_are_never_returned(tmp_path, monkeypatch):
+    """On a GPU the loss is read back every SYNC_EVERY steps only: a NaN after the last read-back must
+    still stop training before the SAE is returned (and saved)."""
+    import saekit.training.train as train_module
+
+    real_init, real_epoch = train_module._Trainer.initialise, StoreRows.epoch
+
+    def gpu_cadence(self, sample):
+        real_init(self, sample)
+        self.sync_every = 10 ** 9  # only step 0 of each epoch reads back, as on a GPU with few steps
+
+    def poisoned(self, epoch, position=None):
+        batches = list(real_epoch(self, epoch, position))
+        for i, (batch, after) in enumerate(batches):
+            if i == len(batches) - 1:
+                batch = batch.clone()
+                batch[0, 0] = np.nan
+            yield batch, after
+
+    monkeypatch.setattr(train_module._Trainer, "initialise", gpu_cadence)
+    monkeypatch.setattr(StoreRows, "epoch", poisoned)
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train_sae(make_synthetic_run(tmp_path), _cfg(epochs=1), progress=False)

@@ -67,14 +67,36 @@ def _generator(*seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0]))
 
 
+def smallest_last_batch(batch_size: int) -> int:
+    """The fewest rows an epoch's last, partial batch may have: half a batch, and at least two. The
+    loss is divided by the batch's own variance, which a handful of rows estimate badly and one row
+    not at all (zero variance: an infinite loss); a smaller remainder is dropped for that epoch. The
+    rows are reshuffled every epoch, so a different few are dropped each time."""
+    return max(2, (batch_size + 1) // 2)
+
+
+def rows_dropped(n_rows: int, batch_size: int) -> int:
+    """The rows an epoch of n_rows leaves out: its remainder, when that is too small a batch."""
+    remainder = n_rows % batch_size
+    return remainder if remainder < smallest_last_batch(batch_size) else 0
+
+
+def batches_in_epoch(n_rows: int, batch_size: int) -> int:
+    """Steps in an epoch of n_rows: the full batches, and the remainder if it is kept."""
+    return -(-(n_rows - rows_dropped(n_rows, batch_size)) // batch_size)
+
+
 def shuffled_batches(rows: torch.Tensor, generator: torch.Generator, batch_size: int, last: bool,
                      after: Position) -> Iterator[tuple[torch.Tensor, Position | None]]:
-    """Batches of `rows` in random order: full ones, and with `last` the remainder too.
+    """Batches of `rows` in random order: full ones, and with `last` the remainder too when it is
+    at least `smallest_last_batch` (a smaller one is dropped).
 
     Yields (batch, position): the position, with the rows left over as its carry, comes with the
     buffer's final batch (None elsewhere, and at the end of an epoch). Returns the rows left over."""
     order = torch.randperm(len(rows), generator=generator).to(rows.device)
-    n_out = len(rows) if last else len(rows) // batch_size * batch_size
+    n_out = len(rows) // batch_size * batch_size
+    if last and len(rows) - n_out >= smallest_last_batch(batch_size):
+        n_out = len(rows)
     carry = rows[order[n_out:]]
     starts = range(0, n_out, batch_size)
     for lo in starts:

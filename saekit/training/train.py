@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..activations.sources import RowSource, StoreRows
+from ..activations.sources import RowSource, StoreRows, batches_in_epoch, rows_dropped, smallest_last_batch
 from ..activations.store import ActivationRun
 from ..base.atomic import save_torch
 from ..base.distributed import World, all_reduce_, broadcast_object, share
@@ -192,7 +192,7 @@ class _Trainer:
         self.cfg, self.device, self.world = cfg, device, world
         self.n_latents = cfg.n_latents_multiplier * d
         self.k_aux = cfg.auxk_k or d // 2
-        self.steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
+        self.steps_per_epoch = batches_in_epoch(n_rows, cfg.batch_size)
         total_steps = cfg.epochs * self.steps_per_epoch
         # a tenth of an epoch: long enough that a latent of average frequency fires ~k*window/n times in it
         self.window = cfg.dead_window_tokens or min(10_000_000, max(n_rows // 10, cfg.batch_size))
@@ -260,6 +260,15 @@ class _Trainer:
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
+
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged if any step's loss or any parameter is not finite, on any rank. On a
+        GPU the loss is read back only every SYNC_EVERY steps; this read waits for every step."""
+        broken = self.nonfinite.clone()
+        for parameter in self.sae.parameters():
+            broken |= ~torch.isfinite(parameter.detach()).all()
+        if _any_rank(broken, self.world):
+            raise TrainingDiverged("the loss or the SAE's weights became non-finite (inf or NaN)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -353,6 +362,10 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
                + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
     run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
+    if batches_in_epoch(source.n_rows, cfg.batch_size) == 0:
+        raise PipelineError(f"the {source.n_rows} training rows make no batch of BATCH_SIZE_TRAIN={cfg.batch_size} "
+                            f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
+                            f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
     config = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_seconds"}  # free to change on resume
     checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config},
@@ -389,6 +402,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                     sums.loss, sums.fvu = all_reduce_(totals.clone(), world).tolist()
                     sums.seconds = time.perf_counter() - started
                     checkpoints.save(trainer, history, epoch - 1, {"position": position, "sums": asdict(sums)})
+            trainer.check_finite()  # before the epoch's check and checkpoint, whatever the device's read-back cadence
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err} at epoch {epoch + 1}, by step {sums.steps + 1}; {checkpoints.kept}. "
                                    "Lower LR (or check the activations for inf/NaN) and train again.") from None
@@ -419,6 +433,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
               "dead_window_tokens": trainer.window, "k_aux": trainer.k_aux, "init": trainer.init,
+              "rows_dropped_per_epoch": rows_dropped(source.n_rows, cfg.batch_size),
               "activation_source": source.kind, "config": asdict(cfg)}
     return sae, record
 
