@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import STORIES, TINY_LAYER
@@ -47,3 +48,17 @@ def test_cross_entropy_agrees_with_a_float64_reference(tiny_model, tiny_tokenize
     assert abs(m["ce_sae"] - totals["sae"] / count) < 1e-5
     assert abs(m["kl_sae"] - kl / count) < 1e-5
     assert m["delta_ce"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_stage_03_judges_the_sae_in_model_dtype_and_records_it(smoke_args, dtype):
+    """One rule for every stage: stage 03 loads the model in MODEL_DTYPE, as stages 01, 02 on the fly
+    and 04 do, and analysis.json's splice figures say which dtype they were measured in."""
+    from saekit.base.settings import load_settings
+    from saekit.evaluation.analysis import load_layer_model, load_trained_sae, splice_report
+
+    settings = load_settings(smoke_args + [f"--MODEL_DTYPE={dtype}"])
+    loaded = load_layer_model(settings)
+    assert next(loaded.model.parameters()).dtype == getattr(torch, dtype)
+    report = splice_report(settings, load_trained_sae(settings), progress=False, loaded=loaded)
+    assert report["model_dtype"] == dtype and report["delta_ce"] == report["delta_ce"]  # measured, not NaN

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from ..activations.data import load_role_texts
-from ..activations.models import detect_device, load_model, resolve_layer
+from ..activations.models import detect_device, resolve_layer
+from ..activations.stage import load_stage_model
 from ..activations.store import ActivationRun, check_run_matches, open_run
 from ..base.atomic import write_json
+from ..base.distributed import World
 from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
 from ..base.settings import Settings
@@ -119,8 +121,10 @@ class LayerModel:
 
 
 def load_layer_model(settings: Settings) -> LayerModel:
+    """The model in MODEL_DTYPE, by the rule of every stage (saekit.activations.stage.load_stage_model):
+    the SAE is judged in the model whose activations trained it."""
     device = detect_device(settings.DEVICE)
-    model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
+    model, tokenizer = load_stage_model(settings, device, World())
     return LayerModel(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), device)
 
 
@@ -134,6 +138,7 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress)
     result["n_texts"] = len(texts)
+    result["model_dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     result["n_texts_asked"] = settings.EVAL_DATA_LIMIT
     if progress:
         print("CE figures on " + texts.summary())
