@@ -243,3 +243,22 @@ def test_weights_that_diverge_between_read_backs_are_never_returned(tmp_path, mo
     monkeypatch.setattr(StoreRows, "epoch", poisoned)
     with pytest.raises(TrainingDiverged, match="non-finite"):
         train_sae(make_synthetic_run(tmp_path), _cfg(epochs=1), progress=False)
+
+
+@pytest.mark.parametrize("buffer_tokens", [8192, 700], ids=["resident", "streamed"])
+def test_stored_copies_of_heldout_documents_are_never_trained_on(tmp_path, buffer_tokens):
+    """The on-the-fly rule on the store path: a training document whose text is also a held-out one
+    (here documents 3, 50 and 51, planted as copies of held-out 100 and 110) is left out, and counted."""
+    from saekit.activations.sources import heldout_copies
+
+    hashes = list(range(1000, 1120))  # 120 documents of 50 rows; the last 24 are held out at 0.2
+    hashes[3], hashes[50], hashes[51] = hashes[100], hashes[110], hashes[110]
+    run = make_synthetic_run(tmp_path, document_hashes=hashes)
+    assert heldout_copies(run, 0.2) == (3, [(150, 200), (2500, 2600)])
+    copied = {tuple(r) for r in np.concatenate([run.rows(150, 200), run.rows(2500, 2600)]).tolist()}
+    source = StoreRows(run, 0, 4800, 128, buffer_tokens, torch.device("cpu"), 0, *heldout_copies(run, 0.2)[::-1])
+    seen = np.concatenate([b.numpy() for b, _ in source.epoch(0)]).tolist()
+    assert len(seen) == 4650 - 4650 % 128 and not copied & {tuple(r) for r in seen}
+    assert not copied & {tuple(r) for r in source.sample().tolist()}
+    _, record = train_sae(run, _cfg(epochs=1), progress=False)
+    assert record["training_copies_of_heldout"] == 3 and record["history"][0]["train_tokens"] == 4650 - 4650 % 128

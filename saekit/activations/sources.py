@@ -20,7 +20,7 @@ the same batches as an uninterrupted run. The order depends only on (SEED, epoch
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -42,6 +42,7 @@ READ_AHEAD_BUFFERS = 16
 
 class RowSource(Protocol):
     kind: str  # ACTIVATION_SOURCE
+    copies_of_heldout: int  # training documents left out because a held-out document has the same text
 
     @property
     def n_rows(self) -> int:
@@ -122,9 +123,27 @@ def evenly_spaced(rows: torch.Tensor, n: int = SAMPLE_ROWS) -> torch.Tensor:
     return rows[torch.from_numpy(_spread(0, len(rows), n)).to(rows.device)].float().cpu()
 
 
+def heldout_copies(run: ActivationRun, heldout_fraction: float) -> tuple[int, list[tuple[int, int]]]:
+    """The training documents of a stored run whose text is also a held-out one (an exact duplicate in
+    the corpus): how many, and their row ranges, which training leaves out, as on the fly
+    (`count_training_texts`), so that held-out figures are on tokens training never saw. A run that
+    records no document hashes (made outside stage 01) has none to find."""
+    if "documents_sha256" not in run.meta:
+        return 0, []
+    hashes = run.document_hashes()
+    first_heldout = len(hashes) - heldout_documents(len(hashes), heldout_fraction)
+    copies = np.flatnonzero(np.isin(hashes[:first_heldout], hashes[first_heldout:]))
+    if not len(copies):
+        return 0, []
+    stop = run.heldout_start(heldout_fraction)
+    dropped = np.isin(run.tokens()[:stop, 1], copies)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], dropped, [False]]).astype(np.int8)))
+    return len(copies), [(int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2])]
+
+
 @dataclass
 class StoreRows:
-    """Rows [start, stop) of a stored run.
+    """Rows [start, stop) of a stored run, less the `excluded` row ranges (sorted, within the range).
 
     When the range fits in the buffer, it is read once, kept on the device, and reshuffled every
     epoch. Beyond that the range is cut into chunks read contiguously, in a random chunk order; each
@@ -138,6 +157,8 @@ class StoreRows:
     buffer_tokens: int
     device: torch.device
     seed: int
+    excluded: list[tuple[int, int]] = field(default_factory=list)
+    copies_of_heldout: int = 0  # documents the excluded rows belong to
     kind = "store"
 
     def __post_init__(self) -> None:
@@ -145,21 +166,34 @@ class StoreRows:
 
     @property
     def n_rows(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start - sum(hi - lo for lo, hi in self.excluded)
 
     def describe(self) -> str:
-        return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows)"
+        left_out = (f", {self.copies_of_heldout} documents left out as copies of held-out ones"
+                    if self.copies_of_heldout else "")
+        return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows{left_out})"
 
     def memory_parts(self) -> dict[str, int]:
         rows = min(self.n_rows, self.buffer_tokens + self.batch_size)
         return {"the shuffle buffer": 2 * rows * self.run.d_model * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
 
+    def _kept(self, lo: int, hi: int) -> np.ndarray:
+        """Which of rows [lo, hi) are trained on."""
+        keep = np.ones(hi - lo, bool)
+        for a, b in self.excluded:
+            if a < hi and b > lo:
+                keep[max(a, lo) - lo:min(b, hi) - lo] = False
+        return keep
+
     def sample(self) -> torch.Tensor:
-        return training_sample(self.run, self.start, self.stop)
+        spread = _spread(self.start, self.stop, SAMPLE_ROWS)
+        return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]]))
 
     def _read(self, lo: int, hi: int) -> torch.Tensor:
-        rows = torch.from_numpy(self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]))
-        return rows.to(self.device)
+        rows = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]])
+        if self.excluded:
+            rows = rows[self._kept(lo, hi)]
+        return torch.from_numpy(rows).to(self.device)
 
     def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
         """Each buffer's chunks, in this epoch's order."""
@@ -201,6 +235,11 @@ class TrainingTexts:
     @property
     def heldout(self) -> set[int]:
         return set(self.hashes[self.n_training:].tolist())
+
+    @property
+    def copies_of_heldout(self) -> int:
+        """Training documents left out as copies of held-out ones."""
+        return int(np.isin(self.hashes[:self.n_training], self.hashes[self.n_training:]).sum())
 
 
 def count_training_texts(texts: Iterable[str], tokenizer, max_length: int, heldout_fraction: float,
@@ -251,6 +290,7 @@ class ModelRows:
         self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
         self.device, self.seed, self.world = torch.device(device), seed, world
         self._heldout = plan.heldout
+        self.copies_of_heldout = plan.copies_of_heldout
         self._first: torch.Tensor | None = None  # epoch 0's first buffer, made once for the sample too
 
     @property
@@ -379,7 +419,9 @@ def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
                          "ACTIVATION_SOURCE='model'). Train on the fly with --ACTIVATION_SOURCE=model, or run stage "
                          "01 with --ACTIVATION_SOURCE=store to save every token")
     stop = run.heldout_start(settings.HELDOUT_FRACTION)
-    return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED)
+    copies, excluded = heldout_copies(run, settings.HELDOUT_FRACTION)
+    return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED,
+                     excluded, copies)
 
 
 def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..activations.sources import RowSource, StoreRows, batches_in_epoch, rows_dropped, smallest_last_batch
+from ..activations.sources import (RowSource, StoreRows, batches_in_epoch, heldout_copies, rows_dropped,
+                                   smallest_last_batch)
 from ..activations.store import ActivationRun
 from ..base.atomic import save_torch
 from ..base.distributed import World, all_reduce_, broadcast_object, share
@@ -355,7 +356,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     device = torch.device(device)
     _check_config(cfg, run.d_model, world)
     heldout_start = run.heldout_start(cfg.heldout_fraction)
-    source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed)
+    source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed,
+                                 *heldout_copies(run, cfg.heldout_fraction)[::-1])
     n_latents = cfg.n_latents_multiplier * run.d_model
     check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
                             **source.memory_parts()}, device,
@@ -434,6 +436,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
               "dead_window_tokens": trainer.window, "k_aux": trainer.k_aux, "init": trainer.init,
               "rows_dropped_per_epoch": rows_dropped(source.n_rows, cfg.batch_size),
+              "training_copies_of_heldout": source.copies_of_heldout,
               "activation_source": source.kind, "config": asdict(cfg)}
     return sae, record
 
