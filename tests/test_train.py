@@ -262,3 +262,29 @@ def test_stored_copies_of_heldout_documents_are_never_trained_on(tmp_path, buffe
     assert not copied & {tuple(r) for r in source.sample().tolist()}
     _, record = train_sae(run, _cfg(epochs=1), progress=False)
     assert record["training_copies_of_heldout"] == 3 and record["history"][0]["train_tokens"] == 4650 - 4650 % 128
+
+
+def test_resume_refuses_another_select_dtype_resolution_and_notes_another_device(tmp_path, monkeypatch, capsys):
+    """SELECT_DTYPE = "auto" resolves by the hardware: a checkpoint records what it resolved to and
+    on which device kind its steps ran. Another resolution is refused; another device is noted."""
+    import saekit.training.train as train_module
+    from saekit.base.errors import PipelineError
+
+    run = make_synthetic_run(tmp_path)
+    cfg = _cfg(epochs=3, select_dtype="auto")
+    resolved = {"dtype": torch.bfloat16}
+    monkeypatch.setattr(train_module, "select_dtype", lambda setting, device: resolved["dtype"])
+
+    def stop_in_second(record):  # the checkpoint after the first epoch is kept
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", progress=False, on_epoch=stop_in_second)
+    resolved["dtype"] = torch.float32  # a CPU without native bfloat16
+    with pytest.raises(PipelineError, match="pass --SELECT_DTYPE=bfloat16 to resume it"):
+        train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", resume=True, progress=False)
+    resolved["dtype"] = torch.bfloat16
+    monkeypatch.setattr(train_module, "device_kind", lambda device: "cuda (a GPU)")
+    train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", resume=True, progress=False)
+    assert "resuming on cuda (a GPU) a checkpoint made on cpu" in capsys.readouterr().out

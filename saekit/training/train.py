@@ -297,12 +297,27 @@ class _EpochSums:
     seconds: float = 0.0
 
 
+def device_kind(device: torch.device) -> str:
+    """The kind of device a step ran on, as a checkpoint records it: "cpu", or the GPU's name."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 class _Checkpoints:
     """checkpoint.pt: written by rank 0 after every epoch, and mid-epoch at the end of a shuffle buffer
-    once CHECKPOINT_SECONDS have passed since the last one (a run on the fly may be one long epoch)."""
+    once CHECKPOINT_SECONDS have passed since the last one (a run on the fly may be one long epoch).
 
-    def __init__(self, path: Path | None, fingerprint: dict[str, Any], every_seconds: float, world: World):
-        self.path, self.fingerprint, self.every, self.world = path, fingerprint, every_seconds, world
+    Besides the settings and activations (`fingerprint`, which must match), a checkpoint records where
+    its steps ran (`where`: the device kind and the dtype SELECT_DTYPE resolved to, which "auto" takes
+    from the hardware). Resumed on the same kind of CPU, training reaches the same weights, bit for bit,
+    as an uninterrupted run. Another SELECT_DTYPE resolution is refused (its steps choose latents
+    differently). On another device kind, or on any CUDA GPU (whose index_add_ adds in no fixed order),
+    the result is as good but not bitwise the same: a note says so."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any], where: dict[str, str], every_seconds: float,
+                 world: World):
+        self.path, self.fingerprint, self.where, self.every, self.world = path, fingerprint, where, every_seconds, world
         self.last_saved = time.monotonic()
         self.kept = "no epoch had finished, so there is no checkpoint"
 
@@ -317,6 +332,15 @@ class _Checkpoints:
             raise PipelineError(
                 f"the checkpoint {self.path} was made with other settings or activations "
                 f"({ckpt['fingerprint']}); drop --resume to start afresh, or pass the settings it used")
+        made_on = ckpt.get("where", {})
+        if made_on.get("select_dtype", self.where["select_dtype"]) != self.where["select_dtype"]:
+            raise PipelineError(
+                f"the checkpoint {self.path} chose latents in {made_on['select_dtype']} (SELECT_DTYPE resolved on "
+                f"{made_on['device']}), this machine in {self.where['select_dtype']}; pass "
+                f"--SELECT_DTYPE={made_on['select_dtype']} to resume it, or drop --resume to start afresh")
+        if made_on.get("device") != self.where["device"] and self.world.is_main:
+            print(f"note: resuming on {self.where['device']} a checkpoint made on {made_on.get('device', 'an unrecorded device')}: "
+                  "training goes on as well, but not to bitwise the result of an uninterrupted run")
         self.kept = f"the checkpoint this run resumed from is kept at {self.path}"
         return ckpt
 
@@ -329,7 +353,7 @@ class _Checkpoints:
         """`epoch` is the last finished epoch (-1 for none); `partial`, how far the next one got."""
         if self.path is None or not self.world.is_main or not trainer.finite():  # never keep a diverged state
             return
-        ckpt = {"fingerprint": self.fingerprint, "epoch": epoch, "partial": partial, "history": history,
+        ckpt = {"fingerprint": self.fingerprint, "where": self.where, "epoch": epoch, "partial": partial, "history": history,
                 **trainer.state_dict()}
         save_torch(self.path, {**ckpt, "sha256": content_digest(ckpt)})
         self.last_saved = time.monotonic()
@@ -370,7 +394,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                             f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
     config = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_seconds"}  # free to change on resume
-    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config},
+    where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch.")}
+    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config}, where,
                                cfg.checkpoint_seconds, world)
     ckpt = checkpoints.load() if resume else None
     history: list[dict[str, Any]] = []
