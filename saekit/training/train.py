@@ -42,7 +42,7 @@ from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
 from ..base.memory import check_fits, training_parts
 from .reconstruction import ReconstructionStats
-from .sae import ARCHITECTURES, TopKSAE, load_plain
+from .sae import ARCHITECTURES, TopKSAE, gathered_width, load_plain
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
@@ -383,7 +383,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed,
                                  *heldout_copies(run, cfg.heldout_fraction)[::-1])
     n_latents = cfg.n_latents_multiplier * run.d_model
-    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
+    width = gathered_width(cfg.k, n_latents, select_dtype(cfg.select_dtype, device), device)
+    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu", width),
                             **source.memory_parts()}, device,
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
                + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
