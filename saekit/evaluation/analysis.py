@@ -146,6 +146,18 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     return result
 
 
+def splice_table(splice: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stage 03's table of the splice: each figure, with its 95% bootstrap interval over texts where it
+    has one (ΔCE, KL, CE recovered)."""
+    rows = []
+    for name, value in splice.items():
+        if name.endswith("_ci95") or not isinstance(value, (int, float)):
+            continue
+        low, high = splice.get(f"{name}_ci95", (None, None))
+        rows.append({"figure": name, "value": value, "95% CI low": low, "95% CI high": high})
+    return rows
+
+
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],
                    weights: dict[str, Any], splice: dict[str, float],
                    sparse_probing: dict[str, Any] | None = None) -> dict[str, Any]:
