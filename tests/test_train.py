@@ -288,3 +288,19 @@ def test_resume_refuses_another_select_dtype_resolution_and_notes_another_device
     monkeypatch.setattr(train_module, "device_kind", lambda device: "cuda (a GPU)")
     train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", resume=True, progress=False)
     assert "resuming on cuda (a GPU) a checkpoint made on cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n_dead", [3, 40])
+def test_auxk_is_normalised_by_the_residuals_own_variance_and_scaled_by_the_dead_share(n_dead):
+    """As Gao et al. cite it (openai's sparse_autoencoder, sparsify, SAELens): the dead latents' error
+    over the residual's variance, times min(n_dead / k_aux, 1); 3 dead latents get 3/6 of the weight."""
+    from saekit.base.distributed import World
+    from saekit.training.train import _Trainer
+
+    trainer = _Trainer(_cfg(auxk_k=6), 12, 1000, torch.device("cpu"), World())
+    trainer.sae.init_weights(torch.zeros(12), torch.Generator().manual_seed(0))
+    trainer.dead_idx = torch.arange(n_dead)
+    x, residual = torch.randn(32, 12), torch.randn(32, 12) * 0.3 + 1.0
+    residual_variance = (residual - residual.mean(0)).pow(2).sum()
+    expected = min(n_dead / 6, 1.0) * auxk_loss(trainer.sae, x, residual, trainer.dead_idx, 6, residual_variance)
+    torch.testing.assert_close(trainer.auxk_term(x, residual, 32), expected)

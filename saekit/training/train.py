@@ -9,7 +9,8 @@ Recipe, and where each piece comes from:
 - Every step: the decoder-gradient component parallel to each row is removed, and rows are
   renormalised after the step (Bricken et al. 2023), so the code scale lives in the encoder.
 - Loss: FVU of the batch (squared error over the batch's total variance), plus AuxK: the top
-  k_aux = d/2 dead latents reconstruct the residual, weight 1/32 (Gao et al. 2024, sec. A.2).
+  k_aux = d/2 dead latents reconstruct the residual, their error over the residual's own variance,
+  scaled by min(n_dead / k_aux, 1), weight 1/32 (Gao et al. 2024, sec. A.2; `_Trainer.auxk_term`).
   A latent is dead when it has not fired within DEAD_WINDOW_TOKENS training tokens (by default a
   tenth of an epoch, at most 10M: Gao et al.'s 10M suits runs of billions of tokens).
 - Adam, lr = LR_BASE / sqrt(n_latents / 2^14) unless LR is set: the scaling of Gao et al. 2024
@@ -132,9 +133,9 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
 
 
 def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: torch.Tensor, k_aux: int,
-              total_variance: torch.Tensor) -> torch.Tensor:
+              variance: torch.Tensor) -> torch.Tensor:
     """How well the top k_aux dead latents (`dead_idx`) reconstruct what the live ones missed
-    (Gao et al. 2024).
+    (Gao et al. 2024): their squared error over `variance`.
 
     Only the dead latents' rows enter the products, so this costs little once few are dead.
     """
@@ -146,7 +147,7 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: t
         top = pre.topk(k_aux, dim=-1, sorted=False)
         codes = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
     recon = codes @ sae.W_dec.index_select(0, dead_idx)
-    return ((recon - residual) ** 2).sum() / total_variance
+    return ((recon - residual) ** 2).sum() / variance
 
 
 @torch.no_grad()
@@ -241,7 +242,7 @@ class _Trainer:
             self.dead_idx = self.dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
         loss = batch_fvu
         if len(self.dead_idx):
-            loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), self.dead_idx, self.k_aux, total_variance)
+            loss = loss + cfg.auxk_coef * self.auxk_term(x, residual.detach(), len(full))
         self.nonfinite |= ~torch.isfinite(loss.detach())
         if sync and _any_rank(self.nonfinite, world):
             raise TrainingDiverged(f"the loss became {loss.item()}")
@@ -258,6 +259,19 @@ class _Trainer:
         self.schedule.step()
         sae.normalize_decoder()
         return loss.detach(), batch_fvu.detach()
+
+    def auxk_term(self, x: torch.Tensor, residual: torch.Tensor, global_rows: int) -> torch.Tensor:
+        """AuxK as Gao et al. (2024, sec. A.2) and the peers they cite define it (openai's
+        sparse_autoencoder: normalized_mse(auxk_recons, x - recons + pre_bias); sparsify; SAELens): the
+        dead latents' squared error on the residual over the residual's own variance (on the global
+        batch, across ranks), scaled by min(n_dead / k_aux, 1) so a few dead latents get a share of
+        the coefficient, not all of it."""
+        sums = torch.cat([residual.double().sum(0), residual.double().pow(2).sum().view(1)])
+        if self.world.distributed:
+            all_reduce_(sums, self.world)
+        residual_variance = (sums[-1] - sums[:-1].pow(2).sum() / global_rows).float()
+        scale = min(len(self.dead_idx) / self.k_aux, 1.0)
+        return scale * auxk_loss(self.sae, x, residual, self.dead_idx, self.k_aux, residual_variance)
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
