@@ -55,9 +55,11 @@ LR_BASE = 1e-3  # Gao et al. use 2e-4 for runs of billions of tokens; short CPU 
 WARMUP_STEPS = 100
 MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of LR
 GRAD_CLIP = 1.0
-AUXK_COEF = 1 / 32
-AUXK_K = 0  # 0 = d_in / 2
-DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = a tenth of an epoch, at most 10M
+AUXK_COEF = 1 / 32  # AuxK's weight; its term: the dead latents' error on the residual over the residual's own
+#                    variance, times min(n_dead / k_aux, 1) (Gao et al. 2024, sec. A.2, as openai, sparsify, SAELens)
+AUXK_K = 0  # k_aux, the dead latents that may take part per token; 0 = d_in / 2
+DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead (fed to AuxK); 0 = a tenth of an
+#                         epoch, at most 10M. Not the held-out count's "dead" (never fires there): docs/settings.md
 HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
 SHUFFLE_BUFFER_TOKENS = 262144  # activations shuffled together on the training device (from disk or the model)
 CHECKPOINT_SECONDS = 600  # a checkpoint after every epoch, and mid-epoch at a buffer's end once this long has passed
