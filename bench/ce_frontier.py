@@ -24,7 +24,7 @@ from saekit.activations.models import load_model, resolve_layer
 from saekit.activations.store import open_run
 from saekit.base.settings import load_settings
 from saekit.evaluation.analysis import mean_training_activation
-from saekit.evaluation.splice import splice_metrics
+from saekit.evaluation.splice import paired_difference, splice_metrics
 from saekit.evaluation.verdict import measured_on
 from saekit.training.train import TrainConfig, evaluate, train_sae
 
@@ -39,8 +39,8 @@ CONFIGURATIONS = [
     "--N_LATENTS_MULTIPLIER=16 --TOP_K=32",
 ]
 EVAL_TEXTS = 100
-COLUMNS = ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "recovered_vs_mean", "recovered_vs_zero",
-           "kl", "train_seconds"]
+COLUMNS = ["overrides", "train_tokens", "heldout_fvu", "dead", "delta_ce", "delta_ce_ci95", "vs_first", "vs_first_ci95",
+           "recovered_vs_mean", "recovered_vs_zero", "kl", "train_seconds"]
 
 name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--name=")), "custom")
 configurations = [a for a in sys.argv[1:] if not a.startswith("--name=")] or CONFIGURATIONS
@@ -50,7 +50,7 @@ model, tokenizer = load_model(base.MODEL_ID, "cpu", cache_dir=base.store / "mode
 layer = resolve_layer(model, base.LAYER_SIGNATURE)
 texts = load_texts(base.HF_DATASET, base.EVAL_SPLIT, base.TEXT_FIELD, EVAL_TEXTS).texts
 
-rows = []
+rows, first = [], None
 for overrides in configurations:
     settings = load_settings(shlex.split(overrides))
     with timer() as t:
@@ -58,9 +58,13 @@ for overrides in configurations:
     heldout_start = record["heldout_start_row"]
     heldout = evaluate(sae, run, heldout_start, run.n_tokens).summary()
     splice = splice_metrics(model, tokenizer, layer, texts, sae, mean_training_activation(run, heldout_start),
-                            settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE, progress=False)
+                            settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE, progress=False, keep_per_text=True)
+    per_text = splice.pop("per_text")
+    first = first or per_text
+    vs_first = paired_difference(per_text, first)  # ΔCE minus the first configuration's, text by text
     row = {"overrides": overrides or "(default)", "train_tokens": heldout_start, "train_seconds": t["seconds"],
            "heldout_fvu": heldout["fvu"], "dead": heldout["dead"], "delta_ce": splice["delta_ce"],
+           "delta_ce_ci95": splice["delta_ce_ci95"], "vs_first": vs_first["difference"], "vs_first_ci95": vs_first["ci95"],
            "recovered_vs_mean": splice["ce_recovered_vs_mean"], "recovered_vs_zero": splice["ce_recovered_vs_zero"],
            "kl": splice["kl_sae"], "splice": splice}
     rows.append(row)

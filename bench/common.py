@@ -60,4 +60,6 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, list):  # an interval
+        return "[" + ", ".join(map(_fmt, value)) + "]"
     return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -78,7 +78,7 @@ def tiny_model_dir(tmp_path_factory, tiny_model, chat_tokenizer) -> Path:
 
 def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_features: int = 48,
                        active: int = 3, seed: int = 0, dtype: str = "float32", shard_tokens: int = 1000,
-                       edit_rows=None):
+                       edit_rows=None, document_hashes: list[int] | None = None):
     """An activation run whose tokens are sparse sums of known unit directions (plus noise), in documents of 50
     tokens: a TopK SAE with enough latents should reconstruct it almost perfectly. `edit_rows(x, docs)` may change
     the rows in place before they are written."""
@@ -95,7 +95,8 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
         edit_rows(x, docs)
     writer = RunWriter(store_dir, "synthetic", d, dtype, shard_tokens)
     writer.add(x, torch.zeros(n_tokens, dtype=torch.long), docs, torch.arange(n_tokens) % 50)
-    writer.finish({"model_id": "synthetic", "layer_signature": "synthetic", "n_documents": int(docs[-1]) + 1})
+    writer.finish({"model_id": "synthetic", "layer_signature": "synthetic", "n_documents": int(docs[-1]) + 1},
+                  document_hashes)
     return open_run(store_dir)
 
 

@@ -34,6 +34,7 @@ def _flip(path: Path, offset: int, count: int) -> None:
 @pytest.mark.parametrize("script,setting,says", [
     ("02_train_sae.py", "--EPOCHS=0", "EPOCHS=0 must be at least 1"),
     ("02_train_sae.py", "--EPOCHS=-1", "EPOCHS=-1 must be at least 1"),
+    ("02_train_sae.py", "--BATCH_SIZE_TRAIN=1", "BATCH_SIZE_TRAIN=1 must be at least 2"),
     ("02_train_sae.py", "--HELDOUT_FRACTION=0.0", "HELDOUT_FRACTION=0.0 must be in (0, 1)"),
     ("02_train_sae.py", "--TOP_K=100000", "TOP_K=100000 must be at most the number of latents"),
     ("02_train_sae.py", "--LR=nan", "LR=nan must be a finite number"),

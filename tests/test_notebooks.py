@@ -37,6 +37,9 @@ def test_analysis_notebook_writes_its_verdict(stage_03):
     assert checks["W_enc moved from its initialisation"]["result"] == "PASS"
     assert 0 <= report["heldout"]["fvu"] and report["splice"]["n_predictions"] > 0
     assert report["splice"]["ce_clean"] <= report["splice"]["ce_zero"] + 1.0
+    low, high = report["splice"]["delta_ce_ci95"]  # every ΔCE, KL and CE recovered has its interval over texts
+    assert low <= report["splice"]["delta_ce"] <= high and report["splice"]["model_dtype"] == "float32"
+    assert "95% CI" in executed.with_suffix(".html").read_text()
     # the smoke texts have no label fields: sparse probing says so in one line, and the verdict stands without it
     assert report["sparse_probing"]["skipped"].startswith("sparse probing skipped") and "\n" not in report["sparse_probing"]["skipped"]
     for figure in ("training_curves", "l0_distribution", "weights_vs_init", "decoder_geometry",

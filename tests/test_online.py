@@ -69,7 +69,7 @@ def test_the_sae_and_its_history_say_which_source_trained_them(online_args):
     history = read_sealed_json(store / "training_history.json", "")
     cfg = json.loads((store / "sae_model" / "saelens" / "cfg.json").read_text())
     assert meta["activation_source"] == history["activation_source"] == cfg["metadata"]["activation_source"] == "model"
-    assert history["history"][-1]["train_tokens"] == read_sealed_json(
+    assert history["history"][-1]["train_tokens"] + history["rows_dropped_per_epoch"] == read_sealed_json(
         next((store / "runs").glob("*/metadata.json")), "")["training_tokens"]
 
 
@@ -220,3 +220,22 @@ def test_a_model_changed_between_stages_01_and_02_is_refused(tmp_path, smoke_arg
     # a hub model is known by its resolved revision
     assert weights_changes({"revision": "abc"}, {"revision": "def"}) == ["revision abc is now def"]
     assert weights_changes({"revision": "abc"}, {"revision": "abc"}) == []
+
+
+@pytest.mark.parametrize("remainder", [0, 1, 2])
+def test_on_the_fly_an_epochs_last_batch_is_never_a_sliver(tiny_model, tiny_tokenizer, remainder):
+    """As from the store: a remainder under half a batch (here 0, 1 or 2 rows) is dropped, so no step
+    divides by the variance of one or two rows."""
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, batches_in_epoch, count_training_texts
+
+    from conftest import STORIES, TINY_LAYER
+
+    plan, _ = count_training_texts(STORIES, tiny_tokenizer, 24, 0.25)
+    batch_size = next(b for b in range(8, plan.n_tokens) if plan.n_tokens % b == remainder)
+    source = ModelRows(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), STORIES, plan, d=32,
+                       max_length=24, forward_batch=2, batch_size=batch_size, buffer_tokens=30, dtype="float32",
+                       device=torch.device("cpu"), seed=0)
+    sizes = [len(batch) for batch, _ in source.epoch(0)]
+    assert sizes == [batch_size] * (plan.n_tokens // batch_size)
+    assert len(sizes) == batches_in_epoch(plan.n_tokens, batch_size)

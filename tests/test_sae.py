@@ -176,3 +176,42 @@ def test_a_bfloat16_selection_keeps_float32_values_and_gradients():
     # and the choice is float32's: bfloat16's top 2k re-scored in float32 hold float32's top k
     exact = pre.detach().topk(6, dim=-1).indices
     assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(indices, exact))
+
+
+@pytest.mark.parametrize("select", [torch.float32, torch.bfloat16])
+def test_the_memory_check_counts_the_gather_kernels_largest_tensor(select, monkeypatch):
+    """Off the CPU the kernels gather rows into [batch, k, d] tensors (2k wide when bfloat16 proposes
+    candidates). On the CPU, with the GPU's kernels forced, the largest tensor a training step makes
+    is the one saekit.base.memory counts; the CPU's sparse kernels make none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from saekit.base.memory import FLOAT32, training_parts
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel() * t.element_size())
+            return out
+
+    batch, d, n, k = 32, 64, 48, 6  # sized so that the gathered rows are a step's largest tensor
+
+    def largest_in_a_step(sparse_kernels: bool) -> int:
+        monkeypatch.setattr(sae_module, "_sparse_kernels", lambda t: sparse_kernels)
+        sae = _sae(d, n, k)
+        sae.select_dtype = select
+        LargestOutput.largest = 0
+        with LargestOutput():
+            values, indices = sae.encode(torch.randn(batch, d))
+            sae.decode(values, indices).pow(2).sum().backward()
+        return LargestOutput.largest
+
+    width = sae_module.gathered_width(k, n, select, torch.device("cuda"))
+    assert width == (2 * k if select == torch.bfloat16 else k)
+    counted = training_parts(d, n, batch, False, width)["a training step's gathered rows"]
+    assert counted == batch * width * d * FLOAT32 == largest_in_a_step(sparse_kernels=False)
+    assert sae_module.gathered_width(k, n, select, torch.device("cpu")) == 0
+    assert largest_in_a_step(sparse_kernels=True) < counted

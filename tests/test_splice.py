@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from conftest import STORIES, TINY_LAYER
@@ -59,3 +61,69 @@ def test_every_variant_agrees_with_a_float64_reference(tiny_model, tiny_tokenize
         expected = (m[f"ce_{ablation}"] - m["ce_sae"]) / (m[f"ce_{ablation}"] - m["ce_clean"])
         assert abs(m[f"ce_recovered_vs_{ablation}"] - expected) < 1e-9, ablation
     assert abs(ce["mean"] - ce["zero"]) > 1e-3 and abs(kl["mean"] - kl["zero"]) > 1e-3 * count  # the two ablations differ here, so neither can pass for the other
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_stage_03_judges_the_sae_in_model_dtype_and_records_it(smoke_args, dtype):
+    """One rule for every stage: stage 03 loads the model in MODEL_DTYPE, as stages 01, 02 on the fly
+    and 04 do, and analysis.json's splice figures say which dtype they were measured in."""
+    from saekit.base.settings import load_settings
+    from saekit.evaluation.analysis import load_layer_model, load_trained_sae, splice_report
+
+    settings = load_settings(smoke_args + [f"--MODEL_DTYPE={dtype}"])
+    loaded = load_layer_model(settings)
+    assert next(loaded.model.parameters()).dtype == getattr(torch, dtype)
+    report = splice_report(settings, load_trained_sae(settings), progress=False, loaded=loaded)
+    assert report["model_dtype"] == dtype and report["delta_ce"] == report["delta_ce"]  # measured, not NaN
+
+
+def _per_text_reference(model, tok, reconstruct):
+    """Each story's summed NLL, clean and spliced, and its predictions, one story at a time (no padding)."""
+    layer = resolve_layer(model, TINY_LAYER)
+    rows = []
+    for text in STORIES:
+        ids = tok(text, return_tensors="pt", truncation=True, max_length=16).input_ids
+        with torch.no_grad():
+            clean = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            handle = layer.register_forward_hook(lambda mod, i, o: reconstruct(o))
+            spliced = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            handle.remove()
+        picked = torch.arange(len(ids[0]) - 1), ids[0, 1:]
+        rows.append((-float(clean[picked].sum()), -float(spliced[picked].sum()), len(ids[0]) - 1))
+    return np.array(rows)
+
+
+def test_every_delta_ce_kl_and_ce_recovered_has_a_bootstrap_interval_over_texts(tiny_model, tiny_tokenizer):
+    from saekit.evaluation.splice import bootstrap_texts
+
+    noisy = lambda h: h + 0.3 * torch.sin(h * 7)  # noqa: E731
+    m = _run(tiny_model, tiny_tokenizer, noisy)
+    for figure in ("delta_ce", "kl_sae", "kl_zero", "kl_mean", "ce_recovered_vs_zero", "ce_recovered_vs_mean"):
+        low, high = m[f"{figure}_ci95"]
+        assert low < m[figure] < high, figure
+    # the interval resamples whole texts: the same draws over a story-by-story reference give it
+    reference = _per_text_reference(tiny_model, tiny_tokenizer, noisy)
+    draws = bootstrap_texts(len(STORIES))
+    resampled = (reference[draws, 1].sum(1) - reference[draws, 0].sum(1)) / reference[draws, 2].sum(1)
+    np.testing.assert_allclose(m["delta_ce_ci95"], np.percentile(resampled, [2.5, 97.5]), atol=1e-5)
+
+
+def test_a_paired_difference_resolves_what_two_intervals_cannot(tiny_model, tiny_tokenizer):
+    from saekit.evaluation.splice import paired_difference
+
+    def scored(reconstruct):
+        layer = resolve_layer(tiny_model, TINY_LAYER)
+        return splice_metrics(tiny_model, tiny_tokenizer, layer, STORIES, reconstruct,
+                              torch.zeros(tiny_model.config.hidden_size), max_length=16, batch_size=3,
+                              progress=False, keep_per_text=True)
+
+    worse, better = scored(lambda h: h + 0.30 * torch.sin(h * 7)), scored(lambda h: h + 0.25 * torch.sin(h * 7))
+    paired = paired_difference(worse["per_text"], better["per_text"])
+    assert paired["difference"] == pytest.approx(worse["delta_ce"] - better["delta_ce"])
+    assert 0 < paired["ci95"][0] < paired["difference"] < paired["ci95"][1]
+    assert paired["ci95"][1] - paired["ci95"][0] < worse["delta_ce_ci95"][1] - worse["delta_ce_ci95"][0]
+    assert paired_difference(worse["per_text"], worse["per_text"]) == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    shorter = scored(lambda h: h)["per_text"]
+    shorter.predictions = shorter.predictions[:-1]
+    with pytest.raises(ValueError, match="same texts"):
+        paired_difference(worse["per_text"], shorter)

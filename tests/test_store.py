@@ -25,7 +25,7 @@ def _direct_layer_output(model, tok, text, max_length):
     return enc.input_ids[0], seen[0][0]
 
 
-def test_wrong_layer_lists_every_resid_mid_layer_and_how_to_list_all(tiny_model):
+def test_wrong_layer_lists_every_blocks_post_attention_layernorm_and_how_to_list_all(tiny_model):
     with pytest.raises(LayerNotFoundError) as err:
         resolve_layer(tiny_model, "llamaforcausallm_model_layers_9_post_attention_layernorm")
     message = str(err.value)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_synthetic_run
-from saekit.activations.sources import StoreRows
+from saekit.activations.sources import StoreRows, smallest_last_batch
 from saekit.base.settings import load_settings
 from saekit.training.sae import TopKSAE
 from saekit.training.train import TrainConfig, TrainingDiverged, auxk_loss, evaluate, train_sae
@@ -132,11 +132,11 @@ def test_a_range_that_fits_the_buffer_is_read_once_and_reshuffled_every_epoch(tm
         return real_rows(start, stop, dtype)
 
     run.rows = counting_rows
-    source = _rows(run, 0, 2500, 64, 4096)
+    source = _rows(run, 0, 2496, 64, 4096)  # 39 full batches
     epochs = [_epoch(source, epoch) for epoch in range(3)]
-    assert reads == [(0, 2500)]
+    assert reads == [(0, 2496)]
     for seen in epochs:
-        assert np.array_equal(np.sort(seen, axis=0), np.sort(real_rows(0, 2500, seen.dtype), axis=0))
+        assert np.array_equal(np.sort(seen, axis=0), np.sort(real_rows(0, 2496, seen.dtype), axis=0))
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 
 
@@ -241,3 +241,122 @@ def test_auxk_revives_latents_that_training_without_it_leaves_dead(tmp_path, mon
         dead[coef] = int((weak == 0).sum())
     assert dead[0.0] == len(weak)  # without AuxK every weakened latent stays dead
     assert dead[1 / 32] <= len(weak) // 2, dead  # with it, most come back (measured: 10 of 32 still dead)
+
+
+@pytest.mark.parametrize("remainder", [0, 1, 2, 63, 64])
+@pytest.mark.parametrize("buffer_tokens", [4096, 700], ids=["resident", "streamed"])
+def test_an_epochs_last_batch_is_never_smaller_than_half_a_batch(tmp_path, remainder, buffer_tokens):
+    """A remainder below half a batch is dropped (different rows each epoch); one row alone has zero
+    variance, and the loss, divided by it, would be infinite."""
+    run = make_synthetic_run(tmp_path, n_tokens=3000)
+    source = _rows(run, 0, 20 * 128 + remainder, 128, buffer_tokens)
+    kept = remainder >= smallest_last_batch(128)
+    epochs = [[batch.numpy() for batch, _ in source.epoch(epoch)] for epoch in range(2)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [128] * 20 + ([remainder] if kept else [])
+    if remainder and not kept:  # the rows left out differ between epochs
+        assert not np.array_equal(*(np.sort(np.concatenate(b), axis=0) for b in epochs))
+
+
+@pytest.mark.parametrize("remainder", [0, 1, 2])
+def test_training_rows_that_leave_a_remainder_of_0_1_or_2_train_to_a_finite_sae(tmp_path, remainder):
+    run = make_synthetic_run(tmp_path)
+    source = _rows(run, 0, 30 * 128 + remainder, 128, 2048)
+    sae, record = train_sae(run, _cfg(epochs=2), progress=False, source=source)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    assert [h["train_tokens"] for h in record["history"]] == [30 * 128] * 2
+    assert record["rows_dropped_per_epoch"] == remainder
+
+
+def test_too_few_rows_for_a_batch_is_one_clear_error(tmp_path):
+    from saekit.base.errors import PipelineError
+
+    run = make_synthetic_run(tmp_path)
+    with pytest.raises(PipelineError, match="lower BATCH_SIZE_TRAIN to at most 40"):
+        train_sae(run, _cfg(), progress=False, source=_rows(run, 0, 40, 128, 2048))
+
+
+def test_weights_that_diverge_between_read_backs_are_never_returned(tmp_path, monkeypatch):
+    """On a GPU the loss is read back every SYNC_EVERY steps only: a NaN after the last read-back must
+    still stop training before the SAE is returned (and saved)."""
+    import saekit.training.train as train_module
+
+    real_init, real_epoch = train_module._Trainer.initialise, StoreRows.epoch
+
+    def gpu_cadence(self, sample):
+        real_init(self, sample)
+        self.sync_every = 10 ** 9  # only step 0 of each epoch reads back, as on a GPU with few steps
+
+    def poisoned(self, epoch, position=None):
+        batches = list(real_epoch(self, epoch, position))
+        for i, (batch, after) in enumerate(batches):
+            if i == len(batches) - 1:
+                batch = batch.clone()
+                batch[0, 0] = np.nan
+            yield batch, after
+
+    monkeypatch.setattr(train_module._Trainer, "initialise", gpu_cadence)
+    monkeypatch.setattr(StoreRows, "epoch", poisoned)
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train_sae(make_synthetic_run(tmp_path), _cfg(epochs=1), progress=False)
+
+
+@pytest.mark.parametrize("buffer_tokens", [8192, 700], ids=["resident", "streamed"])
+def test_stored_copies_of_heldout_documents_are_never_trained_on(tmp_path, buffer_tokens):
+    """The on-the-fly rule on the store path: a training document whose text is also a held-out one
+    (here documents 3, 50 and 51, planted as copies of held-out 100 and 110) is left out, and counted."""
+    from saekit.activations.sources import heldout_copies
+
+    hashes = list(range(1000, 1120))  # 120 documents of 50 rows; the last 24 are held out at 0.2
+    hashes[3], hashes[50], hashes[51] = hashes[100], hashes[110], hashes[110]
+    run = make_synthetic_run(tmp_path, document_hashes=hashes)
+    assert heldout_copies(run, 0.2) == (3, [(150, 200), (2500, 2600)])
+    copied = {tuple(r) for r in np.concatenate([run.rows(150, 200), run.rows(2500, 2600)]).tolist()}
+    source = StoreRows(run, 0, 4800, 128, buffer_tokens, torch.device("cpu"), 0, *heldout_copies(run, 0.2)[::-1])
+    seen = np.concatenate([b.numpy() for b, _ in source.epoch(0)]).tolist()
+    assert len(seen) == 4650 - 4650 % 128 and not copied & {tuple(r) for r in seen}
+    assert not copied & {tuple(r) for r in source.sample().tolist()}
+    _, record = train_sae(run, _cfg(epochs=1), progress=False)
+    assert record["training_copies_of_heldout"] == 3 and record["history"][0]["train_tokens"] == 4650 - 4650 % 128
+
+
+def test_resume_refuses_another_select_dtype_resolution_and_notes_another_device(tmp_path, monkeypatch, capsys):
+    """SELECT_DTYPE = "auto" resolves by the hardware: a checkpoint records what it resolved to and
+    on which device kind its steps ran. Another resolution is refused; another device is noted."""
+    import saekit.training.train as train_module
+    from saekit.base.errors import PipelineError
+
+    run = make_synthetic_run(tmp_path)
+    cfg = _cfg(epochs=3, select_dtype="auto")
+    resolved = {"dtype": torch.bfloat16}
+    monkeypatch.setattr(train_module, "select_dtype", lambda setting, device: resolved["dtype"])
+
+    def stop_in_second(record):  # the checkpoint after the first epoch is kept
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", progress=False, on_epoch=stop_in_second)
+    resolved["dtype"] = torch.float32  # a CPU without native bfloat16
+    with pytest.raises(PipelineError, match="pass --SELECT_DTYPE=bfloat16 to resume it"):
+        train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", resume=True, progress=False)
+    resolved["dtype"] = torch.bfloat16
+    monkeypatch.setattr(train_module, "device_kind", lambda device: "cuda (a GPU)")
+    train_sae(run, cfg, checkpoint_path=tmp_path / "e.pt", resume=True, progress=False)
+    assert "resuming on cuda (a GPU) a checkpoint made on cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n_dead", [3, 40])
+def test_auxk_is_normalised_by_the_residuals_own_variance_and_scaled_by_the_dead_share(n_dead):
+    """As Gao et al. cite it (openai's sparse_autoencoder, sparsify, SAELens): the dead latents' error
+    over the residual's variance, times min(n_dead / k_aux, 1); 3 dead latents get 3/6 of the weight."""
+    from saekit.base.distributed import World
+    from saekit.training.train import _Trainer
+
+    trainer = _Trainer(_cfg(auxk_k=6), 12, 1000, torch.device("cpu"), World())
+    trainer.sae.init_weights(torch.zeros(12), torch.Generator().manual_seed(0))
+    trainer.dead_idx = torch.arange(n_dead)
+    x, residual = torch.randn(32, 12), torch.randn(32, 12) * 0.3 + 1.0
+    residual_variance = (residual - residual.mean(0)).pow(2).sum()
+    expected = min(n_dead / 6, 1.0) * auxk_loss(trainer.sae, x, residual, trainer.dead_idx, 6, residual_variance)
+    torch.testing.assert_close(trainer.auxk_term(x, residual, 32), expected)

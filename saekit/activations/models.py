@@ -212,20 +212,23 @@ def layer_names(model: nn.Module) -> dict[str, str]:
     }
 
 
-def resid_mid_signatures(model: nn.Module) -> list[str]:
-    """The post_attention_layernorm (resid_mid) signature of every block, in block order."""
+def mlp_input_norm_signatures(model: nn.Module) -> list[str]:
+    """The post_attention_layernorm signature of every block, in block order. In Llama-style blocks
+    (Llama, Qwen2, Mistral) that module is the normalised MLP input: the residual stream after
+    attention, RMS-normalised and scaled; replacing its output leaves the residual stream itself
+    untouched. (In Gemma2 and Gemma3 the module of that name normalises the attention output instead.)"""
     names = [n for n in layer_names(model) if n.endswith("_post_attention_layernorm")]
     return sorted(names, key=lambda n: int(re.search(r"_(\d+)_post_attention_layernorm$", n).group(1)))
 
 
 def resolve_layer(model: nn.Module, signature: str) -> nn.Module:
-    """The module named `signature`, or an error that lists the resid_mid layers."""
+    """The module named `signature`, or an error that lists every block's post_attention_layernorm."""
     names = layer_names(model)
     if signature not in names:
-        listed = "\n".join(f"  {n}" for n in resid_mid_signatures(model)) or "  (none found)"
+        listed = "\n".join(f"  {n}" for n in mlp_input_norm_signatures(model)) or "  (none found)"
         raise LayerNotFoundError(
             f"layer {signature!r} is not in {type(model).__name__}.\n"
-            f"The resid_mid (post_attention_layernorm) layer of each block:\n{listed}\n"
+            f"Each block's post_attention_layernorm (in Llama-style models, the normalised MLP input):\n{listed}\n"
             "Set LAYER_SIGNATURE in config.py or pass --LAYER_SIGNATURE=<name>; "
             "to list every layer: python 01_save_activations.py --list-layers"
         )

@@ -20,7 +20,7 @@ the same batches as an uninterrupted run. The order depends only on (SEED, epoch
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -42,6 +42,7 @@ READ_AHEAD_BUFFERS = 16
 
 class RowSource(Protocol):
     kind: str  # ACTIVATION_SOURCE
+    copies_of_heldout: int  # training documents left out because a held-out document has the same text
 
     @property
     def n_rows(self) -> int:
@@ -67,14 +68,36 @@ def _generator(*seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0]))
 
 
+def smallest_last_batch(batch_size: int) -> int:
+    """The fewest rows an epoch's last, partial batch may have: half a batch, and at least two. The
+    loss is divided by the batch's own variance, which a handful of rows estimate badly and one row
+    not at all (zero variance: an infinite loss); a smaller remainder is dropped for that epoch. The
+    rows are reshuffled every epoch, so a different few are dropped each time."""
+    return max(2, (batch_size + 1) // 2)
+
+
+def rows_dropped(n_rows: int, batch_size: int) -> int:
+    """The rows an epoch of n_rows leaves out: its remainder, when that is too small a batch."""
+    remainder = n_rows % batch_size
+    return remainder if remainder < smallest_last_batch(batch_size) else 0
+
+
+def batches_in_epoch(n_rows: int, batch_size: int) -> int:
+    """Steps in an epoch of n_rows: the full batches, and the remainder if it is kept."""
+    return -(-(n_rows - rows_dropped(n_rows, batch_size)) // batch_size)
+
+
 def shuffled_batches(rows: torch.Tensor, generator: torch.Generator, batch_size: int, last: bool,
                      after: Position) -> Iterator[tuple[torch.Tensor, Position | None]]:
-    """Batches of `rows` in random order: full ones, and with `last` the remainder too.
+    """Batches of `rows` in random order: full ones, and with `last` the remainder too when it is
+    at least `smallest_last_batch` (a smaller one is dropped).
 
     Yields (batch, position): the position, with the rows left over as its carry, comes with the
     buffer's final batch (None elsewhere, and at the end of an epoch). Returns the rows left over."""
     order = torch.randperm(len(rows), generator=generator).to(rows.device)
-    n_out = len(rows) if last else len(rows) // batch_size * batch_size
+    n_out = len(rows) // batch_size * batch_size
+    if last and len(rows) - n_out >= smallest_last_batch(batch_size):
+        n_out = len(rows)
     carry = rows[order[n_out:]]
     starts = range(0, n_out, batch_size)
     for lo in starts:
@@ -101,9 +124,27 @@ def evenly_spaced(rows: torch.Tensor, n: int = SAMPLE_ROWS) -> torch.Tensor:
     return rows[torch.from_numpy(_spread(0, len(rows), n)).to(rows.device)].float().cpu()
 
 
+def heldout_copies(run: ActivationRun, heldout_fraction: float) -> tuple[int, list[tuple[int, int]]]:
+    """The training documents of a stored run whose text is also a held-out one (an exact duplicate in
+    the corpus): how many, and their row ranges, which training leaves out, as on the fly
+    (`count_training_texts`), so that held-out figures are on tokens training never saw. A run that
+    records no document hashes (made outside stage 01) has none to find."""
+    if "documents_sha256" not in run.meta:
+        return 0, []
+    hashes = run.document_hashes()
+    first_heldout = len(hashes) - heldout_documents(len(hashes), heldout_fraction)
+    copies = np.flatnonzero(np.isin(hashes[:first_heldout], hashes[first_heldout:]))
+    if not len(copies):
+        return 0, []
+    stop = run.heldout_start(heldout_fraction)
+    dropped = np.isin(run.tokens()[:stop, 1], copies)
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], dropped, [False]]).astype(np.int8)))
+    return len(copies), [(int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2])]
+
+
 @dataclass
 class StoreRows:
-    """Rows [start, stop) of a stored run.
+    """Rows [start, stop) of a stored run, less the `excluded` row ranges (sorted, within the range).
 
     When the range fits in the buffer, it is read once, kept on the device, and reshuffled every
     epoch. Beyond that the range is cut into chunks read contiguously, in a random chunk order; each
@@ -117,6 +158,8 @@ class StoreRows:
     buffer_tokens: int
     device: torch.device
     seed: int
+    excluded: list[tuple[int, int]] = field(default_factory=list)
+    copies_of_heldout: int = 0  # documents the excluded rows belong to
     kind = "store"
 
     def __post_init__(self) -> None:
@@ -124,21 +167,34 @@ class StoreRows:
 
     @property
     def n_rows(self) -> int:
-        return self.run.count_kept(self.start, self.stop)
+        return int(self._kept(self.start, self.stop).sum())
 
     def describe(self) -> str:
-        return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows)"
+        left_out = (f", {self.copies_of_heldout} documents left out as copies of held-out ones"
+                    if self.copies_of_heldout else "")
+        return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows{left_out})"
 
     def memory_parts(self) -> dict[str, int]:
         rows = min(self.n_rows, self.buffer_tokens + self.batch_size)
         return {"the shuffle buffer": 2 * rows * self.run.d_model * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
 
+    def _kept(self, lo: int, hi: int) -> np.ndarray:
+        """Which of rows [lo, hi) are trained on: neither an excluded token's (EXCLUDE_TOKENS) nor in a document
+        that copies a held-out one."""
+        tokens_kept = self.run.keep()
+        keep = np.ones(hi - lo, bool) if tokens_kept is None else tokens_kept[lo:hi].copy()
+        for a, b in self.excluded:
+            if a < hi and b > lo:
+                keep[max(a, lo) - lo:min(b, hi) - lo] = False
+        return keep
+
     def sample(self) -> torch.Tensor:
-        return training_sample(self.run, self.start, self.stop)
+        spread = _spread(self.start, self.stop, SAMPLE_ROWS)
+        return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]]))
 
     def _read(self, lo: int, hi: int) -> torch.Tensor:
-        rows = torch.from_numpy(self.run.kept_rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]))
-        return rows.to(self.device)
+        rows, keep = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]), self._kept(lo, hi)
+        return torch.from_numpy(rows if keep.all() else rows[keep]).to(self.device)
 
     def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
         """Each buffer's chunks, in this epoch's order."""
@@ -180,6 +236,11 @@ class TrainingTexts:
     @property
     def heldout(self) -> set[int]:
         return set(self.hashes[self.n_training:].tolist())
+
+    @property
+    def copies_of_heldout(self) -> int:
+        """Training documents left out as copies of held-out ones."""
+        return int(np.isin(self.hashes[:self.n_training], self.hashes[self.n_training:]).sum())
 
 
 def count_training_texts(texts: Iterable[str], tokenizer, max_length: int, heldout_fraction: float,
@@ -233,6 +294,7 @@ class ModelRows:
         self.device, self.seed, self.world = torch.device(device), seed, world
         self._heldout = plan.heldout
         self._excluded = np.array(sorted(excluded), np.int64)  # these tokens' rows are made, then left out
+        self.copies_of_heldout = plan.copies_of_heldout
         self._first: torch.Tensor | None = None  # epoch 0's first buffer, made once for the sample too
 
     @property
@@ -364,7 +426,9 @@ def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
                          "ACTIVATION_SOURCE='model'). Train on the fly with --ACTIVATION_SOURCE=model, or run stage "
                          "01 with --ACTIVATION_SOURCE=store to save every token")
     stop = run.heldout_start(settings.HELDOUT_FRACTION)
-    return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED)
+    copies, excluded = heldout_copies(run, settings.HELDOUT_FRACTION)
+    return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED,
+                     excluded, copies)
 
 
 def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,

@@ -240,7 +240,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "BATCH_SIZE_SAVE": _at_least(1), "ACTIVATION_DTYPE": _one_of("float16", "float32"),
     "SHARD_TOKENS": _at_least(1),
     "ARCHITECTURE": _one_of("topk", "batchtopk"), "N_LATENTS_MULTIPLIER": _at_least(1), "TOP_K": _at_least(1), "EPOCHS": _at_least(1),
-    "BATCH_SIZE_TRAIN": _at_least(1), "LR": _at_least(0), "LR_BASE": _between(0, 1, open_low=True),
+    "BATCH_SIZE_TRAIN": _at_least(2), "LR": _at_least(0), "LR_BASE": _between(0, 1, open_low=True),
     "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),
     "HELDOUT_FRACTION": _between(0, 1, open_low=True, open_high=True), "SHUFFLE_BUFFER_TOKENS": _at_least(1),

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from ..activations.data import load_role_texts
-from ..activations.models import detect_device, load_model, resolve_layer
+from ..activations.models import detect_device, resolve_layer
+from ..activations.stage import load_stage_model
 from ..activations.store import ActivationRun, check_run_matches, excluded_token_ids, open_run, role_token_ids
 from ..base.atomic import write_json
+from ..base.distributed import World
 from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
 from ..base.settings import Settings
@@ -124,8 +126,10 @@ class LayerModel:
 
 
 def load_layer_model(settings: Settings) -> LayerModel:
+    """The model in MODEL_DTYPE, by the rule of every stage (saekit.activations.stage.load_stage_model):
+    the SAE is judged in the model whose activations trained it."""
     device = detect_device(settings.DEVICE)
-    model, tokenizer = load_model(settings.MODEL_ID, device, cache_dir=settings.store / "models")
+    model, tokenizer = load_stage_model(settings, device, World())
     return LayerModel(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), device)
 
 
@@ -140,11 +144,24 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress, kept=excluded)
     result["n_texts"] = len(texts)
+    result["model_dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     result["n_texts_asked"] = settings.EVAL_DATA_LIMIT
     if progress:
         print("CE figures on " + texts.summary())
     result["eval_texts_in_training"] = trained.run.count_embedded(texts.hashes())
     return result
+
+
+def splice_table(splice: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stage 03's table of the splice: each figure, with its 95% bootstrap interval over texts where it
+    has one (ΔCE, KL, CE recovered)."""
+    rows = []
+    for name, value in splice.items():
+        if name.endswith("_ci95") or not isinstance(value, (int, float)):
+            continue
+        low, high = splice.get(f"{name}_ci95", (None, None))
+        rows.append({"figure": name, "value": value, "95% CI low": low, "95% CI high": high})
+    return rows
 
 
 def write_analysis(settings: Settings, trained: TrainedSAE, checks: list[dict[str, Any]], heldout: dict[str, float],

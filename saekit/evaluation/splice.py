@@ -1,27 +1,80 @@
 """The SAE spliced into the model: next-token cross-entropy and KL with the layer's output kept,
-replaced by the SAE's reconstruction, zeroed, or replaced by its mean (stage 03's ΔCE and CE recovered)."""
+replaced by the SAE's reconstruction, zeroed, or replaced by its mean (stage 03's ΔCE and CE recovered).
+
+Every figure comes with a 95% interval from a bootstrap over the evaluation texts (the texts, not
+the tokens, are the independent draws: a story's tokens rise and fall together). Two SAEs scored on
+the same texts compare by `paired_difference`: the bootstrap of their difference text by text, far
+narrower than either interval, since the texts' own difficulty cancels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..activations.models import replaced_output
 
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # the same resamples for every SAE scored on the same texts
+
 
 @dataclass
-class _CESums:
-    nll: float = 0.0
-    kl: float = 0.0
+class PerText:
+    """Per evaluation text: next-token predictions, and the summed NLL of each variant ("clean", "sae",
+    "zero", "mean") and KL(clean || variant), float64. The figures are ratios of these sums."""
+
+    predictions: np.ndarray
+    nll: dict[str, np.ndarray] = field(default_factory=dict)
+    kl: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def figures(self, texts: np.ndarray | slice = slice(None)) -> dict[str, np.ndarray]:
+        """The figures over `texts` (indices, one row per resample, or all): each an array."""
+        n = self.predictions[texts].sum(-1)
+        ce = {name: nll[texts].sum(-1) / n for name, nll in self.nll.items()}
+        out = {f"ce_{name}": value for name, value in ce.items()}
+        out.update({f"kl_{name}": kl[texts].sum(-1) / n for name, kl in self.kl.items()})
+        out["delta_ce"] = ce["sae"] - ce["clean"]
+        for ablation in ("zero", "mean"):
+            out[f"ce_recovered_vs_{ablation}"] = (ce[ablation] - ce["sae"]) / (ce[ablation] - ce["clean"])
+        return out
+
+
+def bootstrap_texts(n_texts: int, resamples: int = BOOTSTRAP_RESAMPLES) -> np.ndarray:
+    """[resamples, n_texts] indices of texts drawn with replacement, the same for every SAE."""
+    return np.random.default_rng(BOOTSTRAP_SEED).integers(0, n_texts, (resamples, n_texts))
+
+
+def _interval(samples: np.ndarray) -> list[float]:
+    return [float(v) for v in np.percentile(samples, [2.5, 97.5])]
+
+
+def confidence_intervals(per_text: PerText) -> dict[str, list[float]]:
+    """95% percentile intervals of every figure, by bootstrap over texts."""
+    resampled = per_text.figures(bootstrap_texts(len(per_text.predictions)))
+    return {name: _interval(values) for name, values in resampled.items()
+            if name == "delta_ce" or name.startswith(("kl_", "ce_recovered"))}
+
+
+def paired_difference(a: PerText, b: PerText, figure: str = "delta_ce") -> dict[str, float | list[float]]:
+    """`figure` of SAE a minus SAE b, both scored on the same texts, with the 95% interval of a
+    bootstrap that resamples the same texts for both: a difference whose interval excludes 0 is one
+    these texts resolve."""
+    if not np.array_equal(a.predictions, b.predictions) or not np.allclose(a.nll["clean"], b.nll["clean"]):
+        raise ValueError("a paired difference needs both SAEs scored on the same texts with the same model")
+    draws = bootstrap_texts(len(a.predictions))
+    return {"difference": float(a.figures()[figure] - b.figures()[figure]),
+            "ci95": _interval(a.figures(draws)[figure] - b.figures(draws)[figure])}
 
 
 @torch.no_grad()
 def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_activation: torch.Tensor,
                    max_length: int, batch_size: int = 8, progress: bool = True,
-                   kept: frozenset[int] = frozenset()) -> dict[str, float]:
+                   keep_per_text: bool = False, kept: frozenset[int] = frozenset()) -> dict[str, float]:
     """Next-token cross-entropy with the layer's output kept, replaced by `reconstruct(output)`
-    (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token. At the tokens
+    (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token; and for
+    ΔCE, each KL and CE recovered, a 95% bootstrap interval over texts (`<figure>_ci95`). With
+    `keep_per_text`, the per-text sums too (`per_text`, a PerText) for `paired_difference`. At the tokens
     `kept` names (EXCLUDE_TOKENS: left out of training) every variant keeps the layer's own output.
 
     CE-loss recovered = (CE_ablated - CE_sae) / (CE_ablated - CE_clean): 1 when splicing the SAE
@@ -35,15 +88,16 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
         "zero": torch.zeros_like,
         "mean": lambda h: mean_activation.to(h.dtype).to(h.device).expand_as(h).clone(),
     }
-    sums = {name: _CESums() for name in ["clean", *variants]}
-    n_predictions = 0
+    nll: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *variants]}
+    kl: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+    predictions = []
     for start in tqdm(range(0, len(texts), batch_size), desc="CE with the SAE spliced in", disable=not progress):
         enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length).to(device)
         targets = enc.input_ids[:, 1:]
         valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
         clean_logp = _next_token_logprobs(model, enc)
-        sums["clean"].nll += _nll(clean_logp, targets, valid)
+        nll["clean"].append(_nll(clean_logp, targets, valid))
         clean_p = clean_logp.exp()
         # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
         neg_entropy = (clean_p * clean_logp).sum(-1)
@@ -51,16 +105,16 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
         for name, replace in variants.items():
             with replaced_output(layer, _except_at(at_kept, replace)):
                 logp = _next_token_logprobs(model, enc)
-            sums[name].nll += _nll(logp, targets, valid)
-            sums[name].kl += float((neg_entropy - (clean_p * logp).sum(-1))[valid].double().sum())
-        n_predictions += int(valid.sum())
-    ce = {name: s.nll / n_predictions for name, s in sums.items()}
-    result = {f"ce_{name}": value for name, value in ce.items()}
-    result.update({f"kl_{name}": sums[name].kl / n_predictions for name in variants})
-    result["delta_ce"] = ce["sae"] - ce["clean"]
-    for ablation in ("zero", "mean"):
-        result[f"ce_recovered_vs_{ablation}"] = (ce[ablation] - ce["sae"]) / (ce[ablation] - ce["clean"])
-    result["n_predictions"] = n_predictions
+            nll[name].append(_nll(logp, targets, valid))
+            kl[name].append(_per_text(neg_entropy - (clean_p * logp).sum(-1), valid))
+        predictions.append(valid.sum(1).cpu().numpy())
+    per_text = PerText(np.concatenate(predictions), {name: np.concatenate(v) for name, v in nll.items()},
+                       {name: np.concatenate(v) for name, v in kl.items()})
+    result: dict = {name: float(value) for name, value in per_text.figures().items()}
+    result.update({f"{name}_ci95": interval for name, interval in confidence_intervals(per_text).items()})
+    result["n_predictions"] = int(per_text.predictions.sum())
+    if keep_per_text:
+        result["per_text"] = per_text
     return result
 
 
@@ -76,5 +130,10 @@ def _next_token_logprobs(model, enc) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
-def _nll(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> float:
-    return float(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[valid].sum())
+def _per_text(values: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Each text's sum of `values` over its real predictions, float64."""
+    return values.double().masked_fill(~valid, 0).sum(1).cpu().numpy()
+
+
+def _nll(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    return _per_text(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), valid)

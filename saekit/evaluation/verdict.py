@@ -89,14 +89,15 @@ def verdict_text(check_rows: list[dict[str, Any]], heldout: dict[str, float], sp
                      f"judged by ΔCE and KL (KL {splice.get('kl_sae', float('nan')):.4f} nats, "
                      f"{splice.get('kl_mean', float('nan')):.4f} mean-ablated)")
     else:
-        recovered = (f"{splice['ce_recovered_vs_mean']:.1%} of the mean-ablation loss recovered (mean-ablating the "
+        recovered = (f"{splice['ce_recovered_vs_mean']:.1%}{_interval_text(splice, 'ce_recovered_vs_mean', '.1%')} of "
+                     "the mean-ablation loss recovered (mean-ablating the "
                      f"layer costs {cost:.3f} nats)")
     # two sets of held-out tokens: stage 02's rows of the activation run, and the evaluation texts
     heldout_set = f" on {heldout['token_set']}" if "token_set" in heldout else " on stage 02's held-out tokens"
     eval_set = f" on {splice['n_texts']} evaluation texts" if "n_texts" in splice else ""
     figures = (f"held-out FVU {heldout['fvu']:.3f}, L0 {heldout['l0']:.2f} (k = {k}), "
                f"{heldout['dead_fraction']:.2%} of latents dead{heldout_set}; spliced into the model{eval_set} ΔCE "
-               f"{splice['delta_ce']:.4f} nats, {recovered}")
+               f"{splice['delta_ce']:.4f} nats{_interval_text(splice, 'delta_ce')}, {recovered}")
     failed = [c for c in check_rows if c["result"] == "FAIL"]
     if not failed:
         return f"PASS: training worked. {figures}."
@@ -176,3 +177,11 @@ def frontier_position(points: list[dict[str, Any]], l0: float, delta_ce: float, 
     return (f"This SAE: ΔCE {delta_ce:.4f} nats at L0 {l0:.1f}. Best measured at L0 {nearest_l0:.0f}: {listed} "
             f"(measured on {near[0]['model_id']} at {near[0]['layer_signature']}, benchmark activations "
             f"{', '.join(runs)}, on {texts}; compare with care when this run used other activations or texts).")
+
+
+def _interval_text(splice: dict[str, Any], figure: str, fmt: str = ".4f") -> str:
+    """ " (95% CI a-b)" from the splice's bootstrap over texts; "" for figures measured without one."""
+    if f"{figure}_ci95" not in splice:
+        return ""
+    low, high = splice[f"{figure}_ci95"]
+    return f" (95% CI {low:{fmt}}-{high:{fmt}} over texts)"

@@ -9,7 +9,8 @@ Recipe, and where each piece comes from:
 - Every step: the decoder-gradient component parallel to each row is removed, and rows are
   renormalised after the step (Bricken et al. 2023), so the code scale lives in the encoder.
 - Loss: FVU of the batch (squared error over the batch's total variance), plus AuxK: the top
-  k_aux = d/2 dead latents reconstruct the residual, weight 1/32 (Gao et al. 2024, sec. A.2).
+  k_aux = d/2 dead latents reconstruct the residual, their error over the residual's own variance,
+  scaled by min(n_dead / k_aux, 1), weight 1/32 (Gao et al. 2024, sec. A.2; `_Trainer.auxk_term`).
   A latent is dead when it has not fired within DEAD_WINDOW_TOKENS training tokens (by default a
   tenth of an epoch, at most 10M: Gao et al.'s 10M suits runs of billions of tokens).
 - Adam, lr = LR_BASE / sqrt(n_latents / 2^14) unless LR is set: the scaling of Gao et al. 2024
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..activations.sources import RowSource, StoreRows
+from ..activations.sources import (RowSource, StoreRows, batches_in_epoch, heldout_copies, rows_dropped,
+                                   smallest_last_batch)
 from ..activations.store import ActivationRun
 from ..base.atomic import save_torch
 from ..base.distributed import World, all_reduce_, broadcast_object, share
@@ -41,7 +43,7 @@ from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
 from ..base.memory import check_fits, training_parts
 from .reconstruction import ReconstructionStats
-from .sae import ARCHITECTURES, TopKSAE, load_plain
+from .sae import ARCHITECTURES, TopKSAE, gathered_width, load_plain
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
@@ -131,9 +133,9 @@ def geometric_median(points: torch.Tensor, iterations: int = 50) -> torch.Tensor
 
 
 def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: torch.Tensor, k_aux: int,
-              total_variance: torch.Tensor) -> torch.Tensor:
+              variance: torch.Tensor) -> torch.Tensor:
     """How well the top k_aux dead latents (`dead_idx`) reconstruct what the live ones missed
-    (Gao et al. 2024).
+    (Gao et al. 2024): their squared error over `variance`.
 
     Only the dead latents' rows enter the products, so this costs little once few are dead.
     """
@@ -145,7 +147,7 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: t
         top = pre.topk(k_aux, dim=-1, sorted=False)
         codes = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))
     recon = codes @ sae.W_dec.index_select(0, dead_idx)
-    return ((recon - residual) ** 2).sum() / total_variance
+    return ((recon - residual) ** 2).sum() / variance
 
 
 @torch.no_grad()
@@ -192,7 +194,7 @@ class _Trainer:
         self.cfg, self.device, self.world = cfg, device, world
         self.n_latents = cfg.n_latents_multiplier * d
         self.k_aux = cfg.auxk_k or d // 2
-        self.steps_per_epoch = math.ceil(n_rows / cfg.batch_size)
+        self.steps_per_epoch = batches_in_epoch(n_rows, cfg.batch_size)
         total_steps = cfg.epochs * self.steps_per_epoch
         # a tenth of an epoch: long enough that a latent of average frequency fires ~k*window/n times in it
         self.window = cfg.dead_window_tokens or min(10_000_000, max(n_rows // 10, cfg.batch_size))
@@ -240,7 +242,7 @@ class _Trainer:
             self.dead_idx = self.dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
         loss = batch_fvu
         if len(self.dead_idx):
-            loss = loss + cfg.auxk_coef * auxk_loss(sae, x, residual.detach(), self.dead_idx, self.k_aux, total_variance)
+            loss = loss + cfg.auxk_coef * self.auxk_term(x, residual.detach(), len(full))
         self.nonfinite |= ~torch.isfinite(loss.detach())
         if sync and _any_rank(self.nonfinite, world):
             raise TrainingDiverged(f"the loss became {loss.item()}")
@@ -258,8 +260,30 @@ class _Trainer:
         sae.normalize_decoder()
         return loss.detach(), batch_fvu.detach()
 
+    def auxk_term(self, x: torch.Tensor, residual: torch.Tensor, global_rows: int) -> torch.Tensor:
+        """AuxK as Gao et al. (2024, sec. A.2) and the peers they cite define it (openai's
+        sparse_autoencoder: normalized_mse(auxk_recons, x - recons + pre_bias); sparsify; SAELens): the
+        dead latents' squared error on the residual over the residual's own variance (on the global
+        batch, across ranks), scaled by min(n_dead / k_aux, 1) so a few dead latents get a share of
+        the coefficient, not all of it."""
+        sums = torch.cat([residual.double().sum(0), residual.double().pow(2).sum().view(1)])
+        if self.world.distributed:
+            all_reduce_(sums, self.world)
+        residual_variance = (sums[-1] - sums[:-1].pow(2).sum() / global_rows).float()
+        scale = min(len(self.dead_idx) / self.k_aux, 1.0)
+        return scale * auxk_loss(self.sae, x, residual, self.dead_idx, self.k_aux, residual_variance)
+
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.sae.parameters())
+
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged if any step's loss or any parameter is not finite, on any rank. On a
+        GPU the loss is read back only every SYNC_EVERY steps; this read waits for every step."""
+        broken = self.nonfinite.clone()
+        for parameter in self.sae.parameters():
+            broken |= ~torch.isfinite(parameter.detach()).all()
+        if _any_rank(broken, self.world):
+            raise TrainingDiverged("the loss or the SAE's weights became non-finite (inf or NaN)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -287,12 +311,27 @@ class _EpochSums:
     seconds: float = 0.0
 
 
+def device_kind(device: torch.device) -> str:
+    """The kind of device a step ran on, as a checkpoint records it: "cpu", or the GPU's name."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 class _Checkpoints:
     """checkpoint.pt: written by rank 0 after every epoch, and mid-epoch at the end of a shuffle buffer
-    once CHECKPOINT_SECONDS have passed since the last one (a run on the fly may be one long epoch)."""
+    once CHECKPOINT_SECONDS have passed since the last one (a run on the fly may be one long epoch).
 
-    def __init__(self, path: Path | None, fingerprint: dict[str, Any], every_seconds: float, world: World):
-        self.path, self.fingerprint, self.every, self.world = path, fingerprint, every_seconds, world
+    Besides the settings and activations (`fingerprint`, which must match), a checkpoint records where
+    its steps ran (`where`: the device kind and the dtype SELECT_DTYPE resolved to, which "auto" takes
+    from the hardware). Resumed on the same kind of CPU, training reaches the same weights, bit for bit,
+    as an uninterrupted run. Another SELECT_DTYPE resolution is refused (its steps choose latents
+    differently). On another device kind, or on any CUDA GPU (whose index_add_ adds in no fixed order),
+    the result is as good but not bitwise the same: a note says so."""
+
+    def __init__(self, path: Path | None, fingerprint: dict[str, Any], where: dict[str, str], every_seconds: float,
+                 world: World):
+        self.path, self.fingerprint, self.where, self.every, self.world = path, fingerprint, where, every_seconds, world
         self.last_saved = time.monotonic()
         self.kept = "no epoch had finished, so there is no checkpoint"
 
@@ -307,6 +346,15 @@ class _Checkpoints:
             raise PipelineError(
                 f"the checkpoint {self.path} was made with other settings or activations "
                 f"({ckpt['fingerprint']}); drop --resume to start afresh, or pass the settings it used")
+        made_on = ckpt.get("where", {})
+        if made_on.get("select_dtype", self.where["select_dtype"]) != self.where["select_dtype"]:
+            raise PipelineError(
+                f"the checkpoint {self.path} chose latents in {made_on['select_dtype']} (SELECT_DTYPE resolved on "
+                f"{made_on['device']}), this machine in {self.where['select_dtype']}; pass "
+                f"--SELECT_DTYPE={made_on['select_dtype']} to resume it, or drop --resume to start afresh")
+        if made_on.get("device") != self.where["device"] and self.world.is_main:
+            print(f"note: resuming on {self.where['device']} a checkpoint made on {made_on.get('device', 'an unrecorded device')}: "
+                  "training goes on as well, but not to bitwise the result of an uninterrupted run")
         self.kept = f"the checkpoint this run resumed from is kept at {self.path}"
         return ckpt
 
@@ -319,7 +367,7 @@ class _Checkpoints:
         """`epoch` is the last finished epoch (-1 for none); `partial`, how far the next one got."""
         if self.path is None or not self.world.is_main or not trainer.finite():  # never keep a diverged state
             return
-        ckpt = {"fingerprint": self.fingerprint, "epoch": epoch, "partial": partial, "history": history,
+        ckpt = {"fingerprint": self.fingerprint, "where": self.where, "epoch": epoch, "partial": partial, "history": history,
                 **trainer.state_dict()}
         save_torch(self.path, {**ckpt, "sha256": content_digest(ckpt)})
         self.last_saved = time.monotonic()
@@ -346,16 +394,23 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     device = torch.device(device)
     _check_config(cfg, run.d_model, world)
     heldout_start = run.heldout_start(cfg.heldout_fraction)
-    source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed)
+    source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed,
+                                 *heldout_copies(run, cfg.heldout_fraction)[::-1])
     n_latents = cfg.n_latents_multiplier * run.d_model
-    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
+    width = gathered_width(cfg.k, n_latents, select_dtype(cfg.select_dtype, device), device)
+    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu", width),
                             **source.memory_parts()}, device,
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
                + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
     run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
+    if batches_in_epoch(source.n_rows, cfg.batch_size) == 0:
+        raise PipelineError(f"the {source.n_rows} training rows make no batch of BATCH_SIZE_TRAIN={cfg.batch_size} "
+                            f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
+                            f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
     config = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_seconds"}  # free to change on resume
-    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config},
+    where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch.")}
+    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config}, where,
                                cfg.checkpoint_seconds, world)
     ckpt = checkpoints.load() if resume else None
     history: list[dict[str, Any]] = []
@@ -389,6 +444,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                     sums.loss, sums.fvu = all_reduce_(totals.clone(), world).tolist()
                     sums.seconds = time.perf_counter() - started
                     checkpoints.save(trainer, history, epoch - 1, {"position": position, "sums": asdict(sums)})
+            trainer.check_finite()  # before the epoch's check and checkpoint, whatever the device's read-back cadence
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err} at epoch {epoch + 1}, by step {sums.steps + 1}; {checkpoints.kept}. "
                                    "Lower LR (or check the activations for inf/NaN) and train again.") from None
@@ -419,6 +475,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
               "dead_window_tokens": trainer.window, "k_aux": trainer.k_aux, "init": trainer.init,
+              "rows_dropped_per_epoch": rows_dropped(source.n_rows, cfg.batch_size),
+              "training_copies_of_heldout": source.copies_of_heldout,
               "activation_source": source.kind, "config": asdict(cfg)}
     return sae, record
 
