@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..base.atomic import atomic_path
-from .collect import (HIST_EDGES, QUANTILES, HeldoutCodes, ScoringWindows, by_quantile, latent_activations,
-                      latent_stats, sampled_peaks, scoring_half, scoring_windows, silent_windows, text_peaks,
-                      top_peaks, window)
+from .collect import (HIST_EDGES, HeldoutCodes, Interval, ScoringWindows, interval_examples, latent_activations,
+                      latent_stats, scoring_half, scoring_windows, silent_windows, text_peaks, top_peaks, window)
 from ..base.errors import PipelineError
 from ..base.integrity import clean_stale_partials, open_set, publish_set
 from .labels import Label, choose_labels, token_keys, window_scores
@@ -72,26 +71,13 @@ def texts_table(codes: HeldoutCodes) -> dict[str, Any]:
             "tokens": [t.tolist() for t in tokens]}
 
 
-def quantile_bins(sampled: np.ndarray, chosen: list[tuple[int, int]], firing: np.ndarray,
-                  n_tokens: int) -> list[dict[str, Any]]:
-    """The interval of activations each quantile group of examples stands for, highest first.
-
-    `chosen` are (index into `sampled`, quantile) from `by_quantile`, which takes the highest of each
-    quarter of the sampled peaks, so a group's top example is its quarter's top: the interval runs from
-    the top of the next lower group (0 for the lowest) to this group's top. `contains` is the share of
-    all tokens whose activation (`firing`: the latent's nonzero codes) lies in it, ends included, as in
-    SAEDashboard's interval groups (whose lowest interval also counts the zeros; these do not)."""
-    tops: dict[int, float] = {}
-    for j, q in chosen:
-        tops[q] = max(tops.get(q, 0.0), float(sampled[j]))
-    bins, lower = [], 0.0
-    for q in sorted(tops):
-        upper = tops[q]
-        inside = int(np.count_nonzero((firing >= lower) & (firing <= upper)))
-        bins.append({"quantile": q, "min": round(lower, 4), "max": round(upper, 4),
-                     "contains": inside / max(n_tokens, 1)})
-        lower = upper
-    return bins[::-1]
+def quantile_bins(intervals: list[Interval], n_tokens: int) -> list[dict[str, Any]]:
+    """The latent's activation intervals, highest first: (min, max] each, `count` its firing tokens in
+    it (every firing token in exactly one, so the counts sum to the firing count), `contains` their
+    share of all tokens (SAEDashboard's bin_contains; its lowest interval also counts the zeros, these
+    do not)."""
+    return [{"quantile": iv.number, "min": round(iv.low, 4), "max": round(iv.high, 4), "count": iv.count,
+             "contains": iv.count / max(n_tokens, 1)} for iv in intervals]
 
 
 @dataclass
@@ -120,23 +106,24 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
     is_scoring = scoring_half(len(codes.texts), seed)
     peaks = text_peaks(codes)
     top = top_peaks(peaks, top_n, n)
-    sampled = sampled_peaks(peaks, 4 * QUANTILES * per_quantile, n, rng)
     choosing = peaks.where(~is_scoring[codes.doc[peaks.token]])
     namer_top = top_peaks(choosing, top_n, n)
     keys = token_keys(codes)
     labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in lens[i]["promoted"]] for i in live},
                            max_keys, min_f1)
     windows = scoring_windows(codes, peaks, live, scoring_examples, context, is_scoring, rng)
-    all_tokens = np.flatnonzero(codes.countable)
-    _, firing_latent, firing_value = codes.firing
+    all_tokens = np.flatnonzero(codes.scorable)
+    firing_token, firing_latent, firing_value = codes.firing
     firing_start = np.searchsorted(firing_latent, np.arange(n + 1))
     records = {}
     for i in live:
         label = labels[i]
         label.detection, label.fuzzing = window_scores(codes, keys, label, windows[i], context)
         used = np.flatnonzero(stats.histogram[i])
-        quantile_tokens = peaks.token[sampled[i]]
-        in_quantiles = by_quantile(peaks.value[sampled[i]], per_quantile)
+        top_tokens = peaks.token[top[i]]
+        firing = slice(firing_start[i], firing_start[i + 1])
+        intervals = interval_examples(i, firing_token[firing], firing_value[firing], codes, set(top_tokens.tolist()),
+                                      per_quantile, context, rng)
         records[i] = {
             "index": i, "frequency": int(stats.fire_counts[i]) / max(codes.n_tokens, 1),
             "max_activation": round(float(stats.max_activation[i]), 4),
@@ -146,13 +133,12 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
                           "counts": stats.histogram[i, used[0]:used[-1] + 1].tolist()},
             "logit_lens": lens[i],
             "examples": {
-                "top": [example(codes, i, int(t), context) for t in peaks.token[top[i]]],
-                "quantiles": [{**example(codes, i, int(quantile_tokens[j]), context), "quantile": q}
-                              for j, q in in_quantiles],
+                "top": [example(codes, i, int(t), context) for t in top_tokens],
+                "quantiles": [{**example(codes, i, t, context), "quantile": iv.number}
+                              for iv in intervals for t in iv.examples],
                 "silent": [{"doc": int(codes.doc[t]), "pos": int(codes.pos[t])}
                            for t in silent_windows(codes, i, non_activating, context, all_tokens, rng)]},
-            "quantile_bins": quantile_bins(peaks.value[sampled[i]], in_quantiles,
-                                           firing_value[firing_start[i]:firing_start[i + 1]], codes.n_tokens),
+            "quantile_bins": quantile_bins(intervals, codes.n_tokens),
         }
     top_texts = {str(i): [{"text": codes.texts[codes.doc[t]], "score": round(float(v), 5),
                            "token_str": codes.token_text[int(codes.token_ids[t])], "token_idx": int(codes.pos[t]),

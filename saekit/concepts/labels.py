@@ -200,7 +200,7 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
 
     `promoted`: per latent, the tokens its logit lens promotes (for the logit-lens rule)."""
     scoring_token = is_scoring_doc[codes.doc]
-    halves = {"choosing": codes.countable & ~scoring_token, "scoring": codes.countable & scoring_token}
+    halves = {"choosing": codes.scorable & ~scoring_token, "scoring": codes.scorable & scoring_token}
     token, latent, _ = codes.firing
     fires = {half: np.bincount(latent[mask[token]], minlength=codes.n_latents) for half, mask in halves.items()}
     supported, any_support, scored = {}, {}, {}

@@ -19,7 +19,7 @@ Per live latent (SAEDashboard's keys; the values are stage 04's record for the l
                    qualifying_token_index, bin_min, bin_max, bin_contains}: the window of CONTEXT_TOKENS
                    each side of the peak, the latent's activation on each token, the peak's index. Top
                    examples carry bin_min = bin_contains = -1 and bin_max = the latent's max activation
-                   (SAEDashboard's TOP ACTIVATIONS group); quantile examples their group's interval
+                   (SAEDashboard's TOP ACTIVATIONS group); interval examples their interval (min, max]
                    and the share of tokens in it (its INTERVAL groups), from the record's quantile_bins
     pos_str, pos_values / neg_str, neg_values    the logit lens: promoted and suppressed tokens
     frac_nonzero   the share of tokens it fires on
@@ -219,8 +219,9 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
         "huggingface_dataset_path": dataset_name(meta),
         "context_tokens": meta["context_tokens"],
         "histogram": "log-spaced bins (10^-3 to 10^3, 10 a decade); each bar at its bin's geometric centre",
-        "quantile_groups": "4 quarters of per-text peaks sampled uniformly; bin_contains is the share of all tokens "
-                           "whose activation lies in the group's interval",
+        "quantile_groups": "4 equal-width intervals (min, max] of (0, max activation], examples drawn at random "
+                           "within each (one per text, none a top example, each its window's peak); bin_contains is "
+                           "the share of all tokens whose activation lies in the interval, so they sum to frac_nonzero",
         "explanations": "upload/ only: the title where it explains the latent (a name above its label, or a label "
                         "above LABEL_MIN_F1), without methodName or modelName",
         "empty_fields": EMPTY_FIELDS, "format_read_from": SOURCES,

@@ -217,20 +217,31 @@ def latent_summary_html(index: int, latent: dict[str, Any]) -> str:
             f'{_lens_list("suppresses", lens["suppressed"])}</div></div>')
 
 
+# what stage 04 does (saekit.concepts.collect.interval_examples), in the words both views use
+INTERVALS_TITLE = "drawn at random within equal-width activation intervals (4 = highest; never a top activation)"
+
+
+def interval_text(interval: dict[str, Any]) -> str:
+    return (f'{interval["quantile"]}: ({interval["min"]:.3g}, {interval["max"]:.3g}], '
+            f'{interval["count"]} firing tokens')
+
+
 def latent_html(concepts: Concepts, index: int, top: int = 10) -> str:
     """Everything about one latent as an HTML fragment for the notebook (style included); `top`
     limits the top activations shown."""
     latent = concepts.latents[index]
     examples = latent["examples"]
     groups = [("top activations", examples["top"][:top], True),
-              ("sampled by activation quantile (4 = highest)", examples["quantiles"], True),
+              (INTERVALS_TITLE, examples["quantiles"], True),
               ("not activating", examples["silent"], False)]
+    intervals = {b["quantile"]: b for b in latent["quantile_bins"]}
     sections = []
     for title, group, has_peak in groups:
         rows = []
         for e in group:
             tokens, acts, peak = concepts.context(e)
-            quantile = f'<div class="sae-quantile">quantile {e["quantile"]}</div>' if "quantile" in e else ""
+            quantile = (f'<div class="sae-quantile">interval {interval_text(intervals[e["quantile"]])}</div>'
+                        if "quantile" in e else "")
             rows.append(quantile + context_html(tokens, acts, peak if has_peak else None, e.get("score", 0.0),
                                                 latent["max_activation"]))
         sections.append(f'<div class="sae-examples"><b>{title}</b> ({len(group)}){"".join(rows)}</div>')
@@ -271,6 +282,7 @@ def _acts(example: dict[str, Any]) -> list[list[float]]:
 def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
     """What the page shows of one latent beyond its row; examples as [text, position, [[position, activation]]]."""
     label, name, examples, hist = latent["label"], latent["name"], latent["examples"], latent["histogram"]
+    intervals = {b["quantile"]: b for b in latent["quantile_bins"]}
     return {
         "title": latent["title"], "title_source": latent["title_source"],
         "label": {k: _round(label[k]) if isinstance(label[k], float) else label[k]
@@ -281,7 +293,8 @@ def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
         "histogram": {"low": hist["bin_edges"][0], "high": hist["bin_edges"][-1], "counts": hist["counts"]},
         "lens": {side: [[t, round(v, 2)] for t, v in pairs] for side, pairs in latent["logit_lens"].items()},
         "top": [[e["doc"], e["pos"], _acts(e)] for e in examples["top"]],
-        "quantiles": [[e["doc"], e["pos"], _acts(e), e["quantile"]] for e in examples["quantiles"]],
+        "quantiles": [[e["doc"], e["pos"], _acts(e), interval_text(intervals[e["quantile"]])]
+                      for e in examples["quantiles"]],
         "silent": [[e["doc"], e["pos"]] for e in examples["silent"]],
     }
 
@@ -297,7 +310,7 @@ def dashboard_data(concepts: Concepts, files: str) -> dict[str, Any]:
                  "n_scoring_texts", "context_tokens", "naming", "created")
     rows = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in ROW_COLUMNS] for r in latent_rows(concepts)]
     return {"meta": {k: concepts.meta.get(k) for k in meta_keys}, "files": files, "chunk": CHUNK,
-            "columns": list(ROW_COLUMNS), "rows": rows}
+            "intervals_title": INTERVALS_TITLE, "columns": list(ROW_COLUMNS), "rows": rows}
 
 
 def write_dashboard(concepts: Concepts, path: str | Path) -> Path:

@@ -150,7 +150,7 @@ function latentView(index, d) {
   const [frequency, maxActivation, meanActivation] = d.stats;
   lines.push(el("br"), `fires on ${(100 * frequency).toPrecision(3)}% of tokens; activation max ` +
     `${maxActivation.toPrecision(3)}, mean when firing ${meanActivation.toPrecision(3)}`);
-  const groups = [["top activations", d.top, true], ["sampled by activation quantile (4 = highest)", d.quantiles, true],
+  const groups = [["top activations", d.top, true], [data.intervals_title, d.quantiles, true],
                   ["not activating", d.silent, false]];
   return [
     el("h3", {}, `latent ${index}: ${d.title}`), el("p", {class: "sae-stats"}, ...lines),
@@ -160,7 +160,7 @@ function latentView(index, d) {
           lensList("suppresses", d.lens.suppressed))),
     ...groups.map(([title, examples, isPeak]) => el("div", {class: "sae-examples"}, el("b", {}, title),
       ` (${examples.length})`, ...examples.flatMap(e => [
-        ...(e.length > 3 ? [el("div", {class: "sae-quantile"}, `quantile ${e[3]}`)] : []),
+        ...(e.length > 3 ? [el("div", {class: "sae-quantile"}, `interval ${e[3]}`)] : []),
         contextRow(e, maxActivation, data.meta.context_tokens, isPeak)]))),
   ];
 }
