@@ -44,7 +44,8 @@ is_scoring = scoring_half(len(texts), settings.SEED)
 scoring_tokens = codes.countable & is_scoring[codes.doc]
 keys = token_keys(codes)
 with timer() as t_new:
-    labels = choose_labels(codes, keys, is_scoring, live, promoted, settings.LABEL_MAX_KEYS, settings.LABEL_MIN_F1)
+    labels = choose_labels(codes, keys, is_scoring, live, promoted, settings.LABEL_MAX_KEYS, settings.LABEL_MIN_F1,
+                           settings.LABEL_MIN_SUPPORT)
 peaks = text_peaks(codes)
 windows = scoring_windows(codes, peaks, live, settings.SCORING_EXAMPLES, context, is_scoring,
                           np.random.default_rng(settings.SEED))

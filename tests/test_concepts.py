@@ -37,7 +37,7 @@ def _collect(model, tok, sae, texts=TEXTS):
 
 def _build(codes, model, tok, sae, **overrides):
     live = sorted(set(codes.firing[1].tolist()))
-    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3)
+    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3, min_support=1)
     meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
     return build_concepts(codes, lens_records(model, tok, sae, live), meta, **{**settings, **overrides})
 

@@ -95,7 +95,7 @@ class Built:
 
 def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: dict[str, Any], *, top_n: int,
                    context: int, per_quantile: int, non_activating: int, scoring_examples: int, max_keys: int,
-                   min_f1: float, seed: int = 0) -> Built:
+                   min_f1: float, min_support: int, seed: int = 0) -> Built:
     """Statistics, examples, labels and their scores for every live latent of `codes`.
 
     `lens`: per live latent, the logit lens's promoted and suppressed tokens (saekit.concepts.labels.lens_records)."""
@@ -110,7 +110,7 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
     namer_top = top_peaks(choosing, top_n, n)
     keys = token_keys(codes)
     labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in lens[i]["promoted"]] for i in live},
-                           max_keys, min_f1)
+                           max_keys, min_f1, min_support, seed)
     windows = scoring_windows(codes, peaks, live, scoring_examples, context, is_scoring, rng)
     all_tokens = np.flatnonzero(codes.scorable)
     firing_token, firing_latent, firing_value = codes.firing
@@ -152,28 +152,53 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
                  top_texts, texts_table(codes))
 
 
+def lead_needed(windows: ScoringWindows) -> float:
+    """How far a name's window score must lead its label's for the lead to be beyond chance: the 95%
+    half-width of the difference of two window scores on these windows, at its widest. A window score
+    is the mean of two balanced accuracies; each has variance at most (1/n_pos + 1/n_neg) / 16
+    (binomial rates, p(1 - p) <= 1/4), and the two scores of the difference at most add."""
+    fuzz_pairs = sum(d is not None for d in windows.decoys)
+    parts = [(len(windows.activating), len(windows.silent)), (fuzz_pairs, fuzz_pairs)]
+    variances = [(1 / n_pos + 1 / n_neg) / 16 for n_pos, n_neg in parts if n_pos and n_neg]
+    if not variances:
+        return float("inf")
+    score_variance = sum(variances) / len(variances) ** 2
+    return 1.96 * float(np.sqrt(2 * score_variance))
+
+
 def apply_names(built: Built, names: dict[int, Name], min_score: float) -> None:
-    """Record each name with its scores; it becomes the title only where it scores above the label on
-    the same windows, and at least `min_score` (0.5 is chance: noise must not replace an honest
-    "unexplained")."""
+    """Record each name with its scores; it becomes the title only where it leads the label on the same
+    windows by more than the windows' interval (lead_needed: a lead within it is noise), and scores at
+    least `min_score` (0.5 is chance: noise must not replace an honest "unexplained")."""
     for i, name in names.items():
         record = built.records[i]
+        needed = lead_needed(built.windows[i])
         record["name"] = {"text": name.text, "detection": name.detection, "fuzzing": name.fuzzing,
-                          "score": name.score}
+                          "score": name.score, "lead_needed": round(needed, 4)}
         label_score = built.labels[i].window_score()
-        if name.score is not None and label_score is not None and name.score > label_score and name.score >= min_score:
+        if (name.score is not None and label_score is not None and name.score - label_score > needed
+                and name.score >= min_score):
             record["title"], record["title_source"] = name.text, "name"
+
+
+def table_order(record: dict[str, Any]) -> tuple:
+    """Scorable latents first, by the lower end of their F1's interval (so a perfect score from three
+    firings does not lead: its interval is wide), then the latents that are not scorable; by index within."""
+    label = record["label"]
+    return (not label["scorable"], -label["f1_low"] if label["scorable"] else 0.0, record["index"])
 
 
 def _csv(records: dict[int, dict[str, Any]]) -> str:
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["index", "title", "title_source", "label", "label_rule", "label_f1", "label_precision",
-                     "label_recall", "label_detection", "label_fuzzing", "name", "name_score", "frequency"])
-    for r in sorted(records.values(), key=lambda r: -r["frequency"]):
+    writer.writerow(["index", "title", "title_source", "label", "label_rule", "label_scorable", "label_support",
+                     "label_f1", "label_f1_low", "label_f1_high", "label_precision", "label_recall", "label_detection",
+                     "label_fuzzing", "name", "name_score", "frequency"])
+    for r in sorted(records.values(), key=table_order):
         label, name = r["label"], r["name"] or {}
         writer.writerow([r["index"], r["title"], r["title_source"], label["text"], label["rule"] or "",
-                         *(f"{label[k]:.4f}" for k in ("f1", "precision", "recall")),
+                         label["scorable"], label["scoring_fires"],
+                         *(f"{label[k]:.4f}" for k in ("f1", "f1_low", "f1_high", "precision", "recall")),
                          *("" if label[k] is None else f"{label[k]:.4f}" for k in ("detection", "fuzzing")),
                          name.get("text", ""), "" if name.get("score") is None else f"{name['score']:.4f}",
                          f"{r['frequency']:.6g}"])

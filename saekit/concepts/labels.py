@@ -20,8 +20,11 @@ have fired in at least MIN_TEXTS texts unless no key of any rule has. The rule w
 wins; the cheaper (listed first) on ties.
 
 Scoring, on the scoring half: precision, recall and F1 of the chosen rule over every token that can
-fire. Below `min_f1` the latent is labelled unexplained, with its best attempt and that attempt's
-score. Every live latent gets a label and a score.
+fire, with a 95% interval for the F1 from a bootstrap over the scoring texts (tokens of one text are
+not independent). A latent that fires on fewer than `min_support` distinct tokens of the scoring half
+is *not scorable*: a handful of firings gives F1 = 1.0 by luck, so it is neither explained nor
+unexplained, and is left out of the explained share. Below `min_f1` a scorable latent is labelled
+unexplained, with its best attempt and that attempt's score. Every live latent gets a label.
 
 The same rule is also scored delphi's way on windows of the scoring half (`window_scores`):
 detection (matches somewhere in activating windows, nowhere in silent ones) and fuzzing (matches
@@ -164,7 +167,10 @@ class Label:
     recall: float
     f1: float
     choosing_f1: float
-    scoring_fires: int  # tokens of the scoring half on which the latent fires
+    scoring_fires: int  # distinct tokens of the scoring half on which the latent fires: the F1's support
+    scorable: bool = True  # scoring_fires reaches LABEL_MIN_SUPPORT
+    f1_low: float = 0.0  # 95% bootstrap interval of the F1 over the scoring texts
+    f1_high: float = 0.0
     detection: float | None = None  # balanced accuracy on windows (set by window_scores)
     fuzzing: float | None = None
     key_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
@@ -194,11 +200,17 @@ def describe(rule: str, keys: list[tuple[str, ...]]) -> str:
     return " | ".join(marked(k) for k in shown)
 
 
+def not_scorable(firing: int, min_support: int, attempt: str) -> str:
+    return f"not scorable (fires on {firing} scoring token{'s' * (firing != 1)}, fewer than {min_support}; {attempt})"
+
+
 def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarray, live: list[int],
-                  promoted: dict[int, list[str]], max_keys: int, min_f1: float) -> dict[int, Label]:
+                  promoted: dict[int, list[str]], max_keys: int, min_f1: float, min_support: int,
+                  seed: int = 0) -> dict[int, Label]:
     """A label for every latent in `live`, chosen on the texts not in `is_scoring_doc`, scored on those in it.
 
-    `promoted`: per latent, the tokens its logit lens promotes (for the logit-lens rule)."""
+    `promoted`: per latent, the tokens its output side promotes (for the logit-lens rule); `min_support`:
+    the distinct scoring firings below which a latent is not scorable; `seed`: the bootstrap's."""
     scoring_token = is_scoring_doc[codes.doc]
     halves = {"choosing": codes.scorable & ~scoring_token, "scoring": codes.scorable & scoring_token}
     token, latent, _ = codes.firing
@@ -218,6 +230,7 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
                     max_keys) for keep in (pair_texts >= MIN_TEXTS, pair_texts >= 1))
         scored[rule] = (_pair_counts(codes, rule_keys, halves["scoring"], n_keys)[:2],
                         np.bincount(rule_keys[halves["scoring"] & (rule_keys >= 0)], minlength=n_keys))
+    interval = F1Interval(codes, halves["scoring"], seed)
     f1_supported = np.stack([supported[rule].f1 for rule in RULES])
     f1_any = np.stack([any_support[rule].f1 for rule in RULES])
     has_supported = f1_supported.max(0) > 0
@@ -227,9 +240,11 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
         rule = RULES[best_rule[lat]]
         key_ids = (supported if has_supported[lat] else any_support)[rule].keys.get(lat)
         firing = int(fires["scoring"][lat])
+        scorable = firing >= min_support
         if key_ids is None:
-            labels[lat] = Label("unexplained (no rule found on the choosing half)", None, [], False, 0.0, 0.0, 0.0,
-                                0.0, firing)
+            attempt = "no rule found on the choosing half"
+            labels[lat] = Label(f"unexplained ({attempt})" if scorable else not_scorable(firing, min_support, attempt),
+                                None, [], False, 0.0, 0.0, 0.0, 0.0, firing, scorable)
             continue
         (pairs, pair_fires), totals = scored[rule]
         n_keys = len(keys.words[rule])
@@ -242,12 +257,51 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
         f1 = 2 * true_positives / (predicted + firing) if predicted + firing else 0.0
         words = [keys.words[rule][k] for k in key_ids]
         attempt = describe(rule, words)
-        explained = f1 >= min_f1
-        text = attempt if explained else f"unexplained (best attempt: {attempt}; F1 {f1:.2f})"
+        explained = scorable and f1 >= min_f1
+        if not scorable:
+            text = not_scorable(firing, min_support, f"best attempt: {attempt}")
+        else:
+            text = attempt if explained else f"unexplained (best attempt: {attempt}; F1 {f1:.2f})"
         choosing_f1 = (f1_supported if has_supported[lat] else f1_any)[best_rule[lat], lat]
+        low, high = interval(lat, keys.keys[rule], key_ids)
         labels[lat] = Label(text, rule, words, explained, precision, recall, f1, float(choosing_f1), firing,
-                            key_ids=key_ids)
+                            scorable, low, high, key_ids=key_ids)
     return labels
+
+
+class F1Interval:
+    """95% intervals of a rule's F1 by a bootstrap over the scoring texts: texts are drawn with
+    replacement (the same draws for every latent) and the F1 recomputed from their summed counts."""
+
+    DRAWS = 1000
+
+    def __init__(self, codes: HeldoutCodes, scoring: np.ndarray, seed: int):
+        self.codes, self.tokens = codes, np.flatnonzero(scoring)
+        docs, self.text_of = np.unique(codes.doc[self.tokens], return_inverse=True)
+        self.text_of = self.text_of.ravel()
+        self.n_texts = len(docs)
+        self.row_of_doc = np.full(len(codes.texts), -1)
+        self.row_of_doc[docs] = np.arange(len(docs))
+        rng = np.random.default_rng(seed)
+        self.weights = rng.multinomial(self.n_texts, np.full(self.n_texts, 1 / max(self.n_texts, 1)), self.DRAWS) \
+            if self.n_texts else np.zeros((self.DRAWS, 0))
+        token, latent, _ = codes.firing
+        keep = scoring[token]
+        self.firing_token, self.firing_latent = token[keep], latent[keep]
+
+    def counts(self, latent: int, rule_keys: np.ndarray, key_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per scoring text: (true positives, predicted, firing) of the rule for `latent`."""
+        fires = self.firing_token[self.firing_latent == latent]
+        predicted = np.isin(rule_keys[self.tokens], key_ids)
+        hit = np.isin(rule_keys[fires], key_ids)
+        rows = self.row_of_doc[self.codes.doc[fires]]
+        return tuple(np.bincount(r, minlength=self.n_texts)
+                     for r in (rows[hit], self.text_of[predicted], rows))
+
+    def __call__(self, latent: int, rule_keys: np.ndarray, key_ids: np.ndarray) -> tuple[float, float]:
+        tp, predicted, fires = (self.weights @ c for c in self.counts(latent, rule_keys, key_ids))
+        f1 = np.divide(2 * tp, predicted + fires, out=np.zeros(len(tp)), where=predicted + fires > 0)
+        return float(np.percentile(f1, 2.5)), float(np.percentile(f1, 97.5))
 
 
 # --- window scores (delphi's detection and fuzzing) ----------------------------------------------

@@ -98,7 +98,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     built = build_concepts(codes, lens_records(model, tokenizer, sae, live), meta, top_n=settings.TOP_N_EXAMPLES,
                            context=settings.CONTEXT_TOKENS, per_quantile=settings.QUANTILE_EXAMPLES,
                            non_activating=settings.NON_ACTIVATING_EXAMPLES, scoring_examples=settings.SCORING_EXAMPLES,
-                           max_keys=settings.LABEL_MAX_KEYS, min_f1=settings.LABEL_MIN_F1, seed=settings.SEED)
+                           max_keys=settings.LABEL_MAX_KEYS, min_f1=settings.LABEL_MIN_F1,
+                           min_support=settings.LABEL_MIN_SUPPORT, seed=settings.SEED)
     namer = open_namer(settings, device, model, tokenizer)
     if namer is not None:
         ranked = sorted(built.records, key=lambda i: -built.records[i]["frequency"])
