@@ -89,8 +89,9 @@ PROBE_LABEL_FIELD = ""  # "" = the fields features, noun, verb, adjective where 
 PROBE_TEXTS = 1000  # most stories on each side: the SAE's training stories; evaluation texts + the store's held-out ones
 PROBE_MIN_POSITIVES = 5  # a task needs this many positive and negative stories on each side
 PROBE_MIN_ACCURACY = 0.6  # a task is kept only where a readout without an SAE (all d raw dimensions, or which
-#                           tokens a story holds) reaches this balanced accuracy on the test stories and beats
-#                           chance by 3 standard errors there: otherwise its label is not in the stories
+#                           tokens a story holds) reaches this balanced accuracy cross-validated on the training
+#                           stories and beats chance by 3 standard errors there: otherwise its label is not in the
+#                           stories. The test stories choose nothing; they score the kept tasks once, after
 
 # --- concepts (stages 04-05) ----------------------------------------------------------------
 TOP_N_EXAMPLES = 10
