@@ -282,3 +282,28 @@ def test_model_and_layer_names(model_id, name):
     assert NP.dataset_name({"dataset": "roneneldan/TinyStories", "source": "x"}) == "roneneldan/TinyStories"
     assert NP.layer_number("gpt2lmheadmodel_transformer_h_5_mlp") == 5
     assert NP.layer_number("phi3forcausallm_model_layers_12_post_attention_layernorm") == 12
+
+
+def test_dead_latents_are_decided_on_stage_02s_held_out_rows_and_the_export_says_so(tmp_path):
+    from saekit.base.integrity import write_sealed_json
+    from saekit.concepts.runner import training_deadness
+
+    built = _synthetic_built(300)
+    live = sorted(built.records)
+    silent = sorted(set(range(300)) - set(live))
+    frequency = [0.0 if i in silent[:3] else 0.01 for i in range(300)]  # 3 of the silent ones are dead there
+    frequency[live[0]] = 0.0  # a latent that fires on stage 04's texts is live whatever decided
+    write_sealed_json(tmp_path / "training_history.json", {"sae_id": "sae-s", "activation_run_id": "run-1",
+                                                           "latent_frequency": frequency,
+                                                           "history": [{"heldout_n_tokens": 123456}]})
+    assert training_deadness(tmp_path, "another-sae") is None  # not this SAE's history: stage 04's texts decide
+    decided = training_deadness(tmp_path, "sae-s")
+    assert decided["tokens"] == 123456 and "123456 held-out activation rows of run run-1" in decided["decided_on"]
+    files = NP.export_files({**built.meta, "dead_latents": decided}, built.records, built.texts)
+    assert files["skipped_indexes.json"]["skipped_indexes"] == silent[:3]
+    settings = files["run_settings.json"]
+    assert settings["dead_latents"] == 3 and settings["dead_decided_on"] == decided["decided_on"]
+    assert settings["silent_on_these_texts_not_dead"] == len(silent) - 3
+    fallback = NP.export_files(built.meta, built.records, built.texts)  # an SAE from SAE_PATH: no history
+    assert fallback["skipped_indexes.json"]["skipped_indexes"] == silent
+    assert "tokens of stage 04's 30 evaluation texts" in fallback["run_settings.json"]["dead_decided_on"]

@@ -6,7 +6,10 @@
                               (neuronpedia-utils convert-saedashboard-to-neuronpedia-export.py, or SAEDashboard's
                               neuronpedia_export.py) turns the folder into its bulk-import layout.
         skipped_indexes.json  the dead latents, as NeuronpediaRunner records them; the body of Neuronpedia's
-                              /api/admin/upload-skipped-features, which creates them as dead features
+                              /api/admin/upload-skipped-features, which creates them as dead features. Dead
+                              means silent on stage 02's held-out rows (far more tokens than stage 04's
+                              texts) where stage 02 trained the SAE here; run_settings.json says which
+                              tokens decided it, and how many latents are silent on stage 04's texts alone
         run_settings.json     what made the export (NeuronpediaRunner writes its settings here): the
                               concepts set, SAE, model, layer, and which fields hold no data
         upload/batch-<n>.json bodies for POST /api/feature/upload-batch (the route a user with an API key
@@ -191,6 +194,18 @@ def upload_feature(feature: dict[str, Any], record: dict[str, Any]) -> dict[str,
     }
 
 
+def deadness(meta: dict[str, Any], live: list[int]) -> tuple[list[int], str, int]:
+    """(dead latents, the tokens that decided it, latents silent on stage 04's texts yet not dead there).
+    Stage 02's held-out check decides where the meta carries it (runner.training_deadness); otherwise
+    stage 04's own texts, which say so."""
+    silent = sorted(set(range(meta["n_latents"])) - set(live))
+    decided = meta.get("dead_latents")
+    if decided is None:
+        return silent, f"{meta['n_tokens']} tokens of stage 04's {meta['n_texts']} evaluation texts", 0
+    dead = sorted(set(decided["indexes"]) - set(live))  # a latent that fires here is live, whatever decided
+    return dead, decided["decided_on"], len(silent) - len(dead)
+
+
 def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts: dict[str, Any]
                  ) -> dict[str, Any]:
     """Every file of the export: {path relative to store/neuronpedia: JSON content}."""
@@ -206,7 +221,7 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
         files[f"{UPLOAD_DIR}/batch-{n}.json"] = {
             "modelId": model_id, "source": f"{layer}-{sae_set}",
             "features": [upload_feature(f, records[i]) for f, i in zip(features, indices)]}
-    dead = sorted(set(range(meta["n_latents"])) - set(live))
+    dead, decided_on, silent_here = deadness(meta, live)
     files[SKIPPED_FILE] = {"model_id": model_id, "layer": str(layer), "sae_set": sae_set, "log_sparsity": None,
                            "skipped_indexes": dead}
     files[RUN_SETTINGS_FILE] = {
@@ -214,6 +229,7 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
         "activation_run_id": meta.get("activation_run_id"), "saekit_model_id": meta["model_id"],
         "layer_signature": meta["layer_signature"], "model_id": model_id, "layer": layer, "sae_set": sae_set,
         "np_sae_id_suffix": None, "d_sae": meta["n_latents"], "live_latents": len(live), "dead_latents": len(dead),
+        "dead_decided_on": decided_on, "silent_on_these_texts_not_dead": silent_here,
         "n_features_at_a_time": FEATURES_PER_BATCH, "n_batches": math.ceil(len(live) / FEATURES_PER_BATCH),
         "n_prompts_total": meta["n_texts"], "n_tokens_in_prompt": max((len(t) for t in texts["tokens"]), default=0),
         "huggingface_dataset_path": dataset_name(meta),

@@ -8,6 +8,7 @@ and publish the exports. Each step is its own module:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from ..activations.stage import load_stage_model, stage_runtime, start_stage
 from ..activations.store import RUN_ID_FILE, open_run
 from ..base.distributed import World
 from ..base.errors import PipelineError
+from ..base.integrity import read_sealed_json
 from ..training.sae import check_sae_matches
 from ..training.saelens_format import load_sae
 from .collect import collect
@@ -43,6 +45,26 @@ def open_namer(settings, device, model, tokenizer) -> Namer | None:
     if naming_id != settings.MODEL_ID:
         model, tokenizer = load_model(naming_id, device, cache_dir=settings.store / "models")
     return TransformersNamer(model, tokenizer, naming_id, settings.NAMING_MAX_NEW_TOKENS)
+
+
+TRAINING_HISTORY = "training_history.json"
+
+
+def training_deadness(store: Path, sae_id: str | None) -> dict[str, Any] | None:
+    """The latents that never fired on stage 02's last held-out check, and on how many tokens: far more
+    than stage 04's texts (the demo: its held-out activation rows against 24.7k tokens), so a latent
+    that merely stays silent on those texts is not called dead. None for an SAE that stage 02 did not
+    train here (SAE_PATH), or a history that is not this SAE's: then stage 04's own texts decide."""
+    path = store / TRAINING_HISTORY
+    if sae_id is None or not path.exists():
+        return None
+    history = read_sealed_json(path, "Run stage 02 again (02_train_sae.py).")
+    if history.get("sae_id") != sae_id or "latent_frequency" not in history or not history.get("history"):
+        return None
+    tokens = int(history["history"][-1]["heldout_n_tokens"])
+    return {"indexes": [i for i, f in enumerate(history["latent_frequency"]) if f == 0], "tokens": tokens,
+            "decided_on": f"{tokens} held-out activation rows of run {history.get('activation_run_id')} "
+                          "(stage 02's last check)"}
 
 
 class EvalOverlapError(PipelineError):
@@ -94,7 +116,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
             "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": texts.read_from.get("split"),
             "texts_read": texts.read_from, "source": texts.source, "n_texts_asked": settings.EVAL_DATA_LIMIT,
             "naming_model_id": settings.NAMING_MODEL_ID,
-            "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict()}
+            "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict(),
+            "dead_latents": training_deadness(settings.store, sae_meta.get("sae_id"))}
     built = build_concepts(codes, lens_records(model, tokenizer, sae, live), meta, top_n=settings.TOP_N_EXAMPLES,
                            context=settings.CONTEXT_TOKENS, per_quantile=settings.QUANTILE_EXAMPLES,
                            non_activating=settings.NON_ACTIVATING_EXAMPLES, scoring_examples=settings.SCORING_EXAMPLES,
