@@ -104,6 +104,10 @@ LABEL_MIN_F1 = 0.3  # a label scoring below this F1 on the held-out half is show
 LABEL_MIN_SUPPORT = 10  # below this many firing tokens on the held-out half a latent is "not scorable": 10 of 10
 #                         hits still leave recall's 95% lower bound at 0.69 (at 5 of 5: 0.48), so fewer cannot tell
 #                         a rule from luck; such latents stay out of the explained share
+OUTPUT_EFFECT_LATENTS = 32  # the most frequent live latents whose output side is measured (a forward pass of the
+#                             texts below each); 0 = every live latent. The rest show the direct lens where the
+#                             layer is the residual stream, and N/A elsewhere (saekit/concepts/output_side.py)
+OUTPUT_EFFECT_TEXTS = 8  # held-out texts (their first 64 tokens) the output side is measured on
 N_LATENTS_TO_NAME = 32  # the most frequent live latents get a model-written name; 0 = all live, -1 = none
 NAMING_MODEL_ID = "none"  # none (the embedded 135M names at chance); a local folder / hub id; or an endpoint http://host:port/v1
 NAMING_API_MODEL = ""  # the model an endpoint is asked for; "" = the first it lists

@@ -11,7 +11,7 @@ from saekit.base.integrity import IntegrityError
 from saekit.base.settings import load_settings
 from saekit.concepts import collect as C
 from saekit.concepts.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
-from saekit.concepts.labels import lens_records
+from saekit.concepts.output_side import output_sides
 from saekit.notebooks import run_notebook
 from saekit.training.sae import TopKSAE
 
@@ -39,7 +39,9 @@ def _build(codes, model, tok, sae, **overrides):
     live = sorted(set(codes.firing[1].tolist()))
     settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3, min_support=1)
     meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
-    return build_concepts(codes, lens_records(model, tok, sae, live), meta, **{**settings, **overrides})
+    layer = resolve_layer(model, TINY_LAYER)
+    sides, _ = output_sides(model, tok, layer, sae, live, live[:3], {i: 3.0 for i in live[:3]}, TEXTS[:4], 8)
+    return build_concepts(codes, sides, meta, **{**settings, **overrides})
 
 
 def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokenizer):

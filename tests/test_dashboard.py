@@ -152,6 +152,7 @@ def test_dashboard_renders_in_headless_chromium(concepts, tmp_path):
     assert 'data-latent="7"' in view[:200] and "latent 7: dogs and pets" in view and "it is the title" in view
     assert re.search(r'<span class="sae-tok sae-peak"[^>]*> (dog|puppy|cat|kitten|pony|hamster)</span>', view)
     assert "<svg" in view and dashboard.INTERVALS_TITLE in view and "interval 4: (" in view and "not activating" in view
+    assert dashboard.OUTPUT_SIDE_TITLES["measured"] + ": promotes" in view
 
     dom = _chromium_dom(page, "latent-12", tmp_path)
     assert _rows(dom) == [r["index"] for r in dashboard.latent_rows(concepts)]  # sorted by score, best first

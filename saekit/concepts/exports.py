@@ -2,7 +2,7 @@
 
     store/concepts/<concepts_id>/      published by saekit.base.integrity.publish_set
         concepts.json    run metadata, and per live latent: statistics, label and its scores, name and
-                         its scores, title, histogram, logit lens, examples as references to the
+                         its scores, title, histogram, output side, examples as references to the
                          texts (text, position of the peak, activation, the latent's codes nearby), and
                          the activation interval of each quantile group of examples
         texts.json       the held-out texts, each once: raw text, and tokens as indices into a table
@@ -93,12 +93,13 @@ class Built:
     texts: dict[str, Any]
 
 
-def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: dict[str, Any], *, top_n: int,
+def build_concepts(codes: HeldoutCodes, output_side: dict[int, dict[str, Any]], meta: dict[str, Any], *, top_n: int,
                    context: int, per_quantile: int, non_activating: int, scoring_examples: int, max_keys: int,
                    min_f1: float, min_support: int, seed: int = 0) -> Built:
     """Statistics, examples, labels and their scores for every live latent of `codes`.
 
-    `lens`: per live latent, the logit lens's promoted and suppressed tokens (saekit.concepts.labels.lens_records)."""
+    `output_side`: per live latent, its output side (saekit.concepts.output_side.output_sides): method,
+    promoted and suppressed tokens."""
     rng = np.random.default_rng(seed)
     n = codes.n_latents
     stats = latent_stats(codes)
@@ -109,7 +110,7 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
     choosing = peaks.where(~is_scoring[codes.doc[peaks.token]])
     namer_top = top_peaks(choosing, top_n, n)
     keys = token_keys(codes)
-    labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in lens[i]["promoted"]] for i in live},
+    labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in output_side[i]["promoted"]] for i in live},
                            max_keys, min_f1, min_support, seed)
     windows = scoring_windows(codes, peaks, live, scoring_examples, context, is_scoring, rng)
     all_tokens = np.flatnonzero(codes.scorable)
@@ -131,7 +132,7 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
             "label": label.as_json(), "name": None, "title": label.text, "title_source": "label",
             "histogram": {"bin_edges": [float(e) for e in HIST_EDGES[used[0]:used[-1] + 2]],
                           "counts": stats.histogram[i, used[0]:used[-1] + 1].tolist()},
-            "logit_lens": lens[i],
+            "output_side": output_side[i],
             "examples": {
                 "top": [example(codes, i, int(t), context) for t in top_tokens],
                 "quantiles": [{**example(codes, i, t, context), "quantile": iv.number}

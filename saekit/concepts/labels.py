@@ -9,7 +9,8 @@ A rule says "the latent fires here" when a key read at the token is in a small s
     bigram ending    the token before and the token:   the [kite]
     bigram starting  the token and the one after:      [kite] flew
     trigram          before, token, after:             the [kite] flew
-    logit lens       the next token, restricted to the 10 tokens the latent's decoder promotes
+    output side      the next token, restricted to the 10 tokens the latent's output side promotes
+                     (saekit.concepts.output_side: measured, or the direct lens where it holds)
 
 Choosing, on the choosing half: per rule and latent, keys are ranked by the share of their tokens on
 which the latent fires (add-one smoothed, so a key seen once does not lead) and the prefix of at most
@@ -31,8 +32,9 @@ detection (matches somewhere in activating windows, nowhere in silent ones) and 
 the marked peak, not a marked token where the latent is silent), each a balanced accuracy. These
 are the scores a model-written name has to beat (saekit.concepts.naming).
 
-Logit lens: a latent's decoder direction pushed through the final norm's gain and the
-unembedding, skipping the blocks in between: a rough first-order view of what it promotes.
+The direct (logit) lens: a latent's decoder direction pushed through the final norm's gain and the
+unembedding, skipping the blocks in between: a first-order view of what it promotes, true only where
+the SAE reads the residual stream (saekit.concepts.output_side says where, and measures the rest).
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ from ..activations.models import final_norm_gain
 from ..training.sae import TopKSAE
 from .collect import HeldoutCodes, ScoringWindows, window
 
-RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "logit lens")
-LENS_TOKENS = 10  # promoted tokens that the logit-lens rule may use
+RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "output side")
+LENS_TOKENS = 10  # promoted tokens that the output-side rule may use
 MIN_LIFT = 2.0  # a key must at least double the latent's base firing rate
 # A key must have fired in this many choosing texts: one text's quirks rarely generalise (on the demo
 # store the median held-out F1 rises from 0.17 to 0.22; 3 texts is worse). A latent with no such key
@@ -96,7 +98,7 @@ def token_keys(codes: HeldoutCodes) -> TokenKeys:
     for rule, columns in (("bigram ending", [before, word]), ("bigram starting", [word, after]),
                           ("trigram", [before, word, after])):
         keys[rule], words[rule] = _combine(columns, vocab)
-    keys["logit lens"], words["logit lens"] = after, singles
+    keys["output side"], words["output side"] = after, singles
     return TokenKeys({rule: np.where(can_fire, k, -1) for rule, k in keys.items()}, words, word_index)
 
 
@@ -192,8 +194,8 @@ def describe(rule: str, keys: list[tuple[str, ...]]) -> str:
     shown = keys[:6]
     if rule == "token":
         return " | ".join(k[0] for k in shown)
-    if rule in ("previous token", "next token", "logit lens"):
-        prefix = {"previous token": "after", "next token": "before", "logit lens": "predicts"}[rule]
+    if rule in ("previous token", "next token", "output side"):
+        prefix = {"previous token": "after", "next token": "before", "output side": "predicts"}[rule]
         return f"{prefix}: " + " | ".join(k[0] for k in shown)
     marked = {"bigram ending": lambda k: f"{k[0]} [{k[1]}]", "bigram starting": lambda k: f"[{k[0]}] {k[1]}",
               "trigram": lambda k: f"{k[0]} [{k[1]}] {k[2]}"}[rule]
@@ -219,7 +221,7 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
     for rule in RULES:
         rule_keys, n_keys = keys.keys[rule], len(keys.words[rule])
         pairs, pair_fires, pair_texts = _pair_counts(codes, rule_keys, halves["choosing"], n_keys)
-        if rule == "logit lens":  # only pairs of a latent and a token its decoder promotes
+        if rule == "output side":  # only pairs of a latent and a token its output side promotes
             allowed = [lat * n_keys + keys.word_index[normalise(t)] for lat, tokens in promoted.items()
                        for t in tokens[:LENS_TOKENS] if normalise(t) in keys.word_index]
             inside = np.isin(pairs, allowed)
@@ -334,7 +336,7 @@ def window_scores(codes: HeldoutCodes, keys: TokenKeys, label: Label, windows: S
     return detection, fuzzing
 
 
-# --- logit lens ----------------------------------------------------------------------------------
+# --- the direct (logit) lens ----------------------------------------------------------------------
 
 @torch.no_grad()
 def logit_lens(model, sae: TopKSAE, top: int = 10, chunk: int = 256) -> tuple[torch.Tensor, ...]:
@@ -348,13 +350,3 @@ def logit_lens(model, sae: TopKSAE, top: int = 10, chunk: int = 256) -> tuple[to
         for store, value in zip(results, (up.indices, up.values, down.indices, -down.values)):
             store.append(value)
     return tuple(torch.cat(r) for r in results)
-
-
-def lens_records(model, tokenizer, sae: TopKSAE, latents: list[int], top: int = 10) -> dict[int, dict[str, list]]:
-    """Per latent, the tokens its decoder direction promotes and suppresses, as [[token, logit], ...]."""
-    promoted_ids, promoted_vals, suppressed_ids, suppressed_vals = logit_lens(model, sae, top)
-    decoded = {int(t): tokenizer.decode([int(t)]) for t in torch.cat([promoted_ids, suppressed_ids]).unique()}
-    pairs = lambda ids, values: [[decoded[int(t)], round(float(v), 3)] for t, v in zip(ids, values)]  # noqa: E731
-    return {lat: {"promoted": pairs(promoted_ids[lat], promoted_vals[lat]),
-                  "suppressed": pairs(suppressed_ids[lat], suppressed_vals[lat])}
-            for lat in latents}

@@ -24,7 +24,8 @@ Per live latent (SAEDashboard's keys; the values are stage 04's record for the l
                    examples carry bin_min = bin_contains = -1 and bin_max = the latent's max activation
                    (SAEDashboard's TOP ACTIVATIONS group); interval examples their interval (min, max]
                    and the share of tokens in it (its INTERVAL groups), from the record's quantile_bins
-    pos_str, pos_values / neg_str, neg_values    the logit lens: promoted and suppressed tokens
+    pos_str, pos_values / neg_str, neg_values    the output side (saekit.concepts.output_side): promoted and
+                   suppressed tokens, measured or the direct lens where it holds; empty where it is N/A
     frac_nonzero   the share of tokens it fires on
     freq_hist_data_bar_heights / _values         its activation histogram: tokens per bin, bin centres
     n_prompts_total, n_tokens_in_prompt, dataset the texts it was read from
@@ -82,8 +83,8 @@ EMPTY_FIELDS = {
     "correlated_neurons_l1": "not computed by stage 04", "correlated_neurons_pearson": "not computed by stage 04",
     "correlated_features_indices": "not computed by stage 04", "correlated_features_l1": "not computed by stage 04",
     "correlated_features_pearson": "not computed by stage 04",
-    "logits_hist_data_bar_heights": "stage 04 keeps the logit lens's top and bottom 10 tokens, not the vocabulary's "
-                                    "histogram",
+    "logits_hist_data_bar_heights": "stage 04 keeps the output side's top and bottom 10 tokens, not the "
+                                    "vocabulary's histogram",
     "logits_hist_data_bar_values": "as logits_hist_data_bar_heights", "decoder_weights_dist": "attention SAEs only",
     "vector": "steering vectors only",
 }
@@ -148,7 +149,7 @@ def histogram_bars(histogram: dict[str, list]) -> tuple[list[float], list[int]]:
 
 def dashboard_feature(record: dict[str, Any], texts: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """One live latent as a NeuronpediaDashboardFeature dict (its to_dict's keys, in its order)."""
-    lens = record["logit_lens"]
+    lens = record["output_side"]
     bar_values, bar_heights = histogram_bars(record["histogram"])
     return {
         "feature_index": record["index"],

@@ -22,9 +22,9 @@ from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
 from ..training.sae import check_sae_matches
 from ..training.saelens_format import load_sae
-from .collect import collect
+from .collect import collect, latent_stats, scoring_half
 from .exports import apply_names, build_concepts, publish
-from .labels import lens_records
+from .output_side import output_sides
 from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
@@ -105,7 +105,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     check_texts_unseen(settings, sae_meta, texts)
     if world.is_main:
         print(texts.summary())
-    codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts.texts,
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    codes = collect(model, tokenizer, layer, sae, texts.texts,
                     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
                     progress=progress and world.is_main, world=world)
     if not world.is_main:
@@ -118,7 +119,15 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
             "naming_model_id": settings.NAMING_MODEL_ID,
             "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict(),
             "dead_latents": training_deadness(settings.store, sae_meta.get("sae_id"))}
-    built = build_concepts(codes, lens_records(model, tokenizer, sae, live), meta, top_n=settings.TOP_N_EXAMPLES,
+    stats = latent_stats(codes)
+    # measured on the choosing half's texts: the output side feeds a label rule, which the other half scores
+    choosing_texts = [t for t, scoring in zip(texts.texts, scoring_half(len(texts.texts), settings.SEED)) if not scoring]
+    by_frequency = sorted(live, key=lambda i: (-stats.fire_counts[i], i))
+    measure = by_frequency if settings.OUTPUT_EFFECT_LATENTS == 0 else by_frequency[:settings.OUTPUT_EFFECT_LATENTS]
+    sides, meta["output_side"] = output_sides(model, tokenizer, layer, sae, live, measure,
+                                              {i: float(stats.max_activation[i]) for i in measure},
+                                              choosing_texts[:settings.OUTPUT_EFFECT_TEXTS], settings.BATCH_SIZE_SAVE)
+    built = build_concepts(codes, sides, meta, top_n=settings.TOP_N_EXAMPLES,
                            context=settings.CONTEXT_TOKENS, per_quantile=settings.QUANTILE_EXAMPLES,
                            non_activating=settings.NON_ACTIVATING_EXAMPLES, scoring_examples=settings.SCORING_EXAMPLES,
                            max_keys=settings.LABEL_MAX_KEYS, min_f1=settings.LABEL_MIN_F1,

@@ -55,9 +55,9 @@ def synthetic_codes(words: list[str], n_texts: int, length: int, n_latents: int,
 
 
 def synthetic_lens(words: list[str], latents: list[int], seed: int = 0) -> dict[int, dict[str, list]]:
-    """Made-up logit-lens tokens for each latent, in saekit.concepts.labels.lens_records' format."""
+    """Made-up output sides for each latent, in saekit.concepts.output_side.output_sides' format."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(words), (len(latents), 20))
-    return {lat: {"promoted": [[" " + words[w], round(2 - 0.1 * j, 2)] for j, w in enumerate(row[:10])],
+    return {lat: {"method": "measured", "promoted": [[" " + words[w], round(2 - 0.1 * j, 2)] for j, w in enumerate(row[:10])],
                   "suppressed": [[" " + words[w], round(-1 + 0.05 * j, 2)] for j, w in enumerate(row[10:])]}
             for lat, row in zip(latents, picks)}

@@ -206,8 +206,21 @@ NAME_VERDICTS = ("it leads the label by more than {lead} on the same windows (be
                  "not the title: it does not lead the label by more than {lead} on the same windows")
 
 
+# what each method of saekit.concepts.output_side means, in the words both views use
+OUTPUT_SIDE_TITLES = {"measured": "output side (measured: next-token log-prob change when added)",
+                      "direct lens": "output side (direct lens: the layer is the residual stream)",
+                      "N/A": "output side: N/A (not measured, and the direct lens does not hold at this layer)"}
+
+
+def output_side_html(side: dict[str, Any]) -> str:
+    title = OUTPUT_SIDE_TITLES[side["method"]]
+    if not side["promoted"]:
+        return f"<div><b>{title}</b></div>"
+    return f'{_lens_list(title + ": promotes", side["promoted"])}{_lens_list("suppresses", side["suppressed"])}'
+
+
 def latent_summary_html(index: int, latent: dict[str, Any]) -> str:
-    """Header, label and name with their scores, statistics, histogram and logit lens of one latent."""
+    """Header, label and name with their scores, statistics, histogram and output side of one latent."""
     label, name = latent["label"], latent["name"]
     rule = f' ({label["rule"]})' if label["rule"] else ""
     label_line = (f'<span class="{"" if label["explained"] else "sae-unexplained"}">label {html.escape(label["text"])}'
@@ -219,14 +232,13 @@ def latent_summary_html(index: int, latent: dict[str, Any]) -> str:
             lead=_score(name.get("lead_needed")))
         label_line += (f'<br>name "{html.escape(name["text"])}": detection {_score(name["detection"])}, '
                        f'fuzzing {_score(name["fuzzing"])}; {verdict}')
-    hist, lens = latent["histogram"], latent["logit_lens"]
+    hist, side = latent["histogram"], latent["output_side"]
     return (f'<h3>latent {index}: {html.escape(latent["title"])}</h3><p class="sae-stats">{label_line}<br>fires on '
             f'{100 * latent["frequency"]:.3g}% of tokens; activation max {latent["max_activation"]:.3g}, '
             f'mean when firing {latent["mean_activation"]:.3g}</p>'
             f'<div class="sae-row"><div><b>activation when firing</b><br>'
             f'{histogram_svg(hist["counts"], hist["bin_edges"][0], hist["bin_edges"][-1])}</div>'
-            f'<div class="sae-row sae-lens">{_lens_list("logit lens: promotes", lens["promoted"])}'
-            f'{_lens_list("suppresses", lens["suppressed"])}</div></div>')
+            f'<div class="sae-row sae-lens">{output_side_html(side)}</div></div>')
 
 
 # what stage 04 does (saekit.concepts.collect.interval_examples), in the words both views use
@@ -305,7 +317,9 @@ def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
                           "fuzzing": _round(name["fuzzing"]), "lead_needed": _round(name.get("lead_needed"))},
         "stats": [latent["frequency"], latent["max_activation"], latent["mean_activation"]],
         "histogram": {"low": hist["bin_edges"][0], "high": hist["bin_edges"][-1], "counts": hist["counts"]},
-        "lens": {side: [[t, round(v, 2)] for t, v in pairs] for side, pairs in latent["logit_lens"].items()},
+        "lens": {"method": latent["output_side"]["method"],
+                 **{side: [[t, round(v, 2)] for t, v in latent["output_side"][side]]
+                    for side in ("promoted", "suppressed")}},
         "top": [[e["doc"], e["pos"], _acts(e)] for e in examples["top"]],
         "quantiles": [[e["doc"], e["pos"], _acts(e), interval_text(intervals[e["quantile"]])]
                       for e in examples["quantiles"]],
@@ -324,7 +338,7 @@ def dashboard_data(concepts: Concepts, files: str) -> dict[str, Any]:
                  "n_scoring_texts", "context_tokens", "naming", "created")
     rows = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in ROW_COLUMNS] for r in latent_rows(concepts)]
     return {"meta": {k: concepts.meta.get(k) for k in meta_keys}, "files": files, "chunk": CHUNK,
-            "intervals_title": INTERVALS_TITLE, "name_verdicts": NAME_VERDICTS, "columns": list(ROW_COLUMNS), "rows": rows}
+            "intervals_title": INTERVALS_TITLE, "name_verdicts": NAME_VERDICTS, "output_side_titles": OUTPUT_SIDE_TITLES, "columns": list(ROW_COLUMNS), "rows": rows}
 
 
 def write_dashboard(concepts: Concepts, path: str | Path) -> Path:

@@ -158,8 +158,10 @@ function latentView(index, d) {
     el("h3", {}, `latent ${index}: ${d.title}`), el("p", {class: "sae-stats"}, ...lines),
     el("div", {class: "sae-row"},
        el("div", {}, el("b", {}, "activation when firing"), el("br"), histogram(d.histogram)),
-       el("div", {class: "sae-row sae-lens"}, lensList("logit lens: promotes", d.lens.promoted),
-          lensList("suppresses", d.lens.suppressed))),
+       el("div", {class: "sae-row sae-lens"}, ...(d.lens.promoted.length
+         ? [lensList(data.output_side_titles[d.lens.method] + ": promotes", d.lens.promoted),
+            lensList("suppresses", d.lens.suppressed)]
+         : [el("div", {}, el("b", {}, data.output_side_titles[d.lens.method]))]))),
     ...groups.map(([title, examples, isPeak]) => el("div", {class: "sae-examples"}, el("b", {}, title),
       ` (${examples.length})`, ...examples.flatMap(e => [
         ...(e.length > 3 ? [el("div", {class: "sae-quantile"}, `interval ${e[3]}`)] : []),
