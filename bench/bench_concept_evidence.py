@@ -66,7 +66,9 @@ if not args.no_probing:
     probed = probing.sparse_probing(settings, trained, progress=False)
     figures["probing"] = {key: probed.get(key) for key in ("mean", "mean_lexical", "mean_dense", "tasks", "dropped")}
     print(probing.summary_text(probed))
-    print(table(probing.task_table(probed), list(probing.task_table(probed)[0]) if probed["tasks"] else ["task"]))
+    rows = [] if probed.get("skipped") else probing.task_table(probed)
+    if rows:
+        print(table(rows, list(rows[0])))
 
 path = save_result("concept_evidence", "bench/bench_concept_evidence.py " + " ".join(sys.argv[1:]), figures)
 print(f"wrote {path}")
