@@ -37,7 +37,8 @@ def _collect(model, tok, sae, texts=TEXTS):
 
 def _build(codes, model, tok, sae, **overrides):
     live = sorted(set(codes.firing[1].tolist()))
-    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3, min_support=1)
+    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3,
+                    min_support=1)
     meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
     layer = resolve_layer(model, TINY_LAYER)
     sides, _ = output_sides(model, tok, layer, sae, live, live[:3], {i: 3.0 for i in live[:3]}, TEXTS[:4], 8)
@@ -114,7 +115,8 @@ def test_identical_openings_count_once_and_stay_on_one_side_of_the_split(tiny_mo
         first_a, first_b = codes.doc_start[a], codes.doc_start[b]
         n = min(codes.doc_start[a + 1] - first_a, codes.doc_start[b + 1] - first_b)
         for p in range(n):
-            same = codes.token_ids[first_a:first_a + p + 1].tolist() == codes.token_ids[first_b:first_b + p + 1].tolist()
+            ids_a, ids_b = codes.token_ids[first_a:first_a + p + 1], codes.token_ids[first_b:first_b + p + 1]
+            same = ids_a.tolist() == ids_b.tolist()
             assert (codes.prefix_id[first_a + p] == codes.prefix_id[first_b + p]) == same
     assert not codes.distinct[codes.doc_start[8]:].any()  # texts 8-15 repeat texts 0-7 whole
     built = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=5, per_quantile=3)
@@ -151,7 +153,8 @@ def test_intervals_partition_the_firings_and_examples_are_drawn_at_random(tiny_m
             bins = sorted(record["quantile_bins"], key=lambda b: b["quantile"])
             assert sum(b["count"] for b in bins) == stats.fire_counts[i]
             assert sum(b["contains"] for b in bins) == pytest.approx(record["frequency"])
-            assert all(a["max"] <= b["min"] for a, b in zip(bins, bins[1:])) and bins[-1]["max"] == record["max_activation"]
+            assert all(a["max"] <= b["min"] for a, b in zip(bins, bins[1:]))
+            assert bins[-1]["max"] == record["max_activation"]
             top = {(e["doc"], e["pos"]) for e in record["examples"]["top"]}
             by_number = {b["quantile"]: b for b in bins}
             for e in record["examples"]["quantiles"]:

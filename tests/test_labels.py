@@ -102,8 +102,8 @@ def test_labels_list_at_most_max_keys(max_keys):
 
 def test_latents_with_few_firings_are_not_scorable_and_each_f1_has_a_text_bootstrap_interval():
     codes = _planted_codes()
-    fires = {lat: int(((codes.latents == lat) & codes.scorable[:, None] & scoring_half(80, 0)[codes.doc][:, None]).sum())
-             for lat in (0, 1, 2)}
+    counted = (codes.scorable & scoring_half(80, 0)[codes.doc])[:, None]
+    fires = {lat: int(((codes.latents == lat) & counted).sum()) for lat in (0, 1, 2)}
     rare = min(fires, key=fires.get)
     labels, keys, is_scoring = _labels(codes, min_support=fires[rare] + 1)
     assert not labels[rare].scorable and not labels[rare].explained and labels[rare].text.startswith("not scorable")

@@ -121,7 +121,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
             "dead_latents": training_deadness(settings.store, sae_meta.get("sae_id"))}
     stats = latent_stats(codes)
     # measured on the choosing half's texts: the output side feeds a label rule, which the other half scores
-    choosing_texts = [t for t, scoring in zip(texts.texts, scoring_half(len(texts.texts), settings.SEED)) if not scoring]
+    is_scoring = scoring_half(len(texts.texts), settings.SEED)
+    choosing_texts = [t for t, scoring in zip(texts.texts, is_scoring) if not scoring]
     by_frequency = sorted(live, key=lambda i: (-stats.fire_counts[i], i))
     measure = by_frequency if settings.OUTPUT_EFFECT_LATENTS == 0 else by_frequency[:settings.OUTPUT_EFFECT_LATENTS]
     sides, meta["output_side"] = output_sides(model, tokenizer, layer, sae, live, measure,

@@ -225,7 +225,8 @@ def latent_summary_html(index: int, latent: dict[str, Any]) -> str:
     rule = f' ({label["rule"]})' if label["rule"] else ""
     label_line = (f'<span class="{"" if label["explained"] else "sae-unexplained"}">label {html.escape(label["text"])}'
                   f'{rule}: held-out F1 {_score(label["f1"])} [{_score(label["f1_low"])}, '
-                  f'{_score(label["f1_high"])}] on {label["scoring_fires"]} firings, precision {_score(label["precision"])}, recall {_score(label["recall"])}; '
+                  f'{_score(label["f1_high"])}] on {label["scoring_fires"]} firings, '
+                  f'precision {_score(label["precision"])}, recall {_score(label["recall"])}; '
                   f'windows: detection {_score(label["detection"])}, fuzzing {_score(label["fuzzing"])}</span>')
     if name:
         verdict = (NAME_VERDICTS[0] if latent["title_source"] == "name" else NAME_VERDICTS[1]).format(
@@ -338,7 +339,8 @@ def dashboard_data(concepts: Concepts, files: str) -> dict[str, Any]:
                  "n_scoring_texts", "context_tokens", "naming", "created")
     rows = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in ROW_COLUMNS] for r in latent_rows(concepts)]
     return {"meta": {k: concepts.meta.get(k) for k in meta_keys}, "files": files, "chunk": CHUNK,
-            "intervals_title": INTERVALS_TITLE, "name_verdicts": NAME_VERDICTS, "output_side_titles": OUTPUT_SIDE_TITLES, "columns": list(ROW_COLUMNS), "rows": rows}
+            "intervals_title": INTERVALS_TITLE, "name_verdicts": NAME_VERDICTS, "output_side_titles": OUTPUT_SIDE_TITLES,
+            "columns": list(ROW_COLUMNS), "rows": rows}
 
 
 def write_dashboard(concepts: Concepts, path: str | Path) -> Path:
