@@ -303,7 +303,9 @@ def test_dead_latents_are_decided_on_stage_02s_held_out_rows_and_the_export_says
     files = NP.export_files({**built.meta, "dead_latents": decided}, built.records, built.texts)
     assert files["skipped_indexes.json"]["skipped_indexes"] == silent[:3]
     settings = files["run_settings.json"]
-    assert settings["dead_latents"] == 3 and settings["dead_decided_on"] == decided["decided_on"]
+    assert settings["dead_latents"] == 3  # silent on both the held-out rows and stage 04's texts
+    assert settings["dead_decided_on"] == f"{decided['decided_on']} and {built.meta['n_tokens']} tokens of stage 04's " \
+                                          "30 evaluation texts"
     assert settings["silent_on_these_texts_not_dead"] == len(silent) - 3
     fallback = NP.export_files(built.meta, built.records, built.texts)  # an SAE from SAE_PATH: no history
     assert fallback["skipped_indexes.json"]["skipped_indexes"] == silent

@@ -196,15 +196,16 @@ def upload_feature(feature: dict[str, Any], record: dict[str, Any]) -> dict[str,
 
 
 def deadness(meta: dict[str, Any], live: list[int]) -> tuple[list[int], str, int]:
-    """(dead latents, the tokens that decided it, latents silent on stage 04's texts yet not dead there).
-    Stage 02's held-out check decides where the meta carries it (runner.training_deadness); otherwise
-    stage 04's own texts, which say so."""
+    """(dead latents, the tokens that decided it, latents silent on stage 04's texts yet not dead).
+    Where the meta carries stage 02's held-out check (runner.training_deadness), dead is silent on both
+    its rows and stage 04's texts; otherwise on stage 04's texts alone, which the export says."""
     silent = sorted(set(range(meta["n_latents"])) - set(live))
+    here = f"{meta['n_tokens']} tokens of stage 04's {meta['n_texts']} evaluation texts"
     decided = meta.get("dead_latents")
     if decided is None:
-        return silent, f"{meta['n_tokens']} tokens of stage 04's {meta['n_texts']} evaluation texts", 0
-    dead = sorted(set(decided["indexes"]) - set(live))  # a latent that fires here is live, whatever decided
-    return dead, decided["decided_on"], len(silent) - len(dead)
+        return silent, here, 0
+    dead = sorted(set(decided["indexes"]) - set(live))  # a latent that fires on either is live
+    return dead, f"{decided['decided_on']} and {here}", len(silent) - len(dead)
 
 
 def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts: dict[str, Any]

@@ -51,10 +51,11 @@ TRAINING_HISTORY = "training_history.json"
 
 
 def training_deadness(store: Path, sae_id: str | None) -> dict[str, Any] | None:
-    """The latents that never fired on stage 02's last held-out check, and on how many tokens: far more
-    than stage 04's texts (the demo: its held-out activation rows against 24.7k tokens), so a latent
-    that merely stays silent on those texts is not called dead. None for an SAE that stage 02 did not
-    train here (SAE_PATH), or a history that is not this SAE's: then stage 04's own texts decide."""
+    """The latents that never fired on stage 02's last held-out check, and on how many tokens: with
+    stage 04's texts, a latent is dead only where it is silent on both (the demo: 12,556 held-out rows
+    and 24,707 tokens), so one that fires on the held-out rows alone is not called dead. None for an
+    SAE that stage 02 did not train here (SAE_PATH), or a history that is not this SAE's: then stage
+    04's own texts decide."""
     path = store / TRAINING_HISTORY
     if sae_id is None or not path.exists():
         return None
