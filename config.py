@@ -95,8 +95,9 @@ PROBE_LABEL_FIELD = ""  # "" = the fields features, noun, verb, adjective where 
 PROBE_TEXTS = 1000  # most stories on each side: the SAE's training stories; evaluation texts + the store's held-out ones
 PROBE_MIN_POSITIVES = 5  # a task needs this many positive and negative stories on each side
 PROBE_MIN_ACCURACY = 0.6  # a task is kept only where a readout without an SAE (all d raw dimensions, or which
-#                           tokens a story holds) reaches this balanced accuracy on the test stories and beats
-#                           chance by 3 standard errors there: otherwise its label is not in the stories
+#                           tokens a story holds) reaches this balanced accuracy cross-validated on the training
+#                           stories and beats chance by 3 standard errors there: otherwise its label is not in the
+#                           stories. The test stories choose nothing; they score the kept tasks once, after
 
 # --- concepts (stages 04-05) ----------------------------------------------------------------
 TOP_N_EXAMPLES = 10
@@ -106,6 +107,13 @@ NON_ACTIVATING_EXAMPLES = 5
 SCORING_EXAMPLES = 10  # activating and silent held-out windows per latent on which labels and names are scored
 LABEL_MAX_KEYS = 6  # most tokens (or n-grams) one label may list
 LABEL_MIN_F1 = 0.3  # a label scoring below this F1 on the held-out half is shown as "unexplained"
+LABEL_MIN_SUPPORT = 10  # below this many firing tokens on the held-out half a latent is "not scorable": 10 of 10
+#                         hits still leave recall's 95% lower bound at 0.69 (at 5 of 5: 0.48), so fewer cannot tell
+#                         a rule from luck; such latents stay out of the explained share
+OUTPUT_EFFECT_LATENTS = 32  # the most frequent live latents whose output side is measured (a forward pass of the
+#                             texts below each); 0 = every live latent. The rest show the direct lens where the
+#                             layer is the residual stream, and N/A elsewhere (saekit/concepts/output_side.py)
+OUTPUT_EFFECT_TEXTS = 8  # held-out texts (their first 64 tokens) the output side is measured on
 N_LATENTS_TO_NAME = 32  # the most frequent live latents get a model-written name; 0 = all live, -1 = none
 NAMING_MODEL_ID = "none"  # none (the embedded 135M names at chance); a local folder / hub id; or an endpoint http://host:port/v1
 NAMING_API_MODEL = ""  # the model an endpoint is asked for; "" = the first it lists

@@ -56,7 +56,7 @@ def synthetic_concepts(n_latents: int, n_texts: int, folder: Path) -> tuple[dash
                                context=settings.CONTEXT_TOKENS, per_quantile=settings.QUANTILE_EXAMPLES,
                                non_activating=settings.NON_ACTIVATING_EXAMPLES,
                                scoring_examples=settings.SCORING_EXAMPLES, max_keys=settings.LABEL_MAX_KEYS,
-                               min_f1=settings.LABEL_MIN_F1)
+                               min_f1=settings.LABEL_MIN_F1, min_support=settings.LABEL_MIN_SUPPORT)
     publish(folder, built)
     concepts, texts, _ = open_concepts(folder, None)
     latents = {int(i): latent for i, latent in concepts["latents"].items()}

@@ -26,7 +26,8 @@ from saekit.activations.data import load_role_texts
 from saekit.activations.models import load_model, resolve_layer
 from saekit.base.settings import load_settings
 from saekit.concepts.collect import collect, scoring_half, scoring_windows, text_peaks, top_peaks, window
-from saekit.concepts.labels import balanced_accuracy, choose_labels, lens_records, token_keys, window_scores
+from saekit.concepts.labels import balanced_accuracy, choose_labels, token_keys, window_scores
+from saekit.concepts.output_side import output_sides
 from saekit.training.sae import TopKSAE
 
 settings = load_settings(sys.argv[1:])
@@ -34,17 +35,21 @@ context = settings.CONTEXT_TOKENS
 sae, _ = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt")
 model, tokenizer = load_model(settings.MODEL_ID, "cpu", cache_dir=settings.store / "models")
 texts = load_role_texts(settings, "eval").texts
-codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, texts,
+layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+codes = collect(model, tokenizer, layer, sae, texts,
                 max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE)
 token, latent, _ = codes.firing
 live = sorted(set(latent.tolist()))
-lens = lens_records(model, tokenizer, sae, live)
-promoted = {i: [t for t, _ in lens[i]["promoted"]] for i in live}
+# the direct lens where the layer is the residual stream, nothing elsewhere: measuring every latent's
+# output side would cost a forward pass each, and the labeller's comparison does not need it
+sides, _ = output_sides(model, tokenizer, layer, sae, live, [], {}, [], settings.BATCH_SIZE_SAVE)
+promoted = {i: [t for t, _ in sides[i]["promoted"]] for i in live}
 is_scoring = scoring_half(len(texts), settings.SEED)
 scoring_tokens = codes.countable & is_scoring[codes.doc]
 keys = token_keys(codes)
 with timer() as t_new:
-    labels = choose_labels(codes, keys, is_scoring, live, promoted, settings.LABEL_MAX_KEYS, settings.LABEL_MIN_F1)
+    labels = choose_labels(codes, keys, is_scoring, live, promoted, settings.LABEL_MAX_KEYS, settings.LABEL_MIN_F1,
+                           settings.LABEL_MIN_SUPPORT)
 peaks = text_peaks(codes)
 windows = scoring_windows(codes, peaks, live, settings.SCORING_EXAMPLES, context, is_scoring,
                           np.random.default_rng(settings.SEED))

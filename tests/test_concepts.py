@@ -11,7 +11,7 @@ from saekit.base.integrity import IntegrityError
 from saekit.base.settings import load_settings
 from saekit.concepts import collect as C
 from saekit.concepts.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
-from saekit.concepts.labels import lens_records
+from saekit.concepts.output_side import output_sides
 from saekit.notebooks import run_notebook
 from saekit.training.sae import BatchTopKSAE, TopKSAE
 
@@ -37,9 +37,12 @@ def _collect(model, tok, sae, texts=TEXTS):
 
 def _build(codes, model, tok, sae, **overrides):
     live = sorted(set(codes.firing[1].tolist()))
-    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3)
+    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3,
+                    min_support=1)
     meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
-    return build_concepts(codes, lens_records(model, tok, sae, live), meta, **{**settings, **overrides})
+    layer = resolve_layer(model, TINY_LAYER)
+    sides, _ = output_sides(model, tok, layer, sae, live, live[:3], {i: 3.0 for i in live[:3]}, TEXTS[:4], 8)
+    return build_concepts(codes, sides, meta, **{**settings, **overrides})
 
 
 @pytest.mark.parametrize("architecture", [TopKSAE, BatchTopKSAE])
@@ -50,6 +53,7 @@ def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokeni
     codes = _collect(tiny_model, tiny_tokenizer, sae)
     # brute force: every text alone, full codes, special tokens silent
     best = torch.zeros(len(TEXTS), sae.n_latents)
+    seen = set()  # token prefixes met in earlier texts: an opening counts once
     for doc, text in enumerate(TEXTS):
         enc = tiny_tokenizer(text, return_tensors="pt", truncation=True, max_length=20)
         hidden = forward_to_layer(tiny_model, resolve_layer(tiny_model, TINY_LAYER), enc.input_ids, enc.attention_mask)
@@ -63,7 +67,10 @@ def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokeni
                 if latent >= 0:
                     mine[t, latent] = float(value)
         torch.testing.assert_close(mine, dense, rtol=1e-4, atol=1e-5)
-        best[doc] = dense.max(0).values
+        ids = enc.input_ids[0].tolist()
+        new = torch.tensor([tuple(ids[:p + 1]) not in seen for p in range(len(ids))])
+        seen |= {tuple(ids[:p + 1]) for p in range(len(ids))}
+        best[doc] = (dense * new.unsqueeze(1)).max(0).values
     assert not codes.countable[codes.pos == 0].any()  # BOS never fires
     peaks = C.text_peaks(codes)
     top = C.top_peaks(peaks, 3, sae.n_latents)
@@ -101,6 +108,66 @@ def test_exports_refer_to_texts_stored_once(tiny_model, tiny_tokenizer):
         assert {"text", "score", "token_str", "token_idx"} <= set(seed_keys[0])
         assert [e["score"] for e in seed_keys] == pytest.approx([e["score"] for e in top], abs=1e-4)
     assert not any(text in json.dumps(built.records) for text in TEXTS)  # no example carries its text
+
+
+def test_identical_openings_count_once_and_stay_on_one_side_of_the_split(tiny_model, tiny_tokenizer):
+    sae = _sae()
+    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    # a prefix id is shared exactly by tokens whose texts agree up to them
+    for a, b in [(0, 8), (0, 1), (3, 11), (3, 4)]:
+        first_a, first_b = codes.doc_start[a], codes.doc_start[b]
+        n = min(codes.doc_start[a + 1] - first_a, codes.doc_start[b + 1] - first_b)
+        for p in range(n):
+            ids_a, ids_b = codes.token_ids[first_a:first_a + p + 1], codes.token_ids[first_b:first_b + p + 1]
+            same = ids_a.tolist() == ids_b.tolist()
+            assert (codes.prefix_id[first_a + p] == codes.prefix_id[first_b + p]) == same
+    assert not codes.distinct[codes.doc_start[8]:].any()  # texts 8-15 repeat texts 0-7 whole
+    built = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=5, per_quantile=3)
+    is_scoring = C.scoring_half(len(TEXTS), 0)
+    for i, record in built.records.items():
+        shown = record["examples"]["top"] + record["examples"]["quantiles"]
+        prefixes = [codes.prefix_id[codes.doc_start[e["doc"]] + e["pos"]] for e in shown]
+        assert len(set(prefixes)) == len(prefixes)  # no opening shown twice
+        assert all(e["doc"] < 8 for e in shown)
+        namer = built.namer_examples[i]
+        scoring = built.windows[i].activating
+        assert not set(codes.prefix_id[namer]) & set(codes.prefix_id[scoring])
+        assert not is_scoring[codes.doc[namer]].any() and is_scoring[codes.doc[scoring]].all()
+
+
+def test_intervals_partition_the_firings_and_examples_are_drawn_at_random(tiny_model, tiny_tokenizer):
+    sae = _sae()
+    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    # ties on an edge fall in one interval: (0, 1], (1, 2], (2, 3], (3, 4]
+    values = np.array([1, 1, 1, 2, 4, 4], np.float32)
+    token, latent, _ = codes.firing
+    widest = max(set(latent.tolist()), key=lambda j: len(set(codes.doc[token[latent == j]].tolist())))
+    ones = token[(latent == widest) & codes.distinct[token]]
+    tokens = ones[np.unique(codes.doc[ones], return_index=True)[1]][:6]  # one a text
+    assert len(tokens) == 6
+    intervals = C.interval_examples(widest, tokens, values, codes, set(), 9, 0, np.random.default_rng(0))
+    assert [(iv.number, iv.low, iv.high, iv.count) for iv in intervals] == [(4, 3, 4, 2), (2, 1, 2, 1), (1, 0, 1, 3)]
+    assert sorted(t for iv in intervals for t in iv.examples) == sorted(tokens.tolist())
+    stats = C.latent_stats(codes)
+    draws = {}
+    for seed in (0, 1, 2):
+        built = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=2, per_quantile=2, seed=seed)
+        for i, record in built.records.items():
+            bins = sorted(record["quantile_bins"], key=lambda b: b["quantile"])
+            assert sum(b["count"] for b in bins) == stats.fire_counts[i]
+            assert sum(b["contains"] for b in bins) == pytest.approx(record["frequency"])
+            assert all(a["max"] <= b["min"] for a, b in zip(bins, bins[1:]))
+            assert bins[-1]["max"] == record["max_activation"]
+            top = {(e["doc"], e["pos"]) for e in record["examples"]["top"]}
+            by_number = {b["quantile"]: b for b in bins}
+            for e in record["examples"]["quantiles"]:
+                assert (e["doc"], e["pos"]) not in top
+                b = by_number[e["quantile"]]
+                assert b["min"] - 1e-4 < e["score"] <= b["max"] + 1e-4
+            draws.setdefault(seed, []).append([(e["doc"], e["pos"]) for e in record["examples"]["quantiles"]])
+    assert draws[0] != draws[1] or draws[0] != draws[2]  # drawn at random, seeded
+    again = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=2, per_quantile=2, seed=0)
+    assert [[(e["doc"], e["pos"]) for e in r["examples"]["quantiles"]] for r in again.records.values()] == draws[0]
 
 
 def test_exports_are_published_as_one_set_tied_to_the_sae(tiny_model, tiny_tokenizer, tmp_path):

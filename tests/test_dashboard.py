@@ -48,7 +48,7 @@ def write_concept_store(store: Path, sae_id: str | None, n_latents: int = 16, mo
     meta = {"model_id": model_id, "layer_signature": TINY_LAYER, "sae_id": sae_id, "k": 3, "dataset": "fixture",
             "split": "heldout", "naming": "named by a fixture"}
     built = build_concepts(codes, synthetic_lens(WORDS, live), meta, top_n=4, context=3, per_quantile=1,
-                           non_activating=2, scoring_examples=8, max_keys=2, min_f1=0.3)
+                           non_activating=2, scoring_examples=8, max_keys=2, min_f1=0.3, min_support=1)
     apply_names(built, {7: Name("dogs and pets", 1.0, 1.0), 9: Name("a name at chance", 0.5, 0.5)}, 0.7)
     publish(store, built)
 
@@ -65,7 +65,8 @@ def concepts(tmp_path):
 
 def test_tables_search_and_summary(concepts):
     rows = dashboard.latent_rows(concepts)
-    assert [r["f1"] for r in rows] == sorted((r["f1"] for r in rows), reverse=True)  # best explained first
+    bounds = [r["f1_low"] for r in rows if r["f1_low"] is not None]  # scorable first, by the F1's lower bound
+    assert bounds == sorted(bounds, reverse=True) and all(r["f1_low"] is None for r in rows[len(bounds):])
     assert {r["index"] for r in rows} == set(range(16)) - {3}
     by_index = {r["index"]: r for r in rows}
     assert by_index[7]["name"] == "dogs and pets" and concepts.title(7) == "dogs and pets"
@@ -150,18 +151,20 @@ def test_dashboard_renders_in_headless_chromium(concepts, tmp_path):
     view = dom[dom.index('<section id="view"'):]  # its details came from the folder beside the page
     assert 'data-latent="7"' in view[:200] and "latent 7: dogs and pets" in view and "it is the title" in view
     assert re.search(r'<span class="sae-tok sae-peak"[^>]*> (dog|puppy|cat|kitten|pony|hamster)</span>', view)
-    assert "<svg" in view and "quantile" in view and "not activating" in view
+    assert "<svg" in view and dashboard.INTERVALS_TITLE in view and "interval 4: (" in view and "not activating" in view
+    assert dashboard.OUTPUT_SIDE_TITLES["measured"] + ": promotes" in view
 
     dom = _chromium_dom(page, "latent-12", tmp_path)
     assert _rows(dom) == [r["index"] for r in dashboard.latent_rows(concepts)]  # sorted by score, best first
-    assert 'th data-key="f1" aria-sort="descending"' in dom
+    assert 'th data-key="f1_low" aria-sort="descending"' in dom
     view = dom[dom.index('<section id="view"'):]
     assert "<img" not in dom and "&lt;/script&gt;&lt;img" in view  # hostile text shown as text
 
     dom = _chromium_dom(page, "bench", tmp_path)  # the page clicks the score's header: lowest scores first
     rows = dashboard.latent_rows(concepts)
-    assert _rows(dom) == [r["index"] for r in sorted(rows, key=lambda r: (r["f1"], r["index"]))]
-    assert 'th data-key="f1" aria-sort="ascending"' in dom and re.search(r'data-sort-ms="[\d.]+"', dom)
+    by_bound = sorted(rows, key=lambda r: (r["f1_low"] is None, r["f1_low"] or 0, r["index"]))  # missing last
+    assert _rows(dom) == [r["index"] for r in by_bound]
+    assert 'th data-key="f1_low" aria-sort="ascending"' in dom and re.search(r'data-sort-ms="[\d.]+"', dom)
 
     assert "is dead" in _chromium_dom(page, "latent-3", tmp_path)
     shutil.rmtree(tmp_path / "dashboard_files")

@@ -7,7 +7,7 @@ import torch
 from conftest import STORIES
 from saekit.activations.models import resolve_layer
 from saekit.concepts.collect import collect, scoring_half, scoring_windows, text_peaks
-from saekit.concepts.labels import choose_labels, token_keys, window_scores
+from saekit.concepts.labels import F1Interval, choose_labels, token_keys, window_scores
 from saekit.concepts.synthetic import synthetic_codes
 from saekit.training.sae import TopKSAE
 
@@ -16,11 +16,11 @@ WORDS = ["the", "a", "kite", "kites", "red", "dog", "cat", "ran", "flew", "sky"]
 W = {w: i for i, w in enumerate(WORDS)}
 
 
-def _labels(codes, max_keys=6, min_f1=0.3, seed=0):
+def _labels(codes, max_keys=6, min_f1=0.3, seed=0, min_support=1):
     live = sorted(set(codes.firing[1].tolist()))
     is_scoring = scoring_half(len(codes.texts), seed)
     keys = token_keys(codes)
-    return choose_labels(codes, keys, is_scoring, live, {}, max_keys, min_f1), keys, is_scoring
+    return choose_labels(codes, keys, is_scoring, live, {}, max_keys, min_f1, min_support), keys, is_scoring
 
 
 def test_an_sae_that_fires_on_known_tokens_gets_them_as_labels(tiny_model, tiny_tokenizer):
@@ -90,7 +90,7 @@ def test_the_score_uses_only_texts_that_did_not_choose_the_label():
     label = labels[0]
     assert label.keys == [("cat",)] and label.choosing_f1 == 1.0  # perfect where it was chosen
     assert label.f1 == 0.0 and label.precision == 0.0 and not label.explained  # and scored where it fails
-    assert label.scoring_fires == int((codes.latents[scoring_token] == 0).sum()) > 0
+    assert label.scoring_fires == int((codes.latents[scoring_token & codes.distinct] == 0).sum()) > 0
 
 
 @pytest.mark.parametrize("max_keys", [1, 3])
@@ -98,3 +98,30 @@ def test_labels_list_at_most_max_keys(max_keys):
     labels, _, _ = _labels(_planted_codes(), max_keys=max_keys)
     assert all(len(label.keys) <= max_keys for label in labels.values())
     assert labels[1].explained  # one key is enough for "after the"
+
+
+def test_latents_with_few_firings_are_not_scorable_and_each_f1_has_a_text_bootstrap_interval():
+    codes = _planted_codes()
+    counted = (codes.scorable & scoring_half(80, 0)[codes.doc])[:, None]
+    fires = {lat: int(((codes.latents == lat) & counted).sum()) for lat in (0, 1, 2)}
+    rare = min(fires, key=fires.get)
+    labels, keys, is_scoring = _labels(codes, min_support=fires[rare] + 1)
+    assert not labels[rare].scorable and not labels[rare].explained and labels[rare].text.startswith("not scorable")
+    assert labels[rare].scoring_fires == fires[rare]
+    for lat in set(fires) - {rare}:
+        assert labels[lat].scorable and labels[lat].explained
+    everyone, _, _ = _labels(codes, min_support=1)
+    assert all(everyone[lat].scorable for lat in everyone) and everyone[rare].explained
+    # the interval: the F1 from per-text counts is the label's, and a bootstrap of texts by hand agrees
+    interval = F1Interval(codes, codes.scorable & is_scoring[codes.doc], 0)
+    for lat in (0, 1, 2, 3):
+        label = everyone[lat]
+        tp, predicted, fired = interval.counts(lat, keys.keys[label.rule], label.key_ids)
+        assert 2 * tp.sum() / (predicted.sum() + fired.sum()) == pytest.approx(label.f1)
+        assert label.f1_low <= label.f1 <= label.f1_high
+        draws = np.random.default_rng(5).integers(0, len(tp), (2000, len(tp)))
+        total = predicted[draws].sum(1) + fired[draws].sum(1)
+        by_hand = np.divide(2 * tp[draws].sum(1), total, out=np.zeros(len(draws)), where=total > 0)
+        assert label.f1_low == pytest.approx(np.percentile(by_hand, 2.5), abs=0.03)
+        assert label.f1_high == pytest.approx(np.percentile(by_hand, 97.5), abs=0.03)
+    assert everyone[3].f1_high - everyone[3].f1_low > 0.05  # a random latent's score is uncertain

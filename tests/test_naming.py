@@ -11,7 +11,7 @@ import pytest
 from conftest import ChatStubHandler
 from saekit.base.settings import load_settings
 from saekit.concepts.collect import scoring_half
-from saekit.concepts.exports import apply_names, build_concepts, open_concepts, publish
+from saekit.concepts.exports import apply_names, build_concepts, lead_needed, open_concepts, publish
 from saekit.concepts.naming import EndpointNamer, Name, name_latents, naming_task
 from saekit.concepts.runner import run_concepts
 from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
@@ -31,8 +31,8 @@ def _built(seed=0):
     codes = synthetic_codes(WORDS, 80, 64, 64, 4, planted, seed=seed)
     live = sorted(set(codes.firing[1].tolist()))
     built = build_concepts(codes, synthetic_lens(WORDS, live), {"model_id": "m", "layer_signature": "l", "k": 4},
-                           top_n=5, context=CONTEXT, per_quantile=1, non_activating=2, scoring_examples=10, max_keys=2,
-                           min_f1=0.3, seed=seed)
+                           top_n=5, context=CONTEXT, per_quantile=1, non_activating=2, scoring_examples=20, max_keys=2,
+                           min_f1=0.3, min_support=1, seed=seed)
     return codes, built
 
 
@@ -180,3 +180,15 @@ def test_a_corrupt_naming_cache_is_set_aside(tmp_path, capsys):
     assert "ignoring" in capsys.readouterr().out
     cache.write_text('{"names": {"3": {"text": "dog"}}}')
     assert _read_cache(cache) == {"3": {"text": "dog"}}
+
+
+def test_a_name_is_the_title_only_when_its_lead_is_beyond_the_windows_interval():
+    _, built = _built()
+    label_score = built.labels[0].window_score()
+    needed = lead_needed(built.windows[0])
+    assert 0.1 < needed < 0.25  # 20 activating and silent windows: a lead of a few windows is noise
+    for lead, wins in ((needed - 0.01, False), (needed + 0.01, True)):
+        score = label_score + lead
+        apply_names(built, {0: Name("a name", score, score)}, 0.5)
+        assert (built.records[0]["title_source"] == "name") == wins
+        assert built.records[0]["name"]["lead_needed"] == pytest.approx(needed, abs=1e-4)

@@ -55,7 +55,8 @@ def _check_shapes(batch: dict) -> None:
             assert isinstance(f[key], list), key
         assert all(isinstance(t, str) for t in f["pos_str"] + f["neg_str"])
         assert all(isinstance(v, float) for v in f["pos_values"] + f["neg_values"])
-        assert len(f["pos_str"]) == len(f["pos_values"]) > 0 and len(f["neg_str"]) == len(f["neg_values"]) > 0
+        # an output side that is N/A leaves both lists empty, as Neuronpedia shows for a feature with none
+        assert len(f["pos_str"]) == len(f["pos_values"]) == len(f["neg_str"]) == len(f["neg_values"]) in (0, 10)
         assert f["pos_values"] == sorted(f["pos_values"], reverse=True)  # the most promoted first
         assert f["neg_values"] == sorted(f["neg_values"])  # the most suppressed first
         assert len(f["freq_hist_data_bar_values"]) == len(f["freq_hist_data_bar_heights"]) > 0
@@ -133,8 +134,8 @@ def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model,
         for f in batch["features"]:
             i, record = f["feature_index"], built.records[f["feature_index"]]
             column = dense[:, i]
-            # logit lens, frequency and histogram: as recorded, and as the codes say
-            lens = record["logit_lens"]
+            # output side, frequency and histogram: as recorded, and as the codes say
+            lens = record["output_side"]
             assert list(zip(f["pos_str"], f["pos_values"])) == [tuple(p) for p in lens["promoted"]]
             assert list(zip(f["neg_str"], f["neg_values"])) == [tuple(p) for p in lens["suppressed"]]
             fires = int((column > 0).sum())
@@ -147,7 +148,7 @@ def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model,
             assert f["n_tokens_in_prompt"] == max(codes.doc_start[1:] - codes.doc_start[:-1])
             # examples: top ones first, then by quantile, each the recorded window, token by token
             examples = record["examples"]["top"] + record["examples"]["quantiles"]
-            assert len(f["activations"]) == len(examples) > len(record["examples"]["top"])
+            assert len(f["activations"]) == len(examples) >= len(record["examples"]["top"])
             bins = {b["quantile"]: b for b in record["quantile_bins"]}
             for a, e in zip(f["activations"], examples):
                 ids = tiny_tokenizer(TEXTS[e["doc"]], truncation=True, max_length=20).input_ids
@@ -161,19 +162,19 @@ def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model,
                     assert (a["bin_min"], a["bin_max"], a["bin_contains"]) == (b["min"], b["max"], b["contains"])
                 else:
                     assert a["bin_max"] == record["max_activation"] == pytest.approx(float(column.max()), abs=1e-4)
-            # the quantile intervals: contiguous from 0, each topped by its group's highest example, each
-            # holding the share of tokens the codes put in it, and no more than the histogram allows
+            # the intervals: equal widths of (0, max], half-open, each holding the firing tokens the codes put
+            # in it, so their shares sum to the firing frequency; no example repeats a top one
             ordered = sorted(record["quantile_bins"], key=lambda b: b["quantile"])
-            assert ordered[0]["min"] == 0 and all(a["max"] == b["min"] for a, b in zip(ordered, ordered[1:]))
+            width = record["max_activation"] / 4
             for b in ordered:
-                scores = [e["score"] for e in record["examples"]["quantiles"] if e["quantile"] == b["quantile"]]
-                assert b["max"] == max(scores)
-                inside = int(((column > b["min"] + 1e-4) & (column < b["max"] - 1e-4)).sum())
-                around = int(((column > max(b["min"] - 1e-4, 0)) & (column <= b["max"] + 1e-4)).sum())
-                assert inside <= b["contains"] * n_tokens <= around
-                overlapping = sum(c for c, lo, hi in zip(record["histogram"]["counts"], edges, edges[1:])
-                                  if hi > b["min"] and lo <= b["max"])
-                assert b["contains"] * n_tokens <= overlapping
+                assert b["min"] == pytest.approx((b["quantile"] - 1) * width, abs=1e-3)
+                assert b["max"] == pytest.approx(b["quantile"] * width, abs=1e-3)
+                inside = int(((column > b["min"] + 1e-4) & (column <= b["max"] - 1e-4)).sum())
+                around = int(((column > b["min"] - 1e-4) & (column <= b["max"] + 1e-4)).sum())
+                assert inside <= b["count"] <= around and b["contains"] == b["count"] / n_tokens
+            assert sum(b["count"] for b in ordered) == fires
+            windows = [(tuple(a["tokens"]), tuple(a["values"])) for a in f["activations"]]
+            assert len(set(windows)) == len(windows)  # no duplicate activation records
     assert not list(tmp_path.glob(".neuronpedia*"))  # nothing staged is left behind
 
 
@@ -189,7 +190,7 @@ def _synthetic_built(n_latents: int, sae_id: str = "sae-s"):
             "layer_signature": "llamaforcausallm_model_layers_16_post_attention_layernorm", "sae_id": sae_id, "k": 3,
             "dataset": "roneneldan/TinyStories"}
     built = build_concepts(codes, synthetic_lens(WORDS, live), meta, top_n=3, context=2, per_quantile=1,
-                           non_activating=1, scoring_examples=6, max_keys=2, min_f1=0.3)
+                           non_activating=1, scoring_examples=6, max_keys=2, min_f1=0.3, min_support=1)
     return built
 
 
@@ -219,7 +220,7 @@ def test_batches_of_128_latents_and_titles_as_explanations(tmp_path):
                 assert texts == [record["title"]]
                 explained += 1
             else:  # an unexplained latent's best attempt is not offered as an explanation
-                assert texts == [] and record["title"].startswith("unexplained")
+                assert texts == [] and record["title"].startswith(("unexplained", "not scorable"))
     names = {f["index"]: f["explanations"]
              for n in range(len(batches)) for f in files[f"upload/batch-{n}.json"]["features"]}
     assert names[unexplained] == [{"text": "things", "methodName": None, "modelName": None}]  # it beat the label
@@ -282,3 +283,30 @@ def test_model_and_layer_names(model_id, name):
     assert NP.dataset_name({"dataset": "roneneldan/TinyStories", "source": "x"}) == "roneneldan/TinyStories"
     assert NP.layer_number("gpt2lmheadmodel_transformer_h_5_mlp") == 5
     assert NP.layer_number("phi3forcausallm_model_layers_12_post_attention_layernorm") == 12
+
+
+def test_dead_latents_are_decided_on_stage_02s_held_out_rows_and_the_export_says_so(tmp_path):
+    from saekit.base.integrity import write_sealed_json
+    from saekit.concepts.runner import training_deadness
+
+    built = _synthetic_built(300)
+    live = sorted(built.records)
+    silent = sorted(set(range(300)) - set(live))
+    frequency = [0.0 if i in silent[:3] else 0.01 for i in range(300)]  # 3 of the silent ones are dead there
+    frequency[live[0]] = 0.0  # a latent that fires on stage 04's texts is live whatever decided
+    write_sealed_json(tmp_path / "training_history.json", {"sae_id": "sae-s", "activation_run_id": "run-1",
+                                                           "latent_frequency": frequency,
+                                                           "history": [{"heldout_n_tokens": 123456}]})
+    assert training_deadness(tmp_path, "another-sae") is None  # not this SAE's history: stage 04's texts decide
+    decided = training_deadness(tmp_path, "sae-s")
+    assert decided["tokens"] == 123456 and "123456 held-out activation rows of run run-1" in decided["decided_on"]
+    files = NP.export_files({**built.meta, "dead_latents": decided}, built.records, built.texts)
+    assert files["skipped_indexes.json"]["skipped_indexes"] == silent[:3]
+    settings = files["run_settings.json"]
+    assert settings["dead_latents"] == 3  # silent on both the held-out rows and stage 04's texts
+    assert settings["dead_decided_on"] == f"{decided['decided_on']} and {built.meta['n_tokens']} tokens of stage 04's " \
+                                          "30 evaluation texts"
+    assert settings["silent_on_these_texts_not_dead"] == len(silent) - 3
+    fallback = NP.export_files(built.meta, built.records, built.texts)  # an SAE from SAE_PATH: no history
+    assert fallback["skipped_indexes.json"]["skipped_indexes"] == silent
+    assert "tokens of stage 04's 30 evaluation texts" in fallback["run_settings.json"]["dead_decided_on"]

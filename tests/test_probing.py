@@ -248,3 +248,41 @@ def test_the_tasks_and_probes_do_not_depend_on_the_training_seed(labelled_runs):
     sae = TopKSAE(run.d_model, 2 * run.d_model, 4)
     sae.init_weights(torch.zeros(run.d_model), torch.Generator().manual_seed(0))
     assert probing.score_sae(sae, data) == probing.score_sae(sae, reseeded)
+
+
+def _word_stories(n: int, rule, seed: int) -> probing.Stories:
+    """`n` stories of 12 random tokens (of 40), with random activations; `rule(tokens, g)` gives each
+    story's set of "features" values."""
+    g = np.random.default_rng(seed)
+    tokens = g.integers(0, 40, (n, 12))
+    records = [{"text": str(i), "features": sorted(rule(set(t.tolist()), g))} for i, t in enumerate(tokens)]
+    return probing.Stories(torch.from_numpy(g.normal(size=(n * 12, 8))).float(), torch.from_numpy(tokens.ravel()),
+                           torch.full((n,), 12), records, f"{n} made-up stories")
+
+
+def test_tasks_are_chosen_on_the_training_stories_and_the_test_stories_choose_nothing():
+    """"read" is carried by token 7 on both sides. "luck" is token 9 with 35% of its labels flipped on the
+    training side (cross-validated near 0.56, under the 0.6 bar), and exactly token 9 on the test side: a
+    choice by test scores keeps it (its probe, fit on the training side, finds token 9 and scores high
+    there). The test stories must choose nothing: scrambling their labels changes no choice."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(PROBE_MIN_POSITIVES=5, PROBE_MIN_ACCURACY=0.6)
+
+    def train_rule(tokens, g):
+        return ({"read"} if 7 in tokens else set()) | ({"luck"} if (9 in tokens) != (g.random() < 0.35) else set())
+
+    def test_rule(tokens, g):
+        return ({"read"} if 7 in tokens else set()) | ({"luck"} if 9 in tokens else set())
+
+    train = _word_stories(300, train_rule, 0)
+    result = probing.references(train, _word_stories(200, test_rule, 1), ["features"], settings)
+    kept = {t["task"]: t for t in result["references"]}
+    assert set(kept) == {"features = read"} and kept["features = read"]["dense"] is not None
+    assert kept["features = read"]["best_sae_free_cv"] >= kept["features = read"]["needed"]
+    luck = next(d for d in result["dropped"] if d["task"] == "features = luck")
+    assert luck["best_sae_free_cv"] < luck["needed"] and "dense" not in luck  # never scored on the test side
+    scrambled = _word_stories(200, lambda tokens, g: {"read", "luck"} if g.random() < 0.4 else set(), 1)
+    again = probing.references(train, scrambled, ["features"], settings)
+    assert [t["task"] for t in again["references"]] == ["features = read"]
+    assert again["references"][0]["best_sae_free_cv"] == kept["features = read"]["best_sae_free_cv"]

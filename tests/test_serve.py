@@ -135,7 +135,7 @@ def _tasks(n: int, scoring_examples: int = 2) -> dict:
     live = sorted(set(codes.firing[1].tolist()))
     built = build_concepts(codes, synthetic_lens(WORDS, live), {"model_id": "m", "layer_signature": "l", "k": 4},
                            top_n=3, context=3, per_quantile=1, non_activating=1, scoring_examples=scoring_examples,
-                           max_keys=2, min_f1=0.3, seed=0)
+                           max_keys=2, min_f1=0.3, min_support=1, seed=0)
     chosen = [i for i in live if built.namer_examples[i]][:n]
     return {i: naming_task(codes, built.namer_examples[i], built.windows[i], 3) for i in chosen}
 

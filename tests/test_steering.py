@@ -4,7 +4,7 @@ import torch
 
 from conftest import TINY_LAYER
 from saekit.activations.models import replaced_output, resolve_layer
-from saekit.show.steering import active_latents, amplification, generate, steer, steered_reconstruction
+from saekit.show.steering import active_latents, amplification, generate, reach, steer, steered_reconstruction
 
 PROMPT = "Once upon a time there was a little"
 
@@ -55,3 +55,10 @@ def test_active_latents_are_the_last_tokens_top_k(setup):
     found = active_latents(model, tok, layer, sae, PROMPT)
     assert len(found) == sae.k and all(v > 0 for _, v in found)
     assert [v for _, v in found] == sorted((v for _, v in found), reverse=True)
+
+
+def test_steering_says_whether_it_reaches_the_residual_stream(tiny_model):
+    mlp_input = reach(tiny_model, resolve_layer(tiny_model, TINY_LAYER), TINY_LAYER)
+    assert "acts only through that block's MLP" in mlp_input and "not the residual stream" in mlp_input
+    block = "llamaforcausallm_model_layers_1"
+    assert "is the residual stream" in reach(tiny_model, resolve_layer(tiny_model, block), block)

@@ -258,6 +258,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "NON_ACTIVATING_EXAMPLES": _at_least(0), "N_LATENTS_TO_NAME": _at_least(-1), "NAMING_MODEL_ID": _any,
     "NAMING_MAX_NEW_TOKENS": _at_least(1), "NAMING_TIMEOUT_S": _between(0, 86400, open_low=True),
     "SCORING_EXAMPLES": _at_least(1), "LABEL_MAX_KEYS": _at_least(1), "LABEL_MIN_F1": _between(0, 1),
+    "LABEL_MIN_SUPPORT": _at_least(1), "OUTPUT_EFFECT_LATENTS": _at_least(0), "OUTPUT_EFFECT_TEXTS": _at_least(1),
     "NAMING_API_MODEL": _any, "NAMING_API_KEY_ENV": _not_empty, "NAME_MIN_SCORE": _between(0.5, 1),
     "NEURONPEDIA_MODEL_ID": _neuronpedia_id, "NEURONPEDIA_SOURCE_SET": _source_set_name,
     "NEURONPEDIA_RELEASE": _neuronpedia_id, "NEURONPEDIA_HOOK_POINT": _any, "NEURONPEDIA_CREATOR_ID": _not_empty,

@@ -13,6 +13,13 @@ see observations.md).
 Examples are references: (text, position of the peak, activation), never copies of the text. Per
 latent and text only the peak counts, so the top examples are the texts where the latent peaks
 highest, one example per text.
+
+A causal model gives bit-identical codes to identical prefixes, and many stories share an opening
+(65 of the demo's 200 evaluation texts begin "Once upon a time"). So every token is keyed by the
+tokens up to it (its prefix), and only the first token with a given prefix is *distinct*: examples,
+samples, labels and their scores read distinct tokens only, so one opening counts once, and a prefix
+lies in one text, hence on one side of the choosing / scoring split. Statistics (frequency, maximum,
+histogram) count every token: they describe the latent on the texts as they are.
 """
 from __future__ import annotations
 
@@ -51,6 +58,33 @@ class HeldoutCodes:
 
     def __post_init__(self) -> None:
         self.doc_start = np.searchsorted(self.doc, np.arange(len(self.texts) + 1))
+
+    @cached_property
+    def prefix_id(self) -> np.ndarray:
+        """[N] an id per token, equal for two tokens exactly when the tokens of their texts up to and
+        including them are equal (a trie of the texts, built one position at a time)."""
+        prefix = np.full(len(self.token_ids), -1, np.int64)
+        next_id = 0
+        for p in range(int(self.pos.max()) + 1 if len(self.pos) else 0):
+            at = np.flatnonzero(self.pos == p)
+            parent = prefix[at - 1] if p else np.full(len(at), -1, np.int64)
+            _, node = np.unique(np.stack([parent, self.token_ids[at].astype(np.int64)], 1), axis=0,
+                                return_inverse=True)
+            prefix[at] = next_id + node.ravel()
+            next_id += int(node.max()) + 1
+        return prefix
+
+    @cached_property
+    def distinct(self) -> np.ndarray:
+        """[N] True for the first token (in text order) of each prefix: the one copy that counts."""
+        first = np.zeros(len(self.token_ids), bool)
+        first[np.unique(self.prefix_id, return_index=True)[1]] = True
+        return first
+
+    @property
+    def scorable(self) -> np.ndarray:
+        """[N] tokens that examples, labels and scores read: distinct, and not special."""
+        return self.countable & self.distinct
 
     @property
     def n_tokens(self) -> int:
@@ -169,7 +203,10 @@ class Peaks:
 
 
 def text_peaks(codes: HeldoutCodes) -> Peaks:
+    """Per (latent, text), its peak among the text's distinct tokens (a shared opening counts once)."""
     token, latent, value = codes.firing
+    keep = codes.distinct[token]
+    token, latent, value = token[keep], latent[keep], value[keep]
     order = np.lexsort((-value, codes.doc[token], latent))
     token, latent, value = token[order], latent[order], value[order]
     group = latent * len(codes.texts) + codes.doc[token]
@@ -202,15 +239,55 @@ def sampled_peaks(peaks: Peaks, n: int, n_latents: int, rng: np.random.Generator
     return _by_latent(peaks.latent[keep], keep, n_latents)
 
 
-def by_quantile(values: np.ndarray, per_quantile: int) -> list[tuple[int, int]]:
-    """(index into values, quantile) of up to `per_quantile` from each quarter of the sorted values,
-    the highest of each quarter, quantile 4 (highest) first."""
-    ranked = np.argsort(values, kind="stable")
-    chosen = []
-    for q in range(QUANTILES):
-        part = ranked[len(ranked) * q // QUANTILES: len(ranked) * (q + 1) // QUANTILES]
-        chosen += [(int(i), q + 1) for i in part[len(part) - min(per_quantile, len(part)):]]
-    return chosen[::-1]
+@dataclass
+class Interval:
+    """One of a latent's equal-width activation intervals (low, high]: the firing tokens in it and the
+    examples drawn from them."""
+
+    number: int  # 1 (lowest) to QUANTILES
+    low: float
+    high: float
+    count: int  # firing tokens whose activation lies in (low, high]: every firing token is in one interval
+    examples: list[int]  # flat tokens, drawn at random
+
+
+def peaks_its_window(codes: HeldoutCodes, latent: int, token: int, context: int) -> bool:
+    """Whether `token` is the first highest activation of the latent in its window: the token a reader of
+    the window (Neuronpedia's importers take max(values)) marks as the example's."""
+    start, stop = window(codes, token, context)
+    acts = latent_activations(codes, latent, start, stop)
+    return int(np.argmax(acts)) == token - start
+
+
+def interval_examples(latent: int, tokens: np.ndarray, values: np.ndarray, codes: HeldoutCodes, shown: set[int],
+                      per_interval: int, context: int, rng: np.random.Generator) -> list[Interval]:
+    """The non-empty intervals of (0, max] cut in QUANTILES equal widths, highest first, as SAEDashboard
+    draws its interval groups. `tokens`, `values`: the latent's firing tokens and activations.
+
+    Intervals are half-open, (low, high], so a value on an edge, ties included, is counted once; the
+    counts sum to the firing count. Within each, up to `per_interval` examples are drawn uniformly at
+    random among its distinct tokens that peak their window, one per text, none a token in `shown` (the
+    top examples)."""
+    if not len(values):
+        return []
+    edges = float(values.max()) * np.arange(QUANTILES + 1) / QUANTILES
+    which = np.clip(np.searchsorted(edges, values, side="left") - 1, 0, QUANTILES - 1)
+    intervals = []
+    for number in range(QUANTILES, 0, -1):
+        inside = which == number - 1
+        if not inside.any():
+            continue
+        candidates = tokens[inside]
+        candidates = candidates[codes.distinct[candidates] & ~np.isin(candidates, list(shown))]
+        chosen, docs = [], set()
+        for token in rng.permutation(candidates):
+            if len(chosen) == per_interval:
+                break
+            if int(codes.doc[token]) not in docs and peaks_its_window(codes, latent, int(token), context):
+                chosen.append(int(token))
+                docs.add(int(codes.doc[token]))
+        intervals.append(Interval(number, float(edges[number - 1]), float(edges[number]), int(inside.sum()), chosen))
+    return intervals
 
 
 def window(codes: HeldoutCodes, token: int, context: int) -> tuple[int, int]:
@@ -265,7 +342,7 @@ def scoring_windows(codes: HeldoutCodes, peaks: Peaks, latents: list[int], count
     """Up to `count` activating and `count` silent windows per latent, all from the scoring half."""
     in_scoring = peaks.where(is_scoring_doc[codes.doc[peaks.token]])
     sampled = sampled_peaks(in_scoring, count, codes.n_latents, rng)
-    candidates = np.flatnonzero(codes.countable & is_scoring_doc[codes.doc])
+    candidates = np.flatnonzero(codes.scorable & is_scoring_doc[codes.doc])
     windows = {}
     for latent in latents:
         activating = in_scoring.token[sampled[latent]].tolist()

@@ -2,7 +2,7 @@
 
     store/concepts/<concepts_id>/      published by saekit.base.integrity.publish_set
         concepts.json    run metadata, and per live latent: statistics, label and its scores, name and
-                         its scores, title, histogram, logit lens, examples as references to the
+                         its scores, title, histogram, output side, examples as references to the
                          texts (text, position of the peak, activation, the latent's codes nearby), and
                          the activation interval of each quantile group of examples
         texts.json       the held-out texts, each once: raw text, and tokens as indices into a table
@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..base.atomic import atomic_path
-from .collect import (HIST_EDGES, QUANTILES, HeldoutCodes, ScoringWindows, by_quantile, latent_activations,
-                      latent_stats, sampled_peaks, scoring_half, scoring_windows, silent_windows, text_peaks,
-                      top_peaks, window)
+from .collect import (HIST_EDGES, HeldoutCodes, Interval, ScoringWindows, interval_examples, latent_activations,
+                      latent_stats, scoring_half, scoring_windows, silent_windows, text_peaks, top_peaks, window)
 from ..base.errors import PipelineError
 from ..base.integrity import clean_stale_partials, open_set, publish_set
 from .labels import Label, choose_labels, token_keys, window_scores
@@ -72,26 +71,13 @@ def texts_table(codes: HeldoutCodes) -> dict[str, Any]:
             "tokens": [t.tolist() for t in tokens]}
 
 
-def quantile_bins(sampled: np.ndarray, chosen: list[tuple[int, int]], firing: np.ndarray,
-                  n_tokens: int) -> list[dict[str, Any]]:
-    """The interval of activations each quantile group of examples stands for, highest first.
-
-    `chosen` are (index into `sampled`, quantile) from `by_quantile`, which takes the highest of each
-    quarter of the sampled peaks, so a group's top example is its quarter's top: the interval runs from
-    the top of the next lower group (0 for the lowest) to this group's top. `contains` is the share of
-    all tokens whose activation (`firing`: the latent's nonzero codes) lies in it, ends included, as in
-    SAEDashboard's interval groups (whose lowest interval also counts the zeros; these do not)."""
-    tops: dict[int, float] = {}
-    for j, q in chosen:
-        tops[q] = max(tops.get(q, 0.0), float(sampled[j]))
-    bins, lower = [], 0.0
-    for q in sorted(tops):
-        upper = tops[q]
-        inside = int(np.count_nonzero((firing >= lower) & (firing <= upper)))
-        bins.append({"quantile": q, "min": round(lower, 4), "max": round(upper, 4),
-                     "contains": inside / max(n_tokens, 1)})
-        lower = upper
-    return bins[::-1]
+def quantile_bins(intervals: list[Interval], n_tokens: int) -> list[dict[str, Any]]:
+    """The latent's activation intervals, highest first: (min, max] each, `count` its firing tokens in
+    it (every firing token in exactly one, so the counts sum to the firing count), `contains` their
+    share of all tokens (SAEDashboard's bin_contains; its lowest interval also counts the zeros, these
+    do not)."""
+    return [{"quantile": iv.number, "min": round(iv.low, 4), "max": round(iv.high, 4), "count": iv.count,
+             "contains": iv.count / max(n_tokens, 1)} for iv in intervals]
 
 
 @dataclass
@@ -107,12 +93,13 @@ class Built:
     texts: dict[str, Any]
 
 
-def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: dict[str, Any], *, top_n: int,
+def build_concepts(codes: HeldoutCodes, output_side: dict[int, dict[str, Any]], meta: dict[str, Any], *, top_n: int,
                    context: int, per_quantile: int, non_activating: int, scoring_examples: int, max_keys: int,
-                   min_f1: float, seed: int = 0) -> Built:
+                   min_f1: float, min_support: int, seed: int = 0) -> Built:
     """Statistics, examples, labels and their scores for every live latent of `codes`.
 
-    `lens`: per live latent, the logit lens's promoted and suppressed tokens (saekit.concepts.labels.lens_records)."""
+    `output_side`: per live latent, its output side (saekit.concepts.output_side.output_sides): method,
+    promoted and suppressed tokens."""
     rng = np.random.default_rng(seed)
     n = codes.n_latents
     stats = latent_stats(codes)
@@ -120,23 +107,24 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
     is_scoring = scoring_half(len(codes.texts), seed)
     peaks = text_peaks(codes)
     top = top_peaks(peaks, top_n, n)
-    sampled = sampled_peaks(peaks, 4 * QUANTILES * per_quantile, n, rng)
     choosing = peaks.where(~is_scoring[codes.doc[peaks.token]])
     namer_top = top_peaks(choosing, top_n, n)
     keys = token_keys(codes)
-    labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in lens[i]["promoted"]] for i in live},
-                           max_keys, min_f1)
+    labels = choose_labels(codes, keys, is_scoring, live, {i: [t for t, _ in output_side[i]["promoted"]] for i in live},
+                           max_keys, min_f1, min_support, seed)
     windows = scoring_windows(codes, peaks, live, scoring_examples, context, is_scoring, rng)
-    all_tokens = np.flatnonzero(codes.countable)
-    _, firing_latent, firing_value = codes.firing
+    all_tokens = np.flatnonzero(codes.scorable)
+    firing_token, firing_latent, firing_value = codes.firing
     firing_start = np.searchsorted(firing_latent, np.arange(n + 1))
     records = {}
     for i in live:
         label = labels[i]
         label.detection, label.fuzzing = window_scores(codes, keys, label, windows[i], context)
         used = np.flatnonzero(stats.histogram[i])
-        quantile_tokens = peaks.token[sampled[i]]
-        in_quantiles = by_quantile(peaks.value[sampled[i]], per_quantile)
+        top_tokens = peaks.token[top[i]]
+        firing = slice(firing_start[i], firing_start[i + 1])
+        intervals = interval_examples(i, firing_token[firing], firing_value[firing], codes, set(top_tokens.tolist()),
+                                      per_quantile, context, rng)
         records[i] = {
             "index": i, "frequency": int(stats.fire_counts[i]) / max(codes.n_tokens, 1),
             "max_activation": round(float(stats.max_activation[i]), 4),
@@ -144,15 +132,14 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
             "label": label.as_json(), "name": None, "title": label.text, "title_source": "label",
             "histogram": {"bin_edges": [float(e) for e in HIST_EDGES[used[0]:used[-1] + 2]],
                           "counts": stats.histogram[i, used[0]:used[-1] + 1].tolist()},
-            "logit_lens": lens[i],
+            "output_side": output_side[i],
             "examples": {
-                "top": [example(codes, i, int(t), context) for t in peaks.token[top[i]]],
-                "quantiles": [{**example(codes, i, int(quantile_tokens[j]), context), "quantile": q}
-                              for j, q in in_quantiles],
+                "top": [example(codes, i, int(t), context) for t in top_tokens],
+                "quantiles": [{**example(codes, i, t, context), "quantile": iv.number}
+                              for iv in intervals for t in iv.examples],
                 "silent": [{"doc": int(codes.doc[t]), "pos": int(codes.pos[t])}
                            for t in silent_windows(codes, i, non_activating, context, all_tokens, rng)]},
-            "quantile_bins": quantile_bins(peaks.value[sampled[i]], in_quantiles,
-                                           firing_value[firing_start[i]:firing_start[i + 1]], codes.n_tokens),
+            "quantile_bins": quantile_bins(intervals, codes.n_tokens),
         }
     top_texts = {str(i): [{"text": codes.texts[codes.doc[t]], "score": round(float(v), 5),
                            "token_str": codes.token_text[int(codes.token_ids[t])], "token_idx": int(codes.pos[t]),
@@ -166,28 +153,53 @@ def build_concepts(codes: HeldoutCodes, lens: dict[int, dict[str, list]], meta: 
                  top_texts, texts_table(codes))
 
 
+def lead_needed(windows: ScoringWindows) -> float:
+    """How far a name's window score must lead its label's for the lead to be beyond chance: the 95%
+    half-width of the difference of two window scores on these windows, at its widest. A window score
+    is the mean of two balanced accuracies; each has variance at most (1/n_pos + 1/n_neg) / 16
+    (binomial rates, p(1 - p) <= 1/4), and the two scores of the difference at most add."""
+    fuzz_pairs = sum(d is not None for d in windows.decoys)
+    parts = [(len(windows.activating), len(windows.silent)), (fuzz_pairs, fuzz_pairs)]
+    variances = [(1 / n_pos + 1 / n_neg) / 16 for n_pos, n_neg in parts if n_pos and n_neg]
+    if not variances:
+        return float("inf")
+    score_variance = sum(variances) / len(variances) ** 2
+    return 1.96 * float(np.sqrt(2 * score_variance))
+
+
 def apply_names(built: Built, names: dict[int, Name], min_score: float) -> None:
-    """Record each name with its scores; it becomes the title only where it scores above the label on
-    the same windows, and at least `min_score` (0.5 is chance: noise must not replace an honest
-    "unexplained")."""
+    """Record each name with its scores; it becomes the title only where it leads the label on the same
+    windows by more than the windows' interval (lead_needed: a lead within it is noise), and scores at
+    least `min_score` (0.5 is chance: noise must not replace an honest "unexplained")."""
     for i, name in names.items():
         record = built.records[i]
+        needed = lead_needed(built.windows[i])
         record["name"] = {"text": name.text, "detection": name.detection, "fuzzing": name.fuzzing,
-                          "score": name.score}
+                          "score": name.score, "lead_needed": round(needed, 4)}
         label_score = built.labels[i].window_score()
-        if name.score is not None and label_score is not None and name.score > label_score and name.score >= min_score:
+        if (name.score is not None and label_score is not None and name.score - label_score > needed
+                and name.score >= min_score):
             record["title"], record["title_source"] = name.text, "name"
+
+
+def table_order(record: dict[str, Any]) -> tuple:
+    """Scorable latents first, by the lower end of their F1's interval (so a perfect score from three
+    firings does not lead: its interval is wide), then the latents that are not scorable; by index within."""
+    label = record["label"]
+    return (not label["scorable"], -label["f1_low"] if label["scorable"] else 0.0, record["index"])
 
 
 def _csv(records: dict[int, dict[str, Any]]) -> str:
     rows = io.StringIO()
     writer = csv.writer(rows)
-    writer.writerow(["index", "title", "title_source", "label", "label_rule", "label_f1", "label_precision",
-                     "label_recall", "label_detection", "label_fuzzing", "name", "name_score", "frequency"])
-    for r in sorted(records.values(), key=lambda r: -r["frequency"]):
+    writer.writerow(["index", "title", "title_source", "label", "label_rule", "label_scorable", "label_support",
+                     "label_f1", "label_f1_low", "label_f1_high", "label_precision", "label_recall", "label_detection",
+                     "label_fuzzing", "name", "name_score", "frequency"])
+    for r in sorted(records.values(), key=table_order):
         label, name = r["label"], r["name"] or {}
         writer.writerow([r["index"], r["title"], r["title_source"], label["text"], label["rule"] or "",
-                         *(f"{label[k]:.4f}" for k in ("f1", "precision", "recall")),
+                         label["scorable"], label["scoring_fires"],
+                         *(f"{label[k]:.4f}" for k in ("f1", "f1_low", "f1_high", "precision", "recall")),
                          *("" if label[k] is None else f"{label[k]:.4f}" for k in ("detection", "fuzzing")),
                          name.get("text", ""), "" if name.get("score") is None else f"{name['score']:.4f}",
                          f"{r['frequency']:.6g}"])

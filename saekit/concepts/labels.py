@@ -9,7 +9,8 @@ A rule says "the latent fires here" when a key read at the token is in a small s
     bigram ending    the token before and the token:   the [kite]
     bigram starting  the token and the one after:      [kite] flew
     trigram          before, token, after:             the [kite] flew
-    logit lens       the next token, restricted to the 10 tokens the latent's decoder promotes
+    output side      the next token, restricted to the 10 tokens the latent's output side promotes
+                     (saekit.concepts.output_side: measured, or the direct lens where it holds)
 
 Choosing, on the choosing half: per rule and latent, keys are ranked by the share of their tokens on
 which the latent fires (add-one smoothed, so a key seen once does not lead) and the prefix of at most
@@ -20,16 +21,20 @@ have fired in at least MIN_TEXTS texts unless no key of any rule has. The rule w
 wins; the cheaper (listed first) on ties.
 
 Scoring, on the scoring half: precision, recall and F1 of the chosen rule over every token that can
-fire. Below `min_f1` the latent is labelled unexplained, with its best attempt and that attempt's
-score. Every live latent gets a label and a score.
+fire, with a 95% interval for the F1 from a bootstrap over the scoring texts (tokens of one text are
+not independent). A latent that fires on fewer than `min_support` distinct tokens of the scoring half
+is *not scorable*: a handful of firings gives F1 = 1.0 by luck, so it is neither explained nor
+unexplained, and is left out of the explained share. Below `min_f1` a scorable latent is labelled
+unexplained, with its best attempt and that attempt's score. Every live latent gets a label.
 
 The same rule is also scored delphi's way on windows of the scoring half (`window_scores`):
 detection (matches somewhere in activating windows, nowhere in silent ones) and fuzzing (matches
 the marked peak, not a marked token where the latent is silent), each a balanced accuracy. These
 are the scores a model-written name has to beat (saekit.concepts.naming).
 
-Logit lens: a latent's decoder direction pushed through the final norm's gain and the
-unembedding, skipping the blocks in between: a rough first-order view of what it promotes.
+The direct (logit) lens: a latent's decoder direction pushed through the final norm's gain and the
+unembedding, skipping the blocks in between: a first-order view of what it promotes, true only where
+the SAE reads the residual stream (saekit.concepts.output_side says where, and measures the rest).
 """
 from __future__ import annotations
 
@@ -43,8 +48,8 @@ from ..activations.models import final_norm_gain
 from ..training.sae import TopKSAE
 from .collect import HeldoutCodes, ScoringWindows, window
 
-RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "logit lens")
-LENS_TOKENS = 10  # promoted tokens that the logit-lens rule may use
+RULES = ("token", "previous token", "next token", "bigram ending", "bigram starting", "trigram", "output side")
+LENS_TOKENS = 10  # promoted tokens that the output-side rule may use
 MIN_LIFT = 2.0  # a key must at least double the latent's base firing rate
 # A key must have fired in this many choosing texts: one text's quirks rarely generalise (on the demo
 # store the median held-out F1 rises from 0.17 to 0.22; 3 texts is worse). A latent with no such key
@@ -93,7 +98,7 @@ def token_keys(codes: HeldoutCodes) -> TokenKeys:
     for rule, columns in (("bigram ending", [before, word]), ("bigram starting", [word, after]),
                           ("trigram", [before, word, after])):
         keys[rule], words[rule] = _combine(columns, vocab)
-    keys["logit lens"], words["logit lens"] = after, singles
+    keys["output side"], words["output side"] = after, singles
     return TokenKeys({rule: np.where(can_fire, k, -1) for rule, k in keys.items()}, words, word_index)
 
 
@@ -164,7 +169,10 @@ class Label:
     recall: float
     f1: float
     choosing_f1: float
-    scoring_fires: int  # tokens of the scoring half on which the latent fires
+    scoring_fires: int  # distinct tokens of the scoring half on which the latent fires: the F1's support
+    scorable: bool = True  # scoring_fires reaches LABEL_MIN_SUPPORT
+    f1_low: float = 0.0  # 95% bootstrap interval of the F1 over the scoring texts
+    f1_high: float = 0.0
     detection: float | None = None  # balanced accuracy on windows (set by window_scores)
     fuzzing: float | None = None
     key_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
@@ -186,28 +194,34 @@ def describe(rule: str, keys: list[tuple[str, ...]]) -> str:
     shown = keys[:6]
     if rule == "token":
         return " | ".join(k[0] for k in shown)
-    if rule in ("previous token", "next token", "logit lens"):
-        prefix = {"previous token": "after", "next token": "before", "logit lens": "predicts"}[rule]
+    if rule in ("previous token", "next token", "output side"):
+        prefix = {"previous token": "after", "next token": "before", "output side": "predicts"}[rule]
         return f"{prefix}: " + " | ".join(k[0] for k in shown)
     marked = {"bigram ending": lambda k: f"{k[0]} [{k[1]}]", "bigram starting": lambda k: f"[{k[0]}] {k[1]}",
               "trigram": lambda k: f"{k[0]} [{k[1]}] {k[2]}"}[rule]
     return " | ".join(marked(k) for k in shown)
 
 
+def not_scorable(firing: int, min_support: int, attempt: str) -> str:
+    return f"not scorable (fires on {firing} scoring token{'s' * (firing != 1)}, fewer than {min_support}; {attempt})"
+
+
 def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarray, live: list[int],
-                  promoted: dict[int, list[str]], max_keys: int, min_f1: float) -> dict[int, Label]:
+                  promoted: dict[int, list[str]], max_keys: int, min_f1: float, min_support: int,
+                  seed: int = 0) -> dict[int, Label]:
     """A label for every latent in `live`, chosen on the texts not in `is_scoring_doc`, scored on those in it.
 
-    `promoted`: per latent, the tokens its logit lens promotes (for the logit-lens rule)."""
+    `promoted`: per latent, the tokens its output side promotes (for the logit-lens rule); `min_support`:
+    the distinct scoring firings below which a latent is not scorable; `seed`: the bootstrap's."""
     scoring_token = is_scoring_doc[codes.doc]
-    halves = {"choosing": codes.countable & ~scoring_token, "scoring": codes.countable & scoring_token}
+    halves = {"choosing": codes.scorable & ~scoring_token, "scoring": codes.scorable & scoring_token}
     token, latent, _ = codes.firing
     fires = {half: np.bincount(latent[mask[token]], minlength=codes.n_latents) for half, mask in halves.items()}
     supported, any_support, scored = {}, {}, {}
     for rule in RULES:
         rule_keys, n_keys = keys.keys[rule], len(keys.words[rule])
         pairs, pair_fires, pair_texts = _pair_counts(codes, rule_keys, halves["choosing"], n_keys)
-        if rule == "logit lens":  # only pairs of a latent and a token its decoder promotes
+        if rule == "output side":  # only pairs of a latent and a token its output side promotes
             allowed = [lat * n_keys + keys.word_index[normalise(t)] for lat, tokens in promoted.items()
                        for t in tokens[:LENS_TOKENS] if normalise(t) in keys.word_index]
             inside = np.isin(pairs, allowed)
@@ -218,6 +232,7 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
                     max_keys) for keep in (pair_texts >= MIN_TEXTS, pair_texts >= 1))
         scored[rule] = (_pair_counts(codes, rule_keys, halves["scoring"], n_keys)[:2],
                         np.bincount(rule_keys[halves["scoring"] & (rule_keys >= 0)], minlength=n_keys))
+    interval = F1Interval(codes, halves["scoring"], seed)
     f1_supported = np.stack([supported[rule].f1 for rule in RULES])
     f1_any = np.stack([any_support[rule].f1 for rule in RULES])
     has_supported = f1_supported.max(0) > 0
@@ -227,9 +242,11 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
         rule = RULES[best_rule[lat]]
         key_ids = (supported if has_supported[lat] else any_support)[rule].keys.get(lat)
         firing = int(fires["scoring"][lat])
+        scorable = firing >= min_support
         if key_ids is None:
-            labels[lat] = Label("unexplained (no rule found on the choosing half)", None, [], False, 0.0, 0.0, 0.0,
-                                0.0, firing)
+            attempt = "no rule found on the choosing half"
+            labels[lat] = Label(f"unexplained ({attempt})" if scorable else not_scorable(firing, min_support, attempt),
+                                None, [], False, 0.0, 0.0, 0.0, 0.0, firing, scorable)
             continue
         (pairs, pair_fires), totals = scored[rule]
         n_keys = len(keys.words[rule])
@@ -242,12 +259,51 @@ def choose_labels(codes: HeldoutCodes, keys: TokenKeys, is_scoring_doc: np.ndarr
         f1 = 2 * true_positives / (predicted + firing) if predicted + firing else 0.0
         words = [keys.words[rule][k] for k in key_ids]
         attempt = describe(rule, words)
-        explained = f1 >= min_f1
-        text = attempt if explained else f"unexplained (best attempt: {attempt}; F1 {f1:.2f})"
+        explained = scorable and f1 >= min_f1
+        if not scorable:
+            text = not_scorable(firing, min_support, f"best attempt: {attempt}")
+        else:
+            text = attempt if explained else f"unexplained (best attempt: {attempt}; F1 {f1:.2f})"
         choosing_f1 = (f1_supported if has_supported[lat] else f1_any)[best_rule[lat], lat]
+        low, high = interval(lat, keys.keys[rule], key_ids)
         labels[lat] = Label(text, rule, words, explained, precision, recall, f1, float(choosing_f1), firing,
-                            key_ids=key_ids)
+                            scorable, low, high, key_ids=key_ids)
     return labels
+
+
+class F1Interval:
+    """95% intervals of a rule's F1 by a bootstrap over the scoring texts: texts are drawn with
+    replacement (the same draws for every latent) and the F1 recomputed from their summed counts."""
+
+    DRAWS = 1000
+
+    def __init__(self, codes: HeldoutCodes, scoring: np.ndarray, seed: int):
+        self.codes, self.tokens = codes, np.flatnonzero(scoring)
+        docs, self.text_of = np.unique(codes.doc[self.tokens], return_inverse=True)
+        self.text_of = self.text_of.ravel()
+        self.n_texts = len(docs)
+        self.row_of_doc = np.full(len(codes.texts), -1)
+        self.row_of_doc[docs] = np.arange(len(docs))
+        rng = np.random.default_rng(seed)
+        self.weights = rng.multinomial(self.n_texts, np.full(self.n_texts, 1 / max(self.n_texts, 1)), self.DRAWS) \
+            if self.n_texts else np.zeros((self.DRAWS, 0))
+        token, latent, _ = codes.firing
+        keep = scoring[token]
+        self.firing_token, self.firing_latent = token[keep], latent[keep]
+
+    def counts(self, latent: int, rule_keys: np.ndarray, key_ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per scoring text: (true positives, predicted, firing) of the rule for `latent`."""
+        fires = self.firing_token[self.firing_latent == latent]
+        predicted = np.isin(rule_keys[self.tokens], key_ids)
+        hit = np.isin(rule_keys[fires], key_ids)
+        rows = self.row_of_doc[self.codes.doc[fires]]
+        return tuple(np.bincount(r, minlength=self.n_texts)
+                     for r in (rows[hit], self.text_of[predicted], rows))
+
+    def __call__(self, latent: int, rule_keys: np.ndarray, key_ids: np.ndarray) -> tuple[float, float]:
+        tp, predicted, fires = (self.weights @ c for c in self.counts(latent, rule_keys, key_ids))
+        f1 = np.divide(2 * tp, predicted + fires, out=np.zeros(len(tp)), where=predicted + fires > 0)
+        return float(np.percentile(f1, 2.5)), float(np.percentile(f1, 97.5))
 
 
 # --- window scores (delphi's detection and fuzzing) ----------------------------------------------
@@ -280,7 +336,7 @@ def window_scores(codes: HeldoutCodes, keys: TokenKeys, label: Label, windows: S
     return detection, fuzzing
 
 
-# --- logit lens ----------------------------------------------------------------------------------
+# --- the direct (logit) lens ----------------------------------------------------------------------
 
 @torch.no_grad()
 def logit_lens(model, sae: TopKSAE, top: int = 10, chunk: int = 256) -> tuple[torch.Tensor, ...]:
@@ -294,13 +350,3 @@ def logit_lens(model, sae: TopKSAE, top: int = 10, chunk: int = 256) -> tuple[to
         for store, value in zip(results, (up.indices, up.values, down.indices, -down.values)):
             store.append(value)
     return tuple(torch.cat(r) for r in results)
-
-
-def lens_records(model, tokenizer, sae: TopKSAE, latents: list[int], top: int = 10) -> dict[int, dict[str, list]]:
-    """Per latent, the tokens its decoder direction promotes and suppresses, as [[token, logit], ...]."""
-    promoted_ids, promoted_vals, suppressed_ids, suppressed_vals = logit_lens(model, sae, top)
-    decoded = {int(t): tokenizer.decode([int(t)]) for t in torch.cat([promoted_ids, suppressed_ids]).unique()}
-    pairs = lambda ids, values: [[decoded[int(t)], round(float(v), 3)] for t, v in zip(ids, values)]  # noqa: E731
-    return {lat: {"promoted": pairs(promoted_ids[lat], promoted_vals[lat]),
-                  "suppressed": pairs(suppressed_ids[lat], suppressed_vals[lat])}
-            for lat in latents}

@@ -6,7 +6,10 @@
                               (neuronpedia-utils convert-saedashboard-to-neuronpedia-export.py, or SAEDashboard's
                               neuronpedia_export.py) turns the folder into its bulk-import layout.
         skipped_indexes.json  the dead latents, as NeuronpediaRunner records them; the body of Neuronpedia's
-                              /api/admin/upload-skipped-features, which creates them as dead features
+                              /api/admin/upload-skipped-features, which creates them as dead features. Dead
+                              means silent on stage 02's held-out rows (far more tokens than stage 04's
+                              texts) where stage 02 trained the SAE here; run_settings.json says which
+                              tokens decided it, and how many latents are silent on stage 04's texts alone
         run_settings.json     what made the export (NeuronpediaRunner writes its settings here): the
                               concepts set, SAE, model, layer, and which fields hold no data
         upload/batch-<n>.json bodies for POST /api/feature/upload-batch (the route a user with an API key
@@ -26,9 +29,10 @@ Per live latent (SAEDashboard's keys; the values are stage 04's record for the l
                    qualifying_token_index, bin_min, bin_max, bin_contains}: the window of CONTEXT_TOKENS
                    each side of the peak, the latent's activation on each token, the peak's index. Top
                    examples carry bin_min = bin_contains = -1 and bin_max = the latent's max activation
-                   (SAEDashboard's TOP ACTIVATIONS group); quantile examples their group's interval
+                   (SAEDashboard's TOP ACTIVATIONS group); interval examples their interval (min, max]
                    and the share of tokens in it (its INTERVAL groups), from the record's quantile_bins
-    pos_str, pos_values / neg_str, neg_values    the logit lens: promoted and suppressed tokens
+    pos_str, pos_values / neg_str, neg_values    the output side (saekit.concepts.output_side): promoted and
+                   suppressed tokens, measured or the direct lens where it holds; empty where it is N/A
     frac_nonzero   the share of tokens it fires on
     freq_hist_data_bar_heights / _values         its activation histogram: tokens per bin, bin centres
     n_prompts_total, n_tokens_in_prompt, dataset the texts it was read from
@@ -106,8 +110,8 @@ EMPTY_FIELDS = {
     "correlated_neurons_l1": "not computed by stage 04", "correlated_neurons_pearson": "not computed by stage 04",
     "correlated_features_indices": "not computed by stage 04", "correlated_features_l1": "not computed by stage 04",
     "correlated_features_pearson": "not computed by stage 04",
-    "logits_hist_data_bar_heights": "stage 04 keeps the logit lens's top and bottom 10 tokens, not the vocabulary's "
-                                    "histogram",
+    "logits_hist_data_bar_heights": "stage 04 keeps the output side's top and bottom 10 tokens, not the "
+                                    "vocabulary's histogram",
     "logits_hist_data_bar_values": "as logits_hist_data_bar_heights", "decoder_weights_dist": "attention SAEs only",
     "vector": "steering vectors only",
 }
@@ -172,7 +176,7 @@ def histogram_bars(histogram: dict[str, list]) -> tuple[list[float], list[int]]:
 
 def dashboard_feature(record: dict[str, Any], texts: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """One live latent as a NeuronpediaDashboardFeature dict (its to_dict's keys, in its order)."""
-    lens = record["logit_lens"]
+    lens = record["output_side"]
     bar_values, bar_heights = histogram_bars(record["histogram"])
     return {
         "feature_index": record["index"],
@@ -329,6 +333,19 @@ def _explanation_note(record: dict[str, Any]) -> str:
     return f"saekit label ({label['rule']}), F1 {label['f1']:.3f} on held-out texts"
 
 
+def deadness(meta: dict[str, Any], live: list[int]) -> tuple[list[int], str, int]:
+    """(dead latents, the tokens that decided it, latents silent on stage 04's texts yet not dead).
+    Where the meta carries stage 02's held-out check (runner.training_deadness), dead is silent on both
+    its rows and stage 04's texts; otherwise on stage 04's texts alone, which the export says."""
+    silent = sorted(set(range(meta["n_latents"])) - set(live))
+    here = f"{meta['n_tokens']} tokens of stage 04's {meta['n_texts']} evaluation texts"
+    decided = meta.get("dead_latents")
+    if decided is None:
+        return silent, here, 0
+    dead = sorted(set(decided["indexes"]) - set(live))  # a latent that fires on either is live
+    return dead, f"{decided['decided_on']} and {here}", len(silent) - len(dead)
+
+
 def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts: dict[str, Any]
                  ) -> dict[str, Any]:
     """Every file of the export: {path relative to store/neuronpedia: JSON content, or rows for .jsonl(.gz)}."""
@@ -347,7 +364,7 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
             "modelId": model_id, "source": ids.source,
             "features": [upload_feature(f, records[i]) for f, i in zip(features, indices)]}
     files.update(bulk_import_files(ids, meta, records, batches))
-    dead = sorted(set(range(meta["n_latents"])) - set(live))
+    dead, decided_on, silent_here = deadness(meta, live)
     files[SKIPPED_FILE] = {"model_id": model_id, "layer": str(layer), "sae_set": sae_set, "log_sparsity": None,
                            "skipped_indexes": dead}
     files[RUN_SETTINGS_FILE] = {
@@ -355,13 +372,15 @@ def export_files(meta: dict[str, Any], records: dict[int, dict[str, Any]], texts
         "activation_run_id": meta.get("activation_run_id"), "saekit_model_id": meta["model_id"],
         "layer_signature": meta["layer_signature"], "model_id": model_id, "layer": layer, "sae_set": sae_set,
         "np_sae_id_suffix": None, "d_sae": meta["n_latents"], "live_latents": len(live), "dead_latents": len(dead),
+        "dead_decided_on": decided_on, "silent_on_these_texts_not_dead": silent_here,
         "n_features_at_a_time": FEATURES_PER_BATCH, "n_batches": math.ceil(len(live) / FEATURES_PER_BATCH),
         "n_prompts_total": meta["n_texts"], "n_tokens_in_prompt": max((len(t) for t in texts["tokens"]), default=0),
         "huggingface_dataset_path": dataset_name(meta),
         "context_tokens": meta["context_tokens"],
         "histogram": "log-spaced bins (10^-3 to 10^3, 10 a decade); each bar at its bin's geometric centre",
-        "quantile_groups": "4 quarters of per-text peaks sampled uniformly; bin_contains is the share of all tokens "
-                           "whose activation lies in the group's interval",
+        "quantile_groups": "4 equal-width intervals (min, max] of (0, max activation], examples drawn at random "
+                           "within each (one per text, none a top example, each its window's peak); bin_contains is "
+                           "the share of all tokens whose activation lies in the interval, so they sum to frac_nonzero",
         "explanations": "upload/ and bulk/.../explanations/: the title where it explains the latent (a name above "
                         "its label, or a label above LABEL_MIN_F1), without a method or model name",
         "neuronpedia": {"model": ids.model, "source_set": ids.source_set, "source": ids.source, "release": ids.release,

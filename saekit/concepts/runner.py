@@ -8,6 +8,7 @@ and publish the exports. Each step is its own module:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +19,12 @@ from ..activations.stage import load_stage_model, stage_runtime, start_stage
 from ..activations.store import RUN_ID_FILE, open_run
 from ..base.distributed import World
 from ..base.errors import PipelineError
+from ..base.integrity import read_sealed_json
 from ..training.sae import check_sae_matches
 from ..training.saelens_format import load_sae
-from .collect import collect
+from .collect import collect, latent_stats, scoring_half
 from .exports import apply_names, build_concepts, publish
-from .labels import lens_records
+from .output_side import output_sides
 from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
@@ -59,6 +61,27 @@ def read_parts(texts: list[str], tokenizer, max_length: int) -> list[str]:
     ids = tokenizer(texts, truncation=True, max_length=limit, add_special_tokens=False)["input_ids"]
     return [tokenizer.decode(read, clean_up_tokenization_spaces=False) if len(read) == limit else text
             for text, read in zip(texts, ids)]  # no offsets: the tokens read, decoded
+
+
+TRAINING_HISTORY = "training_history.json"
+
+
+def training_deadness(store: Path, sae_id: str | None) -> dict[str, Any] | None:
+    """The latents that never fired on stage 02's last held-out check, and on how many tokens: with
+    stage 04's texts, a latent is dead only where it is silent on both (the demo: 12,556 held-out rows
+    and 24,707 tokens), so one that fires on the held-out rows alone is not called dead. None for an
+    SAE that stage 02 did not train here (SAE_PATH), or a history that is not this SAE's: then stage
+    04's own texts decide."""
+    path = store / TRAINING_HISTORY
+    if sae_id is None or not path.exists():
+        return None
+    history = read_sealed_json(path, "Run stage 02 again (02_train_sae.py).")
+    if history.get("sae_id") != sae_id or "latent_frequency" not in history or not history.get("history"):
+        return None
+    tokens = int(history["history"][-1]["heldout_n_tokens"])
+    return {"indexes": [i for i, f in enumerate(history["latent_frequency"]) if f == 0], "tokens": tokens,
+            "decided_on": f"{tokens} held-out activation rows of run {history.get('activation_run_id')} "
+                          "(stage 02's last check)"}
 
 
 class EvalOverlapError(PipelineError):
@@ -100,7 +123,8 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     if world.is_main:
         print(texts.summary())
     read = read_parts(texts.texts, tokenizer, settings.MAX_LENGTH)
-    codes = collect(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), sae, read,
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    codes = collect(model, tokenizer, layer, sae, read,
                     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
                     progress=progress and world.is_main, world=world)
     if not world.is_main:
@@ -113,11 +137,22 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
             "dataset": settings.EVAL_DATASET or settings.HF_DATASET, "split": texts.read_from.get("split"),
             "texts_read": texts.read_from, "source": texts.source, "n_texts_asked": settings.EVAL_DATA_LIMIT,
             "naming_model_id": settings.NAMING_MODEL_ID,
-            "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict()}
-    built = build_concepts(codes, lens_records(model, tokenizer, sae, live), meta, top_n=settings.TOP_N_EXAMPLES,
+            "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict(),
+            "dead_latents": training_deadness(settings.store, sae_meta.get("sae_id"))}
+    stats = latent_stats(codes)
+    # measured on the choosing half's texts: the output side feeds a label rule, which the other half scores
+    is_scoring = scoring_half(len(texts.texts), settings.SEED)
+    choosing_texts = [t for t, scoring in zip(texts.texts, is_scoring) if not scoring]
+    by_frequency = sorted(live, key=lambda i: (-stats.fire_counts[i], i))
+    measure = by_frequency if settings.OUTPUT_EFFECT_LATENTS == 0 else by_frequency[:settings.OUTPUT_EFFECT_LATENTS]
+    sides, meta["output_side"] = output_sides(model, tokenizer, layer, sae, live, measure,
+                                              {i: float(stats.max_activation[i]) for i in measure},
+                                              choosing_texts[:settings.OUTPUT_EFFECT_TEXTS], settings.BATCH_SIZE_SAVE)
+    built = build_concepts(codes, sides, meta, top_n=settings.TOP_N_EXAMPLES,
                            context=settings.CONTEXT_TOKENS, per_quantile=settings.QUANTILE_EXAMPLES,
                            non_activating=settings.NON_ACTIVATING_EXAMPLES, scoring_examples=settings.SCORING_EXAMPLES,
-                           max_keys=settings.LABEL_MAX_KEYS, min_f1=settings.LABEL_MIN_F1, seed=settings.SEED)
+                           max_keys=settings.LABEL_MAX_KEYS, min_f1=settings.LABEL_MIN_F1,
+                           min_support=settings.LABEL_MIN_SUPPORT, seed=settings.SEED)
     namer = open_namer(settings, device, model, tokenizer)
     if namer is not None:
         ranked = sorted(built.records, key=lambda i: -built.records[i]["frequency"])

@@ -4,6 +4,7 @@ names and the dashboard, and for the dashboard's benchmark at the specification'
 Texts are BOS followed by words drawn with Zipf frequencies. Every token gets k latents drawn at
 random (Zipf frequencies over the latents), which fire independently of the text: such a latent
 has nothing to explain it. A planted latent fires exactly where its rule says, on top of those.
+Tokens whose texts agree up to them get the codes of the first such token, as a causal model gives.
 """
 from __future__ import annotations
 
@@ -46,13 +47,17 @@ def synthetic_codes(words: list[str], n_texts: int, length: int, n_latents: int,
     latents[first], values[first] = -1, 0  # BOS never fires
     texts = [" ".join(words[w] for w in row) for row in text_words]
     token_text = {0: BOS, **{i + 1: " " + w for i, w in enumerate(words)}}
-    return HeldoutCodes(texts, token_ids, doc, pos, ~first, latents, values, n_latents, token_text)
+    codes = HeldoutCodes(texts, token_ids, doc, pos, ~first, latents, values, n_latents, token_text)
+    # as in a causal model, tokens with the same prefix get the same codes: those of its first copy
+    _, first_copy, copy_of = np.unique(codes.prefix_id, return_index=True, return_inverse=True)
+    codes.latents, codes.values = latents[first_copy[copy_of.ravel()]], values[first_copy[copy_of.ravel()]]
+    return codes
 
 
 def synthetic_lens(words: list[str], latents: list[int], seed: int = 0) -> dict[int, dict[str, list]]:
-    """Made-up logit-lens tokens for each latent, in saekit.concepts.labels.lens_records' format."""
+    """Made-up output sides for each latent, in saekit.concepts.output_side.output_sides' format."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(words), (len(latents), 20))
-    return {lat: {"promoted": [[" " + words[w], round(2 - 0.1 * j, 2)] for j, w in enumerate(row[:10])],
+    return {lat: {"method": "measured", "promoted": [[" " + words[w], round(2 - 0.1 * j, 2)] for j, w in enumerate(row[:10])],
                   "suppressed": [[" " + words[w], round(-1 + 0.05 * j, 2)] for j, w in enumerate(row[10:])]}
             for lat, row in zip(latents, picks)}

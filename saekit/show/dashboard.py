@@ -24,7 +24,7 @@ import numpy as np
 
 from ..base.atomic import write_text
 from ..base.settings import Settings
-from ..concepts.exports import RERUN_04, ConceptsMismatchError, open_concepts
+from ..concepts.exports import RERUN_04, ConceptsMismatchError, open_concepts, table_order
 from ..training.saelens_format import load_sae
 
 DASHBOARD_FILE = "dashboard.html"
@@ -90,15 +90,17 @@ def load_concepts(settings: Settings) -> Concepts:
 # --- tables ---------------------------------------------------------------------------------
 
 def latent_rows(concepts: Concepts) -> list[dict[str, Any]]:
-    """One row per live latent, best explained first; the name only where it earned the title."""
+    """One row per live latent, in stage 04's table order (scorable first, by the lower end of the F1's
+    interval); the name only where it earned the title. A latent that is not scorable has no F1 bound."""
     rows = []
-    for i, l in concepts.latents.items():
-        titled = l["title_source"] == "name"
-        rows.append({"index": i, "label": l["label"]["text"], "f1": l["label"]["f1"],
-                     "explained": l["label"]["explained"], "name": l["name"]["text"] if titled else None,
+    for i, l in sorted(concepts.latents.items(), key=lambda item: table_order(item[1])):
+        titled, label = l["title_source"] == "name", l["label"]
+        rows.append({"index": i, "label": label["text"], "f1": label["f1"],
+                     "f1_low": label["f1_low"] if label["scorable"] else None, "support": label["scoring_fires"],
+                     "explained": label["explained"], "name": l["name"]["text"] if titled else None,
                      "name_score": l["name"]["score"] if titled else None, "frequency": l["frequency"],
                      "max_activation": l["max_activation"], "mean_activation": l["mean_activation"]})
-    return sorted(rows, key=lambda r: (-r["f1"], -r["frequency"], r["index"]))
+    return rows
 
 
 def peak_tokens(concepts: Concepts, top: int = 20) -> list[dict[str, Any]]:
@@ -119,21 +121,26 @@ def summary(concepts: Concepts) -> dict[str, Any]:
     """The numbers that describe the whole dictionary at a glance."""
     live = list(concepts.latents.values())
     freq = np.array([l["frequency"] for l in live])
-    f1 = np.array([l["label"]["f1"] for l in live])
+    scorable = [l for l in live if l["label"]["scorable"]]
+    f1 = np.array([l["label"]["f1"] for l in scorable])
     detection = [l["label"]["detection"] for l in live if l["label"]["detection"] is not None]
     rules: dict[str, int] = {}
     for latent in live:
-        rule = latent["label"]["rule"] if latent["label"]["explained"] else "unexplained"
+        label = latent["label"]
+        rule = label["rule"] if label["explained"] else "unexplained" if label["scorable"] else "not scorable"
         rules[rule] = rules.get(rule, 0) + 1
     meta = concepts.meta
     return {
         "model": meta["model_id"], "layer": meta["layer_signature"], "latents": concepts.n_latents, "k": meta["k"],
         "texts": meta["n_texts"], "tokens": meta["n_tokens"], "texts that scored the labels": meta["n_scoring_texts"],
         "live latents": len(live), "dead latents": concepts.n_latents - len(live),
-        "median label F1 (held-out tokens)": float(np.median(f1)) if len(f1) else None,
-        "mean label F1 (held-out tokens)": float(np.mean(f1)) if len(f1) else None,
+        "scorable latents (LABEL_MIN_SUPPORT firings on held-out tokens)": len(scorable),
+        "median label F1 (held-out tokens, scorable latents)": float(np.median(f1)) if len(f1) else None,
+        "mean label F1 (held-out tokens, scorable latents)": float(np.mean(f1)) if len(f1) else None,
         "median label detection (balanced accuracy on windows)": float(np.median(detection)) if detection else None,
         "explained latents": sum(1 for l in live if l["label"]["explained"]),
+        "explained share of scorable latents": (sum(1 for l in scorable if l["label"]["explained"]) / len(scorable)
+                                                if scorable else None),
         "named latents": sum(1 for l in live if l["name"]),
         "names that became the title": sum(1 for l in live if l["title_source"] == "name"),
         "median firing frequency": float(np.median(freq)) if len(freq) else None,
@@ -148,7 +155,7 @@ def search(concepts: Concepts, query: int | str) -> list[int]:
     q = query.strip().lower()
     hits = [i for i, l in concepts.latents.items()
             if q == str(i) or q in l["label"]["text"].lower() or q in ((l["name"] or {}).get("text") or "").lower()]
-    return sorted(hits, key=lambda i: (-concepts.latents[i]["label"]["f1"], -concepts.latents[i]["frequency"], i))
+    return sorted(hits, key=lambda i: table_order(concepts.latents[i]))
 
 
 # --- HTML for the notebook ---------------------------------------------------------------------
@@ -194,27 +201,54 @@ def _lens_list(title: str, pairs: list[list[Any]]) -> str:
     return f"<div><b>{title}</b><ol>{items}</ol></div>"
 
 
+# why a name is or is not the title (saekit.concepts.exports.apply_names), in the words both views use
+NAME_VERDICTS = ("it leads the label by more than {lead} on the same windows (beyond chance), so it is the title",
+                 "not the title: it does not lead the label by more than {lead} on the same windows")
+
+
+# what each method of saekit.concepts.output_side means, in the words both views use
+OUTPUT_SIDE_TITLES = {"measured": "output side (measured: next-token log-prob change when added)",
+                      "direct lens": "output side (direct lens: the layer is the residual stream)",
+                      "N/A": "output side: N/A (not measured, and the direct lens does not hold at this layer)"}
+
+
+def output_side_html(side: dict[str, Any]) -> str:
+    title = OUTPUT_SIDE_TITLES[side["method"]]
+    if not side["promoted"]:
+        return f"<div><b>{title}</b></div>"
+    return f'{_lens_list(title + ": promotes", side["promoted"])}{_lens_list("suppresses", side["suppressed"])}'
+
+
 def latent_summary_html(index: int, latent: dict[str, Any]) -> str:
-    """Header, label and name with their scores, statistics, histogram and logit lens of one latent."""
+    """Header, label and name with their scores, statistics, histogram and output side of one latent."""
     label, name = latent["label"], latent["name"]
     rule = f' ({label["rule"]})' if label["rule"] else ""
     label_line = (f'<span class="{"" if label["explained"] else "sae-unexplained"}">label {html.escape(label["text"])}'
-                  f'{rule}: held-out F1 '
-                  f'{_score(label["f1"])}, precision {_score(label["precision"])}, recall {_score(label["recall"])}; '
+                  f'{rule}: held-out F1 {_score(label["f1"])} [{_score(label["f1_low"])}, '
+                  f'{_score(label["f1_high"])}] on {label["scoring_fires"]} firings, '
+                  f'precision {_score(label["precision"])}, recall {_score(label["recall"])}; '
                   f'windows: detection {_score(label["detection"])}, fuzzing {_score(label["fuzzing"])}</span>')
     if name:
-        verdict = ("it scores above the label, so it is the title" if latent["title_source"] == "name"
-                   else "not the title: it does not score above the label")
+        verdict = (NAME_VERDICTS[0] if latent["title_source"] == "name" else NAME_VERDICTS[1]).format(
+            lead=_score(name.get("lead_needed")))
         label_line += (f'<br>name "{html.escape(name["text"])}": detection {_score(name["detection"])}, '
                        f'fuzzing {_score(name["fuzzing"])}; {verdict}')
-    hist, lens = latent["histogram"], latent["logit_lens"]
+    hist, side = latent["histogram"], latent["output_side"]
     return (f'<h3>latent {index}: {html.escape(latent["title"])}</h3><p class="sae-stats">{label_line}<br>fires on '
             f'{100 * latent["frequency"]:.3g}% of tokens; activation max {latent["max_activation"]:.3g}, '
             f'mean when firing {latent["mean_activation"]:.3g}</p>'
             f'<div class="sae-row"><div><b>activation when firing</b><br>'
             f'{histogram_svg(hist["counts"], hist["bin_edges"][0], hist["bin_edges"][-1])}</div>'
-            f'<div class="sae-row sae-lens">{_lens_list("logit lens: promotes", lens["promoted"])}'
-            f'{_lens_list("suppresses", lens["suppressed"])}</div></div>')
+            f'<div class="sae-row sae-lens">{output_side_html(side)}</div></div>')
+
+
+# what stage 04 does (saekit.concepts.collect.interval_examples), in the words both views use
+INTERVALS_TITLE = "drawn at random within equal-width activation intervals (4 = highest; never a top activation)"
+
+
+def interval_text(interval: dict[str, Any]) -> str:
+    return (f'{interval["quantile"]}: ({interval["min"]:.3g}, {interval["max"]:.3g}], '
+            f'{interval["count"]} firing tokens')
 
 
 def latent_html(concepts: Concepts, index: int, top: int = 10) -> str:
@@ -223,14 +257,16 @@ def latent_html(concepts: Concepts, index: int, top: int = 10) -> str:
     latent = concepts.latents[index]
     examples = latent["examples"]
     groups = [("top activations", examples["top"][:top], True),
-              ("sampled by activation quantile (4 = highest)", examples["quantiles"], True),
+              (INTERVALS_TITLE, examples["quantiles"], True),
               ("not activating", examples["silent"], False)]
+    intervals = {b["quantile"]: b for b in latent["quantile_bins"]}
     sections = []
     for title, group, has_peak in groups:
         rows = []
         for e in group:
             tokens, acts, peak = concepts.context(e)
-            quantile = f'<div class="sae-quantile">quantile {e["quantile"]}</div>' if "quantile" in e else ""
+            quantile = (f'<div class="sae-quantile">interval {interval_text(intervals[e["quantile"]])}</div>'
+                        if "quantile" in e else "")
             rows.append(quantile + context_html(tokens, acts, peak if has_peak else None, e.get("score", 0.0),
                                                 latent["max_activation"]))
         sections.append(f'<div class="sae-examples"><b>{title}</b> ({len(group)}){"".join(rows)}</div>')
@@ -257,7 +293,8 @@ def show_latent(concepts: Concepts, query: int | str, top: int = 10) -> int | No
 
 # --- the dashboard -------------------------------------------------------------------------------
 
-ROW_COLUMNS = ("index", "label", "f1", "explained", "name", "name_score", "frequency", "max_activation")
+ROW_COLUMNS = ("index", "label", "f1", "f1_low", "support", "explained", "name", "name_score", "frequency",
+               "max_activation")
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
@@ -271,17 +308,22 @@ def _acts(example: dict[str, Any]) -> list[list[float]]:
 def latent_detail(latent: dict[str, Any]) -> dict[str, Any]:
     """What the page shows of one latent beyond its row; examples as [text, position, [[position, activation]]]."""
     label, name, examples, hist = latent["label"], latent["name"], latent["examples"], latent["histogram"]
+    intervals = {b["quantile"]: b for b in latent["quantile_bins"]}
     return {
         "title": latent["title"], "title_source": latent["title_source"],
         "label": {k: _round(label[k]) if isinstance(label[k], float) else label[k]
-                  for k in ("text", "rule", "explained", "f1", "precision", "recall", "detection", "fuzzing")},
+                  for k in ("text", "rule", "explained", "scorable", "f1", "f1_low", "f1_high", "scoring_fires",
+                            "precision", "recall", "detection", "fuzzing")},
         "name": name and {"text": name["text"], "detection": _round(name["detection"]),
-                          "fuzzing": _round(name["fuzzing"])},
+                          "fuzzing": _round(name["fuzzing"]), "lead_needed": _round(name.get("lead_needed"))},
         "stats": [latent["frequency"], latent["max_activation"], latent["mean_activation"]],
         "histogram": {"low": hist["bin_edges"][0], "high": hist["bin_edges"][-1], "counts": hist["counts"]},
-        "lens": {side: [[t, round(v, 2)] for t, v in pairs] for side, pairs in latent["logit_lens"].items()},
+        "lens": {"method": latent["output_side"]["method"],
+                 **{side: [[t, round(v, 2)] for t, v in latent["output_side"][side]]
+                    for side in ("promoted", "suppressed")}},
         "top": [[e["doc"], e["pos"], _acts(e)] for e in examples["top"]],
-        "quantiles": [[e["doc"], e["pos"], _acts(e), e["quantile"]] for e in examples["quantiles"]],
+        "quantiles": [[e["doc"], e["pos"], _acts(e), interval_text(intervals[e["quantile"]])]
+                      for e in examples["quantiles"]],
         "silent": [[e["doc"], e["pos"]] for e in examples["silent"]],
     }
 
@@ -297,6 +339,7 @@ def dashboard_data(concepts: Concepts, files: str) -> dict[str, Any]:
                  "n_scoring_texts", "context_tokens", "naming", "created")
     rows = [[_round(r[c]) if isinstance(r[c], float) else r[c] for c in ROW_COLUMNS] for r in latent_rows(concepts)]
     return {"meta": {k: concepts.meta.get(k) for k in meta_keys}, "files": files, "chunk": CHUNK,
+            "intervals_title": INTERVALS_TITLE, "name_verdicts": NAME_VERDICTS, "output_side_titles": OUTPUT_SIDE_TITLES,
             "columns": list(ROW_COLUMNS), "rows": rows}
 
 

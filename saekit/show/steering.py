@@ -19,7 +19,20 @@ import torch
 from torch import nn
 
 from ..activations.models import forward_to_layer, replaced_output
+from ..concepts.output_side import is_residual_point
 from ..training.sae import TopKSAE
+
+
+def reach(model: nn.Module, layer: nn.Module, signature: str) -> str:
+    """Where steering at `layer` acts: the residual stream, or only through the block that reads the
+    layer's output (post_attention_layernorm: the block's normalised MLP input, which only its MLP reads)."""
+    if is_residual_point(model, layer):
+        return f"{signature} is the residual stream: steering there reaches every later block."
+    if signature.endswith("post_attention_layernorm"):
+        return (f"{signature} is a block's normalised MLP input, not the residual stream: steering here acts only "
+                "through that block's MLP.")
+    return (f"{signature} is not the residual stream: steering here acts only through the module that reads its "
+            "output.")
 
 
 def amplification(n_latents: int, factors: Mapping[int, float]) -> torch.Tensor:

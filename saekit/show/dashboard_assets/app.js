@@ -21,10 +21,11 @@ const fmt = {
   value: v => v.toPrecision(3),
 };
 const columns = [
-  ["index", "latent", "int"], ["label", "label", "text"], ["f1", "F1", "score"], ["name", "name", "text"],
+  ["index", "latent", "int"], ["label", "label", "text"], ["f1", "F1", "score"],
+  ["f1_low", "F1 95% low", "score"], ["support", "support", "int"], ["name", "name", "text"],
   ["frequency", "frequency", "share"], ["max_activation", "max act.", "value"],
 ];
-let sortKey = "f1", sortDesc = true, selected = null, shown = PAGE;
+let sortKey = "f1_low", sortDesc = true, selected = null, shown = PAGE;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -141,26 +142,29 @@ function latentView(index, d) {
   const label = d.label;
   const labelLine = el("span", {class: label.explained ? "" : "sae-unexplained"},
     `label ${label.text}` + (label.rule ? ` (${label.rule})` : "") +
-    `: held-out F1 ${score(label.f1)}, precision ${score(label.precision)}, recall ${score(label.recall)}; ` +
+    `: held-out F1 ${score(label.f1)} [${score(label.f1_low)}, ${score(label.f1_high)}] on ` +
+    `${label.scoring_fires} firings, precision ${score(label.precision)}, recall ${score(label.recall)}; ` +
     `windows: detection ${score(label.detection)}, fuzzing ${score(label.fuzzing)}`);
   const lines = [labelLine];
   if (d.name) lines.push(el("br"), `name "${d.name.text}": detection ${score(d.name.detection)}, fuzzing ` +
-    `${score(d.name.fuzzing)}; ` + (d.title_source === "name" ? "it scores above the label, so it is the title"
-                                                             : "not the title: it does not score above the label"));
+    `${score(d.name.fuzzing)}; ` + data.name_verdicts[d.title_source === "name" ? 0 : 1]
+      .replace("{lead}", score(d.name.lead_needed)));
   const [frequency, maxActivation, meanActivation] = d.stats;
   lines.push(el("br"), `fires on ${(100 * frequency).toPrecision(3)}% of tokens; activation max ` +
     `${maxActivation.toPrecision(3)}, mean when firing ${meanActivation.toPrecision(3)}`);
-  const groups = [["top activations", d.top, true], ["sampled by activation quantile (4 = highest)", d.quantiles, true],
+  const groups = [["top activations", d.top, true], [data.intervals_title, d.quantiles, true],
                   ["not activating", d.silent, false]];
   return [
     el("h3", {}, `latent ${index}: ${d.title}`), el("p", {class: "sae-stats"}, ...lines),
     el("div", {class: "sae-row"},
        el("div", {}, el("b", {}, "activation when firing"), el("br"), histogram(d.histogram)),
-       el("div", {class: "sae-row sae-lens"}, lensList("logit lens: promotes", d.lens.promoted),
-          lensList("suppresses", d.lens.suppressed))),
+       el("div", {class: "sae-row sae-lens"}, ...(d.lens.promoted.length
+         ? [lensList(data.output_side_titles[d.lens.method] + ": promotes", d.lens.promoted),
+            lensList("suppresses", d.lens.suppressed)]
+         : [el("div", {}, el("b", {}, data.output_side_titles[d.lens.method]))]))),
     ...groups.map(([title, examples, isPeak]) => el("div", {class: "sae-examples"}, el("b", {}, title),
       ` (${examples.length})`, ...examples.flatMap(e => [
-        ...(e.length > 3 ? [el("div", {class: "sae-quantile"}, `quantile ${e[3]}`)] : []),
+        ...(e.length > 3 ? [el("div", {class: "sae-quantile"}, `interval ${e[3]}`)] : []),
         contextRow(e, maxActivation, data.meta.context_tokens, isPeak)]))),
   ];
 }
@@ -224,7 +228,7 @@ renderTable();
 document.body.dataset.readyMs = performance.now().toFixed(1);  // the table is interactive from here
 if (location.hash === "#bench") {  // bench/bench_dashboard.py: how long a sort by score takes
   const start = performance.now();
-  document.querySelector('th[data-key="f1"]').click();
+  document.querySelector('th[data-key="f1_low"]').click();
   document.body.dataset.sortMs = (performance.now() - start).toFixed(1);
 } else {
   applyHash();
