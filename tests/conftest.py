@@ -249,3 +249,68 @@ class ChatStubHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_body(200, json.dumps({"object": "list", "data": [{"id": self.MODEL, "object": "model", "created": 0,
                                                                       "owned_by": "t"}]}).encode())
+
+
+# --- stage 04's sets built in-process (test_concepts, test_neuronpedia, test_neuronpedia_bulk, test_output_side) --
+
+CONCEPT_TEXTS = [f"{a} {b}" for a, b in zip(STORIES, STORIES[1:] + STORIES[:1])] * 2  # 16 texts, repeats included
+SYNTHETIC_WORDS = ["the", "a", "kite", "ran", "dog", "puppy"] + [f"w{i}" for i in range(40)]
+SYNTHETIC_WORD_ID = {w: i for i, w in enumerate(SYNTHETIC_WORDS)}
+
+
+def concept_sae(d=32, n=64, k=4, dead=(5,), architecture=None):
+    """A small SAE for the tiny model's layer whose latents fire often (and `dead` never), in eval mode."""
+    from saekit.training.sae import TopKSAE
+
+    torch.manual_seed(1)
+    sae = (architecture or TopKSAE)(d, n, k)
+    sae.init_weights(torch.zeros(d), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.W_enc.mul_(3)
+        for j in dead:  # never above zero: never wins a TopK slot with a positive value
+            sae.W_enc[j] = 0
+            sae.b_enc[j] = -100
+    return sae.eval()
+
+
+def collect_codes(model, tok, sae, texts=CONCEPT_TEXTS):
+    """Stage 04's codes of `texts` at the tiny model's layer, in batches of 5."""
+    from saekit.activations.models import resolve_layer
+    from saekit.concepts.collect import collect
+
+    return collect(model, tok, resolve_layer(model, TINY_LAYER), sae, texts, max_length=20, batch_size=5,
+                   progress=False)
+
+
+def build_concept_set(codes, model, tok, sae, **overrides):
+    """Stage 04's set from `codes`, with small settings and the output side measured for 3 latents."""
+    from saekit.activations.models import resolve_layer
+    from saekit.concepts.exports import build_concepts
+    from saekit.concepts.output_side import output_sides
+
+    live = sorted(set(codes.firing[1].tolist()))
+    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3,
+                    min_support=1)
+    meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
+    layer = resolve_layer(model, TINY_LAYER)
+    sides, _ = output_sides(model, tok, layer, sae, live, live[:3], {i: 3.0 for i in live[:3]}, CONCEPT_TEXTS[:4], 8)
+    return build_concepts(codes, sides, meta, **{**settings, **overrides})
+
+
+def synthetic_concept_set(n_latents: int, sae_id: str = "sae-s"):
+    """Stage 04's set from made-up codes of the Bielik preset's model and layer, latents 7 (kite) and 9 (dog,
+    puppy) planted."""
+    import numpy as np
+
+    from saekit.concepts.exports import build_concepts
+    from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
+
+    W = SYNTHETIC_WORD_ID
+    planted = {7: lambda b, w, a: w == W["kite"], 9: lambda b, w, a: np.isin(w, [W["dog"], W["puppy"]])}
+    codes = synthetic_codes(SYNTHETIC_WORDS, 30, 24, n_latents, 3, planted)
+    live = sorted(set(codes.firing[1].tolist()))
+    meta = {"model_id": "speakleash/Bielik-1.5B-v3.0-Instruct",
+            "layer_signature": "llamaforcausallm_model_layers_16_post_attention_layernorm", "sae_id": sae_id, "k": 3,
+            "dataset": "roneneldan/TinyStories"}
+    return build_concepts(codes, synthetic_lens(SYNTHETIC_WORDS, live), meta, top_n=3, context=2, per_quantile=1,
+                          non_activating=1, scoring_examples=6, max_keys=2, min_f1=0.3, min_support=1)

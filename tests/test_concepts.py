@@ -5,56 +5,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STORIES, TINY_LAYER, alter_one_character
+from conftest import CONCEPT_TEXTS, ROOT, TINY_LAYER, alter_one_character, build_concept_set, collect_codes, concept_sae
 from saekit.activations.models import forward_to_layer, resolve_layer
 from saekit.base.integrity import IntegrityError
 from saekit.base.settings import load_settings
 from saekit.concepts import collect as C
-from saekit.concepts.exports import ConceptsMismatchError, build_concepts, open_concepts, publish
-from saekit.concepts.output_side import output_sides
+from saekit.concepts.exports import ConceptsMismatchError, open_concepts, publish
 from saekit.notebooks import run_notebook
 from saekit.training.sae import BatchTopKSAE, TopKSAE
-
-TEXTS = [f"{a} {b}" for a, b in zip(STORIES, STORIES[1:] + STORIES[:1])] * 2  # 16 texts, repeats included
-
-
-def _sae(d=32, n=64, k=4, dead=(5,), architecture=TopKSAE):
-    torch.manual_seed(1)
-    sae = architecture(d, n, k)
-    sae.init_weights(torch.zeros(d), torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        sae.W_enc.mul_(3)
-        for j in dead:  # never above zero: never wins a TopK slot with a positive value
-            sae.W_enc[j] = 0
-            sae.b_enc[j] = -100
-    return sae.eval()
-
-
-def _collect(model, tok, sae, texts=TEXTS):
-    return C.collect(model, tok, resolve_layer(model, TINY_LAYER), sae, texts, max_length=20, batch_size=5,
-                     progress=False)
-
-
-def _build(codes, model, tok, sae, **overrides):
-    live = sorted(set(codes.firing[1].tolist()))
-    settings = dict(top_n=3, context=2, per_quantile=1, non_activating=2, scoring_examples=4, max_keys=4, min_f1=0.3,
-                    min_support=1)
-    meta = {"model_id": "tiny", "layer_signature": TINY_LAYER, "sae_id": "sae-a", "k": sae.k}
-    layer = resolve_layer(model, TINY_LAYER)
-    sides, _ = output_sides(model, tok, layer, sae, live, live[:3], {i: 3.0 for i in live[:3]}, TEXTS[:4], 8)
-    return build_concepts(codes, sides, meta, **{**settings, **overrides})
-
 
 @pytest.mark.parametrize("architecture", [TopKSAE, BatchTopKSAE])
 def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokenizer, architecture):
     # BatchTopK at inference keeps every code above its threshold (0 here: every positive one), so each batch
     # of texts is encoded as wide as its most active token and the batches' widths differ
-    sae = _sae(architecture=architecture)
-    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    sae = concept_sae(architecture=architecture)
+    codes = collect_codes(tiny_model, tiny_tokenizer, sae)
     # brute force: every text alone, full codes, special tokens silent
-    best = torch.zeros(len(TEXTS), sae.n_latents)
+    best = torch.zeros(len(CONCEPT_TEXTS), sae.n_latents)
     seen = set()  # token prefixes met in earlier texts: an opening counts once
-    for doc, text in enumerate(TEXTS):
+    for doc, text in enumerate(CONCEPT_TEXTS):
         enc = tiny_tokenizer(text, return_tensors="pt", truncation=True, max_length=20)
         hidden = forward_to_layer(tiny_model, resolve_layer(tiny_model, TINY_LAYER), enc.input_ids, enc.attention_mask)
         dense = sae.dense_codes(hidden)[0]
@@ -85,11 +54,11 @@ def test_codes_and_top_examples_match_a_brute_force_pass(tiny_model, tiny_tokeni
 
 
 def test_exports_refer_to_texts_stored_once(tiny_model, tiny_tokenizer):
-    sae = _sae()
-    codes = _collect(tiny_model, tiny_tokenizer, sae)
-    built = _build(codes, tiny_model, tiny_tokenizer, sae)
+    sae = concept_sae()
+    codes = collect_codes(tiny_model, tiny_tokenizer, sae)
+    built = build_concept_set(codes, tiny_model, tiny_tokenizer, sae)
     texts = built.texts
-    assert texts["texts"] == TEXTS and len(texts["tokens"]) == len(TEXTS)
+    assert texts["texts"] == CONCEPT_TEXTS and len(texts["tokens"]) == len(CONCEPT_TEXTS)
     assert 5 not in built.records and built.top_texts["5"] == []  # the dead latent
     assert built.meta["live_latents"] == len(built.records) > 0
     for index, record in built.records.items():
@@ -97,7 +66,7 @@ def test_exports_refer_to_texts_stored_once(tiny_model, tiny_tokenizer):
         assert record["title"] == record["label"]["text"] and record["name"] is None
         for e in record["examples"]["top"] + record["examples"]["quantiles"]:
             token = texts["vocab"][texts["tokens"][e["doc"]][e["pos"]]]
-            assert token == tiny_tokenizer.decode([tiny_tokenizer(TEXTS[e["doc"]]).input_ids[e["pos"]]])
+            assert token == tiny_tokenizer.decode([tiny_tokenizer(CONCEPT_TEXTS[e["doc"]]).input_ids[e["pos"]]])
             assert dict(e["acts"])[e["pos"]] == e["score"] > 0 and e["pos"] > 0
         top = record["examples"]["top"]
         assert [e["score"] for e in top] == sorted((e["score"] for e in top), reverse=True)
@@ -107,12 +76,12 @@ def test_exports_refer_to_texts_stored_once(tiny_model, tiny_tokenizer):
         seed_keys = built.top_texts[str(index)]
         assert {"text", "score", "token_str", "token_idx"} <= set(seed_keys[0])
         assert [e["score"] for e in seed_keys] == pytest.approx([e["score"] for e in top], abs=1e-4)
-    assert not any(text in json.dumps(built.records) for text in TEXTS)  # no example carries its text
+    assert not any(text in json.dumps(built.records) for text in CONCEPT_TEXTS)  # no example carries its text
 
 
 def test_identical_openings_count_once_and_stay_on_one_side_of_the_split(tiny_model, tiny_tokenizer):
-    sae = _sae()
-    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    sae = concept_sae()
+    codes = collect_codes(tiny_model, tiny_tokenizer, sae)
     # a prefix id is shared exactly by tokens whose texts agree up to them
     for a, b in [(0, 8), (0, 1), (3, 11), (3, 4)]:
         first_a, first_b = codes.doc_start[a], codes.doc_start[b]
@@ -122,8 +91,8 @@ def test_identical_openings_count_once_and_stay_on_one_side_of_the_split(tiny_mo
             same = ids_a.tolist() == ids_b.tolist()
             assert (codes.prefix_id[first_a + p] == codes.prefix_id[first_b + p]) == same
     assert not codes.distinct[codes.doc_start[8]:].any()  # texts 8-15 repeat texts 0-7 whole
-    built = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=5, per_quantile=3)
-    is_scoring = C.scoring_half(len(TEXTS), 0)
+    built = build_concept_set(codes, tiny_model, tiny_tokenizer, sae, top_n=5, per_quantile=3)
+    is_scoring = C.scoring_half(len(CONCEPT_TEXTS), 0)
     for i, record in built.records.items():
         shown = record["examples"]["top"] + record["examples"]["quantiles"]
         prefixes = [codes.prefix_id[codes.doc_start[e["doc"]] + e["pos"]] for e in shown]
@@ -136,8 +105,8 @@ def test_identical_openings_count_once_and_stay_on_one_side_of_the_split(tiny_mo
 
 
 def test_intervals_partition_the_firings_and_examples_are_drawn_at_random(tiny_model, tiny_tokenizer):
-    sae = _sae()
-    codes = _collect(tiny_model, tiny_tokenizer, sae)
+    sae = concept_sae()
+    codes = collect_codes(tiny_model, tiny_tokenizer, sae)
     # ties on an edge fall in one interval: (0, 1], (1, 2], (2, 3], (3, 4]
     values = np.array([1, 1, 1, 2, 4, 4], np.float32)
     token, latent, _ = codes.firing
@@ -151,7 +120,7 @@ def test_intervals_partition_the_firings_and_examples_are_drawn_at_random(tiny_m
     stats = C.latent_stats(codes)
     draws = {}
     for seed in (0, 1, 2):
-        built = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=2, per_quantile=2, seed=seed)
+        built = build_concept_set(codes, tiny_model, tiny_tokenizer, sae, top_n=2, per_quantile=2, seed=seed)
         for i, record in built.records.items():
             bins = sorted(record["quantile_bins"], key=lambda b: b["quantile"])
             assert sum(b["count"] for b in bins) == stats.fire_counts[i]
@@ -166,13 +135,13 @@ def test_intervals_partition_the_firings_and_examples_are_drawn_at_random(tiny_m
                 assert b["min"] - 1e-4 < e["score"] <= b["max"] + 1e-4
             draws.setdefault(seed, []).append([(e["doc"], e["pos"]) for e in record["examples"]["quantiles"]])
     assert draws[0] != draws[1] or draws[0] != draws[2]  # drawn at random, seeded
-    again = _build(codes, tiny_model, tiny_tokenizer, sae, top_n=2, per_quantile=2, seed=0)
+    again = build_concept_set(codes, tiny_model, tiny_tokenizer, sae, top_n=2, per_quantile=2, seed=0)
     assert [[(e["doc"], e["pos"]) for e in r["examples"]["quantiles"]] for r in again.records.values()] == draws[0]
 
 
 def test_exports_are_published_as_one_set_tied_to_the_sae(tiny_model, tiny_tokenizer, tmp_path):
-    sae = _sae()
-    built = _build(_collect(tiny_model, tiny_tokenizer, sae), tiny_model, tiny_tokenizer, sae)
+    sae = concept_sae()
+    built = build_concept_set(collect_codes(tiny_model, tiny_tokenizer, sae), tiny_model, tiny_tokenizer, sae)
     folder = publish(tmp_path, built)
     assert (tmp_path / "concepts_id.txt").read_text().strip() == folder.name
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -180,7 +149,7 @@ def test_exports_are_published_as_one_set_tied_to_the_sae(tiny_model, tiny_token
                                                                           "top_texts.json"}
     assert (tmp_path / "top_texts.json").read_bytes() == (folder / "top_texts.json").read_bytes()
     concepts, texts, _ = open_concepts(tmp_path, "sae-a")
-    assert len(concepts["latents"]) == len(built.records) and texts["texts"] == TEXTS
+    assert len(concepts["latents"]) == len(built.records) and texts["texts"] == CONCEPT_TEXTS
     with pytest.raises(ConceptsMismatchError, match="Run stage 04"):
         open_concepts(tmp_path, "another-sae")
     second = publish(tmp_path, built)  # the previous set stays for a reader that has it open; older ones go
@@ -194,8 +163,8 @@ def test_exports_are_published_as_one_set_tied_to_the_sae(tiny_model, tiny_token
 
 @pytest.mark.parametrize("name", ["concepts.json", "texts.json", "concepts.csv", "top_texts.json", "manifest.json"])
 def test_one_altered_character_in_any_file_of_the_set_is_refused(tiny_model, tiny_tokenizer, tmp_path, name):
-    sae = _sae()
-    folder = publish(tmp_path, _build(_collect(tiny_model, tiny_tokenizer, sae), tiny_model, tiny_tokenizer, sae))
+    sae = concept_sae()
+    folder = publish(tmp_path, build_concept_set(collect_codes(tiny_model, tiny_tokenizer, sae), tiny_model, tiny_tokenizer, sae))
     alter_one_character(folder / name)
     with pytest.raises((IntegrityError, ConceptsMismatchError), match="Run stage 04"):
         open_concepts(tmp_path, "sae-a")

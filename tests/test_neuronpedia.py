@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import CONCEPT_TEXTS, build_concept_set, collect_codes, concept_sae, synthetic_concept_set
 from saekit.base import integrity
 from saekit.base.atomic import StoreWriteError
 from saekit.concepts import neuronpedia as NP
-from saekit.concepts.exports import apply_names, build_concepts, publish
+from saekit.concepts.exports import apply_names, publish
 from saekit.concepts.naming import Name
-from saekit.concepts.synthetic import synthetic_codes, synthetic_lens
-from test_concepts import TEXTS, _build, _collect, _sae
 
 # what the converters read from a batch, a feature and an activation (batch_data[...], feature_data[...],
 # activation_data[...]), with the type each value has in SAEDashboard's output
@@ -112,9 +111,9 @@ def _dense(codes) -> np.ndarray:
 
 
 def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model, tiny_tokenizer, tmp_path):
-    sae = _sae()
-    codes = _collect(tiny_model, tiny_tokenizer, sae)
-    built = _build(codes, tiny_model, tiny_tokenizer, sae, per_quantile=2)
+    sae = concept_sae()
+    codes = collect_codes(tiny_model, tiny_tokenizer, sae)
+    built = build_concept_set(codes, tiny_model, tiny_tokenizer, sae, per_quantile=2)
     set_folder = publish(tmp_path, built)
     files = _read(tmp_path / "neuronpedia")
     batches = _batches(files)
@@ -144,14 +143,14 @@ def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model,
             assert sum(f["freq_hist_data_bar_heights"]) == fires
             edges = record["histogram"]["bin_edges"]
             assert all(lo < c < hi for c, lo, hi in zip(f["freq_hist_data_bar_values"], edges, edges[1:]))
-            assert f["n_prompts_total"] == len(TEXTS)
+            assert f["n_prompts_total"] == len(CONCEPT_TEXTS)
             assert f["n_tokens_in_prompt"] == max(codes.doc_start[1:] - codes.doc_start[:-1])
             # examples: top ones first, then by quantile, each the recorded window, token by token
             examples = record["examples"]["top"] + record["examples"]["quantiles"]
             assert len(f["activations"]) == len(examples) >= len(record["examples"]["top"])
             bins = {b["quantile"]: b for b in record["quantile_bins"]}
             for a, e in zip(f["activations"], examples):
-                ids = tiny_tokenizer(TEXTS[e["doc"]], truncation=True, max_length=20).input_ids
+                ids = tiny_tokenizer(CONCEPT_TEXTS[e["doc"]], truncation=True, max_length=20).input_ids
                 start, stop = max(0, e["pos"] - context), min(len(ids), e["pos"] + context + 1)
                 assert a["tokens"] == [tiny_tokenizer.decode([t]) for t in ids[start:stop]]
                 first = int(codes.doc_start[e["doc"]])
@@ -178,24 +177,10 @@ def test_every_field_the_importers_read_holds_what_stage_04_recorded(tiny_model,
     assert not list(tmp_path.glob(".neuronpedia*"))  # nothing staged is left behind
 
 
-WORDS = ["the", "a", "kite", "ran", "dog", "puppy"] + [f"w{i}" for i in range(40)]
-W = {w: i for i, w in enumerate(WORDS)}
-
-
-def _synthetic_built(n_latents: int, sae_id: str = "sae-s"):
-    planted = {7: lambda b, w, a: w == W["kite"], 9: lambda b, w, a: np.isin(w, [W["dog"], W["puppy"]])}
-    codes = synthetic_codes(WORDS, 30, 24, n_latents, 3, planted)
-    live = sorted(set(codes.firing[1].tolist()))
-    meta = {"model_id": "speakleash/Bielik-1.5B-v3.0-Instruct",
-            "layer_signature": "llamaforcausallm_model_layers_16_post_attention_layernorm", "sae_id": sae_id, "k": 3,
-            "dataset": "roneneldan/TinyStories"}
-    built = build_concepts(codes, synthetic_lens(WORDS, live), meta, top_n=3, context=2, per_quantile=1,
-                           non_activating=1, scoring_examples=6, max_keys=2, min_f1=0.3, min_support=1)
-    return built
 
 
 def test_batches_of_128_latents_and_titles_as_explanations(tmp_path):
-    built = _synthetic_built(300)
+    built = synthetic_concept_set(300)
     unexplained = min(i for i, r in built.records.items() if not r["label"]["explained"])
     apply_names(built, {unexplained: Name("things", 1.0, 1.0), 7: Name("a name at chance", 0.5, 0.5)}, 0.7)
     publish(tmp_path, built)
@@ -237,9 +222,9 @@ def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path,
         return (json.loads((folder / "run_settings.json").read_text())["concepts_id"],
                 sorted(p.name for p in folder.glob("batch-*")))
 
-    first = publish(tmp_path, _synthetic_built(300))
+    first = publish(tmp_path, synthetic_concept_set(300))
     assert exported() == (first.name, ["batch-0.json", "batch-1.json", "batch-2.json"])
-    second = publish(tmp_path, _synthetic_built(100))  # a re-run: no batch of the old set may remain
+    second = publish(tmp_path, synthetic_concept_set(100))  # a re-run: no batch of the old set may remain
     assert exported() == (second.name, ["batch-0.json"]) and pointer.read_text().strip() == second.name
 
     real_write_text = integrity.write_text
@@ -251,7 +236,7 @@ def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path,
 
     monkeypatch.setattr(integrity, "write_text", pointer_fails)  # fails after the old export was moved away
     with pytest.raises(StoreWriteError):
-        publish(tmp_path, _synthetic_built(300))
+        publish(tmp_path, synthetic_concept_set(300))
     assert pointer.read_text().strip() == second.name and exported() == (second.name, ["batch-0.json"])
     monkeypatch.undo()
 
@@ -260,7 +245,7 @@ def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path,
 
     monkeypatch.setattr("saekit.concepts.exports._dump", set_fails)  # fails while the set is written
     with pytest.raises(StoreWriteError):
-        publish(tmp_path, _synthetic_built(300))
+        publish(tmp_path, synthetic_concept_set(300))
     assert pointer.read_text().strip() == second.name and exported() == (second.name, ["batch-0.json"])
     monkeypatch.undo()
 
@@ -269,7 +254,7 @@ def test_the_export_changes_with_the_concepts_pointer_and_only_with_it(tmp_path,
     replacement = NP.Replacement(tmp_path, NP.stage_export(tmp_path, "killed", {"batch-0.json": {}}))
     replacement.move_old_away()
     assert not (tmp_path / "neuronpedia").exists() and pointer.read_text().strip() == second.name
-    third = publish(tmp_path, _synthetic_built(300))
+    third = publish(tmp_path, synthetic_concept_set(300))
     assert exported() == (third.name, ["batch-0.json", "batch-1.json", "batch-2.json"])
     assert not list(tmp_path.glob(".neuronpedia*"))
 
@@ -289,7 +274,7 @@ def test_dead_latents_are_decided_on_stage_02s_held_out_rows_and_the_export_says
     from saekit.base.integrity import write_sealed_json
     from saekit.concepts.runner import training_deadness
 
-    built = _synthetic_built(300)
+    built = synthetic_concept_set(300)
     live = sorted(built.records)
     silent = sorted(set(range(300)) - set(live))
     frequency = [0.0 if i in silent[:3] else 0.01 for i in range(300)]  # 3 of the silent ones are dead there

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import synthetic_concept_set
 from saekit.concepts import neuronpedia as NP
 from saekit.concepts.exports import apply_names, publish
 from saekit.concepts.naming import Name
-from test_neuronpedia import _synthetic_built
 
 # schema.prisma at ebb8426, per table: column -> (type, required). Required: not null and no default the
 # insert applies (prisma's own @default(cuid()) is not applied by the SQL insert: such an id is required)
@@ -144,7 +144,7 @@ def _check_against_the_importer(folder: Path, files: dict[str, list[dict]], n_la
 
 
 def test_the_bulk_import_layout_holds_what_neuronpedias_import_reads(tmp_path):
-    built = _synthetic_built(300)
+    built = synthetic_concept_set(300)
     unexplained = min(i for i, r in built.records.items() if not r["label"]["explained"])
     apply_names(built, {unexplained: Name("things", 1.0, 1.0)}, 0.7)
     publish(tmp_path, built)
@@ -168,7 +168,7 @@ def test_the_bulk_import_layout_holds_what_neuronpedias_import_reads(tmp_path):
 
 
 def test_the_neuronpedia_settings_name_every_file_alike(tmp_path):
-    built = _synthetic_built(200)
+    built = synthetic_concept_set(200)
     built.meta["settings"] = {"NEURONPEDIA_MODEL_ID": "bielik-1.5b", "NEURONPEDIA_SOURCE_SET": "res-tiny",
                               "NEURONPEDIA_RELEASE": "my-release", "NEURONPEDIA_HOOK_POINT": "blocks.16.hook_resid_mid",
                               "NEURONPEDIA_CREATOR_ID": "user-1", "NEURONPEDIA_CREATOR_NAME": "Me"}

@@ -4,11 +4,10 @@ with the calibrated threshold HOLDS."""
 import numpy as np
 import pytest
 
-from conftest import STORIES, TINY_LAYER
+from conftest import STORIES, TINY_LAYER, concept_sae
 from saekit.activations.models import final_norm_gain, resolve_layer
 from saekit.concepts.output_side import (DIRECT_LENS, HOLDS, MEASURED, NOT_AVAILABLE, is_residual_point,
                                          measured_effects, output_sides, top_overlap)
-from test_concepts import _sae
 
 BLOCK_OUTPUT = "llamaforcausallm_model_layers_1"  # the residual stream after block 1
 
@@ -25,7 +24,7 @@ def _direct_lens(model, sae):
 
 
 def test_each_kind_of_output_side_agrees_with_the_measured_effect_where_it_is_shown(tiny_model, tiny_tokenizer):
-    sae = _sae()
+    sae = concept_sae()
     resid, mlp_input = resolve_layer(tiny_model, BLOCK_OUTPUT), resolve_layer(tiny_model, TINY_LAYER)
     assert is_residual_point(tiny_model, resid) and not is_residual_point(tiny_model, mlp_input)
     assert is_residual_point(tiny_model, tiny_model.get_input_embeddings())
