@@ -119,6 +119,10 @@ def _user_error_shown(nb) -> str | None:
 
 if __name__ == "__main__":
     sys.excepthook = print_user_errors
+    if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h"):
+        print(__doc__.strip() + "\n\nSettings: --KEY=value for any name in config.py, or --preset=NAME "
+              "(docs/settings.md lists them all).")
+        sys.exit(0)
     if len(sys.argv) < 2:
         sys.exit("usage: python -m saekit.notebooks NOTEBOOK.ipynb [--KEY=value ...]")
     print(f"executed {run_notebook(sys.argv[1], sys.argv[2:])}")

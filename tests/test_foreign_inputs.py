@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
@@ -15,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ChatStubHandler, copy_store
+from conftest import ROOT, ChatStubHandler, copy_store
 from test_faults import _assert_one_line_error, _checksums, _run
 
 SECRET = "sk-foreign-0123456789abcdef"
@@ -281,3 +283,13 @@ def test_stage_01_refuses_a_forward_batch_larger_than_memory(store):
     store_dir, args = store
     _refused(["01_save_activations.py", *args, "--BATCH_SIZE_SAVE=100000000"], store_dir,
              "stage 01's forward would need", "Lower BATCH_SIZE_SAVE")
+
+
+@pytest.mark.parametrize("command", [["01_save_activations.py"], ["02_train_sae.py"], ["-m", "saekit.notebooks"]])
+@pytest.mark.parametrize("asked", ["--help", "-h"])
+def test_help_prints_the_usage_and_how_settings_are_given(command, asked):
+    """--help was refused as an unknown argument: it now prints the script's usage and exits 0, touching nothing."""
+    proc = subprocess.run([sys.executable, *command, asked], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith(("Stage 0", "Run the pipeline's notebooks"))
+    assert "--KEY=value" in proc.stdout and "error" not in proc.stdout + proc.stderr
