@@ -160,6 +160,15 @@ def test_stage_04_refuses_evaluation_texts_that_stage_01_embedded(store, tmp_pat
              "EVAL_DATASET")
 
 
+@pytest.mark.parametrize("notebook", ["04_name_sae_concepts.ipynb", "05_show_concepts.ipynb"])
+def test_stages_04_and_05_stop_in_one_line_after_a_fail_verdict(store, notebook):
+    store_dir, args = store
+    (store_dir / "analysis.json").write_text(json.dumps(
+        {"passed": False, "checks": [{"check": "dead latents (held-out)", "result": "FAIL"}]}))
+    _refused(["-m", "saekit.notebooks", notebook, *args, "--CONTINUE_AFTER_FAIL=False"], store_dir,
+             "stage 03 judged this SAE a FAIL (dead latents (held-out)", "--CONTINUE_AFTER_FAIL=True")
+
+
 # --- arguments the notebooks would ignore ------------------------------------------------------------------
 
 @pytest.mark.parametrize("given", [["--TOPK", "16"], ["--TOP_K", "16"]])
