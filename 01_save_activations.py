@@ -58,5 +58,10 @@ if world.is_main:
     meta = open_run(settings.store).meta
     done = "read" if settings.ACTIVATION_SOURCE == "model" else "embedded"  # on the fly, the held-out ones only
     print(f"{done} " + texts_line(meta["n_documents"], settings.DATA_LIMIT, metadata["source"], meta["skipped_empty"]))
+    cut = meta["cut_at_max_length"]
+    if cut["texts"]:
+        print(f"{cut['texts']} texts were longer than MAX_LENGTH = {settings.MAX_LENGTH} tokens and were cut: "
+              f"{cut['their_tokens_dropped']} of their tokens ({cut['share_of_their_tokens_dropped']:.0%}) were "
+              "dropped. Raise MAX_LENGTH, or split long documents into several texts, to keep them")
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")
