@@ -11,7 +11,7 @@ Under torchrun (torchrun --nproc_per_node=N 01_save_activations.py) each process
 import itertools
 import sys
 
-from saekit.activations.data import open_role_texts, texts_line
+from saekit.activations.data import check_roles_readable, open_role_texts, texts_line
 from saekit.activations.models import layer_names, resolve_layer, weights_identity
 from saekit.activations.sources import count_training_texts
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
@@ -26,6 +26,7 @@ if "list-layers" in flags:
     print("\n".join(layer_names(model)))
     sys.exit(0)
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
+check_roles_readable(settings)  # a wrong EVAL_SPLIT stops here, not at stage 03 after training
 check_fits("stage 01's forward", forward_parts(model, settings.BATCH_SIZE_SAVE, settings.MAX_LENGTH), device,
            "Lower BATCH_SIZE_SAVE (or MAX_LENGTH).")
 
@@ -60,5 +61,10 @@ if world.is_main:
     meta = open_run(settings.store).meta
     done = "read" if settings.ACTIVATION_SOURCE == "model" else "embedded"  # on the fly, the held-out ones only
     print(f"{done} " + texts_line(meta["n_documents"], settings.DATA_LIMIT, metadata["source"], meta["skipped_empty"]))
+    cut = meta["cut_at_max_length"]
+    if cut["texts"]:
+        print(f"{cut['texts']} texts were longer than MAX_LENGTH = {settings.MAX_LENGTH} tokens and were cut: "
+              f"{cut['their_tokens_dropped']} of their tokens ({cut['share_of_their_tokens_dropped']:.0%}) were "
+              "dropped. Raise MAX_LENGTH, or split long documents into several texts, to keep them")
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")

@@ -86,6 +86,7 @@ MIN_CE_RECOVERED = 0.6  # vs mean-ablation. working: 76-85%; broken: 10-11%. Not
 MAX_DELTA_CE = 0.06  # nats. working: 0.020-0.034; broken: 0.125-0.126. A bound in nats beside the relative one,
 #                      for layers whose ablation costs so much that a large ΔCE still "recovers" most of it
 MIN_WEIGHT_CHANGE = 0.05  # relative Frobenius change from the initialisation; 12 steps (in warmup) move 0.01
+CONTINUE_AFTER_FAIL = False  # False: after a FAIL verdict, stages 04 and 05 stop with one line; True: they run anyway
 
 # --- sparse probing (stage 03, bench/bench_peers.py): do a few latents predict a story property? ----
 # Story-level tasks from the dataset's label fields; for each, the k latents that best separate the classes

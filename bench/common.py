@@ -17,7 +17,21 @@ sys.path.insert(0, str(ROOT))
 
 from saekit.base.atomic import write_json  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "bench" / "results"  # the committed figures the docs quote; a run writes here only when asked
+
+
+def _results_folder(argv: list[str]) -> Path:
+    """Where this run's JSON goes: `--out=FOLDER` (taken off the command line before the bench reads
+    it; `--out=bench/results` replaces a committed result), else bench/results/local/, which git
+    ignores, so that a user's run never overwrites the figures the docs quote."""
+    for arg in list(argv[1:]):
+        if arg.startswith("--out="):
+            argv.remove(arg)
+            return Path(arg.removeprefix("--out=")).resolve()
+    return RESULTS / "local"
+
+
+OUT = _results_folder(sys.argv)
 
 
 @contextmanager
@@ -44,7 +58,7 @@ def dense_fp32_gflops(m: int = 4096, k: int = 576, n: int = 2304, repeats: int =
 
 
 def save_result(name: str, command: str, result: dict[str, Any]) -> Path:
-    path = RESULTS / f"{name}.json"
+    path = OUT / f"{name}.json"
     write_json(path, {"command": command.strip(), "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

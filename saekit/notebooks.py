@@ -8,6 +8,7 @@ Settings overrides reach the notebook through SAE_ARGS, as when a user starts Ju
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -18,6 +19,7 @@ from nbclient.exceptions import CellExecutionError
 from .base.atomic import atomic_path
 from .base.errors import PipelineError, print_user_errors
 from .base.settings import PROJECT_ROOT, check_flags, load_settings
+from .evaluation.verdict import terminal_lines
 
 KERNEL_LOG_LEVEL = "--IPKernelApp.log_level=ERROR"
 
@@ -119,6 +121,14 @@ def _user_error_shown(nb) -> str | None:
 
 if __name__ == "__main__":
     sys.excepthook = print_user_errors
+    if len(sys.argv) > 1 and sys.argv[1] in ("--help", "-h"):
+        print(__doc__.strip() + "\n\nSettings: --KEY=value for any name in config.py, or --preset=NAME "
+              "(docs/settings.md lists them all).")
+        sys.exit(0)
     if len(sys.argv) < 2:
         sys.exit("usage: python -m saekit.notebooks NOTEBOOK.ipynb [--KEY=value ...]")
-    print(f"executed {run_notebook(sys.argv[1], sys.argv[2:])}")
+    executed = run_notebook(sys.argv[1], sys.argv[2:])
+    print(f"executed {executed}")
+    report = executed.parent.parent / "analysis.json"
+    if executed.name.startswith("03_") and report.is_file():  # the verdict is stage 03's last word in the terminal
+        print("\n".join(terminal_lines(json.loads(report.read_text()))))

@@ -159,6 +159,15 @@ def test_stage_04_refuses_evaluation_texts_that_stage_01_embedded(store, tmp_pat
              "EVAL_DATASET")
 
 
+@pytest.mark.parametrize("notebook", ["04_name_sae_concepts.ipynb", "05_show_concepts.ipynb"])
+def test_stages_04_and_05_stop_in_one_line_after_a_fail_verdict(store, notebook):
+    store_dir, args = store
+    (store_dir / "analysis.json").write_text(json.dumps(
+        {"passed": False, "checks": [{"check": "dead latents (held-out)", "result": "FAIL"}]}))
+    _refused(["-m", "saekit.notebooks", notebook, *args, "--CONTINUE_AFTER_FAIL=False"], store_dir,
+             "stage 03 judged this SAE a FAIL (dead latents (held-out)", "--CONTINUE_AFTER_FAIL=True")
+
+
 # --- arguments the notebooks would ignore ------------------------------------------------------------------
 
 @pytest.mark.parametrize("given", [["--TOPK", "16"], ["--TOP_K", "16"]])
@@ -282,3 +291,13 @@ def test_stage_01_refuses_a_forward_batch_larger_than_memory(store):
     store_dir, args = store
     _refused(["01_save_activations.py", *args, "--BATCH_SIZE_SAVE=100000000"], store_dir,
              "stage 01's forward would need", "Lower BATCH_SIZE_SAVE")
+
+
+@pytest.mark.parametrize("command", [["01_save_activations.py"], ["02_train_sae.py"], ["-m", "saekit.notebooks"]])
+@pytest.mark.parametrize("asked", ["--help", "-h"])
+def test_help_prints_the_usage_and_how_settings_are_given(command, asked):
+    """--help was refused as an unknown argument: it now prints the script's usage and exits 0, touching nothing."""
+    proc = run_python([*command, asked])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith(("Stage 0", "Run the pipeline's notebooks"))
+    assert "--KEY=value" in proc.stdout and "error" not in proc.stdout + proc.stderr

@@ -127,6 +127,23 @@ def test_stage_04_names_through_the_endpoint_and_never_stores_the_key(server, sm
         assert not path.is_file() or SECRET.encode() not in path.read_bytes()
 
 
+def test_stage_04_goes_on_with_labels_only_when_nothing_answers_at_the_endpoint(smoke_args, tmp_path, capsys):
+    import socket
+    with socket.socket() as free:  # a port that nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    store = tmp_path / "store"
+    shutil.copytree(load_settings(smoke_args).store, store, ignore=shutil.ignore_patterns("notebooks", "concept*"))
+    settings = load_settings(smoke_args + [f"--STORE_DIR={store}", f"--NAMING_MODEL_ID=http://127.0.0.1:{port}/v1",
+                                           "--N_LATENTS_TO_NAME=2", "--NAMING_TIMEOUT_S=20"])
+    result = run_concepts(settings, progress=False)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("naming skipped")]
+    assert len(said) == 1 and f"Nothing answers at http://127.0.0.1:{port}/v1" in said[0]
+    assert result["meta"]["naming"].startswith("labels only: the naming endpoint")
+    assert result["latents"] and not any(c["name"] for c in result["latents"].values())
+    assert (store / "concepts_id.txt").is_file()  # published
+
+
 class _FakeNamer:
     namer_id = "fake"
 

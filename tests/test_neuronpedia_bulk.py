@@ -201,16 +201,11 @@ def test_neuronpedia_ids_are_checked(value):
 
 
 def test_stage_04s_bulk_import_of_the_tiny_model_passes_the_same_checks(tmp_path, smoke_args):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT, copy_store
+    from conftest import copy_store, run_python
 
     store = tmp_path / "store"
     args = copy_store(smoke_args, store, "concepts*")
-    proc = subprocess.run([sys.executable, "-m", "saekit.concepts.runner", *args], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["-m", "saekit.concepts.runner", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder, files = _bulk(store)
     _check_against_the_importer(folder, files, 64)  # N_LATENTS_MULTIPLIER=2 of 32

@@ -128,3 +128,21 @@ def test_notebooks_are_committed_without_outputs():
     for notebook in ROOT.glob("*.ipynb"):
         cells = json.loads(Path(notebook).read_text())["cells"]
         assert not any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"), notebook
+
+
+def test_stage_03_run_from_the_shell_ends_with_the_verdict(smoke_args, tmp_path):
+    """make demo's log said neither PASS nor FAIL: the runner now ends stage 03 with the verdict and
+    each failing check, taken from the analysis.json it has just written."""
+    import subprocess
+    import sys
+
+    from conftest import copy_store
+    from saekit.evaluation.verdict import terminal_lines
+
+    args = copy_store(smoke_args, tmp_path / "store")
+    proc = subprocess.run([sys.executable, "-m", "saekit.notebooks", "03_analyze_training.ipynb", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = terminal_lines(json.loads((tmp_path / "store" / "analysis.json").read_text()))
+    assert proc.stdout.rstrip("\n").splitlines()[-len(expected):] == expected
+    assert expected[0].startswith(("stage 03 verdict: PASS", "stage 03 verdict: FAIL"))

@@ -337,3 +337,22 @@ def test_the_projects_own_saelens_folder_is_sealed_and_checked_when_read_back(tm
     (folder / SEAL_FILE).unlink()
     with pytest.raises(SAELensFormatError, match="saekit_seal.json is missing"):
         load_sae(load_settings(args))
+
+
+def test_the_readme_own_code_snippet_runs_on_a_trained_store(smoke_args):
+    """README.md's "The package" snippet, as written, on the smoke store: the only change is the
+    settings it loads (the smoke run's instead of config.py's defaults) and the rows it is given."""
+    import re
+
+    from conftest import store_of
+    from saekit.activations.store import open_run
+
+    section = (ROOT / "README.md").read_text().split("## The package", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "load_settings([])" in snippet
+    run = open_run(store_of(smoke_args))
+    rows = torch.from_numpy(run.rows(0, 5))
+    scope = {"rows": rows}
+    exec(snippet.replace("load_settings([])", f"load_settings({smoke_args!r})"), scope)  # the README's own text
+    assert scope["meta"]["layer_signature"] == run.meta["layer_signature"]
+    assert scope["x_hat"].shape == rows.shape and (scope["values"] != 0).sum(1).le(scope["sae"].k).all()

@@ -127,3 +127,23 @@ def test_a_paired_difference_resolves_what_two_intervals_cannot(tiny_model, tiny
     shorter.predictions = shorter.predictions[:-1]
     with pytest.raises(ValueError, match="same texts"):
         paired_difference(worse["per_text"], shorter)
+
+
+def test_the_fast_splice_falls_back_to_the_whole_model_with_a_line(tiny_model, tiny_tokenizer, monkeypatch, capsys):
+    """Where replaying the blocks below the layer does not give the clean pass (forced here), every
+    variant runs the whole model, says so in one line, and the figures are the plain path's."""
+    from saekit.evaluation.splice import BelowLayerCache
+    noisy = lambda h: h + 0.3 * torch.sin(h * 7)  # noqa: E731
+    plain = splice_metrics(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), STORIES, noisy,
+                           torch.zeros(tiny_model.config.hidden_size), max_length=16, batch_size=3, progress=False,
+                           fast=False)
+    replay = BelowLayerCache._replay
+
+    def off_by_one(self, *args, **kwargs):  # a replay that no longer gives the blocks' output
+        out = replay(self)
+        return (out[0] + 1,) + out[1:] if isinstance(out, tuple) else out + 1
+
+    monkeypatch.setattr(BelowLayerCache, "_replay", off_by_one)
+    fallen_back = _run(tiny_model, tiny_tokenizer, noisy, torch.zeros(tiny_model.config.hidden_size))
+    assert capsys.readouterr().out.count("the whole model runs for each variant") == 1
+    assert fallen_back == plain

@@ -129,3 +129,17 @@ def test_heldout_start_is_the_first_row_of_the_last_documents_across_shards(tmp_
         start = run.heldout_start(fraction)
         n_heldout = max(1, round(run.meta["n_documents"] * fraction))
         assert docs[start] == run.meta["n_documents"] - n_heldout and (start == 0 or docs[start - 1] < docs[start])
+
+
+def test_the_run_counts_the_texts_cut_at_max_length_and_the_tokens_they_lost(tmp_path, tiny_model, tiny_tokenizer):
+    """Texts longer than MAX_LENGTH lost their ends without a word; the run now records how many, and
+    what share of their tokens was dropped (stage 01 prints it)."""
+    uncut = [len(ids) for ids in tiny_tokenizer(STORIES)["input_ids"]]
+    max_length = sorted(uncut)[len(uncut) // 2]  # about half the stories are longer
+    run = open_run(_save(tiny_model, tiny_tokenizer, tmp_path, max_length=max_length).parent.parent)
+    long = [n for n in uncut if n > max_length]
+    dropped = sum(n - max_length for n in long)
+    assert long and run.meta["cut_at_max_length"] == {
+        "texts": len(long), "their_tokens_dropped": dropped,
+        "share_of_their_tokens_dropped": pytest.approx(dropped / sum(long))}
+    assert run.n_tokens == sum(min(n, max_length) for n in uncut)

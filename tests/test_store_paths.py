@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 
-def _run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_command(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Any command (make, or python with its path), in the tests' subprocess environment."""
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env())
 
 
 def _dead_pid() -> int:
@@ -38,7 +39,7 @@ def test_make_clean_store_removes_only_unfinished_folders_of_store_dir(tmp_path)
     (live / "owner.pid").write_text(str(os.getpid()))
     project_store = sorted(p.name for p in (ROOT / "store").iterdir()) if (ROOT / "store").is_dir() else []
 
-    proc = _run(["make", "--no-print-directory", "clean-store", "STAMP=", f"PY={sys.executable}",
+    proc = run_command(["make", "--no-print-directory", "clean-store", "STAMP=", f"PY={sys.executable}",
                  f"ARGS=--STORE_DIR={store}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(path.exists() for path in kept), [p for p in kept if not p.exists()]
@@ -62,7 +63,7 @@ def test_a_store_dir_that_is_a_file_is_named_before_any_work(tmp_path, smoke_arg
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
     for store in (a_file, a_file / "store"):
-        proc = _run([sys.executable, str(ROOT / "01_save_activations.py"), *with_store(smoke_args, store)])
+        proc = run_command([sys.executable, str(ROOT / "01_save_activations.py"), *with_store(smoke_args, store)])
         assert f"must be a folder, but {a_file} is a file" in _one_error_line(proc)
         assert "saving activations" not in proc.stderr  # refused before the model or the texts were read
     assert a_file.read_text() == "x"
@@ -78,13 +79,13 @@ def test_relative_paths_are_read_from_the_project_folder_whatever_the_working_fo
     store = tmp_path / "store"
     args = [a for a in with_store(smoke_args, store) if not a.startswith("--HF_DATASET=")]
     # data/stories.jsonl is the project's file: found from another working folder
-    proc = _run([sys.executable, str(ROOT / "01_save_activations.py"), *args, "--HF_DATASET=data/stories.jsonl",
+    proc = run_command([sys.executable, str(ROOT / "01_save_activations.py"), *args, "--HF_DATASET=data/stories.jsonl",
                  "--DATA_LIMIT=8"], cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert open_run(store).meta["dataset"] == str(ROOT / "data" / "stories.jsonl")
     # a relative path that exists only in the working folder is refused, not read from there
     (elsewhere / "mine.jsonl").write_text('{"text": "a cat"}\n')
-    proc = _run([sys.executable, str(ROOT / "01_save_activations.py"), *args, "--HF_DATASET=mine.jsonl"],
+    proc = run_command([sys.executable, str(ROOT / "01_save_activations.py"), *args, "--HF_DATASET=mine.jsonl"],
                 cwd=elsewhere)
     line = _one_error_line(proc)
     assert "relative paths are read from the project folder" in line and str(elsewhere / "mine.jsonl") in line
@@ -137,7 +138,7 @@ def test_one_long_text_does_not_swell_the_exports(tmp_path, smoke_args):
     evaluation = tmp_path / "eval.jsonl"
     evaluation.write_text("\n".join(json.dumps({"text": t}) for t in
                                     [long_text, *(f"{b} {a} {b}" for a, b in zip(STORIES, STORIES[1:]))]))
-    proc = _run([sys.executable, "-m", "saekit.concepts.runner", *args, f"--EVAL_DATASET={evaluation}"])
+    proc = run_command([sys.executable, "-m", "saekit.concepts.runner", *args, f"--EVAL_DATASET={evaluation}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = store / "concepts" / (store / "concepts_id.txt").read_text().strip()
     for path in [*folder.iterdir(), store / "top_texts.json", *(store / "neuronpedia").rglob("*.json")]:

@@ -111,3 +111,28 @@ def test_batchtopk_may_miss_k_a_little_and_an_sae_without_k_skips_the_l0_check()
         "mean L0 near TOP_K"] == "FAIL"
     no_k = {c["check"] for c in verdict.checks(settings, None, heldout, None, SOUND_SPLICE, "batchtopk")}
     assert not any("L0" in name for name in no_k) and "held-out FVU" in no_k
+
+
+def test_the_terminal_gets_the_verdict_and_what_to_try_for_each_failing_check():
+    settings = load_settings([])
+    heldout = {"l0": 8.0, "dead_fraction": 0.735, "fvu": 0.652}  # a user's 200 texts, 3 epochs (issue 28)
+    rows = verdict.checks(settings, 8, heldout, None, SOUND_SPLICE)
+    lines = verdict.terminal_lines({"passed": verdict.passed(rows), "checks": rows})
+    assert lines[0].startswith("stage 03 verdict: FAIL, 2 of") and "--CONTINUE_AFTER_FAIL=True" in lines[0]
+    assert lines[1].startswith("  FAIL dead latents (held-out): 0.735") and "AUXK_COEF" in lines[1]
+    assert lines[2].startswith("  FAIL held-out FVU: 0.652") and "DATA_LIMIT, EPOCHS" in lines[2] and len(lines) == 3
+    every_check = verdict.checks(settings, 8, heldout, {n: {"relative_change": 0.0} for n in ("W_enc", "W_dec")},
+                                 {**SOUND_SPLICE, "eval_texts_in_training": 1})
+    assert all(verdict.what_to_try(c) for c in every_check)  # each check has its advice
+    good = verdict.checks(settings, 8, {**heldout, "dead_fraction": 0.0, "fvu": 0.2}, None, SOUND_SPLICE)
+    assert verdict.terminal_lines({"passed": True, "checks": good})[0].startswith("stage 03 verdict: PASS")
+
+
+def test_stages_04_and_05_stop_after_a_fail_unless_told_to_go_on(tmp_path):
+    settings = load_settings([f"--STORE_DIR={tmp_path}"])
+    verdict.require_passed(settings)  # no analysis yet: go on
+    (tmp_path / "analysis.json").write_text(json.dumps(
+        {"passed": False, "checks": [{"check": "held-out FVU", "result": "FAIL"}, {"check": "L0", "result": "PASS"}]}))
+    with pytest.raises(verdict.VerdictFailedError, match=r"judged this SAE a FAIL \(held-out FVU;.*CONTINUE_AFTER_FAIL=True"):
+        verdict.require_passed(settings)
+    verdict.require_passed(load_settings([f"--STORE_DIR={tmp_path}", "--CONTINUE_AFTER_FAIL=True"]))

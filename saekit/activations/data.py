@@ -201,6 +201,13 @@ def open_role_texts(settings, role: str) -> TextStream:
     return open_texts(dataset, split, settings.TEXT_FIELD, limit)
 
 
+def check_roles_readable(settings) -> None:
+    """Read the first text of training's and of evaluation's source: a split, file or field that
+    stage 03 or 04 would not find stops stage 01 before it writes anything, not after training."""
+    for role in ("train", "eval"):
+        next(iter(open_role_texts(settings, role)))
+
+
 def _same_source(a: str, b: str) -> bool:
     if a == b:
         return True

@@ -21,6 +21,9 @@ def start_stage(name: str, args: list[str] | None = None,
     """
     if args is not None:
         sys.excepthook = print_user_errors
+        if {"--help", "-h"} & set(args):
+            print_help(allowed_flags)
+            sys.exit(0)
         check_flags(args, set(allowed_flags))
     else:
         show_user_errors_in_notebook()
@@ -29,6 +32,14 @@ def start_stage(name: str, args: list[str] | None = None,
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process speaks for all
         print(f"== {name} == preset {settings.PRESET!r}; effective settings:\n{settings.describe()}\n")
     return settings, flags(args or [])
+
+
+def print_help(allowed_flags: set[str] = frozenset()) -> None:
+    """The running script's own docstring (its usage), then how settings and flags are given."""
+    usage = (sys.modules["__main__"].__doc__ or "").strip()
+    flags_text = ", ".join(f"--{f}" for f in sorted(allowed_flags)) or "none"
+    print(f"{usage}\n\nSettings: --KEY=value for any name in config.py (its comments say what each does), "
+          f"or --preset=NAME; docs/settings.md lists them all. Flags: {flags_text}.")
 
 
 def stage_runtime(settings: Settings) -> tuple[torch.device, World]:

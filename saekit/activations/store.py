@@ -185,10 +185,17 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
     bar = tqdm(total=None if stop is None else stop - first, desc="saving activations", unit="text",
                disable=not progress)
     n_tokens, hashes, start = 0, [], first + document_offset
+    cut = [0, 0, 0]  # texts longer than max_length; the tokens of theirs kept; the tokens dropped
     for window in batches:
         if not window:
             continue
         docs = tokenizer(window, truncation=True, max_length=max_length)["input_ids"]
+        # the length each text would have had uncut: MAX_LENGTH drops the rest without a word otherwise
+        for doc, uncut in zip(docs, tokenizer(window, verbose=False)["input_ids"]):
+            if len(uncut) > len(doc):
+                cut[0] += 1
+                cut[1] += len(doc)
+                cut[2] += len(uncut) - len(doc)
         lengths = torch.tensor([len(doc) for doc in docs])
         offsets = [0, *torch.cumsum(lengths, 0).tolist()]
         rows = torch.empty(offsets[-1], writer.d_model, device=next(model.parameters()).device)
@@ -205,6 +212,7 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
     bar.close()
     shards = [shard for rank_shards in gather_objects(writer.close(), world) for shard in rank_shards]
     all_hashes = hashes_before + [h for rank_hashes in gather_objects(hashes, world) for h in rank_hashes]
+    cut_texts, kept, dropped = (sum(counts) for counts in zip(*gather_objects(cut, world)))
     meta = {
         "skipped_empty": getattr(texts, "skipped_empty", 0),
         **(metadata or {}),
@@ -214,6 +222,8 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
                       "padding_side": tokenizer.padding_side},
         "n_documents": len(all_hashes),
         "max_length": max_length,
+        "cut_at_max_length": {"texts": cut_texts, "their_tokens_dropped": dropped,
+                              "share_of_their_tokens_dropped": dropped / (kept + dropped) if dropped else 0.0},
         "padding_excluded": True,
         "seconds": round(time.perf_counter() - started, 2),
         "processes": world.size,

@@ -250,7 +250,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
     "STORE_DIR": _store_dir, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
-    "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0),
+    "MAX_DELTA_CE": _at_least(0), "MIN_WEIGHT_CHANGE": _at_least(0), "CONTINUE_AFTER_FAIL": _one_of(True, False),
     "PROBE_LABEL_FIELD": _label_field, "PROBE_TEXTS": _at_least(10),
     "PROBE_MIN_POSITIVES": _at_least(3),  # the probe's 3-fold cross-validation needs a positive in every fold
     "PROBE_MIN_ACCURACY": _between(0.5, 1),

@@ -50,6 +50,10 @@ class NamingError(PipelineError):
     """A naming endpoint that cannot be reached or answers nonsense."""
 
 
+class EndpointUnreachableError(NamingError):
+    """Nothing answers at the naming endpoint's address: stage 04 goes on with labels only."""
+
+
 # --- what the namer and the judge read ------------------------------------------------------------
 
 def window_text(codes: HeldoutCodes, centre: int, context: int, marked: int | None = None) -> str:
@@ -228,7 +232,9 @@ class EndpointNamer:
                         "NAMING_API_MODEL set to one it serves.")
             else:
                 hint = ""
-            raise NamingError(self._redact(f"{failed} ({describe_error(err)}).{hint} {advice}")) from None
+            unreachable = isinstance(err, APIConnectionError) and not isinstance(err, APITimeoutError)
+            error = EndpointUnreachableError if unreachable else NamingError
+            raise error(self._redact(f"{failed} ({describe_error(err)}).{hint} {advice}")) from None
         return outcome["value"]
 
     def _redact(self, message: str) -> str:

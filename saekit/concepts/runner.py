@@ -24,8 +24,8 @@ from ..training.sae import check_sae_matches
 from ..training.saelens_format import load_sae
 from .collect import collect, latent_stats, scoring_half
 from .exports import apply_names, build_concepts, publish
+from .naming import NO_NAMER, EndpointNamer, EndpointUnreachableError, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
 from .output_side import output_sides
-from .naming import NO_NAMER, EndpointNamer, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
 
 NO_NAMES_NOTE = ("No names: NAMING_MODEL_ID is 'none'. The embedded 135M model names at chance (its names scored "
                  "0.50 by detection and by fuzzing, observations.md), so titles are the labels. To name latents, set "
@@ -108,6 +108,21 @@ def check_texts_unseen(settings, sae_meta: dict[str, Any], texts: Texts) -> None
             "or run stage 01 again with these settings.")
 
 
+def name_concepts(settings, built, codes, namer: Namer | None, progress: bool) -> None:
+    """Name the N_LATENTS_TO_NAME most frequent latents of `built` with `namer` (none: labels only)."""
+    if namer is None:
+        return
+    ranked = sorted(built.records, key=lambda i: -built.records[i]["frequency"])
+    chosen = ranked if settings.N_LATENTS_TO_NAME == 0 else ranked[:settings.N_LATENTS_TO_NAME]
+    tasks = {i: naming_task(codes, built.namer_examples[i], built.windows[i], settings.CONTEXT_TOKENS)
+             for i in chosen if built.namer_examples[i]}
+    apply_names(built, name_latents(namer, tasks, settings.store / "concept_names.json", progress=progress),
+                settings.NAME_MIN_SCORE)
+    built.meta["naming"] = (f"{len(tasks)} most frequent latents named by {settings.NAMING_MODEL_ID}; a name is "
+                            "the title only where it scores above the label on the same held-out windows, and at "
+                            f"least {settings.NAME_MIN_SCORE} (detection and fuzzing; 0.5 is chance).")
+
+
 def run_concepts(settings, progress: bool = True, device: torch.device | None = None,
                  world: World = World()) -> dict[str, Any] | None:
     """Stage 04: returns the published concepts ({"meta": ..., "latents": ...}).
@@ -153,17 +168,12 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
                            non_activating=settings.NON_ACTIVATING_EXAMPLES, scoring_examples=settings.SCORING_EXAMPLES,
                            max_keys=settings.LABEL_MAX_KEYS, min_f1=settings.LABEL_MIN_F1,
                            min_support=settings.LABEL_MIN_SUPPORT, seed=settings.SEED)
-    namer = open_namer(settings, device, model, tokenizer)
-    if namer is not None:
-        ranked = sorted(built.records, key=lambda i: -built.records[i]["frequency"])
-        chosen = ranked if settings.N_LATENTS_TO_NAME == 0 else ranked[:settings.N_LATENTS_TO_NAME]
-        tasks = {i: naming_task(codes, built.namer_examples[i], built.windows[i], settings.CONTEXT_TOKENS)
-                 for i in chosen if built.namer_examples[i]}
-        apply_names(built, name_latents(namer, tasks, settings.store / "concept_names.json", progress=progress),
-                    settings.NAME_MIN_SCORE)
-        built.meta["naming"] = (f"{len(tasks)} most frequent latents named by {settings.NAMING_MODEL_ID}; a name is "
-                                "the title only where it scores above the label on the same held-out windows, and at "
-                                f"least {settings.NAME_MIN_SCORE} (detection and fuzzing; 0.5 is chance).")
+    try:
+        name_concepts(settings, built, codes, open_namer(settings, device, model, tokenizer), progress)
+    except EndpointUnreachableError as err:  # the labels stand on their own: publish them, and say so once
+        built.meta["naming"] = (f"labels only: the naming endpoint {settings.NAMING_MODEL_ID} could not be reached; "
+                                "rerun stage 04 once it answers (names already scored are cached)")
+        print(f"naming skipped, labels only: {err}")
     folder = publish(settings.store, built)
     print(f"published {folder}")
     return {"meta": {**built.meta, "concepts_id": folder.name}, "latents": built.records}

@@ -7,13 +7,16 @@ the same texts compare by `paired_difference`: the bootstrap of their difference
 narrower than either interval, since the texts' own difficulty cancels."""
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from ..activations.models import replaced_output
+from ..activations.models import length_sorted_batches, replaced_output
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the same resamples for every SAE scored on the same texts
@@ -70,7 +73,7 @@ def paired_difference(a: PerText, b: PerText, figure: str = "delta_ce") -> dict[
 @torch.no_grad()
 def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_activation: torch.Tensor,
                    max_length: int, batch_size: int = 8, progress: bool = True,
-                   keep_per_text: bool = False, kept: frozenset[int] = frozenset()) -> dict[str, float]:
+                   keep_per_text: bool = False, kept: frozenset[int] = frozenset(), fast: bool = True) -> dict[str, float]:
     """Next-token cross-entropy with the layer's output kept, replaced by `reconstruct(output)`
     (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token; and for
     ΔCE, each KL and CE recovered, a 95% bootstrap interval over texts (`<figure>_ci95`). With
@@ -81,6 +84,13 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     costs nothing, 0 when it is as bad as removing the layer's information. Sums are float64 and
     run over every real next-token prediction (padding excluded); log-probabilities are float32,
     their sums float64.
+
+    Texts go in length-sorted batches (little padding), and the per-text sums come back in the
+    texts' order. With `fast`, the blocks below the layer run once per batch, in the clean pass: each
+    variant reuses their output and runs only the layer's block and those above (`BelowLayerCache`).
+    The first batch checks that this gives the clean pass's log-probabilities; if it does not, or
+    the model has no block stack around the layer, every variant runs the whole model, with a line
+    that says so.
     """
     device = next(model.parameters()).device
     variants = {
@@ -88,28 +98,37 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
         "zero": torch.zeros_like,
         "mean": lambda h: mean_activation.to(h.dtype).to(h.device).expand_as(h).clone(),
     }
-    nll: dict[str, list[np.ndarray]] = {name: [] for name in ["clean", *variants]}
-    kl: dict[str, list[np.ndarray]] = {name: [] for name in variants}
-    predictions = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="CE with the SAE spliced in", disable=not progress):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+    nll: dict[str, np.ndarray] = {name: np.zeros(len(texts)) for name in ["clean", *variants]}
+    kl: dict[str, np.ndarray] = {name: np.zeros(len(texts)) for name in variants}
+    predictions = np.zeros(len(texts), dtype=np.int64)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length).input_ids]
+    below = BelowLayerCache.around(model, layer) if fast else None
+    if fast and below is None:
+        print("the fast splice found no block stack around the layer: the whole model runs for each variant")
+    for number, batch in enumerate(tqdm(length_sorted_batches(lengths, batch_size),
+                                        desc="CE with the SAE spliced in", disable=not progress)):
+        enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length).to(device)
         targets = enc.input_ids[:, 1:]
         valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
-        clean_logp = _next_token_logprobs(model, enc)
-        nll["clean"].append(_nll(clean_logp, targets, valid))
+        with below.recording() if below else nullcontext():
+            clean_logp = _next_token_logprobs(model, enc)
+        if below and number == 0 and not below.reproduces(clean_logp, lambda: _next_token_logprobs(model, enc)):
+            print("the fast splice did not reproduce the clean pass on this model: "
+                  "the whole model runs for each variant")
+            below = None
+        nll["clean"][batch] = _nll(clean_logp, targets, valid)
         clean_p = clean_logp.exp()
         # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
         neg_entropy = (clean_p * clean_logp).sum(-1)
         at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
         for name, replace in variants.items():
-            with replaced_output(layer, _except_at(at_kept, replace)):
+            with replaced_output(layer, _except_at(at_kept, replace)), below.replaying() if below else nullcontext():
                 logp = _next_token_logprobs(model, enc)
-            nll[name].append(_nll(logp, targets, valid))
-            kl[name].append(_per_text(neg_entropy - (clean_p * logp).sum(-1), valid))
-        predictions.append(valid.sum(1).cpu().numpy())
-    per_text = PerText(np.concatenate(predictions), {name: np.concatenate(v) for name, v in nll.items()},
-                       {name: np.concatenate(v) for name, v in kl.items()})
+            nll[name][batch] = _nll(logp, targets, valid)
+            kl[name][batch] = _per_text(neg_entropy - (clean_p * logp).sum(-1), valid)
+        predictions[batch] = valid.sum(1).cpu().numpy()
+    per_text = PerText(predictions, nll, kl)
     result: dict = {name: float(value) for name, value in per_text.figures().items()}
     result.update({f"{name}_ci95": interval for name, interval in confidence_intervals(per_text).items()})
     result["n_predictions"] = int(per_text.predictions.sum())
@@ -123,6 +142,76 @@ def _except_at(at_kept: torch.Tensor, replace):
     if not bool(at_kept.any()):
         return replace
     return lambda h: torch.where(at_kept.unsqueeze(-1), h, replace(h))
+
+
+class BelowLayerCache:
+    """The blocks below the spliced layer compute the same thing for every variant: this records the
+    output of the last of them in the clean pass and, while replaying, makes each of them return it
+    without computing. When the layer is a whole block, that block is replayed too (the splice hook
+    still replaces its output); for a module inside a block, its block runs in full."""
+
+    # how long the first batch's check lets the replayed clean pass differ from the computed one, in
+    # log-probability: it is the same arithmetic on the same input, so on a CPU the two are equal
+    REPRODUCE_TOLERANCE = 1e-4
+
+    def __init__(self, skipped: list[nn.Module]) -> None:
+        self.skipped = skipped
+        self.output = None
+
+    @classmethod
+    def around(cls, model: nn.Module, layer: nn.Module) -> "BelowLayerCache | None":
+        """The cache for `layer`, or None where no block stack (an nn.ModuleList of numbered
+        blocks, the outermost one holding the layer) is found or no block lies below the layer."""
+        names = {module: name for name, module in model.named_modules()}
+        layer_name = names.get(layer)
+        if layer_name is None:
+            return None
+        for name, stack in model.named_modules():  # outermost first: the decoder's blocks, not an inner list
+            if not isinstance(stack, nn.ModuleList) or not layer_name.startswith(name + "."):
+                continue
+            index = layer_name[len(name) + 1:].split(".")[0]
+            if not index.isdigit():
+                return None
+            last = int(index) if layer_name == f"{name}.{index}" else int(index) - 1
+            return cls(list(stack[:last + 1])) if last >= 0 else None
+        return None
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        def keep(_module, _inputs, output):
+            self.output = output
+
+        handle = self.skipped[-1].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _replay(self, *_args, **_kwargs):
+        # a copy: a block above may add to its input in place
+        if isinstance(self.output, tuple):
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in self.output)
+        return self.output.clone()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        own = [block.__dict__.get("forward") for block in self.skipped]
+        for block in self.skipped:
+            block.forward = self._replay
+        try:
+            yield
+        finally:
+            for block, forward in zip(self.skipped, own):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+
+    def reproduces(self, clean_logp: torch.Tensor, forward: Callable[[], torch.Tensor]) -> bool:
+        """Whether replaying gives the clean pass's log-probabilities."""
+        with self.replaying():
+            replayed = forward()
+        return bool(torch.allclose(replayed, clean_logp, rtol=0, atol=self.REPRODUCE_TOLERANCE))
 
 
 def _next_token_logprobs(model, enc) -> torch.Tensor:

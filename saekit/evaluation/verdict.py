@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..base.errors import PipelineError
+
 FRONTIER_FILES = ("ce_frontier.json", "bench_peers.json")
 # how far held-out mean L0 may be from k: TopK keeps exactly k; BatchTopK's inference threshold is
 # an estimate from training (measured 1-3% off, observations.md), so it gets room
@@ -103,6 +105,58 @@ def verdict_text(check_rows: list[dict[str, Any]], heldout: dict[str, float], sp
         return f"PASS: training worked. {figures}."
     reasons = "; ".join(f"{c['check']} {c['value']:.4g} (needs {c['threshold']}): {c['if_failed']}" for c in failed)
     return f"FAIL: {reasons}. Figures: {figures}."
+
+
+MORE_TRAINING = "train on more tokens (DATA_LIMIT, EPOCHS) or keep more latents a token (TOP_K), then rerun 02 and 03"
+# what to try when a check fails, by the first words of the check's name
+WHAT_TO_TRY = {
+    "evaluation texts that stage 01 saw": "evaluate on texts stage 01 did not read: an EVAL_DATASET of other texts, "
+                                          "or the EVAL_SPLIT and EVAL_SHARE that stage 01 ran with",
+    "L0": "no setting fixes it: the SAE file is not the one stage 02 trained, or its encoder is broken; rerun stage 02",
+    "mean L0": "no setting fixes it: the SAE file is not the one stage 02 trained, or its threshold is broken; "
+               "rerun stage 02",
+    "dead latents": "train on more tokens (DATA_LIMIT, EPOCHS), raise AUXK_COEF (the loss that revives dead latents), "
+                    "or use fewer latents (N_LATENTS_MULTIPLIER); then rerun 02 and 03",
+    "held-out FVU": MORE_TRAINING,
+    "CE-loss recovered": MORE_TRAINING,
+    "delta CE": MORE_TRAINING,
+    "W_enc moved": "training hardly ran: raise EPOCHS or DATA_LIMIT (LR = 0 picks the learning rate from the SAE's size)",
+    "W_dec moved": "training hardly ran: raise EPOCHS or DATA_LIMIT (LR = 0 picks the learning rate from the SAE's size)",
+}
+
+
+def what_to_try(check: dict[str, Any]) -> str:
+    return next(advice for start, advice in WHAT_TO_TRY.items() if check["check"].startswith(start))
+
+
+def terminal_lines(report: dict[str, Any]) -> list[str]:
+    """Stage 03's last lines in the terminal (from store/analysis.json): the verdict, and each failing
+    check with what to try."""
+    failed = [c for c in report["checks"] if c["result"] == "FAIL"]
+    if not failed:
+        return [f"stage 03 verdict: PASS ({len(report['checks'])} checks, store/analysis.json): training worked"]
+    return [f"stage 03 verdict: FAIL, {len(failed)} of {len(report['checks'])} checks (store/analysis.json); stages 04 "
+            "and 05 stop unless --CONTINUE_AFTER_FAIL=True",
+            *(f"  FAIL {c['check']}: {c['value']:.4g}, needs {c['threshold']} ({c['if_failed']}). Try: {what_to_try(c)}"
+              for c in failed)]
+
+
+class VerdictFailedError(PipelineError):
+    pass
+
+
+def require_passed(settings) -> None:
+    """Stages 04 and 05 stop here, with one line, when stage 03 judged this store's SAE a FAIL and
+    CONTINUE_AFTER_FAIL is False: the concepts of an SAE that did not train are not worth naming.
+    A store that stage 03 has not analysed goes on."""
+    path = settings.store / "analysis.json"
+    if settings.CONTINUE_AFTER_FAIL or not path.is_file():
+        return
+    report = json.loads(path.read_text())
+    if not report.get("passed", True):
+        failed = ", ".join(c["check"] for c in report["checks"] if c["result"] == "FAIL")
+        raise VerdictFailedError(f"stage 03 judged this SAE a FAIL ({failed}; store/analysis.json says what to try). "
+                                 "Retrain it, or run this stage anyway with --CONTINUE_AFTER_FAIL=True")
 
 
 # What the benchmark results that record no model were measured on: bench/ce_frontier.py and

@@ -1,0 +1,106 @@
+"""Stage 03's time part by part, on a trained store (the demo's by default), with the splice before
+and after the fast path, in one run: the old splice is the code of commit OLD_SPLICE (the whole model
+for each variant, batches in the texts' order), loaded from git, and its figures are compared with
+the new ones on the same texts. With --notebook, the whole stage too, headless, on a copy of the store.
+
+    .venv/bin/python bench/bench_stage03.py [--STORE_DIR=/work/demo_store] [--notebook] [--out=FOLDER]
+
+It only reads the store (the notebook runs on a copy). Results: bench/results/local/stage03.json
+unless --out says otherwise.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+
+import torch
+
+from common import ROOT, save_result, table, timer
+
+from saekit.base.settings import load_settings
+from saekit.evaluation import analysis, probing, verdict
+from saekit.evaluation.splice import splice_metrics
+
+OLD_SPLICE = "616bd1a"  # the last commit with the plain splice (the whole model four times per batch, unsorted)
+FIGURES = ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero", "kl_mean", "delta_ce",
+           "ce_recovered_vs_zero", "ce_recovered_vs_mean")
+
+
+def old_splice_metrics():
+    """splice_metrics as it was at OLD_SPLICE, from git: the 'before' of this bench, run here."""
+    source = subprocess.run(["git", "show", f"{OLD_SPLICE}:saekit/evaluation/splice.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType("saekit.evaluation.splice_old")
+    module.__package__ = "saekit.evaluation"
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, "splice_old.py", "exec"), module.__dict__)  # the project's own past code
+    return module.splice_metrics
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    notebook = "--notebook" in args
+    args = [a for a in args if a != "--notebook"]
+    if not any(a.startswith("--STORE_DIR=") for a in args):
+        args.append("--STORE_DIR=/work/demo_store")
+    settings = load_settings(args)
+    parts = []
+
+    def part(name, fn):
+        with timer() as t:
+            value = fn()
+        parts.append({"part": name, "seconds": t["seconds"]})
+        print(f"{name}: {t['seconds']:.1f} s", flush=True)
+        return value
+
+    trained = part("load the SAE and the store", lambda: analysis.load_trained_sae(settings))
+    heldout = part("held-out tokens (FVU, L0, dead)", lambda: analysis.heldout_tokens(trained))
+    loaded = part("load the model", lambda: analysis.load_layer_model(settings))
+    old = old_splice_metrics()
+    splices = {}
+    for name, run in (("splice before (whole model per variant, unsorted)", lambda: old_run(old, settings, trained, loaded)),
+                      ("splice after (fast, length-sorted)", lambda: analysis.splice_report(settings, trained,
+                                                                                           progress=False, loaded=loaded))):
+        splices[name] = part(name, run)
+    before, after = splices.values()
+    probes = part("sparse probing", lambda: probing.sparse_probing(settings, trained, progress=False, loaded=loaded))
+    part("verdict", lambda: verdict.checks(settings, trained.sae.k, heldout["summary"],
+                                           analysis.weight_report(trained), after, trained.sae.architecture))
+    differences = {name: abs(after[name] - before[name]) for name in FIGURES}
+    result = {"store": str(settings.store), "n_texts": after["n_texts"], "parts": parts,
+              "splice_speedup": parts[3]["seconds"] / parts[4]["seconds"],
+              "largest_figure_difference": max(differences.values()), "figure_differences": differences,
+              "probing": {k: probes.get(k) for k in ("n_train", "n_test", "train_source", "test_source") if k in probes},
+              "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    if notebook:
+        result["notebook_seconds"] = run_notebook_on_copy(settings.store, args)
+    print(table(parts, ["part", "seconds"]))
+    print(f"splice speed-up {result['splice_speedup']:.2f}x; largest |after - before| over the CE/KL figures "
+          f"{result['largest_figure_difference']:.2e}; load average {result['load_average'][0]:.2f}")
+    if notebook:
+        print(f"stage 03 headless, whole: {result['notebook_seconds']:.1f} s")
+    print(f"wrote {save_result('stage03', 'python bench/bench_stage03.py ' + ' '.join(sys.argv[1:]), result)}")
+
+
+def old_run(old_splice, settings, trained, loaded):
+    texts = analysis.load_role_texts(settings, "eval")
+    return old_splice(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, trained.sae.to(loaded.device),
+                      analysis.mean_training_activation(trained.run, trained.heldout_start), settings.MAX_LENGTH,
+                      batch_size=settings.BATCH_SIZE_SAVE, progress=False)
+
+
+def run_notebook_on_copy(store, args) -> float:
+    """Seconds of `python -m saekit.notebooks 03_analyze_training.ipynb` on a copy of the store, as a user runs it."""
+    with tempfile.TemporaryDirectory() as folder:
+        copy = shutil.copytree(store, f"{folder}/store")
+        command = [sys.executable, "-m", "saekit.notebooks", "03_analyze_training.ipynb",
+                   *[a for a in args if not a.startswith("--STORE_DIR=")], f"--STORE_DIR={copy}"]
+        with timer() as t:
+            subprocess.run(command, cwd=ROOT, check=True)
+        return t["seconds"]
+
+
+if __name__ == "__main__":
+    main()
