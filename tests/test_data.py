@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import TINY_LAYER, run_python
 from saekit.activations.data import DatasetError, load_texts
 
 
@@ -67,19 +68,13 @@ def test_embedded_corpus_splits():
 def test_stage_01_refuses_an_evaluation_split_the_folder_lacks_before_writing(tmp_path, tiny_model_dir, eval_split):
     """A folder with train and validation files and EVAL_SPLIT misspelt (or left at its default) passed
     stages 01 and 02 and stopped stage 04; stage 01 now stops, in one line, with nothing written."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, TINY_LAYER
-
     folder = tmp_path / "my_folder"
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": f"story {i}"}) for i in range(5)))
     (folder / "validation.jsonl").write_text(json.dumps({"text": "held out"}))
     store = tmp_path / "store"
-    proc = subprocess.run([sys.executable, str(ROOT / "01_save_activations.py"), f"--MODEL_ID={tiny_model_dir}",
-                           f"--LAYER_SIGNATURE={TINY_LAYER}", f"--HF_DATASET={folder}", f"--EVAL_SPLIT={eval_split}",
-                           f"--STORE_DIR={store}", "--DEVICE=cpu"], cwd=ROOT, capture_output=True, text=True)
+    proc = run_python(["01_save_activations.py", f"--MODEL_ID={tiny_model_dir}", f"--LAYER_SIGNATURE={TINY_LAYER}",
+                       f"--HF_DATASET={folder}", f"--EVAL_SPLIT={eval_split}", f"--STORE_DIR={store}", "--DEVICE=cpu"])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1].startswith("error: ") and repr(eval_split) in lines[-1], lines[-1]

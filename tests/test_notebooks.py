@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_offline, copy_store, store_of
+from conftest import ROOT, assert_offline, copy_store, run_python, store_of
 from saekit.activations.data import load_role_texts
 from saekit.activations.models import load_model, resolve_layer
 from saekit.activations.store import open_run
@@ -133,15 +133,10 @@ def test_notebooks_are_committed_without_outputs():
 def test_stage_03_run_from_the_shell_ends_with_the_verdict(smoke_args, tmp_path):
     """make demo's log said neither PASS nor FAIL: the runner now ends stage 03 with the verdict and
     each failing check, taken from the analysis.json it has just written."""
-    import subprocess
-    import sys
-
-    from conftest import copy_store
     from saekit.evaluation.verdict import terminal_lines
 
     args = copy_store(smoke_args, tmp_path / "store")
-    proc = subprocess.run([sys.executable, "-m", "saekit.notebooks", "03_analyze_training.ipynb", *args], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = run_python(["-m", "saekit.notebooks", "03_analyze_training.ipynb", *args])
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = terminal_lines(json.loads((tmp_path / "store" / "analysis.json").read_text()))
     assert proc.stdout.rstrip("\n").splitlines()[-len(expected):] == expected
