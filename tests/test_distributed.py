@@ -60,6 +60,7 @@ def test_stage_04_on_two_processes_publishes_the_same_concepts(tmp_path, smoke_a
 def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_path, smoke_args):
     import pytest
 
+    from saekit.activations.sources import store_rows
     from saekit.activations.store import open_run
     from saekit.base.settings import load_settings
     from saekit.training.sae import TopKSAE
@@ -72,14 +73,17 @@ def test_a_run_interrupted_in_one_process_resumes_in_two_to_the_same_sae(tmp_pat
         if record["epoch"] == 2:
             raise KeyboardInterrupt
 
+    settings = load_settings(args)
+    run = open_run(store)
+    run.exclude_tokens(settings.EXCLUDE_TOKENS)  # the rows stage 02 trains on, as 02_train_sae.py reads them
     with pytest.raises(KeyboardInterrupt):
-        train_sae(open_run(store), TrainConfig.from_settings(load_settings(args)),
+        train_sae(run, TrainConfig.from_settings(settings), source=store_rows(settings, run, torch.device("cpu")),
                   checkpoint_path=store / "sae_model" / "checkpoint.pt", progress=False, on_epoch=stop_after_first_epoch)
     assert "resuming after epoch 1" in torchrun(["02_train_sae.py"], args + ["--resume"]).stdout
     uninterrupted, _ = TopKSAE.load(store_of(smoke_args) / "sae_model" / "topk_sae.pt")
     resumed, _ = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
     for name, weight in uninterrupted.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[name], weight, **ROUND_OFF, msg=name)
+        torch.testing.assert_close(resumed.state_dict()[name], weight, **ROUND_OFF, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_mistake_under_torchrun_is_printed_once_and_ends_torchruns_report(tmp_path):

@@ -16,7 +16,8 @@ def test_stage01_on_the_embedded_model(tmp_path):
         "   ",
         "The cat and the dog were friends. Every day they played together in the sun.",
     ]))
-    # evaluation has its own file here, so training reads every story of this one
+    # evaluation has its own file here, so training reads every story of this one (stage 01 checks it can be read)
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "The end of another story."}))
     args = [f"--HF_DATASET={stories}", f"--EVAL_DATASET={tmp_path / 'other.jsonl'}", f"--STORE_DIR={tmp_path / 'store'}",
             "--DATA_LIMIT=3", "--BATCH_SIZE_SAVE=2"]
     out = run_stage("01_save_activations.py", args).stdout

@@ -117,7 +117,7 @@ def _reseal_metadata(run_dir: Path) -> None:
 
 @pytest.mark.parametrize("fault,says", [
     ("flip shard bytes", "shard_00000.acts.npy is corrupt"),
-    ("truncate shard", "shard_00000.acts.npy is corrupt"),
+    ("truncate shard", "shard_00000.acts.npy is truncated"),
     ("nan in the held-out rows", "has a non-finite value"),
     ("edit metadata", "metadata.json is corrupt"),
     ("truncate metadata", "metadata.json is not valid JSON"),

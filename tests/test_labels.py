@@ -7,6 +7,7 @@ import torch
 from conftest import STORIES
 from saekit.activations.models import resolve_layer
 from saekit.concepts.collect import collect, scoring_half, scoring_windows, text_peaks
+from saekit.concepts.exports import build_concepts
 from saekit.concepts.labels import F1Interval, choose_labels, token_keys, window_scores
 from saekit.concepts.synthetic import synthetic_codes
 from saekit.training.sae import TopKSAE
@@ -91,6 +92,14 @@ def test_the_score_uses_only_texts_that_did_not_choose_the_label():
     assert label.keys == [("cat",)] and label.choosing_f1 == 1.0  # perfect where it was chosen
     assert label.f1 == 0.0 and label.precision == 0.0 and not label.explained  # and scored where it fails
     assert label.scoring_fires == int((codes.latents[scoring_token & codes.distinct] == 0).sum()) > 0
+    # stage 04's own path (build_concepts) splits the texts the same way: chosen on one half, scored on the other
+    live = sorted(set(codes.firing[1].tolist()))
+    no_output_side = {i: {"method": "N/A", "promoted": [], "suppressed": []} for i in live}
+    built = build_concepts(codes, no_output_side, {"model_id": "m", "layer_signature": "l", "sae_id": "s", "k": 4},
+                           top_n=3, context=2, per_quantile=1, non_activating=1, scoring_examples=4, max_keys=6,
+                           min_f1=0.3, min_support=1)
+    staged = built.labels[0]
+    assert staged.keys == [("cat",)] and staged.choosing_f1 == 1.0 and staged.f1 == 0.0
 
 
 @pytest.mark.parametrize("max_keys", [1, 3])

@@ -117,8 +117,9 @@ def test_stage_04_names_through_the_endpoint_and_never_stores_the_key(server, sm
                                            "--NAMING_API_KEY_ENV=SAEKIT_TEST_KEY", "--N_LATENTS_TO_NAME=3"])
     result = run_concepts(settings, progress=False)
     named = [c for c in result["latents"].values() if c["name"]]
-    assert len(named) == 3 and all(c["name"]["text"] == "words of many kinds" for c in named)
-    assert all(c["title_source"] == "label" for c in named)  # that judge says No to everything: chance
+    # the stub's names: which one depends on the examples it is shown (flying words or not)
+    assert len(named) == 3 and {c["name"]["text"] for c in named} <= {"flying things", "words of many kinds"}
+    assert all(c["title_source"] == "label" for c in named)  # no lead beyond the windows' interval
     assert all(auth == f"Bearer {SECRET}" for _, _, auth, _ in httpd.seen) and len(httpd.seen) > 3
     sae_id = TopKSAE.load(store / "sae_model" / "topk_sae.pt")[1].get("sae_id")
     concepts, _, _ = open_concepts(store, sae_id)

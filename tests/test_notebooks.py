@@ -48,20 +48,27 @@ def test_analysis_notebook_writes_its_verdict(stage_03):
 
 
 
+def _excluded_ids(tokenizer) -> torch.Tensor:
+    """The token ids config.py's EXCLUDE_TOKENS default (BOS and padding) leaves out of every figure."""
+    return torch.tensor([i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None])
+
+
 def _independent_ce(settings, sae: TopKSAE, mean: torch.Tensor) -> dict[str, float]:
     """Next-token CE over the evaluation texts, one text at a time (no padding), in float64: clean, with the
     layer's output replaced by the SAE's reconstruction, and by the training rows' mean."""
     model, tokenizer = load_model(settings.MODEL_ID)
     layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    excluded = _excluded_ids(tokenizer)
     replacements = {"sae": lambda h: sae(h.reshape(-1, sae.d_in)).reshape(h.shape),
                     "mean": lambda h: mean.expand_as(h).to(h.dtype)}
     nll, count = {"clean": 0.0, "sae": 0.0, "mean": 0.0}, 0
     for text in load_role_texts(settings, "eval").texts:
         ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=settings.MAX_LENGTH).input_ids
         targets = ids[0, 1:]
+        kept = torch.isin(ids, excluded).unsqueeze(-1)  # EXCLUDE_TOKENS' positions keep the model's own output
         with torch.no_grad():
             for name in nll:
-                handle = (layer.register_forward_hook(lambda m, i, o, f=replacements[name]: f(o))
+                handle = (layer.register_forward_hook(lambda m, i, o, f=replacements[name]: torch.where(kept, o, f(o)))
                           if name != "clean" else None)
                 logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
                 if handle:
@@ -79,8 +86,11 @@ def test_stage_03_figures_and_verdict_agree_with_an_independent_pass(stage_03):
     settings = load_settings(args)
     run = open_run(settings.store)
     sae, _ = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt")
+    assert settings.EXCLUDE_TOKENS == ["bos", "pad"]
+    excluded = _excluded_ids(load_model(settings.MODEL_ID)[1])
+    counted = ~torch.isin(torch.from_numpy(run.tokens()[:, 0].astype("int64")), excluded)
     start = run.heldout_start(settings.HELDOUT_FRACTION)
-    x = torch.from_numpy(run.rows(start, run.n_tokens)).double()
+    x = torch.from_numpy(run.rows(start, run.n_tokens))[counted[start:]].double()
     with torch.no_grad():
         values, indices = sae.encode(x.float())
         x_hat = sae.decode(values, indices).double()
@@ -92,7 +102,7 @@ def test_stage_03_figures_and_verdict_agree_with_an_independent_pass(stage_03):
     assert abs(report["heldout"]["fvu"] - fvu) < 1e-4 and abs(checks["held-out FVU"]["value"] - fvu) < 1e-4
     assert abs(checks["dead latents (held-out)"]["value"] - dead_fraction) < 1e-9
 
-    mean = torch.from_numpy(run.rows(0, start)).double().mean(0).float()
+    mean = torch.from_numpy(run.rows(0, start))[counted[:start]].double().mean(0).float()
     ce = _independent_ce(settings, sae, mean)
     assert abs(checks["delta CE (nats)"]["value"] - (ce["sae"] - ce["clean"])) < 1e-4
     recovered = (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"])
