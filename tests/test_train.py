@@ -348,3 +348,12 @@ def test_auxk_is_normalised_by_the_residuals_own_variance_and_scaled_by_the_dead
     residual_variance = (residual - residual.mean(0)).pow(2).sum()
     expected = min(n_dead / 6, 1.0) * auxk_loss(trainer.sae, x, residual, trainer.dead_idx, 6, residual_variance)
     torch.testing.assert_close(trainer.auxk_term(x, residual, 32), expected)
+
+
+def test_matryoshka_groups_too_small_for_the_width_are_refused_before_training(tmp_path):
+    from saekit.base.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="leaves a group of the 64 latents empty"):
+        train_sae(make_synthetic_run(tmp_path), _cfg(architecture="matryoshka", matryoshka_group_fractions=(0.01, 0.5)),
+                  checkpoint_path=tmp_path / "c.pt", progress=False)
+    assert not (tmp_path / "c.pt").exists()
