@@ -1,5 +1,6 @@
-"""Stage 02: train an SAE (TopK; or BatchTopK: --ARCHITECTURE=batchtopk) on a layer's activations: those
-saved by stage 01, or, with --ACTIVATION_SOURCE=model, made by the model as training goes.
+"""Stage 02: train an SAE (TopK; BatchTopK: --ARCHITECTURE=batchtopk; Matryoshka BatchTopK:
+--ARCHITECTURE=matryoshka) on a layer's activations: those saved by stage 01, or, with
+--ACTIVATION_SOURCE=model, made by the model as training goes.
 
     python 02_train_sae.py                  # settings from config.py
     python 02_train_sae.py --TOP_K=16       # any setting, per run
@@ -9,8 +10,8 @@ saved by stage 01, or, with --ACTIVATION_SOURCE=model, made by the model as trai
 Writes store/sae_model/topk_sae.pt and store/training_history.json (each atomically; the history
 names the SAE by its checksum, so a reader can tell a matched pair), and a checkpoint after every
 epoch and every CHECKPOINT_SECONDS (store/sae_model/checkpoint.pt); the SAE also in SAELens's format
-(store/sae_model/saelens/: cfg.json + sae_weights.safetensors; BatchTopK as the JumpReLU SAELens makes
-of it). Every file loads without running code.
+(store/sae_model/saelens/: cfg.json + sae_weights.safetensors; BatchTopK and Matryoshka as the JumpReLU
+SAELens makes of them). Every file loads without running code.
 """
 import sys
 

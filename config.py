@@ -40,7 +40,11 @@ SHARD_TOKENS = 65536  # tokens per activation shard on disk
 ACTIVATION_SOURCE = "store"  # store: train on stage 01's saved activations (many epochs over a corpus that fits on
 #                              disk); model: make them as training goes, stage 01 saving only the held-out
 #                              documents (hundreds of millions of tokens; each epoch runs the model again). docs/scale.md
-ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K on average over each batch (observations.md)
+ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K on average over each batch (observations.md);
+#                        matryoshka: BatchTopK whose nested prefixes each learn to reconstruct alone (Bussmann et al. 2025)
+MATRYOSHKA_GROUP_FRACTIONS = (0.03125, 0.0625, 0.125, 0.25)  # matryoshka only: the groups but the last, as fractions of
+#                        the dictionary (1/32, 1/16, 1/8, 1/4; the last group takes the rest, 17/32): each prefix of groups
+#                        reconstructs alone, the loss is their mean. dictionary_learning's fractions (Bussmann et al. 2025)
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
 EPOCHS = 10

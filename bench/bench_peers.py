@@ -1,4 +1,4 @@
-"""Stage 02 against SAELens 6 (TopK and BatchTopK) and EleutherAI's sparsify, on exactly the rows
+"""Stage 02 against SAELens 6 (TopK, BatchTopK and Matryoshka BatchTopK) and EleutherAI's sparsify, on exactly the rows
 stage 02 trains on, every SAE scored by the project's metrics on the same held-out rows and texts.
 
     make bench-peers                                  # venvs, activations if missing, then this
@@ -19,7 +19,7 @@ and dead window as stage 02 (SAELens: lr, dead_feature_window; sparsify: AuxK 1/
 dead_feature_threshold, its sign-SGD LR being on another scale than Adam's).
 
 Every trainer writes its SAE in SAELens's format, read back by saekit.training.saelens_format (TopK, and
-BatchTopK as the JumpReLU with the learned threshold that SAELens saves). Each loaded SAE is checked
+BatchTopK and Matryoshka as the JumpReLU with the learned threshold that SAELens saves). Each loaded SAE is checked
 against the library's own reconstruction of 512 rows (scorer_max_error).
 
 Every SAE also gets stage 03's sparse probing (saekit.evaluation.probing): the mean balanced accuracy over the
@@ -50,6 +50,7 @@ from saekit.evaluation import probing
 from saekit.evaluation.analysis import mean_training_activation
 from saekit.evaluation.splice import paired_difference, splice_metrics
 from saekit.evaluation.verdict import measured_on
+from saekit.training.sae import matryoshka_prefix_ends
 from saekit.training.saelens_format import load_saelens
 from saekit.training.train import evaluate, scaled_lr
 
@@ -102,11 +103,15 @@ def configurations(k: int) -> list[tuple[str, str, dict]]:
     return [
         ("saekit", "saekit", {"overrides": args + [f"--TOP_K={k}"]}),
         ("saekit BatchTopK", "saekit", {"overrides": args + [f"--TOP_K={k}", "--ARCHITECTURE=batchtopk"]}),
+        ("saekit Matryoshka", "saekit", {"overrides": args + [f"--TOP_K={k}", "--ARCHITECTURE=matryoshka"]}),
         ("SAELens TopK, defaults", "saelens", {"architecture": "topk"}),
         (f"SAELens TopK, {matched}", "saelens", {"architecture": "topk", "lr": lr, "dead_feature_window": window_steps}),
         ("SAELens BatchTopK, defaults", "saelens", {"architecture": "batchtopk"}),
         (f"SAELens BatchTopK, {matched}", "saelens",
          {"architecture": "batchtopk", "lr": lr, "dead_feature_window": window_steps}),
+        (f"SAELens Matryoshka, {matched}, stage 02's groups", "saelens",
+         {"architecture": "matryoshka", "lr": lr, "dead_feature_window": window_steps, "matryoshka_widths": list(
+             matryoshka_prefix_ends(n_latents, settings.MATRYOSHKA_GROUP_FRACTIONS))}),
         ("sparsify TopK, defaults", "sparsify", {}),
         (f"sparsify TopK, AuxK 1/32, dead window {window_tokens:,} tokens", "sparsify",
          {"auxk_alpha": 1 / 32, "dead_feature_threshold": window_tokens}),

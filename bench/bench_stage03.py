@@ -21,7 +21,6 @@ from common import ROOT, save_result, table, timer
 
 from saekit.base.settings import load_settings
 from saekit.evaluation import analysis, probing, verdict
-from saekit.evaluation.splice import splice_metrics
 
 OLD_SPLICE = "616bd1a"  # the last commit with the plain splice (the whole model four times per batch, unsorted)
 FIGURES = ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl_sae", "kl_zero", "kl_mean", "delta_ce",

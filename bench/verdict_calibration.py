@@ -6,11 +6,13 @@ initialisation, and CE with it spliced into the model, on the first EVAL_TEXTS e
 (100, as bench/ce_frontier.py and bench/bench_peers.py: the same texts stage 03 starts with).
 
     broken:  the untrained initialisation; the SAE after one pass over a tenth of the training
-             documents (12 steps, still in warmup); the seed's mi_crow recipe (96% dead)
-    working: the default run (TopK 8); TopK 32; BatchTopK 8
+             documents (12 steps, still in warmup), TopK and Matryoshka; the seed's mi_crow recipe (96% dead)
+    working: the default run (TopK 8); TopK 32; BatchTopK 8; Matryoshka 8
 
-    .venv/bin/python bench/verdict_calibration.py                # ~6 minutes on 2 quiet cores
+    .venv/bin/python bench/verdict_calibration.py                # ~8 minutes on 2 quiet cores
     .venv/bin/python bench/verdict_calibration.py --with-mi-crow # and mi_crow's recipe (+10 minutes)
+    .venv/bin/python bench/verdict_calibration.py --cases=Matryoshka  # only the cases whose name holds it;
+                                                  # their rows replace those of the same name in the results
 
 mi_crow's SaeTrainer takes batches of 32 (3,566 steps an epoch): its training is left out unless
 asked for; bench/results/train.json holds its held-out figures from bench/bench_train.py, and
@@ -21,7 +23,9 @@ that config.py's thresholds give it, and whether that is the expected one. tests
 judges the recorded figures again with config.py's thresholds, so a threshold change that lets a
 broken SAE pass, or fails a working one, fails the test suite.
 """
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -90,11 +94,18 @@ CASES = [
     ("default (TopK 8)", "PASS", ours([]), []),
     ("TopK 32", "PASS", ours(["--TOP_K=32"]), ["--TOP_K=32"]),
     ("BatchTopK 8", "PASS", ours(["--ARCHITECTURE=batchtopk"]), ["--ARCHITECTURE=batchtopk"]),
+    ("Matryoshka 8", "PASS", ours(["--ARCHITECTURE=matryoshka"]), ["--ARCHITECTURE=matryoshka"]),
+    ("Matryoshka 8, 12 steps", "FAIL", ours(["--EPOCHS=1", "--HELDOUT_FRACTION=0.91", "--ARCHITECTURE=matryoshka"]),
+     ["--ARCHITECTURE=matryoshka"]),
 ]
 command = "python bench/verdict_calibration.py " + " ".join(sys.argv[1:])
 if "--with-mi-crow" in sys.argv:
     sys.argv.remove("--with-mi-crow")
     CASES.insert(2, ("seed's mi_crow recipe (batch 32, lr 1e-3, l1 1e-4)", "FAIL", mi_crow, []))
+only = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--cases=")), None)
+if only is not None:
+    sys.argv = [a for a in sys.argv if not a.startswith("--cases=")]
+    CASES = [case for case in CASES if only in case[0]]
 
 base = load_settings(sys.argv[1:])
 run = open_run(base.store)
@@ -133,6 +144,11 @@ for name, expected, build, overrides in CASES:
 print(table(rows, COLUMNS))
 thresholds = {key: getattr(base, key) for key in ("MAX_DEAD_FRACTION", "MAX_HELDOUT_FVU", "MIN_CE_RECOVERED",
                                                   "MAX_DELTA_CE", "MIN_WEIGHT_CHANGE")}
+if only is not None:  # the other cases' rows, as last measured, stay beside these
+    kept = json.loads((Path(__file__).parent / "results" / "verdict_calibration.json").read_text())
+    measured = {r["sae"] for r in rows}
+    rows = [r for r in kept["results"] if r["sae"] not in measured] + rows
+    command = f"{kept['command']}; {command}"
 path = save_result("verdict_calibration", command,
                    {"run_id": run.run_id, "eval_texts": len(texts), "thresholds": thresholds, "results": rows})
 print(f"wrote {path}; every verdict as expected: {all(r['as_expected'] for r in rows)}")

@@ -107,13 +107,16 @@ def _train(args: list[str], checkpoint: Path, resume: bool = False, stop_at_save
         _Checkpoints.save = real_save
 
 
-def test_resume_mid_epoch_equals_an_uninterrupted_run(online_args, tmp_path):
-    (straight, _), saves = _train(online_args, tmp_path / "a.pt")
+@pytest.mark.parametrize("architecture", ["topk", "matryoshka"])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(online_args, tmp_path, architecture):
+    args = online_args + [f"--ARCHITECTURE={architecture}"]
+    (straight, _), saves = _train(args, tmp_path / "a.pt")
+    assert type(straight).architecture == architecture
     assert sum(partial is not None for partial in saves) >= 4  # several buffers an epoch: checkpoints mid-epoch
     with pytest.raises(KeyboardInterrupt):  # stopped after the 2nd buffer of epoch 1
-        _train(online_args, tmp_path / "b.pt", stop_at_save=2)
+        _train(args, tmp_path / "b.pt", stop_at_save=2)
     assert torch.load(tmp_path / "b.pt", weights_only=True)["partial"]["position"]["buffer"] == 2
-    (resumed, _), _ = _train(online_args, tmp_path / "b.pt", resume=True)
+    (resumed, _), _ = _train(args, tmp_path / "b.pt", resume=True)
     _assert_same_weights(straight, resumed)
 
 

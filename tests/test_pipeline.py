@@ -21,6 +21,7 @@ CASES = {
     "batchtopk": ("batchtopk", False),
     "saelens-topk": ("topk", True),
     "saelens-jumprelu": ("batchtopk", True),
+    "matryoshka": ("matryoshka", False),
 }
 
 
@@ -29,6 +30,7 @@ CASES = {
     pytest.param("topk", marks=pytest.mark.slow),
     pytest.param("saelens-topk", marks=pytest.mark.slow),
     pytest.param("saelens-jumprelu", marks=pytest.mark.slow),
+    pytest.param("matryoshka", marks=pytest.mark.slow),
 ])
 def test_every_stage_runs_on_each_architecture_and_format(case, smoke_args, tmp_path):
     architecture, through_sae_path = CASES[case]

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from saekit.training import sae as sae_module
-from saekit.training.sae import BatchTopKSAE, SAEFileError, TopKSAE
+from saekit.training.sae import BatchTopKSAE, MatryoshkaSAE, SAEFileError, TopKSAE, matryoshka_prefix_ends
 
 
-def _sae(d=12, n=40, k=5, seed=0, architecture=TopKSAE):
+def _sae(d=12, n=40, k=5, seed=0, architecture=TopKSAE, **layout):
     torch.manual_seed(seed)
-    sae = architecture(d, n, k)
+    sae = architecture(d, n, k, **layout)
     sae.init_weights(torch.randn(d) * 0.1, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
@@ -215,3 +215,57 @@ def test_the_memory_check_counts_the_gather_kernels_largest_tensor(select, monke
     assert counted == batch * width * d * FLOAT32 == largest_in_a_step(sparse_kernels=False)
     assert sae_module.gathered_width(k, n, select, torch.device("cpu")) == 0
     assert largest_in_a_step(sparse_kernels=True) < counted
+
+
+def _matryoshka():
+    return _sae(k=3, architecture=MatryoshkaSAE, prefix_ends=(4, 10, 40))
+
+
+def test_matryoshka_prefixes_reconstruct_from_their_own_latents_as_the_dense_definition_does():
+    """Each prefix's reconstruction is the batch-top codes of latents [0, end) times their decoder
+    rows, plus b_dec, in value and in the gradient of the prefixes' mean loss."""
+    sae, ref_sae = _matryoshka(), _matryoshka()
+    x = torch.randn(64, 12)
+    values, indices = sae.train().encode(x)
+    reconstructions = sae.prefix_reconstructions(values, indices)
+    pre = ref_sae.pre_activations(x).flatten()
+    codes = (pre * torch.zeros_like(pre).scatter(0, pre.topk(3 * 64).indices, 1.0)).view(64, 40)
+    refs = [codes[:, :end] @ ref_sae.W_dec[:end] + ref_sae.b_dec for end in (4, 10, 40)]
+    assert len(reconstructions) == 3
+    for got, ref in zip(reconstructions, refs):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reconstructions[0], reconstructions[-1])  # the codes do reach past the first prefix
+    torch.stack([(x - r).pow(2).sum() for r in reconstructions]).mean().backward()
+    torch.stack([(x - r).pow(2).sum() for r in refs]).mean().backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(ref_sae, name).grad, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_and_batchtopk_have_one_prefix_the_whole_dictionary():
+    sae = _batchtopk().train()
+    values, indices = sae.encode(torch.randn(8, 12))
+    assert sae.prefix_ends == (40,) and len(sae.prefix_reconstructions(values, indices)) == 1
+
+
+def test_matryoshka_groups_from_fractions_and_an_empty_group_refused():
+    assert matryoshka_prefix_ends(64, (1 / 32, 1 / 16, 1 / 8, 1 / 4)) == (2, 6, 14, 30, 64)
+    assert matryoshka_prefix_ends(64, ()) == (64,)
+    with pytest.raises(ValueError, match="leaves a group of the 16 latents empty"):
+        matryoshka_prefix_ends(16, (1 / 32, 1 / 16))
+    with pytest.raises(ValueError, match="must increase"):
+        MatryoshkaSAE(12, 40, 3, prefix_ends=(10, 4, 40))
+    with pytest.raises(ValueError, match="must increase"):
+        MatryoshkaSAE(12, 40, 3, prefix_ends=(4, 10))  # the whole dictionary is always the last prefix
+
+
+def test_a_reloaded_matryoshka_sae_keeps_its_prefixes_threshold_and_reconstruction(tmp_path):
+    sae = _matryoshka().eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.2)
+    sae.save(tmp_path / "sae.pt", layer_signature="L", model_id="m")
+    loaded, _ = TopKSAE.load(tmp_path / "sae.pt")
+    assert type(loaded) is MatryoshkaSAE and loaded.prefix_ends == (4, 10, 40) and loaded.k == 3
+    assert torch.equal(loaded.threshold, sae.threshold)
+    x = torch.randn(20, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sae(x))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, copy_store, run_python
-from saekit.training.sae import BatchTopKSAE, TopKSAE
+from saekit.training.sae import BatchTopKSAE, MatryoshkaSAE, TopKSAE
 from saekit.training.saelens_format import CFG_FILE, SEAL_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
 
 SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
@@ -173,6 +173,39 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
         torch.testing.assert_close(out["ours"], sae(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["ours_batchtopk"], batchtopk(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(load_saelens(tmp_path / "theirs")[0](x), out["theirs"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="SAELens venv absent: make bench-peers creates it")
+def test_saelens_loads_a_matryoshka_export_as_the_jumprelu_it_is_at_inference(tmp_path):
+    """A Matryoshka SAE is saved as SAELens saves its own (a JumpReLU at the learned threshold):
+    SAE.load_from_disk reconstructs as we do, and the folder loads back here with that reconstruction."""
+    sae = _trained_looking_sae()
+    matryoshka = MatryoshkaSAE(sae.d_in, sae.n_latents, sae.k, prefix_ends=(4, 12, 40))
+    matryoshka.load_state_dict(_as_batchtopk(sae).state_dict())
+    matryoshka.eval()
+    save_saelens(matryoshka, tmp_path / "ours", "m", "h")
+    assert json.loads((tmp_path / "ours" / CFG_FILE).read_text())["metadata"]["trained_architecture"] == "matryoshka"
+    x = torch.randn(256, 12)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    script = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from sae_lens import SAE
+        x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
+        ours = SAE.load_from_disk({str(tmp_path / "ours")!r})
+        with torch.no_grad():
+            save_file({{"ours": ours(x)}}, {str(tmp_path / "out.safetensors")!r})
+        print(type(ours).__name__)
+    """)
+    proc = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "JumpReLUSAE"
+    out = load_file(tmp_path / "out.safetensors")["ours"]
+    with torch.no_grad():
+        expected = matryoshka(x)
+        assert (matryoshka.dense_codes(x) > 0).sum(1).float().mean() > 1  # the threshold leaves codes to compare
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_saelens(tmp_path / "ours")[0](x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_stage_02_writes_its_sae_in_saelens_format_and_stages_03_to_05_can_read_either(smoke_args):

@@ -55,3 +55,11 @@ def test_notebooks_read_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("SAE_ARGS", "--TOP_K=12 --STORE_DIR=/tmp/x")
     s = load_settings()
     assert s.TOP_K == 12 and str(s.store) == "/tmp/x"
+
+
+def test_matryoshka_groups_are_fractions_summing_below_one():
+    assert load_settings(["--MATRYOSHKA_GROUP_FRACTIONS=(0.1, 0.3)"]).MATRYOSHKA_GROUP_FRACTIONS == (0.1, 0.3)
+    for wrong in ("(0.5, 0.5)", "(0.0, 0.2)", "(0.2, 1.5)", "('a',)"):
+        with pytest.raises(SettingsError, match="MATRYOSHKA_GROUP_FRACTIONS=.* must be a tuple of fractions in \\(0, 1\\) "
+                                                "summing to less than 1"):
+            load_settings([f"--MATRYOSHKA_GROUP_FRACTIONS={wrong}"])

@@ -1,12 +1,12 @@
-"""Train a SAELens 6 TopK or BatchTopK SAE on stored activation rows; run inside bench/.venv-saelens.
+"""Train a SAELens 6 TopK, BatchTopK or Matryoshka BatchTopK SAE on stored activation rows; run inside bench/.venv-saelens.
 
     bench/.venv-saelens/bin/python bench/peers/saelens_train.py '<json spec>'
 
 The spec (written by bench/bench_peers.py) names the rows (.npy, [n, d]), the output folder, the
 architecture, k, width, epochs, batch size, seed, and the settings that differ from SAELens's
-defaults (lr, dead_feature_window in steps). Rows are fed through SAETrainer's data provider (any
+defaults (lr, dead_feature_window in steps; matryoshka_widths, the prefix ends, for Matryoshka). Rows are fed through SAETrainer's data provider (any
 iterator of batches), in a fresh random order each epoch. Only `fit` is timed. The SAE is saved
-for inference (SAELens's save_inference_model: BatchTopK becomes JumpReLU with its threshold), and
+for inference (SAELens's save_inference_model: BatchTopK and Matryoshka become JumpReLU with its threshold), and
 SAELens's own reconstruction of the first rows is saved beside it so the scorer can be checked.
 Prints one JSON line: train_seconds, tokens, settings.
 """
@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from sae_lens import SAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                     MatryoshkaBatchTopKTrainingSAEConfig)
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
@@ -40,8 +42,10 @@ def batches():
 
 
 sae_cls, cfg_cls = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
-                    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[spec["architecture"]]
-sae = sae_cls(cfg_cls(d_in=d, d_sae=spec["d_sae"], k=spec["k"]))
+                    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
+                    "matryoshka": (MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig)}[spec["architecture"]]
+sae_settings = {"matryoshka_widths": spec["matryoshka_widths"]} if spec["architecture"] == "matryoshka" else {}
+sae = sae_cls(cfg_cls(d_in=d, d_sae=spec["d_sae"], k=spec["k"], **sae_settings))
 trainer_settings = {k: spec[k] for k in ("lr", "dead_feature_window") if spec.get(k) is not None}
 lr = trainer_settings.get("lr", SAETrainerConfig.lr)
 # SAELens's runner sets lr_end to lr / 10 (used by decaying schedules only; the default is constant)

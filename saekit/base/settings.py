@@ -230,6 +230,12 @@ def _sae_path(v: str) -> str | None:
     return "'' (stage 02's SAE) or a folder holding cfg.json and sae_weights.safetensors (SAELens's format)"
 
 
+def _fractions_summing_below_one(v: Any) -> str | None:
+    ok = (isinstance(v, (tuple, list)) and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1
+                                               for f in v) and sum(v) < 1)
+    return None if ok else "a tuple of fractions in (0, 1) summing to less than 1 (the last group takes the rest)"
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "PRESET": _any,
     "MODEL_ID": _not_empty, "LAYER_SIGNATURE": _not_empty, "DEVICE": _device,
@@ -239,7 +245,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "DATA_LIMIT": _at_least(0), "EVAL_DATA_LIMIT": _at_least(0), "MAX_LENGTH": _at_least(2),
     "BATCH_SIZE_SAVE": _at_least(1), "ACTIVATION_DTYPE": _one_of("float16", "float32"),
     "SHARD_TOKENS": _at_least(1),
-    "ARCHITECTURE": _one_of("topk", "batchtopk"), "N_LATENTS_MULTIPLIER": _at_least(1), "TOP_K": _at_least(1), "EPOCHS": _at_least(1),
+    "ARCHITECTURE": _one_of("topk", "batchtopk", "matryoshka"),
+    "MATRYOSHKA_GROUP_FRACTIONS": _fractions_summing_below_one, "N_LATENTS_MULTIPLIER": _at_least(1), "TOP_K": _at_least(1), "EPOCHS": _at_least(1),
     "BATCH_SIZE_TRAIN": _at_least(2), "LR": _at_least(0), "LR_BASE": _between(0, 1, open_low=True),
     "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
     "AUXK_COEF": _at_least(0), "AUXK_K": _at_least(0), "DEAD_WINDOW_TOKENS": _at_least(0),

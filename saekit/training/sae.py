@@ -1,5 +1,6 @@
 """Sparse autoencoders: TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), the
-default, and BatchTopK (Bussmann et al. 2024), ARCHITECTURE = "batchtopk".
+default; BatchTopK (Bussmann et al. 2024), ARCHITECTURE = "batchtopk"; and Matryoshka BatchTopK
+(Bussmann et al. 2025), ARCHITECTURE = "matryoshka".
 
     z = TopK(ReLU(W_enc (x - b_dec) + b_enc))        x_hat = W_dec^T z + b_dec
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,22 @@ class TopKSAE(nn.Module):
         """Sum of the active latents' decoder rows, weighted by their values, plus b_dec."""
         return _SparseDecode.apply(values, indices, self.W_dec) + self.b_dec
 
+    @property
+    def prefix_ends(self) -> tuple[int, ...]:
+        """Where each nested prefix of the dictionary that training reconstructs with ends: the whole
+        dictionary only, except in a Matryoshka SAE."""
+        return (self.n_latents,)
+
+    def prefix_reconstructions(self, values: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        """The reconstruction by each prefix of `prefix_ends` (latents [0, end) only), the whole SAE's last.
+        Each is a decode of the same k codes with those past the prefix zeroed, so it costs k rows a token."""
+        return [self.decode(values * (indices < end), indices) for end in self.prefix_ends[:-1]] + [
+            self.decode(values, indices)]
+
+    def layout(self) -> dict[str, Any]:
+        """What besides d_in, n_latents and k the constructor needs to rebuild this SAE (saved with it)."""
+        return {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.d_in)
@@ -230,6 +247,7 @@ class TopKSAE(nn.Module):
         """Atomically write weights and metadata (layer, model id, run id, settings, ...) as plain
         tensors and values, with the checksum of all of it; return the SAE's id (its checksum, short)."""
         blob = {"format": FORMAT, "architecture": self.architecture, "d_in": self.d_in, "n_latents": self.n_latents, "k": self.k,
+                **({"layout": self.layout()} if self.layout() else {}),
                 "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "metadata": metadata}
         blob["sha256"] = content_digest(blob)
         save_torch(path, blob)
@@ -254,7 +272,7 @@ class TopKSAE(nn.Module):
         architecture = ARCHITECTURES.get(blob.get("architecture", "topk"))  # files of before BatchTopK are TopK
         if architecture is None:
             raise SAEFileError(f"{path} holds a {blob['architecture']!r} SAE, which this version does not know. {RERUN_02}")
-        sae = architecture(blob["d_in"], blob["n_latents"], blob["k"])
+        sae = architecture(blob["d_in"], blob["n_latents"], blob["k"], **blob.get("layout", {}))
         sae.load_state_dict(blob["state_dict"])
         return sae.to(device).eval(), {**blob["metadata"], "sae_id": sae_id(expected)}
 
@@ -336,7 +354,51 @@ class BatchTopKSAE(TopKSAE):
         self.threshold /= scale  # pre-activations shrink by the same factor
 
 
-ARCHITECTURES: dict[str, type[TopKSAE]] = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}
+def matryoshka_prefix_ends(n_latents: int, group_fractions: Sequence[float]) -> tuple[int, ...]:
+    """The ends of the nested prefixes for groups taking `group_fractions` of `n_latents` (rounded
+    down), and a last group taking the rest; ValueError where a group would be empty."""
+    ends, end = [], 0
+    for fraction in group_fractions:
+        end += int(fraction * n_latents)
+        ends.append(end)
+    ends.append(n_latents)
+    if any(b <= a for a, b in zip([0] + ends, ends)):
+        raise ValueError(f"MATRYOSHKA_GROUP_FRACTIONS={tuple(group_fractions)} leaves a group of the {n_latents} "
+                         "latents empty: give fewer or larger fractions, summing to less than 1")
+    return tuple(ends)
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka
+    Sparse Autoencoders"; Nabeshima 2025).
+
+    The dictionary is split into groups, and each prefix (the first group, the first two, ..., all)
+    is trained to reconstruct the input on its own from the same BatchTopK codes: the loss is the
+    mean of the prefixes' FVUs (dictionary_learning's equal group weights; SAELens sums the same
+    terms, which differs by a constant factor). Early latents must then carry the general features
+    alone, so a general feature is not absorbed into its more specific children. Everything else is
+    BatchTopK's: the JumpReLU threshold for inference, AuxK on the whole SAE's residual (both
+    peers' default), unit-norm decoder rows. Saved for SAELens as a JumpReLU, as SAELens does.
+    """
+
+    architecture = "matryoshka"
+
+    def __init__(self, d_in: int, n_latents: int, k: int | None, *, prefix_ends: Sequence[int]):
+        super().__init__(d_in, n_latents, k)
+        ends = tuple(int(e) for e in prefix_ends)
+        if not ends or ends[-1] != n_latents or any(b <= a for a, b in zip((0,) + ends, ends)):
+            raise ValueError(f"Matryoshka prefix ends must increase from above 0 to n_latents={n_latents}, got {ends}")
+        self._prefix_ends = ends
+
+    @property
+    def prefix_ends(self) -> tuple[int, ...]:
+        return self._prefix_ends
+
+    def layout(self) -> dict[str, Any]:
+        return {"prefix_ends": list(self._prefix_ends)}
+
+
+ARCHITECTURES: dict[str, type[TopKSAE]] = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaSAE}
 
 
 def sae_id(digest: str) -> str:

@@ -1,5 +1,6 @@
-"""Training an SAE (TopK, or BatchTopK with ARCHITECTURE = "batchtopk") on a layer's activations: the
-recipe of Gao et al. (2024), as EleutherAI's sparsify and OpenAI's sparse_autoencoder run it.
+"""Training an SAE (TopK; BatchTopK with ARCHITECTURE = "batchtopk"; Matryoshka BatchTopK with
+ARCHITECTURE = "matryoshka") on a layer's activations: the recipe of Gao et al. (2024), as
+EleutherAI's sparsify and OpenAI's sparse_autoencoder run it.
 
 Recipe, and where each piece comes from:
 - Inputs scaled to unit mean squared norm, so one learning rate suits any layer or model
@@ -8,7 +9,8 @@ Recipe, and where each piece comes from:
   unit-norm decoder rows (Gao et al. 2024, sec. 2.4; Conerly et al. 2024).
 - Every step: the decoder-gradient component parallel to each row is removed, and rows are
   renormalised after the step (Bricken et al. 2023), so the code scale lives in the encoder.
-- Loss: FVU of the batch (squared error over the batch's total variance), plus AuxK: the top
+- Loss: FVU of the batch (squared error over the batch's total variance; for Matryoshka the mean of
+  each nested prefix's FVU, `TopKSAE.prefix_reconstructions`), plus AuxK: the top
   k_aux = d/2 dead latents reconstruct the residual, their error over the residual's own variance,
   scaled by min(n_dead / k_aux, 1), weight 1/32 (Gao et al. 2024, sec. A.2; `_Trainer.auxk_term`).
   A latent is dead when it has not fired within DEAD_WINDOW_TOKENS training tokens (by default a
@@ -43,7 +45,7 @@ from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
 from ..base.memory import check_fits, training_parts
 from .reconstruction import ReconstructionStats
-from .sae import ARCHITECTURES, TopKSAE, gathered_width, load_plain
+from .sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, gathered_width, load_plain, matryoshka_prefix_ends
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
@@ -83,13 +85,27 @@ class TrainConfig:
     activation_source: str = "store"
     checkpoint_seconds: float = 600.0
     select_dtype: str = "float32"
+    # Matryoshka's groups but the last, as fractions of the dictionary (config.py's default)
+    matryoshka_group_fractions: tuple[float, ...] = (0.03125, 0.0625, 0.125, 0.25)
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
         return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
                    s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
                    s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS,
-                   s.SELECT_DTYPE)
+                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS))
+
+    def layout(self, n_latents: int) -> dict[str, Any]:
+        """The architecture's constructor arguments beyond (d_in, n_latents, k)."""
+        if self.architecture == "matryoshka":
+            return {"prefix_ends": matryoshka_prefix_ends(n_latents, self.matryoshka_group_fractions)}
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must share to be resumed: all but the checkpoint cadence, and
+        Matryoshka's groups only for a Matryoshka SAE (so checkpoints of before it resume)."""
+        ignored = {"checkpoint_seconds"} | ({"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
+        return {k: v for k, v in asdict(self).items() if k not in ignored}
 
 
 LR_REFERENCE_K = 8  # the TOP_K at which LR_BASE was tuned
@@ -201,7 +217,7 @@ class _Trainer:
         self.lr = cfg.lr or scaled_lr(self.n_latents, cfg.lr_base, cfg.k)
         # a GPU runs ahead of the host: read values back (loss, dead latents) only every SYNC_EVERY steps
         self.sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-        self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k)
+        self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k, **cfg.layout(self.n_latents))
         self.sae.select_dtype = select_dtype(cfg.select_dtype, device)
         self.sae.to(device).train()
         # one kernel per tensor for the whole update (the loop version was ~5 ms of a ~45 ms CPU step)
@@ -228,7 +244,8 @@ class _Trainer:
         x = full[first:last]  # this rank's rows of the global batch
         total_variance = (full - full.mean(0)).pow(2).sum()
         values, indices = sae.encode(x)
-        residual = x - sae.decode(values, indices)
+        reconstructions = sae.prefix_reconstructions(values, indices)  # the whole SAE's is the last
+        residual = x - reconstructions[-1]
         batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
         with torch.no_grad():
             fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
@@ -240,7 +257,9 @@ class _Trainer:
         sync = step % self.sync_every == 0
         if sync:
             self.dead_idx = self.dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
-        loss = batch_fvu
+        loss = batch_fvu  # a Matryoshka SAE's: the mean over its prefixes, each reconstructing x on its own
+        if len(reconstructions) > 1:
+            loss = torch.stack([(x - r).pow(2).sum() for r in reconstructions]).mean() / total_variance
         if len(self.dead_idx):
             loss = loss + cfg.auxk_coef * self.auxk_term(x, residual.detach(), len(full))
         self.nonfinite |= ~torch.isfinite(loss.detach())
@@ -408,9 +427,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                             f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
                             f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
-    config = {k: v for k, v in asdict(cfg).items() if k != "checkpoint_seconds"}  # free to change on resume
     where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch.")}
-    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": config}, where,
+    checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": cfg.fingerprint()}, where,
                                cfg.checkpoint_seconds, world)
     ckpt = checkpoints.load() if resume else None
     history: list[dict[str, Any]] = []
@@ -502,7 +520,11 @@ def _check_config(cfg: TrainConfig, d: int, world: World) -> None:
     if cfg.k > n_latents:
         raise PipelineError(f"TOP_K={cfg.k} must be at most the number of latents, "
                             f"N_LATENTS_MULTIPLIER x d_model = {n_latents}")
-    if cfg.architecture == "batchtopk" and world.distributed:
+    try:
+        cfg.layout(n_latents)
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
+    if issubclass(ARCHITECTURES[cfg.architecture], BatchTopKSAE) and world.distributed:
         # each process would take the top of its own share of the batch and keep its own threshold
-        raise PipelineError("ARCHITECTURE='batchtopk' trains in one process (its batch top spans the whole batch); "
-                            "run stage 02 without torchrun, or use ARCHITECTURE='topk' under torchrun")
+        raise PipelineError(f"ARCHITECTURE={cfg.architecture!r} trains in one process (its batch top spans the whole "
+                            "batch); run stage 02 without torchrun, or use ARCHITECTURE='topk' under torchrun")
