@@ -164,10 +164,12 @@ class StoreRows:
 
     def __post_init__(self) -> None:
         self._resident: torch.Tensor | None = None
+        # counted once: the mask spans every training row, and n_rows is read every epoch
+        self._n_rows = int(self._kept(self.start, self.stop).sum())
 
     @property
     def n_rows(self) -> int:
-        return int(self._kept(self.start, self.stop).sum())
+        return self._n_rows
 
     def describe(self) -> str:
         left_out = (f", {self.copies_of_heldout} documents left out as copies of held-out ones"
