@@ -243,13 +243,13 @@ class _Trainer:
         first, last = share(len(full), world)
         x = full[first:last]  # this rank's rows of the global batch
         total_variance = (full - full.mean(0)).pow(2).sum()
-        values, indices = sae.encode(x)
-        reconstructions = sae.prefix_reconstructions(values, indices)  # the whole SAE's is the last
+        codes = sae.codes(x)
+        reconstructions = sae.prefix_reconstructions(codes)  # the whole SAE's is the last
         residual = x - reconstructions[-1]
         batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
         with torch.no_grad():
             fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
-            fired.scatter_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32))
+            fired.scatter_add_(0, codes.latents, (codes.values > 0).to(torch.int32))
             all_reduce_(fired, world, "max")
             self.tokens_since_fired += len(full)
             self.tokens_since_fired.masked_fill_(fired > 0, 0)

@@ -1,0 +1,183 @@
+"""The products a training step makes through its active latents, in two kinds (KERNELS):
+
+- "sparse": through the chosen latents' rows only. On a CPU, sparse products (SDDMM, sparse x dense),
+  which build no [m, d] tensor of gathered rows: 2x (row gradients) and 5x (row dot products) faster
+  than gather + index_add_ at the demo's size (observations.md). Elsewhere they gather the rows and
+  index_add_ them, which a GPU does with fp32 atomics: memory traffic grows with k (~0.35 GB per unit
+  of k a step at d = 1,536, batch 4,096), and the sums are added in no fixed order.
+- "dense": the codes scattered into a dense [batch, n_latents] matrix and multiplied by dense
+  products (TF32 on a CUDA GPU where TF32 is allowed): the cost does not depend on k, and there are no
+  atomics, so a GPU adds up in a fixed order.
+
+"auto" (`resolve_kernels`) takes dense on a CUDA GPU and sparse elsewhere. Both give the same values
+and gradients up to float32 rounding (tests/test_sae.py: within rtol 1e-4).
+
+Codes are passed as `Codes`, compressed sparse rows: a row may hold any number of active latents
+(BatchTopK's rows do), and a batch's m codes take O(m) memory whatever their spread over rows.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("sparse", "dense")
+
+
+def resolve_kernels(setting: str, device: torch.device) -> str:
+    """KERNELS: "auto" is dense on a CUDA GPU (k-independent cost, no atomics) and sparse elsewhere
+    (measured faster on a CPU, observations.md)."""
+    if setting != "auto":
+        return setting
+    return "dense" if torch.device(device).type == "cuda" else "sparse"
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A batch's active latents: entries offsets[b]:offsets[b + 1] are row b's, in row order.
+    `values`, `latents` and `rows` are [m]; `offsets` is [batch + 1]."""
+
+    values: torch.Tensor
+    latents: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def per_row(cls, values: torch.Tensor, indices: torch.Tensor) -> "Codes":
+        """The same number of codes in every row: (values, indices) [batch, width]."""
+        batch, width = indices.shape
+        device = indices.device
+        return cls(values.reshape(-1), indices.reshape(-1),
+                   torch.arange(batch, device=device).repeat_interleave(width),
+                   torch.arange(batch + 1, device=device) * width)
+
+    @classmethod
+    def from_flat(cls, values: torch.Tensor, flat: torch.Tensor, batch: int, n_latents: int) -> "Codes":
+        """Codes at positions `flat` (ascending) of a [batch, n_latents] matrix. Nothing is read back to
+        the host: the row boundaries are found on the device."""
+        rows = flat // n_latents
+        offsets = torch.searchsorted(rows, torch.arange(batch + 1, device=flat.device))
+        return cls(values, flat - rows * n_latents, rows, offsets)
+
+    def with_values(self, values: torch.Tensor) -> "Codes":
+        return Codes(values, self.latents, self.rows, self.offsets)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices) [batch, width], width the busiest row's, zero-valued where a row has fewer
+        (reads the width back to the host)."""
+        counts = self.offsets.diff()
+        width = max(int(counts.max()) if self.batch else 0, 1)
+        slot = torch.arange(len(self.rows), device=self.rows.device) - self.offsets[self.rows]
+        values = self.values.new_zeros(self.batch, width).index_put_((self.rows, slot), self.values)
+        indices = self.latents.new_zeros(self.batch, width).index_put_((self.rows, slot), self.latents)
+        return values, indices
+
+
+def _sparse_products(t: torch.Tensor) -> bool:
+    """Sparse products where they were measured faster (CPU); gathers and index_add_ elsewhere."""
+    return t.device.type == "cpu"
+
+
+def dense(codes: Codes, weights: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """weights scattered at the codes' places of a [batch, n_latents] matrix (zeros elsewhere)."""
+    out = weights.new_zeros(codes.batch * n_latents)
+    out[codes.rows * n_latents + codes.latents] = weights
+    return out.view(codes.batch, n_latents)
+
+
+def weighted_row_sums(codes: Codes, weights: torch.Tensor, table: torch.Tensor, kind: str) -> torch.Tensor:
+    """out[b] = sum over row b's codes e of weights[e] * table[latents[e]]: [batch, d]."""
+    if kind == "dense":
+        return dense(codes, weights, len(table)) @ table
+    return F.embedding_bag(codes.latents, table, codes.offsets, mode="sum", per_sample_weights=weights,
+                           include_last_offset=True)
+
+
+def row_dots(codes: Codes, table: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """out[e] = <x[rows[e]], table[latents[e]]>: [m]. On a CPU a sampled product (SDDMM), 5x faster
+    than gathering the rows first."""
+    if kind == "dense":
+        return (x @ table.T).flatten()[codes.rows * len(table) + codes.latents]
+    if _sparse_products(x):
+        with warnings.catch_warnings():  # torch calls CSR tensors beta; this product is tested against the gather
+            warnings.simplefilter("ignore")
+            pattern = torch.sparse_csr_tensor(codes.offsets, codes.latents, x.new_zeros(len(codes.latents)),
+                                              (codes.batch, len(table)), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0).values()
+    return torch.bmm(table.index_select(0, codes.latents).unsqueeze(1), x.index_select(0, codes.rows).unsqueeze(2)).view(-1)
+
+
+def row_gradients(codes: Codes, weights: torch.Tensor, x: torch.Tensor, n_latents: int, kind: str) -> torch.Tensor:
+    """grad[i] = sum over codes e with latents[e] = i of weights[e] * x[rows[e]]: [n_latents, d]."""
+    if kind == "dense":
+        return dense(codes, weights, n_latents).T @ x
+    if _sparse_products(x):  # indices < n_latents by construction
+        sparse = torch.sparse_coo_tensor(torch.stack([codes.latents, codes.rows]), weights, (n_latents, codes.batch),
+                                         check_invariants=False)
+        return torch.sparse.mm(sparse, x)
+    return x.new_zeros(n_latents, x.shape[1]).index_add_(0, codes.latents, weights.unsqueeze(1) * x.index_select(0, codes.rows))
+
+
+def latent_sums(codes: Codes, weights: torch.Tensor, n_latents: int, kind: str) -> torch.Tensor:
+    """out[i] = sum of weights over the codes of latent i: [n_latents] (the encoder bias's gradient)."""
+    if kind == "dense":  # a column sum: a fixed order, where index_add_ on a GPU has none
+        return dense(codes, weights, n_latents).sum(0)
+    return weights.new_zeros(n_latents).index_add_(0, codes.latents, weights)
+
+
+class ChosenPreactivations(torch.autograd.Function):
+    """`values` = pre[b, latents[e]] at the codes' places, where pre = (x - b_dec) W_enc^T + b_enc, computed
+    without autograd by the product that chose the latents; made differentiable here.
+
+    Backward reaches only the chosen rows of W_enc and b_enc (sparse), or multiplies the dense
+    [batch, n] gradient (dense)."""
+
+    @staticmethod
+    def forward(ctx, x_centred, weight, bias, values, latents, rows, offsets, kind):
+        ctx.save_for_backward(x_centred, weight, latents, rows, offsets)
+        ctx.kind = kind
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_centred, weight, latents, rows, offsets = ctx.saved_tensors
+        codes, kind, n = Codes(grad, latents, rows, offsets), ctx.kind, len(weight)
+        grad_x = weighted_row_sums(codes, grad, weight, kind) if ctx.needs_input_grad[0] else None
+        return (grad_x, row_gradients(codes, grad, x_centred, n, kind), latent_sums(codes, grad, n, kind),
+                None, None, None, None, None)
+
+
+class Decode(torch.autograd.Function):
+    """out[b] = sum over row b's codes e of values[e] * W[latents[e]]"""
+
+    @staticmethod
+    def forward(ctx, values, latents, rows, offsets, weight, kind):
+        codes = Codes(values, latents, rows, offsets)
+        ctx.save_for_backward(values, latents, rows, offsets, weight)
+        ctx.kind = kind
+        return weighted_row_sums(codes, values, weight, kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, latents, rows, offsets, weight = ctx.saved_tensors
+        codes, kind = Codes(values, latents, rows, offsets), ctx.kind
+        return (row_dots(codes, weight, grad, kind), None, None, None,
+                row_gradients(codes, values, grad, len(weight), kind), None)
+
+
+def decode(codes: Codes, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The codes' weighted sum of `weight`'s rows, differentiable in the values and the weight: [batch, d]."""
+    return Decode.apply(codes.values, codes.latents, codes.rows, codes.offsets, weight, kind)
+
+
+def chosen(codes: Codes, x_centred: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
+    """The codes' values (pre-activations computed outside autograd), differentiable through the
+    encoder's rows: [m]."""
+    return ChosenPreactivations.apply(x_centred, weight, bias, codes.values, codes.latents, codes.rows, codes.offsets,
+                                      kind)
