@@ -36,7 +36,7 @@ def _use_kernels(path, sae, monkeypatch):
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_sparse_path_equals_the_dense_definition_in_value_and_gradient(path, monkeypatch):
     """Every kernel path gives the dense autograd definition's values and gradients, in float32,
-    within rtol 1e-4 (the tolerance docs/settings.md states for KERNELS)."""
+    within rtol 1e-4 (the tolerance docs/scale.md states for KERNELS)."""
     sae = _use_kernels(path, _sae(), monkeypatch)
     x = torch.randn(64, 12)
     out = sae(x)

@@ -412,3 +412,38 @@ def test_matryoshka_groups_too_small_for_the_width_are_refused_before_training(t
         train_sae(make_synthetic_run(tmp_path), _cfg(architecture="matryoshka", matryoshka_group_fractions=(0.01, 0.5)),
                   checkpoint_path=tmp_path / "c.pt", progress=False)
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka"])
+def test_dense_kernels_take_the_sparse_kernels_steps_to_float32_rounding(tmp_path, architecture):
+    """KERNELS only changes how a step multiplies: ten steps with dense kernels give the sparse kernels'
+    losses and weights within float32 rounding (the tolerance docs/scale.md states)."""
+    from saekit.training.train import _Trainer
+
+    run = make_synthetic_run(tmp_path)
+    rows = torch.from_numpy(np.concatenate(list(run.iter_rows(0, 1280, 128))))
+    trainers = {}
+    for kernels in ("sparse", "dense"):
+        trainer = _Trainer(_cfg(architecture=architecture, kernels=kernels), run.d_model, 4000, torch.device("cpu"), World())
+        assert trainer.sae.kernels == kernels
+        trainer.initialise(rows[:1024])
+        trainers[kernels] = trainer, [float(trainer.step(rows[i:i + 128], i // 128)[0]) for i in range(0, 1280, 128)]
+    (sparse, sparse_losses), (dense, dense_losses) = trainers["sparse"], trainers["dense"]
+    assert dense_losses == pytest.approx(sparse_losses, rel=1e-4)
+    for name, p in sparse.sae.named_parameters():
+        torch.testing.assert_close(dict(dense.sae.named_parameters())[name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kernels_auto_is_dense_on_a_gpu_and_tf32_is_set_only_there_and_restored():
+    from saekit.training.kernels import resolve_kernels, tf32
+
+    assert resolve_kernels("auto", torch.device("cpu")) == "sparse"
+    assert resolve_kernels("auto", torch.device("cuda")) == "dense"
+    assert resolve_kernels("sparse", torch.device("cuda")) == "sparse"
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    with tf32(True, torch.device("cpu")):
+        assert flags() == before
+    with tf32(not before[0], torch.device("cuda")):  # flags only: no GPU is needed to set them
+        assert flags() == (not before[0], not before[0])
+    assert flags() == before

@@ -18,7 +18,9 @@ Codes are passed as `Codes`, compressed sparse rows: a row may hold any number o
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,22 @@ def resolve_kernels(setting: str, device: torch.device) -> str:
     if setting != "auto":
         return setting
     return "dense" if torch.device(device).type == "cuda" else "sparse"
+
+
+@contextmanager
+def tf32(allowed: bool, device: torch.device) -> Iterator[None]:
+    """TF32 (TF32 setting) for float32 products on a CUDA GPU inside the block, as before after it.
+    TF32 rounds each product's inputs to 10 mantissa bits; the weights, Adam's state and the sums
+    stay float32. A CPU has no TF32: nothing changes there."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
 from ..base.memory import check_fits, training_parts
 from .reconstruction import ReconstructionStats
+from .kernels import resolve_kernels, tf32
 from .sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, gathered_width, load_plain, matryoshka_prefix_ends
 
 
@@ -87,13 +88,15 @@ class TrainConfig:
     select_dtype: str = "float32"
     # Matryoshka's groups but the last, as fractions of the dictionary (config.py's default)
     matryoshka_group_fractions: tuple[float, ...] = (0.03125, 0.0625, 0.125, 0.25)
+    kernels: str = "auto"  # KERNELS (saekit.training.kernels)
+    tf32: bool = True
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
         return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
                    s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
                    s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS,
-                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS))
+                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS), s.KERNELS, s.TF32)
 
     def layout(self, n_latents: int) -> dict[str, Any]:
         """The architecture's constructor arguments beyond (d_in, n_latents, k)."""
@@ -102,9 +105,11 @@ class TrainConfig:
         return {}
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must share to be resumed: all but the checkpoint cadence, and
-        Matryoshka's groups only for a Matryoshka SAE (so checkpoints of before it resume)."""
-        ignored = {"checkpoint_seconds"} | ({"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
+        """The settings a checkpoint must share to be resumed: all but the checkpoint cadence, the kernels
+        and TF32 (which change only the rounding: `_Checkpoints` notes them as it notes another device),
+        and Matryoshka's groups only for a Matryoshka SAE (so checkpoints of before it resume)."""
+        ignored = {"checkpoint_seconds", "kernels", "tf32"} | (
+            {"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
         return {k: v for k, v in asdict(self).items() if k not in ignored}
 
 
@@ -219,6 +224,7 @@ class _Trainer:
         self.sync_every = 1 if device.type == "cpu" else SYNC_EVERY
         self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k, **cfg.layout(self.n_latents))
         self.sae.select_dtype = select_dtype(cfg.select_dtype, device)
+        self.sae.kernels = resolve_kernels(cfg.kernels, device)
         self.sae.to(device).train()
         # one kernel per tensor for the whole update (the loop version was ~5 ms of a ~45 ms CPU step)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda"))
@@ -374,6 +380,9 @@ class _Checkpoints:
         if made_on.get("device") != self.where["device"] and self.world.is_main:
             print(f"note: resuming on {self.where['device']} a checkpoint made on {made_on.get('device', 'an unrecorded device')}: "
                   "training goes on as well, but not to bitwise the result of an uninterrupted run")
+        elif made_on.get("kernels", "sparse") != self.where["kernels"] and self.world.is_main:  # before KERNELS: sparse
+            print(f"note: resuming with KERNELS {self.where['kernels']!r} a checkpoint made with {made_on.get('kernels', 'sparse')!r}: "
+                  "training goes on as well, but not to bitwise the result of an uninterrupted run")
         self.kept = f"the checkpoint this run resumed from is kept at {self.path}"
         return ckpt
 
@@ -410,6 +419,13 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     summed across ranks, and the latents that fired are combined, so all ranks take the same step as
     one process on the whole batch would. Rank 0 writes the checkpoints.
     """
+    with tf32(cfg.tf32, torch.device(device)):
+        return _train_sae(run, cfg, checkpoint_path, resume, device, progress, on_epoch, world, source)
+
+
+def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None, resume: bool,
+               device: str | torch.device, progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
+               world: World, source: RowSource | None) -> tuple[TopKSAE, dict[str, Any]]:
     device = torch.device(device)
     _check_config(cfg, run.d_model, world)
     heldout_start = run.heldout_start(cfg.heldout_fraction)
@@ -427,7 +443,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
                             f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
                             f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
-    where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch.")}
+    where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch."),
+             "kernels": trainer.sae.kernels}
     checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": cfg.fingerprint()}, where,
                                cfg.checkpoint_seconds, world)
     ckpt = checkpoints.load() if resume else None
@@ -488,7 +505,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     if stats is None:  # resumed after the last epoch: nothing left to train
         stats = _evaluate(trainer, run, heldout_start, device, world, exact=True)
     sae = trainer.sae.eval()
-    sae.select_dtype = torch.float32
+    sae.select_dtype, sae.kernels = torch.float32, TopKSAE.kernels
     sae.fold_input_scale(trainer.scale)
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
@@ -509,7 +526,8 @@ def _evaluate(trainer: _Trainer, run: ActivationRun, heldout_start: int, device:
     if exact:
         sae.select_dtype = torch.float32
     try:
-        return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device, world=world)
+        with tf32(trainer.cfg.tf32 and not exact, device):  # the recorded frequencies are float32's, not TF32's
+            return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device, world=world)
     finally:
         sae.select_dtype = chosen_in
         sae.train()
