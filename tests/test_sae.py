@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit.training import kernels
 from saekit.training import sae as sae_module
@@ -261,43 +262,76 @@ def test_a_bfloat16_selection_keeps_float32_values_and_gradients():
     assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(indices, exact))
 
 
-@pytest.mark.parametrize("select", [torch.float32, torch.bfloat16])
-def test_the_memory_check_counts_the_gather_kernels_largest_tensor(select, monkeypatch):
-    """Off the CPU the kernels gather rows into [batch, k, d] tensors (2k wide when bfloat16 proposes
-    candidates). On the CPU, with the GPU's kernels forced, the largest tensor a training step makes
-    is the one saekit.base.memory counts; the CPU's sparse kernels make none."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def _heap_in_use():
+    """Bytes this process has taken from glibc's malloc (heap and mmapped blocks), or None elsewhere."""
+    import ctypes
 
-    from saekit.base.memory import FLOAT32, training_parts
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(mallinfo2())
 
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
 
+# (architecture, path, SELECT_DTYPE) x a shape each path's own tensors dominate: d, N_LATENTS_MULTIPLIER, k, batch
+MEMORY_CASES = [(arch, path, select) for arch in ("topk", "batchtopk") for path in KERNEL_PATHS
+                for select in ("float32", "bfloat16") if not (arch == "batchtopk" and select == "bfloat16")]
+MEMORY_SHAPES = {"gather-index-add": (256, 1, 32, 128), "dense": (16, 128, 4, 256), "cpu-sparse-products": (64, 8, 8, 256)}
+
+
+@pytest.mark.parametrize("arch, path, select", MEMORY_CASES)
+def test_the_memory_check_counts_what_a_training_step_allocates(arch, path, select, monkeypatch):
+    """A whole training step (encode, AuxK with most latents dead, backward, Adam) measured by the C
+    heap on a CPU, with each kernel path forced, never takes more than the check counts for a step
+    (saekit.base.memory.training_parts' products and saekit.training.kernels.step_parts), and where
+    the check counts the GPU path's gathered rows, the step needs them: without them the count would
+    fall short. (The dense kernels' matrices live while the encoder's product is gone: the step's
+    products already cover them at this shape.)"""
+    from saekit.base.memory import training_parts
+    from saekit.training.train import TrainConfig, _Trainer, step_memory
+    from saekit.base.distributed import World
+    from saekit.base.settings import load_settings
+    from dataclasses import replace
+
+    in_use = _heap_in_use()
+    if in_use is None:
+        pytest.skip("needs glibc's mallinfo2 to read the heap")
+    kind, sparse_products = KERNEL_PATHS[path]
+    monkeypatch.setattr(kernels, "_sparse_products", lambda t: sparse_products)
+    d, multiplier, k, batch = MEMORY_SHAPES[path]
+    cfg = replace(TrainConfig.from_settings(load_settings([])), architecture=arch, n_latents_multiplier=multiplier, k=k,
+                  batch_size=batch, select_dtype=select, kernels=kind, dead_window_tokens=1, warmup_steps=1)
+    device = torch.device("cuda" if not sparse_products else "cpu")  # what the check counts for: the GPU's gathers
+    trainer = _Trainer(cfg, d, 100 * batch, torch.device("cpu"), World())
+    torch.manual_seed(0)
+    rows = torch.randn(4 * batch, d)
+    trainer.initialise(rows)
+    for step in range(2):  # the first steps make Adam's state, the gradients and the dead latents
+        trainer.step(rows[step * batch:(step + 1) * batch], step)
+    assert len(trainer.dead_idx) > 0 or path == "gather-index-add"  # AuxK runs in the step (the gathers' shape fires all)
+
+    class Peak(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    LargestOutput.largest = max(LargestOutput.largest, t.numel() * t.element_size())
+            self.peak = max(self.peak, in_use())
             return out
 
-    batch, d, n, k = 32, 64, 48, 6  # sized so that the gathered rows are a step's largest tensor
-
-    def largest_in_a_step(sparse_kernels: bool) -> int:
-        monkeypatch.setattr(kernels, "_sparse_products", lambda t: sparse_kernels)
-        sae = _sae(d, n, k)
-        sae.select_dtype = select
-        LargestOutput.largest = 0
-        with LargestOutput():
-            values, indices = sae.encode(torch.randn(batch, d))
-            sae.decode(values, indices).pow(2).sum().backward()
-        return LargestOutput.largest
-
-    width = sae_module.gathered_width(k, n, select, torch.device("cuda"))
-    assert width == (2 * k if select == torch.bfloat16 else k)
-    counted = training_parts(d, n, batch, False, width)["a training step's gathered rows"]
-    assert counted == batch * width * d * FLOAT32 == largest_in_a_step(sparse_kernels=False)
-    assert sae_module.gathered_width(k, n, select, torch.device("cpu")) == 0
-    assert largest_in_a_step(sparse_kernels=True) < counted
+    batch_rows = rows[2 * batch:3 * batch].clone()
+    peak = Peak()
+    peak.peak = before = in_use()
+    with peak:
+        trainer.step(batch_rows, 2)
+    measured = peak.peak - before
+    n = multiplier * d
+    own = step_memory(cfg, d, device)
+    counted = training_parts(d, n, batch, False)["a training step's products"] + sum(own.values())
+    assert measured <= counted, (measured, counted, own)
+    if path == "gather-index-add":
+        assert measured > counted - own["a training step's gathered rows"], (measured, counted, own)
 
 
 def _matryoshka():

@@ -36,6 +36,33 @@ def resolve_kernels(setting: str, device: torch.device) -> str:
     return "dense" if torch.device(device).type == "cuda" else "sparse"
 
 
+FLOAT32 = 4
+
+
+def step_parts(d: int, n_latents: int, batch: int, k: int, *, batch_top: bool, candidates: int, kind: str,
+               device: torch.device) -> dict[str, int]:
+    """The largest tensors a training step makes through its codes, in bytes, beyond the encoder's
+    product (saekit.base.memory.training_parts counts that): for saekit.base.memory's check.
+
+    - `batch_top` (BatchTopK): the ReLU'd pre-activations flattened, and a full-size index buffer, as a
+      sort-based top-k over them takes where k x batch is large (CUDA), plus the chosen codes' positions.
+    - dense kernels: the scattered codes, a [batch, n_latents] float32 matrix, alive in the backward
+      beside AuxK's saved products (measured on a CPU: with the encoder's product, which is gone by
+      then, the step's products cover them; this is margin for a GPU allocator's rounding).
+    - sparse kernels off the CPU: the gathered rows, [m, d] with m = `candidates` x batch (TopK's k,
+      or the 2k candidates a bfloat16 proposal re-scores): one such tensor where every row has the
+      same number of codes, two where rows differ (BatchTopK: the rows and the latents gathered side by
+      side). At d = 1,536, batch 4,096 and 2k = 128: 3.2 GB. A CPU's sparse products gather none."""
+    parts = {}
+    if batch_top:
+        parts["BatchTopK's batch top"] = batch * n_latents * (FLOAT32 + 8) + 48 * k * batch
+    if kind == "dense":
+        parts["the dense kernels' [batch, n_latents] matrices"] = batch * n_latents * FLOAT32
+    elif torch.device(device).type != "cpu":
+        parts["a training step's gathered rows"] = (2 if batch_top else 1) * candidates * batch * d * FLOAT32
+    return parts
+
+
 @contextmanager
 def tf32(allowed: bool, device: torch.device) -> Iterator[None]:
     """TF32 (TF32 setting) for float32 products on a CUDA GPU inside the block, as before after it.
@@ -61,6 +88,7 @@ class Codes:
     latents: torch.Tensor
     rows: torch.Tensor
     offsets: torch.Tensor
+    width: int | None = None  # the number of codes in every row, where it is the same (TopK's k)
 
     @property
     def batch(self) -> int:
@@ -73,7 +101,7 @@ class Codes:
         device = indices.device
         return cls(values.reshape(-1), indices.reshape(-1),
                    torch.arange(batch, device=device).repeat_interleave(width),
-                   torch.arange(batch + 1, device=device) * width)
+                   torch.arange(batch + 1, device=device) * width, width)
 
     @classmethod
     def from_flat(cls, values: torch.Tensor, flat: torch.Tensor, batch: int, n_latents: int) -> "Codes":
@@ -84,7 +112,7 @@ class Codes:
         return cls(values, flat - rows * n_latents, rows, offsets)
 
     def with_values(self, values: torch.Tensor) -> "Codes":
-        return Codes(values, self.latents, self.rows, self.offsets)
+        return Codes(values, self.latents, self.rows, self.offsets, self.width)
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) [batch, width], width the busiest row's, zero-valued where a row has fewer
@@ -128,6 +156,9 @@ def row_dots(codes: Codes, table: torch.Tensor, x: torch.Tensor, kind: str) -> t
             pattern = torch.sparse_csr_tensor(codes.offsets, codes.latents, x.new_zeros(len(codes.latents)),
                                               (codes.batch, len(table)), check_invariants=False)
         return torch.sparse.sampled_addmm(pattern, x, table.T, beta=0.0).values()
+    if codes.width is not None:  # one [m, d] tensor of gathered rows
+        gathered = table.index_select(0, codes.latents).view(codes.batch, codes.width, -1)
+        return torch.bmm(gathered, x.unsqueeze(2)).view(-1)
     return torch.bmm(table.index_select(0, codes.latents).unsqueeze(1), x.index_select(0, codes.rows).unsqueeze(2)).view(-1)
 
 
@@ -139,7 +170,11 @@ def row_gradients(codes: Codes, weights: torch.Tensor, x: torch.Tensor, n_latent
         sparse = torch.sparse_coo_tensor(torch.stack([codes.latents, codes.rows]), weights, (n_latents, codes.batch),
                                          check_invariants=False)
         return torch.sparse.mm(sparse, x)
-    return x.new_zeros(n_latents, x.shape[1]).index_add_(0, codes.latents, weights.unsqueeze(1) * x.index_select(0, codes.rows))
+    if codes.width is not None:  # one [m, d] tensor of weighted rows
+        weighted = (weights.view(codes.batch, codes.width, 1) * x.unsqueeze(1)).flatten(0, 1)
+    else:
+        weighted = weights.unsqueeze(1) * x.index_select(0, codes.rows)
+    return x.new_zeros(n_latents, x.shape[1]).index_add_(0, codes.latents, weighted)
 
 
 def latent_sums(codes: Codes, weights: torch.Tensor, n_latents: int, kind: str) -> torch.Tensor:
@@ -157,45 +192,45 @@ class ChosenPreactivations(torch.autograd.Function):
     [batch, n] gradient (dense)."""
 
     @staticmethod
-    def forward(ctx, x_centred, weight, bias, values, latents, rows, offsets, kind):
+    def forward(ctx, x_centred, weight, bias, values, latents, rows, offsets, width, kind):
         ctx.save_for_backward(x_centred, weight, latents, rows, offsets)
-        ctx.kind = kind
+        ctx.width, ctx.kind = width, kind
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):
         x_centred, weight, latents, rows, offsets = ctx.saved_tensors
-        codes, kind, n = Codes(grad, latents, rows, offsets), ctx.kind, len(weight)
+        codes, kind, n = Codes(grad, latents, rows, offsets, ctx.width), ctx.kind, len(weight)
         grad_x = weighted_row_sums(codes, grad, weight, kind) if ctx.needs_input_grad[0] else None
         return (grad_x, row_gradients(codes, grad, x_centred, n, kind), latent_sums(codes, grad, n, kind),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class Decode(torch.autograd.Function):
     """out[b] = sum over row b's codes e of values[e] * W[latents[e]]"""
 
     @staticmethod
-    def forward(ctx, values, latents, rows, offsets, weight, kind):
-        codes = Codes(values, latents, rows, offsets)
+    def forward(ctx, values, latents, rows, offsets, width, weight, kind):
+        codes = Codes(values, latents, rows, offsets, width)
         ctx.save_for_backward(values, latents, rows, offsets, weight)
-        ctx.kind = kind
+        ctx.width, ctx.kind = width, kind
         return weighted_row_sums(codes, values, weight, kind)
 
     @staticmethod
     def backward(ctx, grad):
         values, latents, rows, offsets, weight = ctx.saved_tensors
-        codes, kind = Codes(values, latents, rows, offsets), ctx.kind
-        return (row_dots(codes, weight, grad, kind), None, None, None,
+        codes, kind = Codes(values, latents, rows, offsets, ctx.width), ctx.kind
+        return (row_dots(codes, weight, grad, kind), None, None, None, None,
                 row_gradients(codes, values, grad, len(weight), kind), None)
 
 
 def decode(codes: Codes, weight: torch.Tensor, kind: str) -> torch.Tensor:
     """The codes' weighted sum of `weight`'s rows, differentiable in the values and the weight: [batch, d]."""
-    return Decode.apply(codes.values, codes.latents, codes.rows, codes.offsets, weight, kind)
+    return Decode.apply(codes.values, codes.latents, codes.rows, codes.offsets, codes.width, weight, kind)
 
 
 def chosen(codes: Codes, x_centred: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
     """The codes' values (pre-activations computed outside autograd), differentiable through the
     encoder's rows: [m]."""
     return ChosenPreactivations.apply(x_centred, weight, bias, codes.values, codes.latents, codes.rows, codes.offsets,
-                                      kind)
+                                      codes.width, kind)

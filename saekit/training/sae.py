@@ -32,18 +32,6 @@ FORMAT = "saekit.topk_sae/2"
 RERUN_02 = "Train it again: python 02_train_sae.py"
 
 
-def gathered_width(k: int, n_latents: int, select_dtype: torch.dtype, device: torch.device) -> int:
-    """Width of the largest [batch, width, d] tensor of gathered rows a training step builds: none on
-    a CPU (sparse products), else k (the decoder's and encoder's row gradients, the decoder's row dot
-    products), or the CANDIDATES_PER_K * k candidates re-scored when a lower-precision product
-    proposes them (SELECT_DTYPE bfloat16). For saekit.base.memory."""
-    if torch.device(device).type == "cpu":
-        return 0
-    if select_dtype != torch.float32:
-        return min(TopKSAE.CANDIDATES_PER_K * k, n_latents)
-    return k
-
-
 class SAEFileError(PipelineError):
     pass
 

@@ -45,8 +45,8 @@ from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
 from ..base.memory import check_fits, training_parts
 from .reconstruction import ReconstructionStats
-from .kernels import resolve_kernels, tf32
-from .sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, gathered_width, load_plain, matryoshka_prefix_ends
+from .kernels import resolve_kernels, step_parts, tf32
+from .sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, load_plain, matryoshka_prefix_ends
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
@@ -131,6 +131,17 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     native_on_cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # AMX CPUs have it too
     native = device.type == "cuda" or (device.type == "cpu" and native_on_cpu())
     return torch.bfloat16 if native else torch.float32
+
+
+def step_memory(cfg: TrainConfig, d: int, device: torch.device) -> dict[str, int]:
+    """What a step's kernels make beyond the encoder's product (`step_parts`), for the memory check:
+    a bfloat16 proposal is re-scored over CANDIDATES_PER_K x k candidates (BatchTopK chooses in float32)."""
+    n_latents = cfg.n_latents_multiplier * d
+    batch_top = issubclass(ARCHITECTURES[cfg.architecture], BatchTopKSAE)
+    proposes = select_dtype(cfg.select_dtype, device) != torch.float32 and not batch_top
+    candidates = min(TopKSAE.CANDIDATES_PER_K * cfg.k, n_latents) if proposes else cfg.k
+    return step_parts(d, n_latents, cfg.batch_size, cfg.k, batch_top=batch_top, candidates=candidates,
+                      kind=resolve_kernels(cfg.kernels, device), device=device)
 
 
 def step_flops_per_token(d: int, n_latents: int, k: int) -> int:
@@ -432,9 +443,8 @@ def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | Non
     source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed,
                                  *heldout_copies(run, cfg.heldout_fraction)[::-1])
     n_latents = cfg.n_latents_multiplier * run.d_model
-    width = gathered_width(cfg.k, n_latents, select_dtype(cfg.select_dtype, device), device)
-    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu", width),
-                            **source.memory_parts()}, device,
+    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
+                            **step_memory(cfg, run.d_model, device), **source.memory_parts()}, device,
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
                + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
     run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
