@@ -3,7 +3,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from saekit.training import kernels
-from saekit.training import sae as sae_module
 from saekit.training.sae import BatchTopKSAE, MatryoshkaSAE, SAEFileError, TopKSAE, matryoshka_prefix_ends
 
 
