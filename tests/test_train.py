@@ -126,8 +126,8 @@ def test_auxk_is_the_top_k_aux_dead_latents_reconstructing_the_residual(k_aux):
     torch.testing.assert_close(auxk_loss(sae, x, residual, dead, k_aux, torch.tensor(7.0)), expected)
 
 
-def _rows(run, start, stop, batch_size, buffer_tokens):
-    return StoreRows(run, start, stop, batch_size, buffer_tokens, torch.device("cpu"), seed=0)
+def _rows(run, start, stop, batch_size, buffer_tokens, prefetch=True):
+    return StoreRows(run, start, stop, batch_size, buffer_tokens, torch.device("cpu"), seed=0, prefetch=prefetch)
 
 
 def _epoch(source, epoch):
@@ -147,7 +147,10 @@ def test_shuffled_batches_cover_every_row_once_and_differ_between_epochs(tmp_pat
     assert not np.array_equal(orders[0], orders[1])
 
 
-def test_streaming_holds_at_most_one_buffer(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_streaming_holds_a_bounded_number_of_buffers(tmp_path, prefetch):
+    """Without prefetch a buffer's steps run while the next is on the device (two held); with it, one
+    more waits in host memory and one more is being read (four at most)."""
     run = make_synthetic_run(tmp_path, n_tokens=6000)
     read = {"rows": 0}
     real_rows = run.rows
@@ -158,10 +161,55 @@ def test_streaming_holds_at_most_one_buffer(tmp_path):
 
     run.rows = counting_rows
     yielded, held = 0, []
-    for batch, _ in _rows(run, 0, 6000, 64, 1024).epoch(0):
+    for batch, _ in _rows(run, 0, 6000, 64, 1024, prefetch).epoch(0):
         yielded += len(batch)
         held.append(read["rows"] - yielded)
-    assert yielded == 6000 and max(held) <= 1024 + 64 * 16
+    assert yielded == 6000 and max(held) <= (4 if prefetch else 2) * 1024 + 64
+
+
+@pytest.mark.parametrize("excluded", [[], [(700, 900), (3000, 3050)]])
+def test_prefetch_gives_the_same_batches_and_positions_and_resumes_to_them(tmp_path, excluded):
+    """Reading ahead in a background thread changes when rows are read, never which batches come
+    out, in which order, or the positions a checkpoint records; resumed mid-epoch, it continues to
+    the same batches."""
+    run = make_synthetic_run(tmp_path, n_tokens=6000)
+
+    def batches(prefetch, epoch, position=None):
+        source = StoreRows(run, 0, 5000, 64, 1024, torch.device("cpu"), 0, excluded, prefetch=prefetch)
+        return [(batch.clone(), pos) for batch, pos in source.epoch(epoch, position)]
+
+    for epoch in range(2):
+        plain, ahead = batches(False, epoch), batches(True, epoch)
+        assert len(plain) == len(ahead) > 16
+        for (a, pa), (b, pb) in zip(plain, ahead):
+            assert torch.equal(a, b) and (pa is None) == (pb is None)
+            if pa is not None:
+                assert pa["buffer"] == pb["buffer"] and torch.equal(pa["carry"], pb["carry"])
+    at = next(i for i, (_, pos) in enumerate(plain) if pos is not None and pos["buffer"] == 2)
+    resumed = batches(True, 1, plain[at][1])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, plain[at + 1:])) and len(resumed) == len(plain) - at - 1
+
+
+def test_a_read_error_in_the_background_stops_training_with_its_own_message(tmp_path):
+    from saekit.base.integrity import IntegrityError
+
+    run = make_synthetic_run(tmp_path, n_tokens=6000)
+    real_rows = run.rows
+
+    calls = []
+
+    def failing_rows(start, stop, dtype=np.float32):
+        calls.append(start)
+        if len(calls) > 32:  # the third buffer's first chunk (16 chunks of 64 rows a buffer)
+            raise IntegrityError("shard 3 is corrupt. Run stage 01 again")
+        return real_rows(start, stop, dtype)
+
+    run.rows = failing_rows
+    seen = 0
+    with pytest.raises(IntegrityError, match="shard 3 is corrupt"):
+        for batch, _ in _rows(run, 0, 6000, 64, 1024).epoch(0):
+            seen += len(batch)
+    assert seen >= 1024  # the buffers read before it were trained on
 
 
 def test_a_range_that_fits_the_buffer_is_read_once_and_reshuffled_every_epoch(tmp_path):
