@@ -495,3 +495,33 @@ def test_kernels_auto_is_dense_on_a_gpu_and_tf32_is_set_only_there_and_restored(
     with tf32(not before[0], torch.device("cuda")):  # flags only: no GPU is needed to set them
         assert flags() == (not before[0], not before[0])
     assert flags() == before
+
+
+def test_shards_are_verified_as_the_first_epoch_reads_them_with_the_same_refusal(tmp_path):
+    """No pass over every shard before training: a shard's checksum is checked when its rows are
+    first read, and a corrupt one stops training with the one line a separate pass gave."""
+    from saekit.base.integrity import IntegrityError
+
+    run = make_synthetic_run(tmp_path, n_tokens=6000)  # six shards of 1,000 rows
+    checked = []
+    real_check = run.check_shard
+
+    def recording_check(i):
+        checked.append(i)
+        real_check(i)
+
+    run.check_shard = recording_check
+    run.check_all = lambda progress=False: pytest.fail("a separate pass over every shard ran")
+    cfg = _cfg(epochs=1, shuffle_buffer_tokens=1024)
+    train_sae(run, cfg, progress=False)
+    assert set(checked) == set(range(6))
+
+    shard = run.path / f"{run.meta['shards'][3]['name']}.acts.npy"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh = type(run)(run.path, run.meta)  # a new process: nothing verified yet
+    epochs = []
+    with pytest.raises(IntegrityError, match=f"{shard.name} is corrupt.*Run stage 01 again"):
+        train_sae(fresh, cfg, progress=False, on_epoch=epochs.append)
+    assert epochs == []

@@ -447,7 +447,10 @@ def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | Non
                             **step_memory(cfg, run.d_model, device), **source.memory_parts()}, device,
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
                + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
-    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
+    # No pass over every shard first (at 100M tokens, 2 x 307 GB read before the first step): each shard's
+    # checksums and finite values are checked when it is first read (ActivationRun.check_shard), in the
+    # read-ahead thread during the first epoch, with the same refusal: no row is trained on before its
+    # shard is verified, and the SAE is written only after the last epoch.
     if batches_in_epoch(source.n_rows, cfg.batch_size) == 0:
         raise PipelineError(f"the {source.n_rows} training rows make no batch of BATCH_SIZE_TRAIN={cfg.batch_size} "
                             f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
