@@ -177,13 +177,6 @@ def row_gradients(codes: Codes, weights: torch.Tensor, x: torch.Tensor, n_latent
     return x.new_zeros(n_latents, x.shape[1]).index_add_(0, codes.latents, weighted)
 
 
-def latent_sums(codes: Codes, weights: torch.Tensor, n_latents: int, kind: str) -> torch.Tensor:
-    """out[i] = sum of weights over the codes of latent i: [n_latents] (the encoder bias's gradient)."""
-    if kind == "dense":  # a column sum: a fixed order, where index_add_ on a GPU has none
-        return dense(codes, weights, n_latents).sum(0)
-    return weights.new_zeros(n_latents).index_add_(0, codes.latents, weights)
-
-
 class ChosenPreactivations(torch.autograd.Function):
     """`values` = pre[b, latents[e]] at the codes' places, where pre = (x - b_dec) W_enc^T + b_enc, computed
     without autograd by the product that chose the latents; made differentiable here.
@@ -200,10 +193,14 @@ class ChosenPreactivations(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_centred, weight, latents, rows, offsets = ctx.saved_tensors
-        codes, kind, n = Codes(grad, latents, rows, offsets, ctx.width), ctx.kind, len(weight)
-        grad_x = weighted_row_sums(codes, grad, weight, kind) if ctx.needs_input_grad[0] else None
-        return (grad_x, row_gradients(codes, grad, x_centred, n, kind), latent_sums(codes, grad, n, kind),
-                None, None, None, None, None, None)
+        codes, n, rest = Codes(grad, latents, rows, offsets, ctx.width), len(weight), (None,) * 6
+        if ctx.kind == "dense":  # one scattered matrix for the three products; the bias's is a column sum, in a fixed order
+            scattered = dense(codes, grad, n)
+            grad_x = scattered @ weight if ctx.needs_input_grad[0] else None
+            return grad_x, scattered.T @ x_centred, scattered.sum(0), *rest
+        grad_x = weighted_row_sums(codes, grad, weight, "sparse") if ctx.needs_input_grad[0] else None
+        return (grad_x, row_gradients(codes, grad, x_centred, n, "sparse"), grad.new_zeros(n).index_add_(0, latents, grad),
+                *rest)
 
 
 class Decode(torch.autograd.Function):
