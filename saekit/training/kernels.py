@@ -3,8 +3,8 @@
 - "sparse": through the chosen latents' rows only. On a CPU, sparse products (SDDMM, sparse x dense),
   which build no [m, d] tensor of gathered rows: 2x (row gradients) and 5x (row dot products) faster
   than gather + index_add_ at the demo's size (observations.md). Elsewhere they gather the rows and
-  index_add_ them, which a GPU does with fp32 atomics: memory traffic grows with k (~0.35 GB per unit
-  of k a step at d = 1,536, batch 4,096), and the sums are added in no fixed order.
+  index_add_ them, which a GPU does with fp32 atomics: memory traffic grows with k (estimated in issue
+  33 at ~0.35 GB per unit of k a step at d = 1,536, batch 4,096; not yet measured), and the sums are added in no fixed order.
 - "dense": the codes scattered into a dense [batch, n_latents] matrix and multiplied by dense
   products (TF32 on a CUDA GPU where TF32 is allowed): the cost does not depend on k, and there are no
   atomics, so a GPU adds up in a fixed order.
@@ -24,9 +24,6 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-
-KINDS = ("sparse", "dense")
-
 
 def resolve_kernels(setting: str, device: torch.device) -> str:
     """KERNELS: "auto" is dense on a CUDA GPU (k-independent cost, no atomics) and sparse elsewhere
