@@ -362,8 +362,8 @@ class _Checkpoints:
     its steps ran (`where`: the device kind and the dtype SELECT_DTYPE resolved to, which "auto" takes
     from the hardware). Resumed on the same kind of CPU, training reaches the same weights, bit for bit,
     as an uninterrupted run. Another SELECT_DTYPE resolution is refused (its steps choose latents
-    differently). On another device kind, or on any CUDA GPU (whose index_add_ adds in no fixed order),
-    the result is as good but not bitwise the same: a note says so."""
+    differently). On another device kind or with other KERNELS (a note says so), or on a CUDA GPU
+    (docs/scale.md), the result is as good but not bitwise the same."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any], where: dict[str, str], every_seconds: float,
                  world: World):
