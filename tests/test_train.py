@@ -525,3 +525,21 @@ def test_shards_are_verified_as_the_first_epoch_reads_them_with_the_same_refusal
     with pytest.raises(IntegrityError, match=f"{shard.name} is corrupt.*Run stage 01 again"):
         train_sae(fresh, cfg, progress=False, on_epoch=epochs.append)
     assert epochs == []
+
+
+def test_resume_with_other_kernels_goes_on_and_says_it_is_not_bitwise(tmp_path, capsys):
+    """KERNELS changes only the rounding: a checkpoint made with sparse kernels resumes with dense ones
+    (the fingerprint leaves KERNELS out), with a note that the result is not bitwise an uninterrupted run's."""
+    run = make_synthetic_run(tmp_path)
+
+    def stop_in_second(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(run, _cfg(epochs=3, kernels="sparse"), checkpoint_path=tmp_path / "k.pt", progress=False,
+                  on_epoch=stop_in_second)
+    _, record = train_sae(run, _cfg(epochs=3, kernels="dense"), checkpoint_path=tmp_path / "k.pt", resume=True,
+                          progress=False)
+    assert len(record["history"]) == 3
+    assert "resuming with KERNELS 'dense' a checkpoint made with 'sparse'" in capsys.readouterr().out
