@@ -44,6 +44,8 @@ class ReadAhead:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pending is not None and self._pending[1] is not None:
+            self._pending[1].synchronize()  # left early: a copy in flight must not land in memory freed meanwhile
         self._stop.set()
         if self._thread is not None:
             while self._thread.is_alive():  # free a put that waits for room
