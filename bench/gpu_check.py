@@ -217,6 +217,7 @@ def on_the_fly_section(device: torch.device, size: dict, tmp: Path) -> dict[str,
     from bench_scale import TOKENS_PER_TEXT, WORDS, _tokenizer, write_texts
     from saekit.activations.models import document_activations, length_sorted_batches, resolve_layer
     from saekit.activations.sources import ModelRows, count_training_texts
+    from saekit.training.kernels import tf32
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = LlamaConfig(vocab_size=len(WORDS) + 4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
@@ -256,9 +257,10 @@ def on_the_fly_section(device: torch.device, size: dict, tmp: Path) -> dict[str,
     rows_source = source(128)
     trainer = trainer_for(cfg, d, device, rows_source.sample().to(device))
     rows, start = 0, clock(device)
-    for step, (rows_batch, _) in enumerate(rows_source.epoch(0)):
-        trainer.step(rows_batch, step)
-        rows += len(rows_batch)
+    with tf32(cfg.tf32, device):  # as train_sae runs its steps
+        for step, (rows_batch, _) in enumerate(rows_source.epoch(0)):
+            trainer.step(rows_batch, step)
+            rows += len(rows_batch)
     out["training_tokens_per_s_forward_batch_128"] = rows / (clock(device) - start)
     steps = steps_only(cfg, d, device, size, outliers=False)
     out["steps_only_tokens_per_s"] = steps["tokens_per_s"]
