@@ -53,6 +53,10 @@ SELECT_DTYPE = "auto"  # dtype of the dense product that proposes each token's l
 #                       held-out checks between epochs; the choice among them, values and gradients stay float32, as do
 #                       the last check, the saved SAE and stages 03-05. auto = bfloat16 where native (CUDA, AVX512-BF16
 #                       CPUs: 1.37x stage 02's speed here, ΔCE within 1%, observations.md), else float32; or either
+KERNELS = "auto"  # how a training step multiplies through its active latents: "sparse" (the chosen rows only), "dense"
+#                  (codes scattered into a [batch, n_latents] matrix: cost independent of k, no atomics on a GPU), or auto =
+#                  dense on a CUDA GPU, sparse elsewhere (docs/settings.md: what is bit-reproducible where)
+TF32 = True  # on a CUDA GPU, stage 02's float32 products in TF32 (weights, Adam and sums stay float32); False = full float32
 LR = 0.0  # 0 = LR_BASE / sqrt(n_latents / 2**14) (Gao et al. 2024) x (TOP_K / 8)**(1/3) (measured, observations.md)
 LR_BASE = 1e-3  # Gao et al. use 2e-4 for runs of billions of tokens; short CPU runs need more. Tuned at
 #                 TOP_K 8; larger k need more, hence the (TOP_K / 8)**(1/3) above (observations.md)

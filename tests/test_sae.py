@@ -1,7 +1,8 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from saekit.training import sae as sae_module
+from saekit.training import kernels
 from saekit.training.sae import BatchTopKSAE, MatryoshkaSAE, SAEFileError, TopKSAE, matryoshka_prefix_ends
 
 
@@ -21,10 +22,22 @@ def _dense_reference(sae, x):
     return codes @ sae.W_dec + sae.b_dec
 
 
-@pytest.mark.parametrize("sparse_kernels", [True, False], ids=["cpu-sparse-products", "gather-index-add"])
-def test_sparse_path_equals_the_dense_definition_in_value_and_gradient(sparse_kernels, monkeypatch):
-    monkeypatch.setattr(sae_module, "_sparse_kernels", lambda t: sparse_kernels)
-    sae = _sae()
+# the three ways a step multiplies through its codes: KERNELS="sparse" on a CPU and on a GPU, and "dense"
+KERNEL_PATHS = {"cpu-sparse-products": ("sparse", True), "gather-index-add": ("sparse", False), "dense": ("dense", True)}
+
+
+def _use_kernels(path, sae, monkeypatch):
+    kind, sparse_products = KERNEL_PATHS[path]
+    monkeypatch.setattr(kernels, "_sparse_products", lambda t: sparse_products)
+    sae.kernels = kind
+    return sae
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_sparse_path_equals_the_dense_definition_in_value_and_gradient(path, monkeypatch):
+    """Every kernel path gives the dense autograd definition's values and gradients, in float32,
+    within rtol 1e-4 (the tolerance docs/scale.md states for KERNELS)."""
+    sae = _use_kernels(path, _sae(), monkeypatch)
     x = torch.randn(64, 12)
     out = sae(x)
     ref_sae = _sae()
@@ -97,14 +110,16 @@ def _batchtopk():
     return _sae(k=3, architecture=BatchTopKSAE)
 
 
-def test_batchtopk_trains_on_the_batch_top_k_times_batch_and_matches_its_dense_definition():
-    sae, ref_sae = _batchtopk(), _batchtopk()
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_batchtopk_trains_on_the_batch_top_k_times_batch_and_matches_its_dense_definition(path, monkeypatch):
+    sae, ref_sae = _use_kernels(path, _batchtopk(), monkeypatch), _batchtopk()
     x = torch.randn(64, 12)
     x[0] *= 30  # an outlier token (as BOS often is) is owed more latents than its first 4k candidates
-    values, indices = sae.train().encode(x)
+    codes = sae.train().codes(x)
+    values, _ = codes.padded()
     assert int((values > 0).sum()) == 3 * 64  # k per token on average: the batch's budget, not each row's
     assert int((values[0] > 0).sum()) > 4 * 3 and len(set((values > 0).sum(1).tolist())) > 2
-    out = sae.decode(values, indices)
+    out = sae.decode_codes(codes)
     pre = ref_sae.pre_activations(x).flatten()  # ReLU'd pre-activations of every latent
     kept = torch.zeros_like(pre).scatter(0, pre.topk(3 * 64).indices, 1.0)
     ref = (pre * kept).view(64, 40) @ ref_sae.W_dec + ref_sae.b_dec
@@ -120,6 +135,74 @@ def test_batchtopk_trains_on_the_batch_top_k_times_batch_and_matches_its_dense_d
         second_values, _ = sae.encode(torch.randn(64, 12))
     second = float(second_values[second_values > 0].min())
     torch.testing.assert_close(sae.threshold, torch.full((40,), (first + second) / 2))
+
+
+def _widening_batch_top(pre: torch.Tensor, budget: int, k: int) -> torch.Tensor:
+    """The selection BatchTopK made before its one flat top-k, kept as this test's oracle: each row's
+    top 4k, widened while some row kept all of its own; returns the kept codes as a dense matrix."""
+    codes, width = pre.relu(), min(4 * k, pre.shape[1])
+    while True:
+        top = codes.topk(width, dim=-1, sorted=False)
+        flat = top.values.flatten()
+        kept = torch.zeros_like(flat, dtype=torch.bool)
+        kept[flat.topk(min(budget, len(flat)), sorted=False).indices] = True
+        kept = kept.view_as(top.values) & (top.values > 0)
+        if width == pre.shape[1] or not kept.all(1).any():
+            return torch.zeros_like(codes).scatter(1, top.indices, top.values * kept)
+        width = min(2 * width, pre.shape[1])
+
+
+@pytest.mark.parametrize("case", ["plain", "outlier rows", "ties", "fewer positive than the budget"])
+def test_batchtopk_selects_what_the_widening_per_row_top_selected(case):
+    """One flat top-k over the batch keeps the codes the old widening per-row top kept: the same
+    (row, latent) pairs where no two codes tie, and where they tie at the cut, as many of the tied
+    value, so the same codes by value in each row's multiset but for which of the tied ones."""
+    torch.manual_seed(1)
+    batch, n, k = 64, 200, 4
+    pre = torch.randn(batch, n)
+    if case == "outlier rows":  # BOS-like rows, far larger than the rest, are owed most of the budget
+        pre[[0, 17]] *= 50
+    if case == "ties":
+        pre = torch.randint(-4, 5, (batch, n)).float()
+    if case == "fewer positive than the budget":
+        pre = pre - 2.8
+    flat = BatchTopKSAE._batch_top(pre, k * batch)
+    codes = kernels.Codes.from_flat(pre.flatten()[flat].relu(), flat, batch, n)
+    got = kernels.dense(codes, codes.values, n)
+    expected = _widening_batch_top(pre, k * batch, k)
+    assert len(flat) == k * batch and bool((flat.diff() > 0).all())
+    assert torch.equal(codes.offsets, torch.searchsorted(codes.rows, torch.arange(batch + 1)))
+    if case == "ties":
+        torch.testing.assert_close(got.flatten().sort().values, expected.flatten().sort().values, rtol=0, atol=0)
+        cut = got[got > 0].min()
+        assert torch.equal(got > cut, expected > cut)  # only ties at the cut may differ in place
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if case == "outlier rows":
+        assert int((got[0] > 0).sum()) > 4 * k  # the outliers took more than the old first width
+    if case == "fewer positive than the budget":
+        assert 0 < int((got > 0).sum()) < k * batch
+
+
+def test_batchtopk_training_reads_nothing_back_to_the_host():
+    """A BatchTopK step's choice and threshold stay on the device: no .item(), bool() or tolist() on a
+    tensor (which, on a GPU, waits for every kernel queued before it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ReadBacks(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                ReadBacks.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    sae = _batchtopk().train()
+    x = torch.randn(64, 12)
+    x[0] *= 30
+    with ReadBacks():
+        sae.decode_codes(sae.codes(x)).pow(2).sum().backward()
+    assert ReadBacks.seen == []
 
 
 def test_batchtopk_inference_is_a_jumprelu_at_its_threshold():
@@ -178,56 +261,89 @@ def test_a_bfloat16_selection_keeps_float32_values_and_gradients():
     assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(indices, exact))
 
 
-@pytest.mark.parametrize("select", [torch.float32, torch.bfloat16])
-def test_the_memory_check_counts_the_gather_kernels_largest_tensor(select, monkeypatch):
-    """Off the CPU the kernels gather rows into [batch, k, d] tensors (2k wide when bfloat16 proposes
-    candidates). On the CPU, with the GPU's kernels forced, the largest tensor a training step makes
-    is the one saekit.base.memory counts; the CPU's sparse kernels make none."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def _heap_in_use():
+    """Bytes this process has taken from glibc's malloc (heap and mmapped blocks), or None elsewhere."""
+    import ctypes
 
-    from saekit.base.memory import FLOAT32, training_parts
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(mallinfo2())
 
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
 
+# (architecture, path, SELECT_DTYPE) x a shape each path's own tensors dominate: d, N_LATENTS_MULTIPLIER, k, batch
+MEMORY_CASES = [(arch, path, select) for arch in ("topk", "batchtopk") for path in KERNEL_PATHS
+                for select in ("float32", "bfloat16") if not (arch == "batchtopk" and select == "bfloat16")]
+MEMORY_SHAPES = {"gather-index-add": (256, 1, 32, 128), "dense": (16, 128, 4, 256), "cpu-sparse-products": (64, 8, 8, 256)}
+
+
+@pytest.mark.parametrize("arch, path, select", MEMORY_CASES)
+def test_the_memory_check_counts_what_a_training_step_allocates(arch, path, select, monkeypatch):
+    """A whole training step (encode, AuxK with most latents dead, backward, Adam) measured by the C
+    heap on a CPU, with each kernel path forced, never takes more than the check counts for a step
+    (saekit.base.memory.training_parts' products and saekit.training.kernels.step_parts), and where
+    the check counts the GPU path's gathered rows, the step needs them: without them the count would
+    fall short. (The dense kernels' matrices live while the encoder's product is gone: the step's
+    products already cover them at this shape.)"""
+    from saekit.base.memory import training_parts
+    from saekit.training.train import TrainConfig, _Trainer, step_memory
+    from saekit.base.distributed import World
+    from saekit.base.settings import load_settings
+    from dataclasses import replace
+
+    in_use = _heap_in_use()
+    if in_use is None:
+        pytest.skip("needs glibc's mallinfo2 to read the heap")
+    kind, sparse_products = KERNEL_PATHS[path]
+    monkeypatch.setattr(kernels, "_sparse_products", lambda t: sparse_products)
+    d, multiplier, k, batch = MEMORY_SHAPES[path]
+    cfg = replace(TrainConfig.from_settings(load_settings([])), architecture=arch, n_latents_multiplier=multiplier, k=k,
+                  batch_size=batch, select_dtype=select, kernels=kind, dead_window_tokens=1, warmup_steps=1)
+    device = torch.device("cuda" if not sparse_products else "cpu")  # what the check counts for: the GPU's gathers
+    trainer = _Trainer(cfg, d, 100 * batch, torch.device("cpu"), World())
+    torch.manual_seed(0)
+    rows = torch.randn(4 * batch, d)
+    trainer.initialise(rows)
+    for step in range(2):  # the first steps make Adam's state, the gradients and the dead latents
+        trainer.step(rows[step * batch:(step + 1) * batch], step)
+    assert len(trainer.dead_idx) > 0 or path == "gather-index-add"  # AuxK runs in the step (the gathers' shape fires all)
+
+    class Peak(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    LargestOutput.largest = max(LargestOutput.largest, t.numel() * t.element_size())
+            self.peak = max(self.peak, in_use())
             return out
 
-    batch, d, n, k = 32, 64, 48, 6  # sized so that the gathered rows are a step's largest tensor
-
-    def largest_in_a_step(sparse_kernels: bool) -> int:
-        monkeypatch.setattr(sae_module, "_sparse_kernels", lambda t: sparse_kernels)
-        sae = _sae(d, n, k)
-        sae.select_dtype = select
-        LargestOutput.largest = 0
-        with LargestOutput():
-            values, indices = sae.encode(torch.randn(batch, d))
-            sae.decode(values, indices).pow(2).sum().backward()
-        return LargestOutput.largest
-
-    width = sae_module.gathered_width(k, n, select, torch.device("cuda"))
-    assert width == (2 * k if select == torch.bfloat16 else k)
-    counted = training_parts(d, n, batch, False, width)["a training step's gathered rows"]
-    assert counted == batch * width * d * FLOAT32 == largest_in_a_step(sparse_kernels=False)
-    assert sae_module.gathered_width(k, n, select, torch.device("cpu")) == 0
-    assert largest_in_a_step(sparse_kernels=True) < counted
+    batch_rows = rows[2 * batch:3 * batch].clone()
+    peak = Peak()
+    peak.peak = before = in_use()
+    with peak:
+        trainer.step(batch_rows, 2)
+    measured = peak.peak - before
+    n = multiplier * d
+    own = step_memory(cfg, d, device)
+    counted = training_parts(d, n, batch, False)["a training step's products"] + sum(own.values())
+    assert measured <= counted, (measured, counted, own)
+    if path == "gather-index-add":
+        assert measured > counted - own["a training step's gathered rows"], (measured, counted, own)
 
 
 def _matryoshka():
     return _sae(k=3, architecture=MatryoshkaSAE, prefix_ends=(4, 10, 40))
 
 
-def test_matryoshka_prefixes_reconstruct_from_their_own_latents_as_the_dense_definition_does():
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_matryoshka_prefixes_reconstruct_from_their_own_latents_as_the_dense_definition_does(path, monkeypatch):
     """Each prefix's reconstruction is the batch-top codes of latents [0, end) times their decoder
     rows, plus b_dec, in value and in the gradient of the prefixes' mean loss."""
-    sae, ref_sae = _matryoshka(), _matryoshka()
+    sae, ref_sae = _use_kernels(path, _matryoshka(), monkeypatch), _matryoshka()
     x = torch.randn(64, 12)
-    values, indices = sae.train().encode(x)
-    reconstructions = sae.prefix_reconstructions(values, indices)
+    reconstructions = sae.train().prefix_reconstructions(sae.codes(x))
     pre = ref_sae.pre_activations(x).flatten()
     codes = (pre * torch.zeros_like(pre).scatter(0, pre.topk(3 * 64).indices, 1.0)).view(64, 40)
     refs = [codes[:, :end] @ ref_sae.W_dec[:end] + ref_sae.b_dec for end in (4, 10, 40)]
@@ -243,8 +359,7 @@ def test_matryoshka_prefixes_reconstruct_from_their_own_latents_as_the_dense_def
 
 def test_topk_and_batchtopk_have_one_prefix_the_whole_dictionary():
     sae = _batchtopk().train()
-    values, indices = sae.encode(torch.randn(8, 12))
-    assert sae.prefix_ends == (40,) and len(sae.prefix_reconstructions(values, indices)) == 1
+    assert sae.prefix_ends == (40,) and len(sae.prefix_reconstructions(sae.codes(torch.randn(8, 12)))) == 1
 
 
 def test_matryoshka_groups_from_fractions_and_an_empty_group_refused():

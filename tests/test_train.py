@@ -97,9 +97,8 @@ def test_matryoshka_trains_its_prefixes_to_reconstruct_alone(tmp_path):
     loss, fvu = trainer.step(batch, 1)
     x = batch.float() * trainer.scale
     with torch.no_grad():
-        values, indices = reference.encode(x)
         fvus = [float((x - r).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-                for r in reference.prefix_reconstructions(values, indices)]
+                for r in reference.prefix_reconstructions(reference.codes(x))]
     assert float(loss) == pytest.approx(sum(fvus) / len(fvus), rel=1e-5) and float(fvu) == pytest.approx(fvus[-1], rel=1e-5)
 
     matryoshka, record = train_sae(run, cfg, progress=False)
@@ -127,8 +126,8 @@ def test_auxk_is_the_top_k_aux_dead_latents_reconstructing_the_residual(k_aux):
     torch.testing.assert_close(auxk_loss(sae, x, residual, dead, k_aux, torch.tensor(7.0)), expected)
 
 
-def _rows(run, start, stop, batch_size, buffer_tokens):
-    return StoreRows(run, start, stop, batch_size, buffer_tokens, torch.device("cpu"), seed=0)
+def _rows(run, start, stop, batch_size, buffer_tokens, prefetch=True):
+    return StoreRows(run, start, stop, batch_size, buffer_tokens, torch.device("cpu"), seed=0, prefetch=prefetch)
 
 
 def _epoch(source, epoch):
@@ -148,7 +147,10 @@ def test_shuffled_batches_cover_every_row_once_and_differ_between_epochs(tmp_pat
     assert not np.array_equal(orders[0], orders[1])
 
 
-def test_streaming_holds_at_most_one_buffer(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_streaming_holds_a_bounded_number_of_buffers(tmp_path, prefetch):
+    """Without prefetch a buffer's steps run while the next is on the device (two held); with it, one
+    more waits in host memory and one more is being read (four at most)."""
     run = make_synthetic_run(tmp_path, n_tokens=6000)
     read = {"rows": 0}
     real_rows = run.rows
@@ -159,10 +161,55 @@ def test_streaming_holds_at_most_one_buffer(tmp_path):
 
     run.rows = counting_rows
     yielded, held = 0, []
-    for batch, _ in _rows(run, 0, 6000, 64, 1024).epoch(0):
+    for batch, _ in _rows(run, 0, 6000, 64, 1024, prefetch).epoch(0):
         yielded += len(batch)
         held.append(read["rows"] - yielded)
-    assert yielded == 6000 and max(held) <= 1024 + 64 * 16
+    assert yielded == 6000 and max(held) <= (4 if prefetch else 2) * 1024 + 64
+
+
+@pytest.mark.parametrize("excluded", [[], [(700, 900), (3000, 3050)]])
+def test_prefetch_gives_the_same_batches_and_positions_and_resumes_to_them(tmp_path, excluded):
+    """Reading ahead in a background thread changes when rows are read, never which batches come
+    out, in which order, or the positions a checkpoint records; resumed mid-epoch, it continues to
+    the same batches."""
+    run = make_synthetic_run(tmp_path, n_tokens=6000)
+
+    def batches(prefetch, epoch, position=None):
+        source = StoreRows(run, 0, 5000, 64, 1024, torch.device("cpu"), 0, excluded, prefetch=prefetch)
+        return [(batch.clone(), pos) for batch, pos in source.epoch(epoch, position)]
+
+    for epoch in range(2):
+        plain, ahead = batches(False, epoch), batches(True, epoch)
+        assert len(plain) == len(ahead) > 16
+        for (a, pa), (b, pb) in zip(plain, ahead):
+            assert torch.equal(a, b) and (pa is None) == (pb is None)
+            if pa is not None:
+                assert pa["buffer"] == pb["buffer"] and torch.equal(pa["carry"], pb["carry"])
+    at = next(i for i, (_, pos) in enumerate(plain) if pos is not None and pos["buffer"] == 2)
+    resumed = batches(True, 1, plain[at][1])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed, plain[at + 1:])) and len(resumed) == len(plain) - at - 1
+
+
+def test_a_read_error_in_the_background_stops_training_with_its_own_message(tmp_path):
+    from saekit.base.integrity import IntegrityError
+
+    run = make_synthetic_run(tmp_path, n_tokens=6000)
+    real_rows = run.rows
+
+    calls = []
+
+    def failing_rows(start, stop, dtype=np.float32):
+        calls.append(start)
+        if len(calls) > 32:  # the third buffer's first chunk (16 chunks of 64 rows a buffer)
+            raise IntegrityError("shard 3 is corrupt. Run stage 01 again")
+        return real_rows(start, stop, dtype)
+
+    run.rows = failing_rows
+    seen = 0
+    with pytest.raises(IntegrityError, match="shard 3 is corrupt"):
+        for batch, _ in _rows(run, 0, 6000, 64, 1024).epoch(0):
+            seen += len(batch)
+    assert seen >= 1024  # the buffers read before it were trained on
 
 
 def test_a_range_that_fits_the_buffer_is_read_once_and_reshuffled_every_epoch(tmp_path):
@@ -413,3 +460,86 @@ def test_matryoshka_groups_too_small_for_the_width_are_refused_before_training(t
         train_sae(make_synthetic_run(tmp_path), _cfg(architecture="matryoshka", matryoshka_group_fractions=(0.01, 0.5)),
                   checkpoint_path=tmp_path / "c.pt", progress=False)
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka"])
+def test_dense_kernels_take_the_sparse_kernels_steps_to_float32_rounding(tmp_path, architecture):
+    """KERNELS only changes how a step multiplies: ten steps with dense kernels give the sparse kernels'
+    losses and weights within float32 rounding (the tolerance docs/scale.md states)."""
+    from saekit.training.train import _Trainer
+
+    run = make_synthetic_run(tmp_path)
+    rows = torch.from_numpy(np.concatenate(list(run.iter_rows(0, 1280, 128))))
+    trainers = {}
+    for kernels in ("sparse", "dense"):
+        trainer = _Trainer(_cfg(architecture=architecture, kernels=kernels), run.d_model, 4000, torch.device("cpu"), World())
+        assert trainer.sae.kernels == kernels
+        trainer.initialise(rows[:1024])
+        trainers[kernels] = trainer, [float(trainer.step(rows[i:i + 128], i // 128)[0]) for i in range(0, 1280, 128)]
+    (sparse, sparse_losses), (dense, dense_losses) = trainers["sparse"], trainers["dense"]
+    assert dense_losses == pytest.approx(sparse_losses, rel=1e-4)
+    for name, p in sparse.sae.named_parameters():
+        torch.testing.assert_close(dict(dense.sae.named_parameters())[name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kernels_auto_is_dense_on_a_gpu_and_tf32_is_set_only_there_and_restored():
+    from saekit.training.kernels import resolve_kernels, tf32
+
+    assert resolve_kernels("auto", torch.device("cpu")) == "sparse"
+    assert resolve_kernels("auto", torch.device("cuda")) == "dense"
+    assert resolve_kernels("sparse", torch.device("cuda")) == "sparse"
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    with tf32(True, torch.device("cpu")):
+        assert flags() == before
+    with tf32(not before[0], torch.device("cuda")):  # flags only: no GPU is needed to set them
+        assert flags() == (not before[0], not before[0])
+    assert flags() == before
+
+
+def test_shards_are_verified_as_the_first_epoch_reads_them_with_the_same_refusal(tmp_path):
+    """No pass over every shard before training: a shard's checksum is checked when its rows are
+    first read, and a corrupt one stops training with the one line a separate pass gave."""
+    from saekit.base.integrity import IntegrityError
+
+    run = make_synthetic_run(tmp_path, n_tokens=6000)  # six shards of 1,000 rows
+    checked = []
+    real_check = run.check_shard
+
+    def recording_check(i):
+        checked.append(i)
+        real_check(i)
+
+    run.check_shard = recording_check
+    run.check_all = lambda progress=False: pytest.fail("a separate pass over every shard ran")
+    cfg = _cfg(epochs=1, shuffle_buffer_tokens=1024)
+    train_sae(run, cfg, progress=False)
+    assert set(checked) == set(range(6))
+
+    shard = run.path / f"{run.meta['shards'][3]['name']}.acts.npy"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh = type(run)(run.path, run.meta)  # a new process: nothing verified yet
+    epochs = []
+    with pytest.raises(IntegrityError, match=f"{shard.name} is corrupt.*Run stage 01 again"):
+        train_sae(fresh, cfg, progress=False, on_epoch=epochs.append)
+    assert epochs == []
+
+
+def test_resume_with_other_kernels_goes_on_and_says_it_is_not_bitwise(tmp_path, capsys):
+    """KERNELS changes only the rounding: a checkpoint made with sparse kernels resumes with dense ones
+    (the fingerprint leaves KERNELS out), with a note that the result is not bitwise an uninterrupted run's."""
+    run = make_synthetic_run(tmp_path)
+
+    def stop_in_second(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(run, _cfg(epochs=3, kernels="sparse"), checkpoint_path=tmp_path / "k.pt", progress=False,
+                  on_epoch=stop_in_second)
+    _, record = train_sae(run, _cfg(epochs=3, kernels="dense"), checkpoint_path=tmp_path / "k.pt", resume=True,
+                          progress=False)
+    assert len(record["history"]) == 3
+    assert "resuming with KERNELS 'dense' a checkpoint made with 'sparse'" in capsys.readouterr().out

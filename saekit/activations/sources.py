@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
@@ -31,6 +32,7 @@ from ..base.distributed import World, gather_objects
 from ..base.memory import forward_parts
 from .data import document_hash
 from .models import length_sorted_batches, write_document_activations
+from .prefetch import ReadAhead
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
 Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}: where an epoch continues
@@ -160,6 +162,7 @@ class StoreRows:
     seed: int
     excluded: list[tuple[int, int]] = field(default_factory=list)
     copies_of_heldout: int = 0  # documents the excluded rows belong to
+    prefetch: bool = True  # read the next buffer in the background (saekit.activations.prefetch)
     kind = "store"
 
     def __post_init__(self) -> None:
@@ -177,6 +180,8 @@ class StoreRows:
         return f"the stored activations of run {self.run.run_id} ({self.n_rows} training rows{left_out})"
 
     def memory_parts(self) -> dict[str, int]:
+        """Two buffers, each with room for a batch carried over: the one trained on and the next, read
+        ahead (or, when the range fits in one, the resident rows and their copy joined to a carry)."""
         rows = min(self.n_rows, self.buffer_tokens + self.batch_size)
         return {"the shuffle buffer": 2 * rows * self.run.d_model * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
 
@@ -194,9 +199,12 @@ class StoreRows:
         spread = _spread(self.start, self.stop, SAMPLE_ROWS)
         return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]]))
 
-    def _read(self, lo: int, hi: int) -> torch.Tensor:
+    def _read(self, lo: int, hi: int) -> np.ndarray:
         rows, keep = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]), self._kept(lo, hi)
-        return torch.from_numpy(rows if keep.all() else rows[keep]).to(self.device)
+        return rows if keep.all() else rows[keep]
+
+    def _read_buffer(self, chunks: list[tuple[int, int]]) -> np.ndarray:
+        return np.concatenate([self._read(lo, hi) for lo, hi in chunks])
 
     def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
         """Each buffer's chunks, in this epoch's order."""
@@ -213,17 +221,22 @@ class StoreRows:
         buffers = self._buffers(epoch)
         first = position["buffer"] if position else 0
         carry = position["carry"].to(self.device) if position else None
-        for b in range(first, len(buffers)):
-            if len(buffers) == 1:
-                if self._resident is None:
-                    self._resident = self._read(self.start, self.stop)
-                rows = self._resident
-            else:
-                rows = torch.cat([self._read(lo, hi) for lo, hi in buffers[b]])
-            if carry is not None and len(carry):
-                rows = torch.cat([carry, rows])
-            carry = yield from shuffled_batches(rows, _generator(self.seed, epoch, b), self.batch_size,
-                                                last=b == len(buffers) - 1, after={"buffer": b + 1, "next": 0})
+        if first >= len(buffers):
+            return
+        if len(buffers) == 1:
+            if self._resident is None:
+                self._resident = torch.from_numpy(self._read(self.start, self.stop)).to(self.device)
+            rows = self._resident if carry is None or not len(carry) else torch.cat([carry, self._resident])
+            yield from shuffled_batches(rows, _generator(self.seed, epoch, 0), self.batch_size, last=True,
+                                        after={"buffer": 1, "next": 0})
+            return
+        reads = [partial(self._read_buffer, chunks) for chunks in buffers[first:]]
+        with ReadAhead(reads, self.device, self.batch_size, background=self.prefetch) as ahead:
+            for b in range(first, len(buffers)):
+                rows = None  # the previous buffer goes before the one after the next is allocated
+                rows = ahead.take(carry)
+                carry = yield from shuffled_batches(rows, _generator(self.seed, epoch, b), self.batch_size,
+                                                    last=b == len(buffers) - 1, after={"buffer": b + 1, "next": 0})
 
 
 @dataclass(frozen=True)
@@ -401,6 +414,7 @@ class ModelRows:
         buffer = position["buffer"] if position else 0
         carry = position["carry"].to(self.device) if position else None
         for docs, after, last in self._buffers(epoch, position):
+            rows = None  # the previous buffer goes before the next is made (memory_parts counts two)
             if epoch == 0 and buffer == 0 and self._first is not None:
                 rows, self._first = self._first, None
             else:

@@ -48,21 +48,16 @@ def check_fits(what: str, parts: dict[str, int], device: torch.device, advice: s
                           f"{advice}")
 
 
-def training_parts(d: int, n_latents: int, batch_size: int, initial_copy_here: bool,
-                   gathered_width: int = 0) -> dict[str, int]:
-    """Stage 02's large tensors besides its source's buffers: the SAE with its gradients and Adam's two
-    moments (and the copy of the initial weights kept for stage 03, on the host), a step's dense
-    products over every latent (the encoder's pre-activations, their top-k and AuxK's), the held-out
-    evaluation's batches, and, where the kernels gather rows (`gathered_width` > 0: off the CPU,
-    saekit.training.sae.gathered_width), their [batch, width, d] tensor of gathered rows: at
-    k = 128, d = 4,096 and batch 4,096 on the bfloat16 path, 17 GB."""
+def training_parts(d: int, n_latents: int, batch_size: int, initial_copy_here: bool) -> dict[str, int]:
+    """Stage 02's large tensors besides its source's buffers and its kernels' (the trainer adds those:
+    saekit.training.kernels.step_parts): the SAE with its gradients and Adam's two moments (and the
+    copy of the initial weights kept for stage 03, on the host), a step's dense products over every
+    latent (the encoder's pre-activations, their top-k and AuxK's), and the held-out evaluation's
+    batches."""
     weights = (2 * n_latents * d + n_latents + d) * FLOAT32
-    parts = {"the SAE, its gradients and Adam's state": 4 * weights + (2 * n_latents * d * FLOAT32 if initial_copy_here else 0),
-             "a training step's products": 3 * batch_size * n_latents * FLOAT32 + 8 * batch_size * d * FLOAT32,
-             "the held-out evaluation": 4096 * (n_latents + 4 * d) * FLOAT32}
-    if gathered_width:
-        parts["a training step's gathered rows"] = batch_size * gathered_width * d * FLOAT32
-    return parts
+    return {"the SAE, its gradients and Adam's state": 4 * weights + (2 * n_latents * d * FLOAT32 if initial_copy_here else 0),
+            "a training step's products": 3 * batch_size * n_latents * FLOAT32 + 8 * batch_size * d * FLOAT32,
+            "the held-out evaluation": 4096 * (n_latents + 4 * d) * FLOAT32}
 
 
 def forward_parts(model, batch_size: int, max_length: int) -> dict[str, int]:

@@ -254,6 +254,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "EXCLUDE_TOKENS": _token_list,
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
     "SELECT_DTYPE": _one_of("auto", "float32", "bfloat16"),
+    "KERNELS": _one_of("auto", "sparse", "dense"), "TF32": _one_of(True, False),
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
     "STORE_DIR": _store_dir, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),

@@ -15,7 +15,6 @@ the layer's output.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,98 +25,11 @@ from torch import nn
 from ..base.atomic import save_torch
 from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
+from . import kernels
+from .kernels import Codes
 
 FORMAT = "saekit.topk_sae/2"
 RERUN_02 = "Train it again: python 02_train_sae.py"
-
-
-# Backward through the k chosen rows. Autograd through W[indices] (or embedding_bag) accumulates the
-# weight gradient by sorting every index and, on CPU, cost more than the encoder's dense product
-# (~95 ms a step at batch 1024). These functions send each row its gradient directly. On CPU they
-# use sparse products, which build no [batch, k, d] tensor of gathered rows: 2x (row gradients) and
-# 5x (row dot products) faster than gather + index_add_ at the demo's size (observations.md).
-# Elsewhere they gather and index_add_, which a GPU does with atomics.
-def _sparse_kernels(t: torch.Tensor) -> bool:
-    """Sparse products where they were measured faster (CPU); gathers and index_add_ elsewhere."""
-    return t.device.type == "cpu"
-
-
-def gathered_width(k: int, n_latents: int, select_dtype: torch.dtype, device: torch.device) -> int:
-    """Width of the largest [batch, width, d] tensor of gathered rows a training step builds: none on
-    a CPU (sparse products), else k (the decoder's and encoder's row gradients, the decoder's row dot
-    products), or the CANDIDATES_PER_K * k candidates re-scored when a lower-precision product
-    proposes them (SELECT_DTYPE bfloat16). For saekit.base.memory."""
-    if torch.device(device).type == "cpu":
-        return 0
-    if select_dtype != torch.float32:
-        return min(TopKSAE.CANDIDATES_PER_K * k, n_latents)
-    return k
-
-
-def _row_gradients(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """grad[i] = sum over (b, j) with indices[b, j] = i of weights[b, j] * rows[b]: [n_rows, d]."""
-    batch, width = indices.shape
-    if _sparse_kernels(rows):
-        which_row = torch.arange(batch, device=rows.device).repeat_interleave(width)
-        sparse = torch.sparse_coo_tensor(torch.stack([indices.flatten(), which_row]), weights.flatten(), (n_rows, batch),
-                                         check_invariants=False)  # indices < n_rows by construction
-        return torch.sparse.mm(sparse, rows)
-    return rows.new_zeros(n_rows, rows.shape[1]).index_add_(
-        0, indices.flatten(), (weights.unsqueeze(2) * rows.unsqueeze(1)).flatten(0, 1))
-
-
-def _row_dots(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = <rows[b], table[indices[b, j]]>: [batch, k]. On CPU a sampled product (SDDMM), 5x
-    faster than gathering the [batch, k, d] rows first."""
-    batch, width = indices.shape
-    if _sparse_kernels(rows):
-        with warnings.catch_warnings():  # torch calls CSR tensors beta; this product is tested against the gather
-            warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(
-                torch.arange(0, batch * width + 1, width, device=rows.device), indices.flatten(),
-                rows.new_zeros(batch * width), (batch, len(table)), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, rows, table.T, beta=0.0).values().view(batch, width)
-    return torch.bmm(table.index_select(0, indices.flatten()).view(batch, width, -1), rows.unsqueeze(2)).squeeze(2)
-
-
-def _weighted_row_sums(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """out[b] = sum_j weights[b, j] * table[indices[b, j]]: [batch, d], without gathering the rows."""
-    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
-
-
-class _ChosenPreactivations(torch.autograd.Function):
-    """`values` = pre[b, indices[b, j]], where pre = (x - b_dec) W_enc^T + b_enc, computed without
-    autograd by the product that chose the latents; made differentiable here.
-
-    Backward reaches only the chosen rows of W_enc and b_enc, so a training step costs one dense
-    product instead of three."""
-
-    @staticmethod
-    def forward(ctx, x_centred, weight, bias, values, indices):
-        ctx.save_for_backward(x_centred, weight, indices)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_centred, weight, indices = ctx.saved_tensors
-        grad_x = _weighted_row_sums(indices, grad, weight) if ctx.needs_input_grad[0] else None
-        grad_w = _row_gradients(indices, grad, x_centred, len(weight))
-        grad_b = grad.new_zeros(len(weight)).index_add_(0, indices.flatten(), grad.flatten())
-        return grad_x, grad_w, grad_b, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """out[b] = sum_j values[b, j] * W[indices[b, j]]"""
-
-    @staticmethod
-    def forward(ctx, values, indices, weight):
-        ctx.save_for_backward(values, indices, weight)
-        return _weighted_row_sums(indices, values, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        values, indices, weight = ctx.saved_tensors
-        return _row_dots(indices, weight, grad), None, _row_gradients(indices, values, grad, len(weight))
 
 
 class SAEFileError(PipelineError):
@@ -133,6 +45,8 @@ class TopKSAE(nn.Module):
     # Only the trainer sets it, for its steps and its held-out checks between epochs; the SAE it
     # returns, and so every later stage, selects in float32.
     select_dtype: torch.dtype = torch.float32
+    # KERNELS (saekit.training.kernels): how a step multiplies through its active latents; set by the trainer
+    kernels: str = "sparse"
     CANDIDATES_PER_K = 2  # a lower-precision product's top 2k are re-scored in float32, and the top k of those win
 
     def __init__(self, d_in: int, n_latents: int, k: int | None):
@@ -161,16 +75,24 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k active latents of each row of x [batch, d_in] as (values, indices), each [batch, k]."""
+        codes = self.codes(x)
+        return codes.values.view(len(x), -1), codes.latents.view(len(x), -1)
+
+    def codes(self, x: torch.Tensor) -> Codes:
+        """The active latents of x [batch, d_in] as `Codes`, differentiable in their values: what a
+        training step decodes."""
         x_centred, pre = self._pre_activations(x)
         if pre.dtype == x_centred.dtype:
             indices = pre.topk(self.k, dim=-1, sorted=False).indices
-            return F.relu(self._chosen(x_centred, pre.gather(1, indices), indices)), indices
+            return self._chosen(x_centred, Codes.per_row(pre.gather(1, indices), indices))
         with torch.no_grad():  # the lower-precision product only proposes candidates; float32 decides
-            candidates = pre.topk(min(self.CANDIDATES_PER_K * self.k, self.n_latents), dim=-1, sorted=False).indices
-            exact = _row_dots(candidates, self.W_enc, x_centred) + self.b_enc[candidates]
+            proposed = pre.topk(min(self.CANDIDATES_PER_K * self.k, self.n_latents), dim=-1, sorted=False)
+            candidates = Codes.per_row(proposed.values, proposed.indices)
+            exact = (kernels.row_dots(candidates, self.W_enc, x_centred, self.kernels)
+                     + self.b_enc[candidates.latents]).view(len(x), -1)
             top = exact.topk(self.k, dim=-1, sorted=False).indices
-        indices = candidates.gather(1, top)
-        return F.relu(self._chosen(x_centred, exact.gather(1, top), indices)), indices
+        indices = candidates.latents.view(len(x), -1).gather(1, top)
+        return self._chosen(x_centred, Codes.per_row(exact.gather(1, top), indices))
 
     def _pre_activations(self, x: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(x - b_dec, its pre-activations for every latent); the latter outside autograd, and in
@@ -182,13 +104,17 @@ class TopKSAE(nn.Module):
                 return x_centred, torch.addmm(self.b_enc.to(low), x_centred.to(low), self.W_enc.to(low).T)
             return x_centred, torch.addmm(self.b_enc, x_centred, self.W_enc.T)
 
-    def _chosen(self, x_centred: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The chosen latents' pre-activations (`values`), differentiable through their rows only."""
-        return _ChosenPreactivations.apply(x_centred, self.W_enc, self.b_enc, values, indices)
+    def _chosen(self, x_centred: torch.Tensor, codes: Codes) -> Codes:
+        """The codes with their values (the chosen pre-activations) ReLU'd, differentiable through the
+        chosen latents' encoder rows."""
+        return codes.with_values(F.relu(kernels.chosen(codes, x_centred, self.W_enc, self.b_enc, self.kernels)))
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the active latents' decoder rows, weighted by their values, plus b_dec."""
-        return _SparseDecode.apply(values, indices, self.W_dec) + self.b_dec
+        return self.decode_codes(Codes.per_row(values, indices))
+
+    def decode_codes(self, codes: Codes) -> torch.Tensor:
+        return kernels.decode(codes, self.W_dec, self.kernels) + self.b_dec
 
     @property
     def prefix_ends(self) -> tuple[int, ...]:
@@ -196,11 +122,11 @@ class TopKSAE(nn.Module):
         dictionary only, except in a Matryoshka SAE."""
         return (self.n_latents,)
 
-    def prefix_reconstructions(self, values: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+    def prefix_reconstructions(self, codes: Codes) -> list[torch.Tensor]:
         """The reconstruction by each prefix of `prefix_ends` (latents [0, end) only), the whole SAE's last.
-        Each is a decode of the same k codes with those past the prefix zeroed, so it costs k rows a token."""
-        return [self.decode(values * (indices < end), indices) for end in self.prefix_ends[:-1]] + [
-            self.decode(values, indices)]
+        Each is a decode of the same codes with those past the prefix zeroed, so it costs k rows a token."""
+        return [self.decode_codes(codes.with_values(codes.values * (codes.latents < end)))
+                for end in self.prefix_ends[:-1]] + [self.decode_codes(codes)]
 
     def layout(self) -> dict[str, Any]:
         """What besides d_in, n_latents and k the constructor needs to rebuild this SAE (saved with it)."""
@@ -303,19 +229,26 @@ class BatchTopKSAE(TopKSAE):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) [batch, width]; padded with zero values where a row has fewer active.
         The batch-wide choice is made in float32 whatever `select_dtype`."""
-        x_centred, pre = self._pre_activations(x, exact=True)
+        if self.training:
+            return self.codes(x).padded()
+        with torch.no_grad():
+            _, pre = self._pre_activations(x, exact=True)
+            codes = F.relu(pre) * (pre > self.threshold)
+            width = max(int((codes > 0).sum(1).max()) if len(codes) else 1, 1)
+            top = codes.topk(width, dim=-1, sorted=False)
+        return top.values, top.indices
+
+    def codes(self, x: torch.Tensor) -> Codes:
         if not self.training:
-            with torch.no_grad():
-                codes = F.relu(pre) * (pre > self.threshold)
-                width = max(int((codes > 0).sum(1).max()) if len(codes) else 1, 1)
-                top = codes.topk(width, dim=-1, sorted=False)
-            return top.values, top.indices
+            return Codes.per_row(*self.encode(x))
         if self.k is None:
             raise ValueError("this BatchTopK SAE has no k, so it cannot be trained; set one")
+        x_centred, pre = self._pre_activations(x, exact=True)
         with torch.no_grad():
-            indices, kept = self._batch_top(F.relu(pre), self.k * len(x))
-            self._update_threshold(pre.gather(1, indices).masked_fill(~kept, torch.inf).min())
-        return F.relu(self._chosen(x_centred, pre.gather(1, indices), indices)) * kept, indices
+            flat = self._batch_top(pre, self.k * len(x))
+            values = pre.flatten()[flat]
+            self._update_threshold(values.masked_fill(values <= 0, torch.inf).min())
+        return self._chosen(x_centred, Codes.from_flat(values, flat, len(x), self.n_latents))
 
     def _update_threshold(self, smallest_kept: torch.Tensor) -> None:
         """Move the threshold towards the batch's smallest kept value: a running mean over the first
@@ -328,25 +261,17 @@ class BatchTopKSAE(TopKSAE):
         rate = torch.clamp(1 / self.threshold_updates.clamp_min(1), min=self.THRESHOLD_RATE) * found
         self.threshold += rate * (torch.where(found, smallest_kept, 0.0) - self.threshold)
 
-    def _batch_top(self, codes: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, kept): each row's candidate latents and which of them are among the batch's
-        `budget` largest positive codes.
+    @staticmethod
+    def _batch_top(pre: torch.Tensor, budget: int) -> torch.Tensor:
+        """Where the batch's `budget` largest ReLU'd pre-activations are, as ascending positions in the
+        flattened [batch, n_latents] matrix (those that are zero get zero values).
 
-        Candidates are a row's 4k largest codes, widened while a row keeps all of its own (it may
-        be owed more): the result is the exact batch top, at the cost of a per-row top-4k and, on
-        a GPU, one flag read back a step. On the demo's activations 33 of 1,120 batches widened (to
-        8k or 16k); on bench_devices' synthetic ones early batches widened to 64k, as a few tokens
-        took most of the budget."""
-        width = min(4 * self.k, self.n_latents)
-        while True:
-            top = codes.topk(width, dim=-1, sorted=False)
-            flat = top.values.flatten()
-            kept = torch.zeros_like(flat, dtype=torch.bool)
-            kept[flat.topk(min(budget, len(flat)), sorted=False).indices] = True
-            kept = kept.view_as(top.values) & (top.values > 0)
-            if width == self.n_latents or not kept.all(1).any():
-                return top.indices, kept
-            width = min(2 * width, self.n_latents)
+        One top-k over the whole batch: a row takes as many as it is owed, however many, in memory of
+        the order of `pre` itself, and nothing is read back to the host. (It replaced a per-row top-4k
+        widened while a row kept all of its own, which could widen to every latent on a batch with a
+        BOS-like outlier row, and read a flag back every step.)"""
+        flat = F.relu(pre).flatten()
+        return flat.topk(min(budget, len(flat)), sorted=False).indices.sort().values
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -45,7 +45,8 @@ from ..base.errors import PipelineError
 from ..base.integrity import IntegrityError, content_digest
 from ..base.memory import check_fits, training_parts
 from .reconstruction import ReconstructionStats
-from .sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, gathered_width, load_plain, matryoshka_prefix_ends
+from .kernels import resolve_kernels, step_parts, tf32
+from .sae import ARCHITECTURES, BatchTopKSAE, TopKSAE, load_plain, matryoshka_prefix_ends
 
 
 SYNC_EVERY = 50  # on a GPU, steps between read-backs of the loss and the dead latents
@@ -87,13 +88,15 @@ class TrainConfig:
     select_dtype: str = "float32"
     # Matryoshka's groups but the last, as fractions of the dictionary (config.py's default)
     matryoshka_group_fractions: tuple[float, ...] = (0.03125, 0.0625, 0.125, 0.25)
+    kernels: str = "auto"  # KERNELS (saekit.training.kernels)
+    tf32: bool = True
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
         return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
                    s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
                    s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS,
-                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS))
+                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS), s.KERNELS, s.TF32)
 
     def layout(self, n_latents: int) -> dict[str, Any]:
         """The architecture's constructor arguments beyond (d_in, n_latents, k)."""
@@ -102,9 +105,11 @@ class TrainConfig:
         return {}
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must share to be resumed: all but the checkpoint cadence, and
-        Matryoshka's groups only for a Matryoshka SAE (so checkpoints of before it resume)."""
-        ignored = {"checkpoint_seconds"} | ({"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
+        """The settings a checkpoint must share to be resumed: all but the checkpoint cadence, the kernels
+        and TF32 (which change only the rounding: `_Checkpoints` notes them as it notes another device),
+        and Matryoshka's groups only for a Matryoshka SAE (so checkpoints of before it resume)."""
+        ignored = {"checkpoint_seconds", "kernels", "tf32"} | (
+            {"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
         return {k: v for k, v in asdict(self).items() if k not in ignored}
 
 
@@ -126,6 +131,17 @@ def select_dtype(setting: str, device: torch.device) -> torch.dtype:
     native_on_cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # AMX CPUs have it too
     native = device.type == "cuda" or (device.type == "cpu" and native_on_cpu())
     return torch.bfloat16 if native else torch.float32
+
+
+def step_memory(cfg: TrainConfig, d: int, device: torch.device) -> dict[str, int]:
+    """What a step's kernels make beyond the encoder's product (`step_parts`), for the memory check:
+    a bfloat16 proposal is re-scored over CANDIDATES_PER_K x k candidates (BatchTopK chooses in float32)."""
+    n_latents = cfg.n_latents_multiplier * d
+    batch_top = issubclass(ARCHITECTURES[cfg.architecture], BatchTopKSAE)
+    proposes = select_dtype(cfg.select_dtype, device) != torch.float32 and not batch_top
+    candidates = min(TopKSAE.CANDIDATES_PER_K * cfg.k, n_latents) if proposes else cfg.k
+    return step_parts(d, n_latents, cfg.batch_size, cfg.k, batch_top=batch_top, candidates=candidates,
+                      kind=resolve_kernels(cfg.kernels, device), device=device)
 
 
 def step_flops_per_token(d: int, n_latents: int, k: int) -> int:
@@ -219,6 +235,7 @@ class _Trainer:
         self.sync_every = 1 if device.type == "cpu" else SYNC_EVERY
         self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k, **cfg.layout(self.n_latents))
         self.sae.select_dtype = select_dtype(cfg.select_dtype, device)
+        self.sae.kernels = resolve_kernels(cfg.kernels, device)
         self.sae.to(device).train()
         # one kernel per tensor for the whole update (the loop version was ~5 ms of a ~45 ms CPU step)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, fused=device.type in ("cpu", "cuda"))
@@ -243,13 +260,13 @@ class _Trainer:
         first, last = share(len(full), world)
         x = full[first:last]  # this rank's rows of the global batch
         total_variance = (full - full.mean(0)).pow(2).sum()
-        values, indices = sae.encode(x)
-        reconstructions = sae.prefix_reconstructions(values, indices)  # the whole SAE's is the last
+        codes = sae.codes(x)
+        reconstructions = sae.prefix_reconstructions(codes)  # the whole SAE's is the last
         residual = x - reconstructions[-1]
         batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
         with torch.no_grad():
             fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
-            fired.scatter_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32))
+            fired.scatter_add_(0, codes.latents, (codes.values > 0).to(torch.int32))
             all_reduce_(fired, world, "max")
             self.tokens_since_fired += len(full)
             self.tokens_since_fired.masked_fill_(fired > 0, 0)
@@ -345,8 +362,8 @@ class _Checkpoints:
     its steps ran (`where`: the device kind and the dtype SELECT_DTYPE resolved to, which "auto" takes
     from the hardware). Resumed on the same kind of CPU, training reaches the same weights, bit for bit,
     as an uninterrupted run. Another SELECT_DTYPE resolution is refused (its steps choose latents
-    differently). On another device kind, or on any CUDA GPU (whose index_add_ adds in no fixed order),
-    the result is as good but not bitwise the same: a note says so."""
+    differently). On another device kind or with other KERNELS (a note says so), or on a CUDA GPU
+    (docs/scale.md), the result is as good but not bitwise the same."""
 
     def __init__(self, path: Path | None, fingerprint: dict[str, Any], where: dict[str, str], every_seconds: float,
                  world: World):
@@ -373,6 +390,9 @@ class _Checkpoints:
                 f"--SELECT_DTYPE={made_on['select_dtype']} to resume it, or drop --resume to start afresh")
         if made_on.get("device") != self.where["device"] and self.world.is_main:
             print(f"note: resuming on {self.where['device']} a checkpoint made on {made_on.get('device', 'an unrecorded device')}: "
+                  "training goes on as well, but not to bitwise the result of an uninterrupted run")
+        elif made_on.get("kernels", "sparse") != self.where["kernels"] and self.world.is_main:  # before KERNELS: sparse
+            print(f"note: resuming with KERNELS {self.where['kernels']!r} a checkpoint made with {made_on.get('kernels', 'sparse')!r}: "
                   "training goes on as well, but not to bitwise the result of an uninterrupted run")
         self.kept = f"the checkpoint this run resumed from is kept at {self.path}"
         return ckpt
@@ -410,24 +430,34 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     summed across ranks, and the latents that fired are combined, so all ranks take the same step as
     one process on the whole batch would. Rank 0 writes the checkpoints.
     """
+    with tf32(cfg.tf32, torch.device(device)):
+        return _train_sae(run, cfg, checkpoint_path, resume, device, progress, on_epoch, world, source)
+
+
+def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None, resume: bool,
+               device: str | torch.device, progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
+               world: World, source: RowSource | None) -> tuple[TopKSAE, dict[str, Any]]:
     device = torch.device(device)
     _check_config(cfg, run.d_model, world)
     heldout_start = run.heldout_start(cfg.heldout_fraction)
     source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed,
                                  *heldout_copies(run, cfg.heldout_fraction)[::-1])
     n_latents = cfg.n_latents_multiplier * run.d_model
-    width = gathered_width(cfg.k, n_latents, select_dtype(cfg.select_dtype, device), device)
-    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu", width),
-                            **source.memory_parts()}, device,
+    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
+                            **step_memory(cfg, run.d_model, device), **source.memory_parts()}, device,
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
                + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
-    run.check_all(progress=progress)  # corrupt or non-finite activations stop here, before anything is written
+    # No pass over every shard first (at 100M tokens, 2 x 307 GB read before the first step): each shard's
+    # checksums and finite values are checked when it is first read (ActivationRun.check_shard), in the
+    # read-ahead thread during the first epoch, with the same refusal: no row is trained on before its
+    # shard is verified, and the SAE is written only after the last epoch.
     if batches_in_epoch(source.n_rows, cfg.batch_size) == 0:
         raise PipelineError(f"the {source.n_rows} training rows make no batch of BATCH_SIZE_TRAIN={cfg.batch_size} "
                             f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
                             f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
-    where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch.")}
+    where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch."),
+             "kernels": trainer.sae.kernels}
     checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": cfg.fingerprint()}, where,
                                cfg.checkpoint_seconds, world)
     ckpt = checkpoints.load() if resume else None
@@ -488,7 +518,7 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     if stats is None:  # resumed after the last epoch: nothing left to train
         stats = _evaluate(trainer, run, heldout_start, device, world, exact=True)
     sae = trainer.sae.eval()
-    sae.select_dtype = torch.float32
+    sae.select_dtype, sae.kernels = torch.float32, TopKSAE.kernels
     sae.fold_input_scale(trainer.scale)
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
@@ -509,7 +539,8 @@ def _evaluate(trainer: _Trainer, run: ActivationRun, heldout_start: int, device:
     if exact:
         sae.select_dtype = torch.float32
     try:
-        return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device, world=world)
+        with tf32(trainer.cfg.tf32 and not exact, device):  # the recorded frequencies are float32's, not TF32's
+            return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device, world=world)
     finally:
         sae.select_dtype = chosen_in
         sae.train()
