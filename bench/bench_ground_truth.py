@@ -61,11 +61,13 @@ def option(name: str, default: str) -> str:
     return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"--{name}=")), default)
 
 
+if unknown := [a for a in sys.argv[1:] if not a.startswith(("--seeds=", "--epochs=", "--rows=", "--data="))]:
+    sys.exit(f"bench_ground_truth.py takes --seeds=, --epochs=, --rows=, --data= and --out=, not {' '.join(unknown)}")
 seeds = [int(s) for s in option("seeds", "0,1,2").split(",")]
 epochs, n_rows = int(option("epochs", "4")), int(option("rows", "250000"))
 width = MULTIPLIER * D
 settings = load_settings([])  # config.py's recipe: the LR rule, dead window, Matryoshka's groups
-lr = scaled_lr(width, settings.LR_BASE, K)
+lr = settings.LR or scaled_lr(width, settings.LR_BASE, K)  # stage 02's
 
 
 def flat(result: dict) -> dict:
