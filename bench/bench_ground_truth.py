@@ -130,7 +130,8 @@ with tempfile.TemporaryDirectory() as tmp:
 
     # the cross-check: our scorer and SynthSAEBench's on the same SAE and rows
     stored = load_file(str(data / "eval.safetensors"))
-    codes = torch.sparse_coo_tensor(stored["indices"], stored["values"], tuple(stored["shape"].tolist())).to_dense()
+    codes = torch.sparse_coo_tensor(stored["indices"], stored["values"], tuple(stored["shape"].tolist()),
+                                    check_invariants=True).to_dense()
     x = codes @ stored["feature_vectors"] + stored["bias"]
     checked = results[0]["sae"]
     ours = score_against_truth(load_saelens(folders[checked])[0], x, stored["feature_vectors"], codes).as_dict()

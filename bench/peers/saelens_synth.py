@@ -78,7 +78,8 @@ class _Replay:
 def score(spec: dict) -> dict:
     model = SyntheticModel.load_from_disk(Path(spec["data"]) / "model")
     stored = load_file(str(Path(spec["data"]) / "eval.safetensors"))
-    acts = torch.sparse_coo_tensor(stored["indices"], stored["values"], tuple(stored["shape"].tolist())).to_dense()
+    acts = torch.sparse_coo_tensor(stored["indices"], stored["values"], tuple(stored["shape"].tolist()),
+                                   check_invariants=True).to_dense()
     results = {}
     for name, folder in spec["saes"].items():
         sae = SAE.load_from_disk(folder)
