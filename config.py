@@ -44,7 +44,9 @@ ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K o
 #                        matryoshka: BatchTopK whose nested prefixes each learn to reconstruct alone (Bussmann et al. 2025)
 MATRYOSHKA_GROUP_FRACTIONS = (0.03125, 0.0625, 0.125, 0.25)  # matryoshka only: the groups but the last, as fractions of
 #                        the dictionary (1/32, 1/16, 1/8, 1/4; the last group takes the rest, 17/32): each prefix of groups
-#                        reconstructs alone, the loss is their mean. dictionary_learning's fractions (Bussmann et al. 2025)
+#                        reconstructs alone, the loss is their mean. The default of the paper's code (Bussmann et al.
+#                        2025 train with dictionary_learning; its demo_config.py MatryoshkaBatchTopKTrainerConfig);
+#                        SAELens has none (matryoshka_widths) and warns that narrow inner groups hedge features
 N_LATENTS_MULTIPLIER = 4
 TOP_K = 8
 EPOCHS = 10

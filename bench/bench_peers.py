@@ -31,7 +31,6 @@ Writes bench/results/bench_peers.json with the exact settings of every trainer.
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from common import ROOT, save_result, table
+from common import ROOT, run_in_venv, save_result, table
 
 from saekit.activations.data import load_role_texts
 from saekit.activations.models import load_model, resolve_layer
@@ -64,14 +63,7 @@ COLUMNS = ["trainer", "k", "heldout_fvu", "l0", "dead_pct", "delta_ce", "recover
 
 
 def train(trainer: str, spec: dict) -> dict:
-    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}  # sparsify's Triton decoder needs a GPU
-    if not PYTHONS[trainer].exists():
-        sys.exit(f"{PYTHONS[trainer]} is missing: run `make bench-peers`, which creates the peer venvs")
-    proc = subprocess.run([str(PYTHONS[trainer]), str(SCRIPTS[trainer]), json.dumps(spec)], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
-    if proc.returncode:
-        sys.exit(f"{trainer} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_venv(PYTHONS[trainer], SCRIPTS[trainer], json.dumps(spec))
 
 
 frontier = "--frontier" in sys.argv

@@ -1,8 +1,11 @@
 """Shared by the benchmarks: settings, timing, peak memory and where results are written."""
 from __future__ import annotations
 
+import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -64,6 +67,18 @@ def save_result(name: str, command: str, result: dict[str, Any]) -> Path:
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                       "torch": torch.__version__, **result})
     return path
+
+
+def run_in_venv(python: Path, script: Path, *args: str) -> dict[str, Any]:
+    """Run a peer's script in its own venv (bench/.venv-*) and return the JSON of its last stdout line;
+    stop the bench with the script's output where the venv is missing or the script fails."""
+    if not python.exists():
+        sys.exit(f"{python} is missing: `make bench-peers` (or `make saelens-venv`) creates the peer venvs")
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}  # sparsify's Triton decoder needs a GPU
+    proc = subprocess.run([str(python), str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"{script.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -18,6 +18,16 @@ from saekit.training.saelens_format import CFG_FILE, SEAL_FILE, WEIGHTS_FILE, SA
 SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
 
 
+def _require_saelens_venv() -> None:
+    """Skip a round trip through SAELens where its venv is absent; fail instead where
+    SAEKIT_REQUIRE_SAELENS is set (CI builds the venv, .ci/run: there, missing is a failure)."""
+    if not SAELENS_PYTHON.exists():
+        message = "SAELens venv absent: make saelens-venv creates it"
+        if os.environ.get("SAEKIT_REQUIRE_SAELENS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def _trained_looking_sae(d=12, n=40, k=5, seed=0) -> TopKSAE:
     g = torch.Generator().manual_seed(seed)
     sae = TopKSAE(d, n, k)
@@ -135,11 +145,7 @@ def test_what_it_cannot_read_is_refused_with_a_reason(tmp_path):
 def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
     """Both directions, in SAELens itself: SAE.load_from_disk on our exports (TopK, and BatchTopK as a
     JumpReLU) reconstructs as we do, and a TopK SAE that SAELens saves (decoder-norm rescaling on) loads here with its reconstruction."""
-    if not SAELENS_PYTHON.exists():
-        message = "SAELens venv absent: make saelens-venv creates it"
-        if os.environ.get("SAEKIT_REQUIRE_SAELENS"):  # CI builds the venv (.ci/run): there, missing is a failure
-            pytest.fail(message)
-        pytest.skip(message)
+    _require_saelens_venv()
     sae = _trained_looking_sae()
     save_saelens(sae, tmp_path / "ours", "m", "h")
     batchtopk = _as_batchtopk(sae)
@@ -175,10 +181,10 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
         torch.testing.assert_close(load_saelens(tmp_path / "theirs")[0](x), out["theirs"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="SAELens venv absent: make bench-peers creates it")
 def test_saelens_loads_a_matryoshka_export_as_the_jumprelu_it_is_at_inference(tmp_path):
     """A Matryoshka SAE is saved as SAELens saves its own (a JumpReLU at the learned threshold):
     SAE.load_from_disk reconstructs as we do, and the folder loads back here with that reconstruction."""
+    _require_saelens_venv()
     sae = _trained_looking_sae()
     matryoshka = MatryoshkaSAE(sae.d_in, sae.n_latents, sae.k, prefix_ends=(4, 12, 40))
     matryoshka.load_state_dict(_as_batchtopk(sae).state_dict())
