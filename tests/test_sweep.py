@@ -187,3 +187,88 @@ def test_stage_03_compares_the_sweep_and_names_the_sae_stages_04_and_05_read(swe
     assert concepts.returncode == 0, concepts.stderr[-3000:]
     manifest = json.loads((store / "concepts" / (store / "concepts_id.txt").read_text().strip() / "manifest.json").read_text())
     assert manifest["sae_id"] == chosen["sae_id"]  # stage 04 read the SAE stage 03 chose
+
+
+def test_without_sweep_stage_02_keeps_the_specifications_paths(smoke_args):
+    from saekit.training.sweep import chosen_name, history_path, sae_folder
+
+    settings = load_settings(smoke_args)
+    store = store_of(smoke_args)
+    assert settings.SWEEP == [] and chosen_name(settings) is None
+    assert sae_folder(store) == store / "sae_model" and history_path(store) == store / "training_history.json"
+    assert (store / "sae_model" / "topk_sae.pt").is_file() and (store / "training_history.json").is_file()
+    assert not (store / "sweep").exists() and not (store / "sweep_checkpoint.pt").exists()
+
+
+def test_a_sweep_entry_that_cannot_train_under_torchrun_is_named(tmp_path):
+    from saekit.base.distributed import World
+    from saekit.base.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="SWEEP's 'batchtopk-k6-x2': ARCHITECTURE='batchtopk' trains in one process"):
+        train_sweep(make_synthetic_run(tmp_path), VARIANTS[:2], progress=False, world=World(0, 2, 0))
+
+
+def test_a_sweep_entry_wider_than_its_dictionary_is_refused_before_anything_is_written(store_copy):
+    store, args = store_copy
+    before = checksums(store)
+    assert_one_line_error(run_python(["02_train_sae.py", *args, "--SWEEP=[{'TOP_K': 4}, {'TOP_K': 100}]"]),
+                          "SWEEP's 'topk-k100-x2': TOP_K=100 must be at most the number of latents")
+    assert checksums(store) == before
+
+
+@pytest.fixture(scope="module")
+def online_store(tmp_path_factory, smoke_args) -> list[str]:
+    """The smoke settings on the fly: stage 01 saved only the held-out documents."""
+    args = with_store(smoke_args, tmp_path_factory.mktemp("sweep_online") / "store") + [
+        "--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150"]
+    run_stage("01_save_activations.py", args)
+    return args
+
+
+def test_on_the_fly_the_model_runs_once_for_the_whole_sweep(online_store, monkeypatch):
+    """Each SAE of a sweep on the fly equals its own on-the-fly run, and the sweep runs the model over the
+    training texts as often as one run does, not once per SAE."""
+    from saekit.activations.models import load_model
+    from saekit.activations.sources import ModelRows, model_rows
+    from saekit.activations.store import open_run
+    from saekit.training.sweep import sweep_variants
+
+    settings = load_settings(online_store + ["--SWEEP=[{'TOP_K': 4}, {'TOP_K': 2, 'N_LATENTS_MULTIPLIER': 1}]"])
+    model, tokenizer = load_model(settings.MODEL_ID)
+    run = open_run(settings.store)
+    forwards, real_rows = [], ModelRows._rows
+
+    def counted(self, *args, **kwargs):
+        forwards.append(1)
+        return real_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRows, "_rows", counted)
+    variants = sweep_variants(settings)
+    swept = train_sweep(run, variants, progress=False, source=model_rows(settings, run, model, tokenizer, torch.device("cpu")))
+    sweep_forwards, forwards[:] = len(forwards), []
+    for variant in variants:
+        alone, _ = train_sae(run, variant.cfg, progress=False,
+                             source=model_rows(settings, run, model, tokenizer, torch.device("cpu")))
+        _assert_same(alone, swept[variant.name][0])
+    assert sweep_forwards == len(forwards) // len(variants) > 1  # each separate run paid the same forwards again
+
+
+@pytest.mark.slow
+def test_a_sweep_under_two_gloo_processes_equals_one(sweep_store, tmp_path):
+    """torchrun: every SAE of the sweep takes the data-parallel step it takes alone (TopK entries only)."""
+    import shutil
+
+    from conftest import ROUND_OFF, torchrun
+    from saekit.training.sae import TopKSAE
+
+    store = tmp_path / "store"
+    shutil.copytree(store_of(sweep_store), store, ignore=shutil.ignore_patterns("models", "sweep", "sweep_*"))
+    args = [a for a in with_store(sweep_store, store) if not a.startswith("--SWEEP=")]
+    two_topk = "--SWEEP=[{'TOP_K': 4}, {'TOP_K': 2, 'name': 'k2'}]"
+    run_stage("02_train_sae.py", [*args, two_topk])
+    shutil.move(store / "sweep", tmp_path / "one")
+    assert "in 2 processes" in torchrun(["02_train_sae.py"], [*args, two_topk]).stdout
+    for name in ("topk-k4-x2", "k2"):
+        a, b = (TopKSAE.load(folder / name / "topk_sae.pt")[0] for folder in (tmp_path / "one", store / "sweep"))
+        for weight in WEIGHTS:
+            torch.testing.assert_close(getattr(a, weight), getattr(b, weight), **ROUND_OFF, msg=weight)
