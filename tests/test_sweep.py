@@ -272,3 +272,16 @@ def test_a_sweep_under_two_gloo_processes_equals_one(sweep_store, tmp_path):
         a, b = (TopKSAE.load(folder / name / "topk_sae.pt")[0] for folder in (tmp_path / "one", store / "sweep"))
         for weight in WEIGHTS:
             torch.testing.assert_close(getattr(a, weight), getattr(b, weight), **ROUND_OFF, msg=weight)
+
+
+def test_memory_is_checked_for_every_sae_of_the_sweep_together_before_training(tmp_path, monkeypatch):
+    from saekit.base import memory
+
+    run = make_synthetic_run(tmp_path)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1)
+    with pytest.raises(memory.OutOfMemory) as refused:
+        train_sweep(run, VARIANTS, progress=False, on_epoch=lambda epoch: pytest.fail("trained"))
+    message = str(refused.value)
+    for variant in VARIANTS:
+        assert f"{variant.name}: the SAE, its gradients and Adam's state" in message
+    assert "the shuffle buffer" in message and "or train fewer SAEs in SWEEP." in message
