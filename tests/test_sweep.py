@@ -285,3 +285,21 @@ def test_memory_is_checked_for_every_sae_of_the_sweep_together_before_training(t
     for variant in VARIANTS:
         assert f"{variant.name}: the SAE, its gradients and Adam's state" in message
     assert "the shuffle buffer" in message and "or train fewer SAEs in SWEEP." in message
+
+
+def test_stages_04_and_05_stop_when_the_chosen_sae_of_the_sweep_failed(tmp_path):
+    """SWEEP_CHOICE may name another SAE than the one stage 03 analysed last: its own verdict, from the comparison,
+    decides."""
+    from saekit.base.integrity import write_sealed_json
+    from saekit.evaluation.verdict import VerdictFailedError, require_passed
+
+    sweep = "--SWEEP=[{'TOP_K': 4}, {'TOP_K': 2}]"
+    table = [{"name": "topk-k4-x4", "verdict": "PASS", "failed_checks": []},
+             {"name": "topk-k2-x4", "verdict": "FAIL", "failed_checks": ["held-out FVU"]}]
+    write_sealed_json(tmp_path / "sweep_choice.json", {"chosen": "topk-k4-x4", "table": table})
+    (tmp_path / "analysis.json").write_text(json.dumps({"passed": True, "checks": []}))
+    require_passed(load_settings([sweep, f"--STORE_DIR={tmp_path}"]))  # stage 03's choice passed
+    with pytest.raises(VerdictFailedError, match="SWEEP's 'topk-k2-x4' a FAIL \\(held-out FVU"):
+        require_passed(load_settings([sweep, f"--STORE_DIR={tmp_path}", "--SWEEP_CHOICE=topk-k2-x4"]))
+    require_passed(load_settings([sweep, f"--STORE_DIR={tmp_path}", "--SWEEP_CHOICE=topk-k2-x4",
+                                  "--CONTINUE_AFTER_FAIL=True"]))
