@@ -80,7 +80,7 @@ def scores(store: Path, folder: Path, history: Path, args: list[str], eval_texts
 def compare(name: str, alone: dict, swept: dict) -> dict:
     """One SAE of the sweep against its separate run: figures, their differences, the largest weight difference."""
     a, b = alone.pop("sae"), swept.pop("sae")
-    weight_diff = max(float((getattr(a, w) - getattr(b, w)).abs().max()) for w in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    weight_diff = max(float((getattr(a, w) - getattr(b, w)).detach().abs().max()) for w in ("W_enc", "b_enc", "W_dec", "b_dec"))
     return {"sae": name, "separate": alone, "sweep": swept, "fvu_difference": swept["heldout_fvu"] - alone["heldout_fvu"],
             "delta_ce_difference": swept["delta_ce"] - alone["delta_ce"], "largest_weight_difference": weight_diff}
 
