@@ -15,7 +15,8 @@ machine move with its load: the ratios, measured in one run, are what to read.
     .venv/bin/python bench/bench_sweep.py [--store=store] [--parts=store,model] [--EPOCHS=2] [--DATA_LIMIT=200]
                                           [--ks=8,16,32,64] [--eval_texts=50] [--workdir=/tmp]
 
-Writes bench/results/local/sweep.json (--out=bench/results to replace the committed figures).
+Writes bench/results/local/sweep.json (sweep_<part>.json for one part; --out=bench/results to replace the
+committed figures).
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ def main() -> None:
                           "ΔCE alone": q["separate"]["delta_ce"], "ΔCE sweep": q["sweep"]["delta_ce"],
                           "max |Δw|": q["largest_weight_difference"]} for q in r["quality"]],
                         ["sae", "fvu alone", "fvu sweep", "ΔCE alone", "ΔCE sweep", "max |Δw|"]))
-    print(f"wrote {save_result('sweep', 'python bench/bench_sweep.py ' + ' '.join(sys.argv[1:]), result)}")
+    name = "sweep" if {"store", "model"} <= set(parts) else "sweep_" + "_".join(parts)
+    print(f"wrote {save_result(name, 'python bench/bench_sweep.py ' + ' '.join(sys.argv[1:]), result)}")
 
 
 if __name__ == "__main__":
