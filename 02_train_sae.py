@@ -12,6 +12,10 @@ names the SAE by its checksum, so a reader can tell a matched pair), and a check
 epoch and every CHECKPOINT_SECONDS (store/sae_model/checkpoint.pt); the SAE also in SAELens's format
 (store/sae_model/saelens/: cfg.json + sae_weights.safetensors; BatchTopK and Matryoshka as the JumpReLU
 SAELens makes of them). Every file loads without running code.
+
+With SWEEP (a list of variants: TOP_K, N_LATENTS_MULTIPLIER, ARCHITECTURE, LR), every SAE of it is
+trained on the same batches, read or made once, and saved in store/sweep/<name>/ (topk_sae.pt,
+training_history.json, saelens/); one checkpoint, store/sweep_checkpoint.pt, holds them all.
 """
 import sys
 
@@ -21,6 +25,7 @@ from saekit.activations.stage import load_stage_model, record_settings, stage_ru
 from saekit.activations.store import check_run_matches, check_same_weights, open_run
 from saekit.base.integrity import write_sealed_json
 from saekit.training.saelens_format import saelens_hook_name, save_saelens
+from saekit.training.sweep import CHECKPOINT_FILE, history_path, sae_folder, sweep_variants, train_sweep
 from saekit.training.train import TrainConfig, train_sae
 
 settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
@@ -41,27 +46,43 @@ if world.is_main:
         print(f"note: each of the {settings.EPOCHS} epochs runs the model again over the {source.n_rows} training "
               "tokens (ACTIVATION_SOURCE='store' embeds them once)")
 
-model_dir = settings.store / "sae_model"
-sae, record = train_sae(run, TrainConfig.from_settings(settings), checkpoint_path=model_dir / "checkpoint.pt",
-                        resume="resume" in flags, device=device, progress=world.is_main, world=world, source=source)
+
+
+def publish(sae, record: dict, name: str | None = None) -> None:
+    """The SAE, its history and its SAELens folder, in stage 02's paths (a sweep's under store/sweep/<name>/)."""
+    folder = sae_folder(settings.store, name)
+    provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
+                  "activation_run_id": run.run_id, "activation_source": record["activation_source"],
+                  "input_scale": record["input_scale"], "heldout_start_row": record["heldout_start_row"],
+                  "settings": settings.as_dict(), **({"sweep_name": name} if name else {})}
+    sae_id = sae.save(folder / "topk_sae.pt", **provenance, init=record.pop("init"))
+    write_sealed_json(history_path(settings.store, name), {**provenance, "sae_id": sae_id, **record})
+    # the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project
+    save_saelens(sae, folder / "saelens", public_model_id(run.meta["model_id"]),
+                 saelens_hook_name(run.meta["layer_signature"], run.meta.get("layer_module")),
+                 {**provenance, "sae_id": sae_id})
+    final = record["history"][-1]
+    print(f"{name + ': ' if name else ''}held-out FVU {final['heldout_fvu']:.3f} (R^2 {final['heldout_r2']:.3f}), "
+          f"L0 {final['heldout_l0']:.2f}, dead {final['heldout_dead']}/{record['n_latents']}, "
+          f"dense {final['heldout_dense']}, {final['tokens_per_s']:.0f} tokens/s")
+    print(f"saved {folder / 'topk_sae.pt'}, {history_path(settings.store, name)} and, in SAELens's format, {folder / 'saelens'}")
+
+
+resume = "resume" in flags
+if settings.SWEEP:
+    variants = sweep_variants(settings)
+    if world.is_main:
+        print(f"sweep of {len(variants)} SAEs on the same batches: {', '.join(v.name for v in variants)}")
+    trained = train_sweep(run, variants, checkpoint_path=settings.store / CHECKPOINT_FILE, resume=resume,
+                          device=device, progress=world.is_main, world=world, source=source)
+else:
+    trained = {None: train_sae(run, TrainConfig.from_settings(settings), resume=resume, device=device,
+                               checkpoint_path=sae_folder(settings.store) / "checkpoint.pt", progress=world.is_main,
+                               world=world, source=source)}
 if not world.is_main:  # rank 0 writes the artifacts
     sys.exit(0)
-
-provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
-              "activation_run_id": run.run_id, "activation_source": record["activation_source"],
-              "input_scale": record["input_scale"], "heldout_start_row": record["heldout_start_row"],
-              "settings": settings.as_dict()}
-sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
-write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
-# the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project
-save_saelens(sae, model_dir / "saelens", public_model_id(run.meta["model_id"]),
-             saelens_hook_name(run.meta["layer_signature"], run.meta.get("layer_module")),
-             {**provenance, "sae_id": sae_id})
+for name, (sae, record) in trained.items():
+    publish(sae, record, name)
 record_settings(settings, "02_train_sae")
-
-final = record["history"][-1]
-print(f"held-out FVU {final['heldout_fvu']:.3f} (R^2 {final['heldout_r2']:.3f}), L0 {final['heldout_l0']:.2f}, "
-      f"dead {final['heldout_dead']}/{record['n_latents']}, dense {final['heldout_dense']}, "
-      f"{final['tokens_per_s']:.0f} tokens/s")
-print(f"saved {model_dir / 'topk_sae.pt'}, {settings.store / 'training_history.json'} and, in SAELens's format, "
-      f"{model_dir / 'saelens'}")
+if settings.SWEEP:
+    print("stage 03 compares them and chooses the one stages 04-05 read (or set SWEEP_CHOICE)")

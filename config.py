@@ -77,6 +77,12 @@ EXCLUDE_TOKENS = ["bos", "pad"]  # rows of these tokens (roles bos, eos, pad, or
 #                                 is never stored; "pad" also drops a real token that has the pad token's id
 SHUFFLE_BUFFER_TOKENS = 262144  # activations shuffled together on the training device (from disk or the model)
 CHECKPOINT_SECONDS = 600  # a checkpoint after every epoch, and mid-epoch at a buffer's end once this long has passed
+SWEEP = []  # several SAEs from one pass over the same batches (docs/settings.md): a list of variants, each a dict of
+#            TOP_K, N_LATENTS_MULTIPLIER, ARCHITECTURE, LR (the rest shared) and an optional "name", e.g.
+#            [{"TOP_K": 8}, {"TOP_K": 16}, {"TOP_K": 32, "ARCHITECTURE": "batchtopk"}]. Each is saved in
+#            store/sweep/<name>/; [] = one SAE from the settings above, in store/sae_model/
+SWEEP_CHOICE = ""  # the SWEEP name stages 04-05 read; "" = stage 03's rule: of the SAEs that pass its verdict, the one
+#                   with the smallest L0 whose ΔCE is within the 95% interval of the lowest ΔCE
 SEED = 0
 STORE_DIR = "store"  # every artifact lives here. Relative paths, in every path setting, are read from this project folder
 

@@ -236,6 +236,74 @@ def _fractions_summing_below_one(v: Any) -> str | None:
     return None if ok else "a tuple of fractions in (0, 1) summing to less than 1 (the last group takes the rest)"
 
 
+# --- SWEEP: several SAEs trained on the same batches (saekit.training.sweep) ------------------------
+SWEEP_KEYS = ("TOP_K", "N_LATENTS_MULTIPLIER", "ARCHITECTURE", "LR")  # what a variant may set; the rest is shared
+SWEEP_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # a folder name on every system, and in Neuronpedia's ids
+
+
+def sweep_variant(entry: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """One SWEEP entry's settings: the shared ones (`values`) with the entry's keys over them."""
+    return {**{key: values[key] for key in SWEEP_KEYS}, **{k: v for k, v in entry.items() if k != "name"}}
+
+
+def sweep_name(entry: dict[str, Any], values: dict[str, Any]) -> str:
+    """The entry's "name", or one made of what it trains: topk-k16-x4 (and -lr0.002 where LR is set)."""
+    if "name" in entry:
+        return entry["name"]
+    v = sweep_variant(entry, values)
+    return f"{v['ARCHITECTURE']}-k{v['TOP_K']}-x{v['N_LATENTS_MULTIPLIER']}" + (f"-lr{v['LR']:g}" if v["LR"] else "")
+
+
+def sweep_problems(values: dict[str, Any]) -> list[str]:
+    """What is wrong with SWEEP and SWEEP_CHOICE, each entry named by its position; [] when nothing is.
+
+    An entry is a dict of SWEEP_KEYS (each checked by its own setting's rule) and an optional "name"; the
+    widths are checked against d_model by stage 02, which knows it, before anything is written."""
+    sweep, problems = values.get("SWEEP", []), []
+    names: list[str] = []
+    for i, entry in enumerate(sweep):
+        where = f"SWEEP[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}={entry!r} must be a dict such as {{'TOP_K': 16}}")
+            continue
+        unknown = sorted(set(entry) - {*SWEEP_KEYS, "name"}, key=str)
+        if unknown:
+            problems.append(f"{where} has unknown key(s) {unknown}: a variant sets {', '.join(SWEEP_KEYS)} and "
+                            "optionally 'name'")
+            continue
+        for key, value in entry.items():
+            if key == "name":
+                if not isinstance(value, str) or not SWEEP_NAME.fullmatch(value):
+                    problems.append(f"{where}'s name {value!r} must be lower-case letters, digits, '.', '_' and '-', "
+                                    "starting with a letter or digit, at most 64 characters")
+                continue
+            try:
+                value = _coerce(key, value, values[key], list(SWEEP_KEYS))
+            except SettingsError:
+                problems.append(f"{where}'s {key}={value!r} must be a {type(values[key]).__name__}")
+                continue
+            if (wrong := RULES[key](value)) is not None:
+                problems.append(f"{where}'s {key}={value!r} must be {wrong}")
+        names.append(sweep_name(entry, values) if isinstance(entry.get("name", ""), str) else "")
+    if problems:
+        return problems
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        problems.append(f"SWEEP trains {', '.join(map(repr, repeated))} more than once: give each variant other "
+                        "settings or its own 'name'")
+    if len(sweep) == 1:
+        problems.append("SWEEP has one variant: set its values as the settings themselves (SWEEP=[] trains one SAE), "
+                        "or list at least two")
+    choice = values.get("SWEEP_CHOICE", "")
+    if choice and choice not in names:
+        problems.append(f"SWEEP_CHOICE={choice!r} must be '' (stage 03's rule) or one of SWEEP's names: "
+                        f"{', '.join(names) or 'SWEEP is empty'}")
+    if sweep and values.get("SAE_PATH"):
+        problems.append("SAE_PATH and SWEEP are both set: SAE_PATH analyses one SAE from elsewhere; set SAE_PATH='' "
+                        "to analyse the sweep, or SWEEP=[]")
+    return problems
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
     "PRESET": _any,
     "MODEL_ID": _not_empty, "LAYER_SIGNATURE": _not_empty, "DEVICE": _device,
@@ -255,6 +323,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "ACTIVATION_SOURCE": _one_of("store", "model"), "CHECKPOINT_SECONDS": _at_least(0),
     "SELECT_DTYPE": _one_of("auto", "float32", "bfloat16"),
     "KERNELS": _one_of("auto", "sparse", "dense"), "TF32": _one_of(True, False),
+    "SWEEP": _any, "SWEEP_CHOICE": _any,  # checked together, by sweep_problems
     "SEED": _between(0, 2**64 - 1),  # what torch.manual_seed takes (numpy takes any size)
     "STORE_DIR": _store_dir, "SAE_PATH": _sae_path,
     "MAX_DEAD_FRACTION": _between(0, 1), "MAX_HELDOUT_FVU": _at_least(0), "MIN_CE_RECOVERED": _between(-math.inf, 1),
@@ -286,6 +355,8 @@ def check_values(values: dict[str, Any]) -> None:
             problems.append(f"{key} has no rule in saekit.base.settings.RULES (add one saying its valid range)")
         elif (wrong := rule(value)) is not None:
             problems.append(f"{key}={value!r} must be {wrong}")
+    if not problems:
+        problems = sweep_problems(values)
     if problems:
         raise SettingsError("; ".join(problems))
 

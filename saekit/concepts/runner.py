@@ -22,6 +22,7 @@ from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
 from ..training.sae import check_sae_matches
 from ..training.saelens_format import load_sae
+from ..training.sweep import chosen_name, history_path
 from .collect import collect, latent_stats, scoring_half
 from .exports import apply_names, build_concepts, publish
 from .naming import NO_NAMER, EndpointNamer, EndpointUnreachableError, Namer, TransformersNamer, is_endpoint, name_latents, naming_task
@@ -63,16 +64,13 @@ def read_parts(texts: list[str], tokenizer, max_length: int) -> list[str]:
             for text, read in zip(texts, ids)]  # no offsets: the tokens read, decoded
 
 
-TRAINING_HISTORY = "training_history.json"
-
-
-def training_deadness(store: Path, sae_id: str | None) -> dict[str, Any] | None:
+def training_deadness(store: Path, sae_id: str | None, name: str | None = None) -> dict[str, Any] | None:
     """The latents that never fired on stage 02's last held-out check, and on how many tokens: with
     stage 04's texts, a latent is dead only where it is silent on both (the demo: 12,556 held-out rows
     and 24,707 tokens), so one that fires on the held-out rows alone is not called dead. None for an
     SAE that stage 02 did not train here (SAE_PATH), or a history that is not this SAE's: then stage
     04's own texts decide."""
-    path = store / TRAINING_HISTORY
+    path = history_path(store, name)  # with SWEEP, the analysed SAE's own
     if sae_id is None or not path.exists():
         return None
     history = read_sealed_json(path, "Run stage 02 again (02_train_sae.py).")
@@ -153,7 +151,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
             "texts_read": texts.read_from, "source": texts.source, "n_texts_asked": settings.EVAL_DATA_LIMIT,
             "naming_model_id": settings.NAMING_MODEL_ID,
             "naming": NO_NAMES_NOTE if settings.NAMING_MODEL_ID == NO_NAMER else None, "settings": settings.as_dict(),
-            "dead_latents": training_deadness(settings.store, sae_meta.get("sae_id"))}
+            "dead_latents": training_deadness(settings.store, sae_meta.get("sae_id"), chosen_name(settings))}
     stats = latent_stats(codes)
     # measured on the choosing half's texts: the output side feeds a label rule, which the other half scores
     is_scoring = scoring_half(len(texts.texts), settings.SEED)

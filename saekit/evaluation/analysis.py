@@ -25,6 +25,7 @@ from ..base.integrity import read_sealed_json
 from ..base.settings import Settings
 from ..training.sae import RERUN_02, TopKSAE, check_sae_matches, check_sae_width
 from ..training.saelens_format import load_sae
+from ..training.sweep import chosen_name, history_path
 from ..training.train import evaluate
 from .splice import splice_metrics
 from .verdict import passed
@@ -45,8 +46,11 @@ class TrainedSAE:
         return self.meta["heldout_start_row"]
 
 
-def load_trained_sae(settings: Settings) -> TrainedSAE:
+def load_trained_sae(settings: Settings, name: str | None = None) -> TrainedSAE:
+    """The SAE stages 03-05 analyse, or with `name`, that SAE of the sweep."""
     store = settings.store
+    if name is not None:
+        settings = Settings(**{**settings.as_dict(), "SWEEP_CHOICE": name})
     sae, meta = load_sae(settings)
     check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
     if settings.SAE_PATH:
@@ -56,7 +60,7 @@ def load_trained_sae(settings: Settings) -> TrainedSAE:
         check_sae_width(sae, run.d_model, settings.LAYER_SIGNATURE)
         meta = {**meta, "activation_run_id": run.run_id, "heldout_start_row": run.heldout_start(settings.HELDOUT_FRACTION)}
         return TrainedSAE(sae, meta, None, run)
-    history = read_sealed_json(store / "training_history.json", RERUN_02)
+    history = read_sealed_json(history_path(store, chosen_name(settings)), RERUN_02)
     if history.get("sae_id") != meta["sae_id"]:
         raise PipelineError("training_history.json and topk_sae.pt do not belong together (stage 02 was "
                             f"interrupted between them, or one was replaced). {RERUN_02}")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import PipelineError
+from ..base.integrity import read_sealed_json
+from ..training.sweep import CHOICE_FILE, chosen_name
 
 FRONTIER_FILES = ("ce_frontier.json", "bench_peers.json")
 # how far held-out mean L0 may be from k: TopK keeps exactly k; BatchTopK's inference threshold is
@@ -151,7 +153,19 @@ def require_passed(settings) -> None:
     CONTINUE_AFTER_FAIL is False: the concepts of an SAE that did not train are not worth naming.
     A store that stage 03 has not analysed goes on."""
     path = settings.store / "analysis.json"
-    if settings.CONTINUE_AFTER_FAIL or not path.is_file():
+    if settings.CONTINUE_AFTER_FAIL:
+        return
+    choice = settings.store / CHOICE_FILE
+    if settings.SWEEP and choice.is_file():  # SWEEP_CHOICE may name another SAE than analysis.json's: its own verdict
+        name = chosen_name(settings)
+        row = next((r for r in read_sealed_json(choice, "Run stage 03 again.")["table"] if r["name"] == name), None)
+        if row is not None:
+            if row["verdict"] == "FAIL":
+                raise VerdictFailedError(f"stage 03 judged SWEEP's {name!r} a FAIL ({', '.join(row['failed_checks'])}; "
+                                         f"store/{CHOICE_FILE} compares the sweep). Choose another with SWEEP_CHOICE, "
+                                         "or run this stage anyway with --CONTINUE_AFTER_FAIL=True")
+            return
+    if not path.is_file():
         return
     report = json.loads(path.read_text())
     if not report.get("passed", True):

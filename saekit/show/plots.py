@@ -143,6 +143,27 @@ def frontier(points: Sequence[dict[str, Any]], l0: float, delta_ce: float, save_
     return _finish(fig, save_to)
 
 
+def sweep_frontier(rows: Sequence[dict[str, Any]], chosen: str, save_to=None):
+    """A sweep's SAEs (saekit.evaluation.sweep.compare_sweep): ΔCE with its 95% interval, and held-out FVU,
+    against L0; the chosen one circled, the ones that fail the verdict hollow."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for r in rows:
+        face = None if r["verdict"] == "PASS" else "none"
+        low, high = r["delta_ce_ci95"]
+        line = axes[0].errorbar([r["l0"]], [r["delta_ce"]], yerr=[[r["delta_ce"] - low], [high - r["delta_ce"]]],
+                                fmt="o", capsize=3, label=r["name"], mfc=face)
+        axes[1].plot([r["l0"]], [r["fvu"]], "o", color=line[0].get_color(), mfc=face)
+        for ax, y in ((axes[0], r["delta_ce"]), (axes[1], r["fvu"])):
+            ax.annotate(r["name"], (r["l0"], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            if r["name"] == chosen:
+                ax.plot([r["l0"]], [y], "o", ms=16, mfc="none", mec="black")
+    axes[0].set(xscale="log", xlabel="held-out L0", ylabel="ΔCE (nats), lower is better",
+                title="ΔCE with its 95% interval over texts")
+    axes[1].set(xscale="log", xlabel="held-out L0", ylabel="held-out FVU, lower is better", title="FVU")
+    axes[0].legend(fontsize=7, title=f"circled: {chosen}; hollow: FAIL", title_fontsize=7)
+    return _finish(fig, save_to)
+
+
 def most_active_latents(frequencies: np.ndarray, labels: dict[int, str] | None = None, top: int = 20, save_to=None):
     freq = np.asarray(frequencies)
     order = np.argsort(-freq)[:top]

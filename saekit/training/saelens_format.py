@@ -34,6 +34,7 @@ from ..base.atomic import give_ordinary_permissions
 from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json, sha256_file, verify_file, write_sealed_json
 from .sae import BatchTopKSAE, TopKSAE
+from .sweep import chosen_name, sae_folder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -299,7 +300,7 @@ def check_saelens_place(cfg: dict[str, Any], folder: Path, model_id: str, layer_
 
 def load_sae(settings, device: str | torch.device = "cpu") -> tuple[TopKSAE, dict[str, Any]]:
     """The SAE that stages 03-05 analyse, with its metadata: SAE_PATH's SAELens folder when set,
-    else stage 02's store/sae_model/topk_sae.pt.
+    else stage 02's store/sae_model/topk_sae.pt (with SWEEP, the chosen SAE's store/sweep/<name>/topk_sae.pt).
 
     The metadata always holds sae_id, model_id, layer_signature, source and sealed. A folder written by
     stage 02 carries its seal, checked here, and names its model and layer; one from elsewhere has no
@@ -308,8 +309,9 @@ def load_sae(settings, device: str | torch.device = "cpu") -> tuple[TopKSAE, dic
     checks its width.
     """
     if not settings.SAE_PATH:
-        sae, meta = TopKSAE.load(settings.store / "sae_model" / "topk_sae.pt", device)
-        return sae, {**meta, "source": "stage 02"}
+        name = chosen_name(settings)
+        sae, meta = TopKSAE.load(sae_folder(settings.store, name) / "topk_sae.pt", device)
+        return sae, {**meta, "source": f"stage 02, SWEEP's {name!r}" if name else "stage 02"}
     folder = Path(settings.SAE_PATH)
     sealed = check_seal(folder)  # before the weights are read: a flipped byte is named, not analysed
     sae, cfg = load_saelens(folder, device)

@@ -414,6 +414,38 @@ class _Checkpoints:
             f", step {partial['sums']['steps']} of epoch {epoch + 2}" if partial else "") + f") is kept at {self.path}"
 
 
+def prepare_training(run: ActivationRun, cfgs: dict[str, TrainConfig], source: RowSource | None,
+                     device: torch.device, world: World, progress: bool) -> tuple[int, RowSource]:
+    """Everything checked before anything is allocated or written, for the SAEs `cfgs` (by label: "" for
+    stage 02's one SAE, a SWEEP name for each of a sweep's, which share the batches and need memory
+    together); returns the held-out boundary and the source of training rows (by default the stored ones)."""
+    first = next(iter(cfgs.values()))  # the SAEs share every setting that chooses the rows
+    for label, cfg in cfgs.items():
+        _check_config(cfg, run.d_model, world, f"SWEEP's {label!r}: " if label else "")
+    heldout_start = run.heldout_start(first.heldout_fraction)
+    source = source or StoreRows(run, 0, heldout_start, first.batch_size, first.shuffle_buffer_tokens, device,
+                                 first.seed, *heldout_copies(run, first.heldout_fraction)[::-1])
+    parts = dict(source.memory_parts())
+    for label, cfg in cfgs.items():
+        n_latents = cfg.n_latents_multiplier * run.d_model
+        parts.update({f"{label}: {part}" if label else part: size for part, size in
+                      {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
+                       **step_memory(cfg, run.d_model, device)}.items()})
+    check_fits("stage 02", parts, device,
+               "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
+               + (" (or BATCH_SIZE_SAVE, the forward's batch)" if source.kind == "model" else "")
+               + (", or train fewer SAEs in SWEEP." if len(cfgs) > 1 else "."))
+    # No pass over every shard first (at 100M tokens, 2 x 307 GB read before the first step): each shard's
+    # checksums and finite values are checked when it is first read (ActivationRun.check_shard), in the
+    # read-ahead thread during the first epoch, with the same refusal: no row is trained on before its
+    # shard is verified, and the SAE is written only after the last epoch.
+    if batches_in_epoch(source.n_rows, first.batch_size) == 0:
+        raise PipelineError(f"the {source.n_rows} training rows make no batch of BATCH_SIZE_TRAIN={first.batch_size} "
+                            f"(a last, partial batch needs at least {smallest_last_batch(first.batch_size)} rows); "
+                            f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
+    return heldout_start, source
+
+
 def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None = None, resume: bool = False,
               device: str | torch.device = "cpu", progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -438,23 +470,7 @@ def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | Non
                device: str | torch.device, progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
                world: World, source: RowSource | None) -> tuple[TopKSAE, dict[str, Any]]:
     device = torch.device(device)
-    _check_config(cfg, run.d_model, world)
-    heldout_start = run.heldout_start(cfg.heldout_fraction)
-    source = source or StoreRows(run, 0, heldout_start, cfg.batch_size, cfg.shuffle_buffer_tokens, device, cfg.seed,
-                                 *heldout_copies(run, cfg.heldout_fraction)[::-1])
-    n_latents = cfg.n_latents_multiplier * run.d_model
-    check_fits("stage 02", {**training_parts(run.d_model, n_latents, cfg.batch_size, device.type == "cpu"),
-                            **step_memory(cfg, run.d_model, device), **source.memory_parts()}, device,
-               "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
-               + (" (or BATCH_SIZE_SAVE, the forward's batch)." if source.kind == "model" else "."))
-    # No pass over every shard first (at 100M tokens, 2 x 307 GB read before the first step): each shard's
-    # checksums and finite values are checked when it is first read (ActivationRun.check_shard), in the
-    # read-ahead thread during the first epoch, with the same refusal: no row is trained on before its
-    # shard is verified, and the SAE is written only after the last epoch.
-    if batches_in_epoch(source.n_rows, cfg.batch_size) == 0:
-        raise PipelineError(f"the {source.n_rows} training rows make no batch of BATCH_SIZE_TRAIN={cfg.batch_size} "
-                            f"(a last, partial batch needs at least {smallest_last_batch(cfg.batch_size)} rows); "
-                            f"lower BATCH_SIZE_TRAIN to at most {source.n_rows}")
+    heldout_start, source = prepare_training(run, {"": cfg}, source, device, world, progress)
     trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
     where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch."),
              "kernels": trainer.sae.kernels}
@@ -504,28 +520,42 @@ def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | Non
         seconds = time.perf_counter() - started
 
         stats = _evaluate(trainer, run, heldout_start, device, world, exact=epoch == cfg.epochs - 1)
-        loss_sum, fvu_sum = totals.tolist()
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / sums.tokens, "train_fvu": fvu_sum / sums.tokens,
-                  **{f"heldout_{k}": v for k, v in stats.summary().items()},
-                  "dead_in_window": int(trainer.dead.sum()), "lr": trainer.schedule.get_last_lr()[0],
-                  "tokens_per_s": sums.tokens / seconds, "train_tokens": sums.tokens,
-                  "step_tflops": sums.tokens / seconds * step_flops_per_token(run.d_model, trainer.n_latents, cfg.k) / 1e12}
+        record = epoch_record(trainer, epoch, totals.tolist(), sums, seconds, stats, run.d_model)
         history.append(record)
         if on_epoch:
             on_epoch(record)
         checkpoints.save(trainer, history, epoch)
 
-    if stats is None:  # resumed after the last epoch: nothing left to train
-        stats = _evaluate(trainer, run, heldout_start, device, world, exact=True)
+    return finish_training(trainer, run, heldout_start, source, history, stats, world)
+
+
+def epoch_record(trainer: _Trainer, epoch: int, totals: list[float], sums: _EpochSums, seconds: float,
+                 stats: ReconstructionStats, d: int) -> dict[str, Any]:
+    """One epoch's line of the history: `totals` is the epoch's (loss, FVU) summed over its tokens."""
+    loss_sum, fvu_sum = totals
+    return {"epoch": epoch + 1, "train_loss": loss_sum / sums.tokens, "train_fvu": fvu_sum / sums.tokens,
+            **{f"heldout_{k}": v for k, v in stats.summary().items()},
+            "dead_in_window": int(trainer.dead.sum()), "lr": trainer.schedule.get_last_lr()[0],
+            "tokens_per_s": sums.tokens / seconds, "train_tokens": sums.tokens,
+            "step_tflops": sums.tokens / seconds * step_flops_per_token(d, trainer.n_latents, trainer.cfg.k) / 1e12}
+
+
+def finish_training(trainer: _Trainer, run: ActivationRun, heldout_start: int, source: RowSource,
+                    history: list[dict[str, Any]], stats: ReconstructionStats | None,
+                    world: World) -> tuple[TopKSAE, dict[str, Any]]:
+    """The trained SAE, working on raw activations, and its record (`stats`: the last epoch's exact
+    held-out check, None when a resumed run had no epoch left to train)."""
+    if stats is None:
+        stats = _evaluate(trainer, run, heldout_start, trainer.device, world, exact=True)
     sae = trainer.sae.eval()
     sae.select_dtype, sae.kernels = torch.float32, TopKSAE.kernels
     sae.fold_input_scale(trainer.scale)
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
               "dead_window_tokens": trainer.window, "k_aux": trainer.k_aux, "init": trainer.init,
-              "rows_dropped_per_epoch": rows_dropped(source.n_rows, cfg.batch_size),
+              "rows_dropped_per_epoch": rows_dropped(source.n_rows, trainer.cfg.batch_size),
               "training_copies_of_heldout": source.copies_of_heldout,
-              "activation_source": source.kind, "config": asdict(cfg)}
+              "activation_source": source.kind, "config": asdict(trainer.cfg)}
     return sae, record
 
 
@@ -546,16 +576,17 @@ def _evaluate(trainer: _Trainer, run: ActivationRun, heldout_start: int, device:
         sae.train()
 
 
-def _check_config(cfg: TrainConfig, d: int, world: World) -> None:
+def _check_config(cfg: TrainConfig, d: int, world: World, label: str = "") -> None:
+    """`label` starts each error: which SAE of a sweep it is about."""
     n_latents = cfg.n_latents_multiplier * d
     if cfg.k > n_latents:
-        raise PipelineError(f"TOP_K={cfg.k} must be at most the number of latents, "
+        raise PipelineError(f"{label}TOP_K={cfg.k} must be at most the number of latents, "
                             f"N_LATENTS_MULTIPLIER x d_model = {n_latents}")
     try:
         cfg.layout(n_latents)
     except ValueError as err:
-        raise PipelineError(str(err)) from None
+        raise PipelineError(f"{label}{err}") from None
     if issubclass(ARCHITECTURES[cfg.architecture], BatchTopKSAE) and world.distributed:
         # each process would take the top of its own share of the batch and keep its own threshold
-        raise PipelineError(f"ARCHITECTURE={cfg.architecture!r} trains in one process (its batch top spans the whole "
+        raise PipelineError(f"{label}ARCHITECTURE={cfg.architecture!r} trains in one process (its batch top spans the whole "
                             "batch); run stage 02 without torchrun, or use ARCHITECTURE='topk' under torchrun")
