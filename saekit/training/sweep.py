@@ -27,6 +27,7 @@ from ..base.distributed import World, all_reduce_
 from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
 from ..base.settings import Settings, sweep_name, sweep_variant
+from .kernels import tf32
 from .sae import TopKSAE
 from .train import (TrainConfig, TrainingDiverged, _Checkpoints, _EpochSums, _evaluate, _Trainer, device_kind,
                     epoch_record, finish_training, prepare_training)
@@ -108,11 +109,19 @@ def train_sweep(run: ActivationRun, variants: list[Variant], checkpoint_path: Pa
     """Train every variant on the same batches of `source` (by default `run`'s stored training rows);
     return each one's SAE and record by name, as `train_sae` returns them for one SAE. The variants
     share every setting but TOP_K, N_LATENTS_MULTIPLIER, ARCHITECTURE and LR (sweep_variants)."""
+    with tf32(variants[0].cfg.tf32, torch.device(device)):
+        return _train_sweep(run, variants, checkpoint_path, resume, device, progress, world, source, on_epoch)
+
+
+def _train_sweep(run: ActivationRun, variants: list[Variant], checkpoint_path: Path | None, resume: bool,
+                 device: str | torch.device, progress: bool, world: World, source: RowSource | None,
+                 on_epoch: Callable[[int], None] | None) -> dict[str, tuple[TopKSAE, dict[str, Any]]]:
     device = torch.device(device)
     heldout_start, source = prepare_training(run, {v.name: v.cfg for v in variants}, source, device, world, progress)
     trainers = [_Trainer(v.cfg, run.d_model, source.n_rows, device, world) for v in variants]
     sweep, shared = _Sweep(trainers), variants[0].cfg  # epochs, seed, batches and checkpoint cadence are shared
-    where = {"device": device_kind(device), "select_dtype": str(trainers[0].sae.select_dtype).removeprefix("torch.")}
+    where = {"device": device_kind(device), "select_dtype": str(trainers[0].sae.select_dtype).removeprefix("torch."),
+             "kernels": trainers[0].sae.kernels}
     checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "sweep": {v.name: v.cfg.fingerprint() for v in variants}},
                                where, shared.checkpoint_seconds, world)
     ckpt = checkpoints.load() if resume else None
