@@ -2,7 +2,8 @@
 probing before and after, in one run: the old splice is the code of commit OLD_SPLICE (the whole model
 for each variant, batches in the texts' order), loaded from git, and its figures are compared with
 the new ones on the same texts; the old probing embeds its evaluation texts again, the new one takes
-the splice's rows of them, and the two results are compared. With --notebook, the whole stage too, headless, on a copy of the store.
+the splice's rows of them, and the two results are compared. With --notebook, the whole stage too,
+headless, on a copy of the store.
 
     .venv/bin/python bench/bench_stage03.py [--STORE_DIR=/work/demo_store] [--notebook] [--out=FOLDER]
 
