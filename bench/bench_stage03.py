@@ -1,7 +1,9 @@
-"""Stage 03's time part by part, on a trained store (the demo's by default), with the splice before
-and after the fast path, in one run: the old splice is the code of commit OLD_SPLICE (the whole model
+"""Stage 03's time part by part, on a trained store (the demo's by default), with the splice and the
+probing before and after, in one run: the old splice is the code of commit OLD_SPLICE (the whole model
 for each variant, batches in the texts' order), loaded from git, and its figures are compared with
-the new ones on the same texts. With --notebook, the whole stage too, headless, on a copy of the store.
+the new ones on the same texts; the old probing embeds its evaluation texts again, the new one takes
+the splice's rows of them, and the two results are compared. With --notebook, the whole stage too,
+headless, on a copy of the store.
 
     .venv/bin/python bench/bench_stage03.py [--STORE_DIR=/work/demo_store] [--notebook] [--out=FOLDER]
 
@@ -64,18 +66,26 @@ def main() -> None:
                                                                                            progress=False, loaded=loaded))):
         splices[name] = part(name, run)
     before, after = splices.values()
-    probes = part("sparse probing", lambda: probing.sparse_probing(settings, trained, progress=False, loaded=loaded))
+    rows, loaded.evaluation_rows = loaded.evaluation_rows, {}
+    probes_before = part("sparse probing before (its evaluation texts embedded again)",
+                         lambda: probing.sparse_probing(settings, trained, progress=False, loaded=loaded))
+    loaded.evaluation_rows = rows
+    probes = part("sparse probing after (on the splice's rows)",
+                  lambda: probing.sparse_probing(settings, trained, progress=False, loaded=loaded))
     part("verdict", lambda: verdict.checks(settings, trained.sae.k, heldout["summary"],
                                            analysis.weight_report(trained), after, trained.sae.architecture))
     differences = {name: abs(after[name] - before[name]) for name in FIGURES}
     result = {"store": str(settings.store), "n_texts": after["n_texts"], "parts": parts,
               "splice_speedup": parts[3]["seconds"] / parts[4]["seconds"],
+              "probing_speedup": parts[5]["seconds"] / parts[6]["seconds"],
+              "probing_identical": probes == probes_before,
               "largest_figure_difference": max(differences.values()), "figure_differences": differences,
               "probing": {k: probes.get(k) for k in ("n_train", "n_test", "train_source", "test_source") if k in probes},
               "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
     if notebook:
         result["notebook_seconds"] = run_notebook_on_copy(settings.store, args)
     print(table(parts, ["part", "seconds"]))
+    print(f"probing speed-up {result['probing_speedup']:.2f}x, the same result: {result['probing_identical']}")
     print(f"splice speed-up {result['splice_speedup']:.2f}x; largest |after - before| over the CE/KL figures "
           f"{result['largest_figure_difference']:.2e}; load average {result['load_average'][0]:.2f}")
     if notebook:

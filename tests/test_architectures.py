@@ -122,9 +122,16 @@ def test_the_ce_splice_replaces_the_layers_output(models, tiny_tokenizer, arch, 
 
 @pytest.mark.parametrize("arch,which", CASES)
 def test_the_fast_splice_gives_the_plain_splices_figures(models, tiny_tokenizer, arch, which, capsys):
-    """The fast splice (the blocks below the layer run once per batch) against the whole model run
-    for every variant, on an imperfect reconstruction: every figure, interval and per-text sum equal
-    within 1e-6 (the same float32 arithmetic on the same input: on a CPU they come out equal)."""
+    """The fast splice (the blocks below the layer run once per batch, the three variants above it as one
+    batch, the head on real predictions only) against the whole model run for every variant, on an
+    imperfect reconstruction. The same float32 arithmetic on the same inputs, but in matrix products of
+    other shapes, so the two differ in float32 rounding, as much as the plain path differs from a float64
+    reference (test_splice holds it to 1e-5 nats): a token's KL is the difference of two float32 sums
+    the size of the entropy (~4.5 nats here, whose float32 spacing is 4.8e-7), so each text's KL sum may
+    move by a few 1e-7 nats, the figures (means over every token) by less than 1e-7. Every figure, interval
+    and per-text sum agrees within 1e-5 relative or those; CE recovered is a ratio of two CE gaps, here
+    ~1e-2 nats between ~4.5-nat CEs, which magnifies the CEs' agreement ~500 times: within 1e-3 relative,
+    it and its interval."""
     model = models[arch]
     layer = resolve_layer(model, _signature(model, ARCHITECTURES[arch][1 if which == "block" else 2]))
     mean = torch.linspace(-1, 1, 32)
@@ -135,10 +142,11 @@ def test_the_fast_splice_gives_the_plain_splices_figures(models, tiny_tokenizer,
     assert fast["kl_sae"] > 1e-9 and fast["kl_zero"] > 1e-9  # the variants do differ from the clean pass
     for name, value in plain.items():
         if name != "per_text":
-            np.testing.assert_allclose(fast[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(fast[name], value, rtol=1e-3 if name.startswith("ce_recovered") else 1e-5,
+                                       atol=1e-7, err_msg=name)
     for sums in ("nll", "kl"):
         for variant, values in getattr(plain["per_text"], sums).items():
-            np.testing.assert_allclose(getattr(fast["per_text"], sums)[variant], values, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(getattr(fast["per_text"], sums)[variant], values, rtol=1e-5, atol=5e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

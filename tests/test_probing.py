@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import STORIES, TINY_LAYER, run_python, run_stage
-from saekit.activations.data import document_hash, open_texts
+from saekit.activations.data import document_hash, load_role_texts, open_texts
 from saekit.activations.models import load_model, resolve_layer
 from saekit.activations.store import open_run
 from saekit.base.settings import SettingsError, load_settings
 from saekit.evaluation import probing
+from saekit.evaluation.splice import splice_metrics
 from saekit.show import plots
 from saekit.training.sae import TopKSAE
 
@@ -248,6 +249,31 @@ def test_the_tasks_and_probes_do_not_depend_on_the_training_seed(labelled_runs):
     sae = TopKSAE(run.d_model, 2 * run.d_model, 4)
     sae.init_weights(torch.zeros(run.d_model), torch.Generator().manual_seed(0))
     assert probing.score_sae(sae, data) == probing.score_sae(sae, reseeded)
+
+
+def test_the_splices_rows_spare_probing_a_forward_and_change_nothing(labelled_runs):
+    """Stage 03's splice keeps the layer output of the evaluation texts that it runs anyway: probing's test
+    stories made from those rows are, bit for bit, the ones it would embed itself, and the model runs no
+    forward for them."""
+    settings = labelled_runs["store"]
+    model, tokenizer = load_model(settings.MODEL_ID, "cpu")
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    run = open_run(settings.store)
+    texts = load_role_texts(settings, "eval").texts
+    splice = splice_metrics(model, tokenizer, layer, texts, lambda h: h, torch.zeros(run.d_model), settings.MAX_LENGTH,
+                            batch_size=settings.BATCH_SIZE_SAVE, progress=False, layer_rows=len(texts),
+                            rows_dtype=getattr(torch, run.meta["dtype"]))
+    start = run.heldout_start(settings.HELDOUT_FRACTION)
+    embedded = probing.prepare(settings, run, start, model, tokenizer, layer, progress=False)
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    shared = probing.prepare(settings, run, start, model, tokenizer, layer, progress=False,
+                             known=dict(zip(texts, splice["layer_rows"])))
+    handle.remove()
+    assert not calls  # the training side comes from the run's rows, the test side from the splice's
+    assert "8 evaluation texts" in shared.test.source
+    assert torch.equal(shared.test.rows, embedded.test.rows) and torch.equal(shared.test.tokens, embedded.test.tokens)
+    assert shared.summary() == embedded.summary()
 
 
 def _word_stories(n: int, rule, seed: int) -> probing.Stories:

@@ -137,13 +137,18 @@ def test_the_fast_splice_falls_back_to_the_whole_model_with_a_line(tiny_model, t
     plain = splice_metrics(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), STORIES, noisy,
                            torch.zeros(tiny_model.config.hidden_size), max_length=16, batch_size=3, progress=False,
                            fast=False)
-    replay = BelowLayerCache._replay
+    replayed = BelowLayerCache._replayed
 
-    def off_by_one(self, *args, **kwargs):  # a replay that no longer gives the blocks' output
-        out = replay(self)
-        return (out[0] + 1,) + out[1:] if isinstance(out, tuple) else out + 1
+    def off_by_one(self, copies):  # a replay that no longer gives the blocks' output
+        replay = replayed(self, copies)
 
-    monkeypatch.setattr(BelowLayerCache, "_replay", off_by_one)
+        def shifted(*args, **kwargs):
+            out = replay()
+            return (out[0] + 1,) + out[1:] if isinstance(out, tuple) else out + 1
+
+        return shifted
+
+    monkeypatch.setattr(BelowLayerCache, "_replayed", off_by_one)
     fallen_back = _run(tiny_model, tiny_tokenizer, noisy, torch.zeros(tiny_model.config.hidden_size))
     assert capsys.readouterr().out.count("the whole model runs for each variant") == 1
     assert fallen_back == plain

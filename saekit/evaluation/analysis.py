@@ -7,7 +7,7 @@ history and no known initialisation, so those parts are left out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,6 +27,7 @@ from ..training.sae import RERUN_02, TopKSAE, check_sae_matches, check_sae_width
 from ..training.saelens_format import load_sae
 from ..training.sweep import chosen_name, history_path
 from ..training.train import evaluate
+from .probing import probe_fields
 from .splice import splice_metrics
 from .verdict import passed
 
@@ -127,6 +128,9 @@ class LayerModel:
     tokenizer: Any
     layer: Any
     device: torch.device
+    # the layer's output on evaluation texts (text -> [tokens, d], the run's dtype), which splice_report's
+    # clean pass computes anyway and sparse probing would otherwise run through the model again
+    evaluation_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def load_layer_model(settings: Settings) -> LayerModel:
@@ -145,8 +149,12 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     sae = trained.sae.to(loaded.device)
     mean = mean_training_activation(trained.run, trained.heldout_start)
     excluded = excluded_token_ids(settings.EXCLUDE_TOKENS, role_token_ids(loaded.tokenizer))
+    # the probes' evaluation stories are the first of these texts: their layer output is kept for them
+    probed = 0 if probe_fields(settings)[1] else min(settings.PROBE_TEXTS, len(texts))
     result = splice_metrics(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, sae, mean, settings.MAX_LENGTH,
-                            batch_size=settings.BATCH_SIZE_SAVE, progress=progress, kept=excluded)
+                            batch_size=settings.BATCH_SIZE_SAVE, progress=progress, kept=excluded,
+                            layer_rows=probed, rows_dtype=getattr(torch, trained.run.meta["dtype"]))
+    loaded.evaluation_rows = dict(zip(texts.texts, result.pop("layer_rows", [])))
     result["n_texts"] = len(texts)
     result["model_dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     result["n_texts_asked"] = settings.EVAL_DATA_LIMIT

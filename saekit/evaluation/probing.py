@@ -417,22 +417,28 @@ def _store_stories(run: ActivationRun, docs: list[tuple[int, int, int, int]], re
 
 
 def _embedded_stories(model, tokenizer, layer, texts: list[str], records: list[Any], *, max_length: int,
-                      batch_size: int, dtype: torch.dtype, source: str, progress: bool = False) -> Stories:
+                      batch_size: int, dtype: torch.dtype, source: str, progress: bool = False,
+                      known: dict[str, torch.Tensor] | None = None) -> Stories:
     """Each text run through the model up to the layer (as stage 01 runs it), without its BOS row,
-    kept in `dtype` (the activation run's, so SAE inputs match the stored ones)."""
+    kept in `dtype` (the activation run's, so SAE inputs match the stored ones). A window of texts whose
+    rows `known` holds already (stage 03's splice keeps them: text -> [tokens, d]) is not run again."""
     from tqdm.auto import tqdm
 
     d = model.config.hidden_size
+    known = known or {}
     rows, tokens, lengths, kept = [], [], [], []
     window = 256  # texts per forward window: float32 rows for one window at a time
     bar = tqdm(total=len(texts), desc="probing: embedding stories", unit="text", disable=not progress)
     for lo in range(0, len(texts), window):
         docs = tokenizer(texts[lo:lo + window], truncation=True, max_length=max_length)["input_ids"]
         offsets = [0, *np.cumsum([len(doc) for doc in docs]).tolist()]
-        out = torch.empty(offsets[-1], d, device=next(model.parameters()).device)
-        write_document_activations(out, offsets, model, tokenizer, layer, docs,
-                                   length_sorted_batches([len(doc) for doc in docs], batch_size))
-        out = out.cpu()
+        if all(len(known.get(text, ())) == len(doc) for text, doc in zip(texts[lo:lo + window], docs)):
+            out = torch.cat([known[text] for text in texts[lo:lo + window]]) if docs else torch.empty(0, d)
+        else:
+            out = torch.empty(offsets[-1], d, device=next(model.parameters()).device)
+            write_document_activations(out, offsets, model, tokenizer, layer, docs,
+                                       length_sorted_batches([len(doc) for doc in docs], batch_size))
+            out = out.cpu()
         for i, doc in enumerate(docs):
             skip = int(bool(doc) and doc[0] == tokenizer.bos_token_id)
             if len(doc) > skip:
@@ -528,13 +534,14 @@ def _training_pass(stream: TextStream, training: set[int], exclude: set[int], li
 
 
 def prepare(settings, run: ActivationRun, heldout_start: int, model, tokenizer, layer,
-            progress: bool = True) -> ProbeData:
+            progress: bool = True, known: dict[str, torch.Tensor] | None = None) -> ProbeData:
     """The probes' stories, tasks and SAE-free readouts for the activation run, once for any number of SAEs.
 
     Training side: the first PROBE_TEXTS stories the SAE was trained on, from the run's rows; a run
     saved for training on the fly (ACTIVATION_SOURCE = "model") holds none, so those texts are run
     through the model here (the same stories either way, at PROBE_TEXTS forward passes at most).
-    Test side: the evaluation texts (run through the model), then the run's held-out documents (from
+    Test side: the evaluation texts (run through the model, unless `known` holds their layer output:
+    text -> [tokens, d], as stage 03's splice keeps it), then the run's held-out documents (from
     its rows), PROBE_TEXTS stories in all: none of them trained the SAE, and none is on the
     training side (a text on both is left out of training's).
     """
@@ -548,7 +555,8 @@ def prepare(settings, run: ActivationRun, heldout_start: int, model, tokenizer, 
     pairs = list(itertools.islice(eval_stream.with_records(), min(limit, settings.EVAL_DATA_LIMIT or limit)))
     eval_texts = [text for text, _ in pairs]
     evaluation = _embedded_stories(model, tokenizer, layer, eval_texts, [r for _, r in pairs],
-                                   source=f"{len(pairs)} evaluation texts of {eval_stream.source}", **embed)
+                                   source=f"{len(pairs)} evaluation texts of {eval_stream.source}", known=known,
+                                   **embed)
 
     hashes = run.document_hashes()
     eval_hashes = {document_hash(t) for t in eval_texts}
@@ -667,14 +675,16 @@ def score_sae(sae: TopKSAE, data: ProbeData) -> dict[str, Any]:
 def sparse_probing(settings, trained, progress: bool = True, loaded=None) -> dict[str, Any]:
     """Stage 03's sparse probing of its SAE (analysis.TrainedSAE) with the model that `loaded`
     (analysis.LayerModel) holds, or loaded here: the prepared stories and tasks with this SAE's
-    accuracies, for store/analysis.json. A dataset without labels is skipped before any model load."""
+    accuracies, for store/analysis.json. A dataset without labels is skipped before any model load.
+    The evaluation texts whose layer output splice_report kept in `loaded` are not run again."""
     from .analysis import load_layer_model
 
     _, skipped = probe_fields(settings)
     if skipped:
         return {"skipped": skipped}
     loaded = loaded or load_layer_model(settings)
-    data = prepare(settings, trained.run, trained.heldout_start, loaded.model, loaded.tokenizer, loaded.layer, progress)
+    data = prepare(settings, trained.run, trained.heldout_start, loaded.model, loaded.tokenizer, loaded.layer, progress,
+                   known=loaded.evaluation_rows)
     return {**data.summary(), **score_sae(trained.sae, data)}
 
 

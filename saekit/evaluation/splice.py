@@ -73,12 +73,16 @@ def paired_difference(a: PerText, b: PerText, figure: str = "delta_ce") -> dict[
 @torch.no_grad()
 def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_activation: torch.Tensor,
                    max_length: int, batch_size: int = 8, progress: bool = True,
-                   keep_per_text: bool = False, kept: frozenset[int] = frozenset(), fast: bool = True) -> dict[str, float]:
+                   keep_per_text: bool = False, kept: frozenset[int] = frozenset(), fast: bool = True,
+                   layer_rows: int = 0, rows_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Next-token cross-entropy with the layer's output kept, replaced by `reconstruct(output)`
     (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token; and for
     ΔCE, each KL and CE recovered, a 95% bootstrap interval over texts (`<figure>_ci95`). With
     `keep_per_text`, the per-text sums too (`per_text`, a PerText) for `paired_difference`. At the tokens
     `kept` names (EXCLUDE_TOKENS: left out of training) every variant keeps the layer's own output.
+    With `layer_rows`, the clean pass's layer output of the first `layer_rows` texts too (`layer_rows`, a
+    list of [tokens, d] in `rows_dtype`, as stage 01 and the probes embed a text), so that sparse probing
+    need not run those texts through the model again.
 
     CE-loss recovered = (CE_ablated - CE_sae) / (CE_ablated - CE_clean): 1 when splicing the SAE
     costs nothing, 0 when it is as bad as removing the layer's information. Sums are float64 and
@@ -86,11 +90,12 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     their sums float64.
 
     Texts go in length-sorted batches (little padding), and the per-text sums come back in the
-    texts' order. With `fast`, the blocks below the layer run once per batch, in the clean pass: each
-    variant reuses their output and runs only the layer's block and those above (`BelowLayerCache`).
-    The first batch checks that this gives the clean pass's log-probabilities; if it does not, or
-    the model has no block stack around the layer, every variant runs the whole model, with a line
-    that says so.
+    texts' order. With `fast`, the blocks below the layer run once per batch, in the clean pass; the
+    three variants then run together, as one batch three times the size, through the layer's block and
+    those above, reusing the clean pass's output of the blocks below (`BelowLayerCache`); and the
+    head (a vocabulary wide) runs on the real predictions only. The first batch checks that this gives
+    the whole model's log-probabilities; if it does not, or the model has no block stack around the
+    layer, every variant runs the whole model, one at a time, with a line that says so.
     """
     device = next(model.parameters()).device
     variants = {
@@ -101,6 +106,7 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     nll: dict[str, np.ndarray] = {name: np.zeros(len(texts)) for name in ["clean", *variants]}
     kl: dict[str, np.ndarray] = {name: np.zeros(len(texts)) for name in variants}
     predictions = np.zeros(len(texts), dtype=np.int64)
+    rows: list[torch.Tensor | None] = [None] * min(layer_rows, len(texts))
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length).input_ids]
     below = BelowLayerCache.around(model, layer) if fast else None
     if fast and below is None:
@@ -109,24 +115,27 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
                                         desc="CE with the SAE spliced in", disable=not progress)):
         enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length).to(device)
-        targets = enc.input_ids[:, 1:]
         valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
-        with below.recording() if below else nullcontext():
-            clean_logp = _next_token_logprobs(model, enc)
-        if below and number == 0 and not below.reproduces(clean_logp, lambda: _next_token_logprobs(model, enc)):
-            print("the fast splice did not reproduce the clean pass on this model: "
-                  "the whole model runs for each variant")
-            below = None
-        nll["clean"][batch] = _nll(clean_logp, targets, valid)
+        text_of = valid.nonzero()[:, 0]  # the text (in the batch) of each real prediction, in order
+        targets = enc.input_ids[:, 1:][valid]
+        wanted = [(j, i) for j, i in enumerate(batch) if i < len(rows)]
+        with below.recording() if below else nullcontext(), _layer_output(layer, enc.attention_mask, wanted, rows,
+                                                                          rows_dtype):
+            clean_logp = _prediction_logprobs(model, enc, valid, at_predictions=below is not None)
+        if below and number == 0:
+            whole = _prediction_logprobs(model, enc, valid, at_predictions=False)
+            if not below.reproduces(lambda: _prediction_logprobs(model, enc, valid, at_predictions=True), whole):
+                print("the fast splice did not reproduce the clean pass on this model: "
+                      "the whole model runs for each variant")
+                below, clean_logp = None, whole
+        nll["clean"][batch] = _per_text(-clean_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), text_of, len(batch))
         clean_p = clean_logp.exp()
         # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
-        neg_entropy = (clean_p * clean_logp).sum(-1)
+        neg_entropy = _row_dot(clean_p, clean_logp)
         at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
-        for name, replace in variants.items():
-            with replaced_output(layer, _except_at(at_kept, replace)), below.replaying() if below else nullcontext():
-                logp = _next_token_logprobs(model, enc)
-            nll[name][batch] = _nll(logp, targets, valid)
-            kl[name][batch] = _per_text(neg_entropy - (clean_p * logp).sum(-1), valid)
+        for name, logp in _variant_logprobs(model, layer, enc, valid, variants, at_kept, below):
+            nll[name][batch] = _per_text(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), text_of, len(batch))
+            kl[name][batch] = _per_text(neg_entropy - _row_dot(clean_p, logp), text_of, len(batch))
         predictions[batch] = valid.sum(1).cpu().numpy()
     per_text = PerText(predictions, nll, kl)
     result: dict = {name: float(value) for name, value in per_text.figures().items()}
@@ -134,7 +143,53 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     result["n_predictions"] = int(per_text.predictions.sum())
     if keep_per_text:
         result["per_text"] = per_text
+    if layer_rows:
+        result["layer_rows"] = rows
     return result
+
+
+def _variant_logprobs(model, layer, enc, valid: torch.Tensor, variants: dict[str, Callable], at_kept: torch.Tensor,
+                      below: "BelowLayerCache | None") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, log-probabilities [predictions, vocabulary]) of each variant. With `below`, the variants
+    run as one batch, each its own copy of the texts, through the blocks from the layer's up (the
+    blocks below replay the clean pass); otherwise the whole model runs for each."""
+    if below is None:
+        for name, replace in variants.items():
+            with replaced_output(layer, _except_at(at_kept, replace)):
+                yield name, _prediction_logprobs(model, enc, valid, at_predictions=False)
+        return
+    n, copies = len(enc.input_ids), len(variants)
+    replaces = [_except_at(at_kept, replace) for replace in variants.values()]
+
+    def each_copy(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([replace(part) for replace, part in zip(replaces, h.split(n))])
+
+    joint = {key: enc[key].repeat(copies, 1) for key in ("input_ids", "attention_mask")}
+    with replaced_output(layer, each_copy), below.replaying(copies):
+        logits = _prediction_logits(model, joint, valid.repeat(copies, 1), at_predictions=True)
+    for name, part in zip(variants, logits.split(len(logits) // copies)):
+        yield name, torch.log_softmax(part.float(), dim=-1)
+
+
+@contextmanager
+def _layer_output(layer: nn.Module, attention_mask: torch.Tensor, wanted: list[tuple[int, int]],
+                  rows: list[torch.Tensor | None], dtype: torch.dtype) -> Iterator[None]:
+    """Keeps rows[i] = the layer's output on text i's real tokens, for each (j, i) in `wanted` (j: its
+    place in the batch), as stage 01 keeps a document's rows."""
+    if not wanted:
+        yield
+        return
+
+    def keep(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        for j, i in wanted:
+            rows[i] = hidden[j][attention_mask[j].bool()].to("cpu", dtype)
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _except_at(at_kept: torch.Tensor, replace):
@@ -187,17 +242,25 @@ class BelowLayerCache:
         finally:
             handle.remove()
 
-    def _replay(self, *_args, **_kwargs):
-        # a copy: a block above may add to its input in place
-        if isinstance(self.output, tuple):
-            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in self.output)
-        return self.output.clone()
+    def _replayed(self, copies: int):
+        def copy(t):  # a copy even of one: a block above may add to its input in place
+            return t.repeat(copies, *[1] * (t.dim() - 1)) if isinstance(t, torch.Tensor) and t.dim() else t
+
+        def replay(*_args, **_kwargs):
+            if isinstance(self.output, tuple):
+                return tuple(copy(t) for t in self.output)
+            return copy(self.output)
+
+        return replay
 
     @contextmanager
-    def replaying(self) -> Iterator[None]:
+    def replaying(self, copies: int = 1) -> Iterator[None]:
+        """The blocks below return the recorded output, repeated `copies` times along the batch (the
+        model's input then holds as many copies of the recorded batch)."""
         own = [block.__dict__.get("forward") for block in self.skipped]
+        replay = self._replayed(copies)
         for block in self.skipped:
-            block.forward = self._replay
+            block.forward = replay
         try:
             yield
         finally:
@@ -207,22 +270,42 @@ class BelowLayerCache:
                 else:
                     block.forward = forward
 
-    def reproduces(self, clean_logp: torch.Tensor, forward: Callable[[], torch.Tensor]) -> bool:
-        """Whether replaying gives the clean pass's log-probabilities."""
+    def reproduces(self, forward: Callable[[], torch.Tensor], whole: torch.Tensor) -> bool:
+        """Whether `forward` replaying the recorded output gives `whole`, the whole model's log-probabilities."""
         with self.replaying():
             replayed = forward()
-        return bool(torch.allclose(replayed, clean_logp, rtol=0, atol=self.REPRODUCE_TOLERANCE))
+        return replayed.shape == whole.shape and bool(torch.allclose(replayed, whole, rtol=0,
+                                                                     atol=self.REPRODUCE_TOLERANCE))
 
 
-def _next_token_logprobs(model, enc) -> torch.Tensor:
-    logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+def _prediction_logits(model, enc, valid: torch.Tensor, at_predictions: bool) -> torch.Tensor:
+    """The logits [predictions, vocabulary] of the real next-token predictions (`valid` [batch, seq - 1]).
+    With `at_predictions`, the head (a vocabulary wide: on SmolLM2 a fifth of the model) and what the model
+    does after it (Gemma2's soft cap) see only those positions' hidden states, not padding's or the last's."""
+    head = model.get_output_embeddings() if at_predictions else None
+
+    def only_predictions(_module, args):
+        return (args[0][:, :-1][valid], *args[1:])
+
+    handle = head.register_forward_pre_hook(only_predictions) if head is not None else None
+    try:
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if head is not None else logits[:, :-1][valid]
 
 
-def _per_text(values: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
-    """Each text's sum of `values` over its real predictions, float64."""
-    return values.double().masked_fill(~valid, 0).sum(1).cpu().numpy()
+def _prediction_logprobs(model, enc, valid: torch.Tensor, at_predictions: bool) -> torch.Tensor:
+    return torch.log_softmax(_prediction_logits(model, enc, valid, at_predictions).float(), dim=-1)
 
 
-def _nll(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
-    return _per_text(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), valid)
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each row's a . b, as a batched matrix product: no [predictions, vocabulary] product is made."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).flatten()
+
+
+def _per_text(values: torch.Tensor, text_of: torch.Tensor, n_texts: int) -> np.ndarray:
+    """Each text's sum of `values` (one per real prediction; `text_of` says whose), float64."""
+    return torch.zeros(n_texts, dtype=torch.float64, device=values.device).index_add_(
+        0, text_of, values.double()).cpu().numpy()
