@@ -102,12 +102,26 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
 
 def alter_one_character(path: Path) -> None:
     """Change one letter or digit near the middle of a text file to another of its kind: the file stays valid
-    JSON or CSV, so only its checksum can tell."""
-    data = bytearray(path.read_bytes())
+    JSON or CSV, so only its checksum can tell. In JSON the change must alter what the file says: a 17th
+    significant digit that parses to the same float would leave the content, and its seal, as they were."""
+    data = bytes(path.read_bytes())
     middle = len(data) // 2
-    at = min((i for i, b in enumerate(data) if chr(b).isalnum()), key=lambda i: abs(i - middle))
-    data[at] = ord("7" if chr(data[at]) != "7" else "3") if chr(data[at]).isdigit() else ord("q" if chr(data[at]) != "q" else "z")
-    path.write_bytes(bytes(data))
+
+    def altered(at: int) -> bytes:
+        c = chr(data[at])
+        new = ("7" if c != "7" else "3") if c.isdigit() else ("q" if c != "q" else "z")
+        return data[:at] + new.encode() + data[at + 1:]
+
+    def says_something_else(candidate: bytes) -> bool:
+        if path.suffix != ".json":
+            return True
+        try:
+            return json.loads(candidate) != json.loads(data)
+        except ValueError:
+            return False
+
+    places = sorted((i for i, b in enumerate(data) if chr(b).isalnum()), key=lambda i: abs(i - middle))
+    path.write_bytes(next(c for c in map(altered, places) if says_something_else(c)))
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
