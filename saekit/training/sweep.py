@@ -30,7 +30,7 @@ from ..base.settings import Settings, sweep_name, sweep_variant
 from .kernels import tf32
 from .sae import TopKSAE
 from .train import (TrainConfig, TrainingDiverged, _Checkpoints, _EpochSums, _evaluate, _Trainer, device_kind,
-                    epoch_record, finish_training, prepare_training)
+                    epoch_record, finish_training, prepare_training, resume_point)
 
 SWEEP_DIR = "sweep"
 CHOICE_FILE = "sweep_choice.json"  # beside the folder, so that no SWEEP name can clash with it
@@ -129,8 +129,7 @@ def _train_sweep(run: ActivationRun, variants: list[Variant], checkpoint_path: P
     first_epoch, partial = 0, None
     if ckpt is not None:
         sweep.load_state_dict(ckpt)
-        histories, first_epoch, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt["partial"]
-        at = f"at step {partial['sums']['steps']} of epoch {first_epoch + 1}" if partial else f"after epoch {first_epoch}"
+        histories, first_epoch, partial, at = resume_point(ckpt)
         print(f"resuming the sweep of {len(variants)} SAEs {at} of {shared.epochs} from {checkpoint_path}")
     else:
         sample = source.sample()  # one sample: every SAE starts from the input scale and median its own run would

@@ -347,6 +347,14 @@ class _EpochSums:
     seconds: float = 0.0
 
 
+def resume_point(ckpt: dict[str, Any]) -> tuple[Any, int, dict[str, Any] | None, str]:
+    """Where a checkpoint resumes: its history, the epoch to train next, the unfinished epoch's state
+    (None after a whole epoch) and, in words, the point ("at step 12 of epoch 3", "after epoch 2")."""
+    first_epoch, partial = ckpt["epoch"] + 1, ckpt["partial"]
+    at = f"at step {partial['sums']['steps']} of epoch {first_epoch + 1}" if partial else f"after epoch {first_epoch}"
+    return ckpt["history"], first_epoch, partial, at
+
+
 def device_kind(device: torch.device) -> str:
     """The kind of device a step ran on, as a checkpoint records it: "cpu", or the GPU's name."""
     if device.type == "cuda":
@@ -481,9 +489,8 @@ def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | Non
     first_epoch, partial = 0, None
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        history, first_epoch, partial = ckpt["history"], ckpt["epoch"] + 1, ckpt["partial"]
-        where = f"at step {partial['sums']['steps']} of epoch {first_epoch + 1}" if partial else f"after epoch {first_epoch}"
-        print(f"resuming {where} of {cfg.epochs} from {checkpoint_path}")
+        history, first_epoch, partial, at = resume_point(ckpt)
+        print(f"resuming {at} of {cfg.epochs} from {checkpoint_path}")
     else:
         trainer.initialise(source.sample())
 
