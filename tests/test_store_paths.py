@@ -95,11 +95,14 @@ def test_relative_path_rule_covers_every_path_setting(tmp_path, monkeypatch):
     from saekit.base.settings import PATH_SETTINGS, PROJECT_ROOT, load_settings
 
     monkeypatch.chdir(tmp_path)
-    settings = load_settings(["--STORE_DIR=store", "--HF_DATASET=data/stories.jsonl", "--EVAL_DATASET=data",
-                              "--MODEL_ID=tests", "--NAMING_MODEL_ID=tests"])
-    for key in PATH_SETTINGS:
-        value = getattr(settings, key)
-        assert value == "" or value.startswith(str(PROJECT_ROOT)), (key, value)
+    # a store that exists in the project (a developer's checkout) and one not made yet (a fresh clone)
+    for store in ("tests", "store-not-made-yet"):
+        settings = load_settings([f"--STORE_DIR={store}", "--HF_DATASET=data/stories.jsonl", "--EVAL_DATASET=data",
+                                  "--MODEL_ID=tests", "--NAMING_MODEL_ID=tests"])
+        for key in PATH_SETTINGS:
+            value = getattr(settings, key)
+            assert value == "" or value.startswith(str(PROJECT_ROOT)), (key, value)
+    assert not (PROJECT_ROOT / "store-not-made-yet").exists() and not (tmp_path / "store-not-made-yet").exists()
     # words and hub ids are not paths
     settings = load_settings(["--MODEL_ID=org/model", "--NAMING_MODEL_ID=http://localhost:8000/v1"])
     assert (settings.MODEL_ID, settings.NAMING_MODEL_ID, settings.HF_DATASET) == (

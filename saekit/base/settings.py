@@ -126,7 +126,9 @@ def resolve_path(key: str, value: str) -> str:
         raise SettingsError(f"{key}={value!r} is a relative path, and relative paths are read from the project "
                             f"folder {PROJECT_ROOT}, where it does not exist; it exists in the working folder: "
                             f"give its absolute path, {key}={str(Path(value).resolve())!r}")
-    return value
+    # the store is a folder the stages make, never a hub id: on a fresh clone it does not exist yet, and it
+    # must still name the project's folder, not whichever folder a stage happens to be started from
+    return str(in_project) if key == "STORE_DIR" and value.strip() else value
 
 
 def _preset_overrides(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
