@@ -160,6 +160,7 @@ class StoreRows:
     seed: int
     excluded: list[tuple[int, int]] = field(default_factory=list)
     copies_of_heldout: int = 0  # documents the excluded rows belong to
+    with_target: bool = False  # a transcoder's rows: the target's beside the input's, [rows, d_model + d_target]
     kind = "store"
 
     def __post_init__(self) -> None:
@@ -178,7 +179,8 @@ class StoreRows:
 
     def memory_parts(self) -> dict[str, int]:
         rows = min(self.n_rows, self.buffer_tokens + self.batch_size)
-        return {"the shuffle buffer": 2 * rows * self.run.d_model * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
+        width = self.run.d_model + self.run.d_target * self.with_target
+        return {"the shuffle buffer": 2 * rows * width * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
 
     def _kept(self, lo: int, hi: int) -> np.ndarray:
         """Which of rows [lo, hi) are trained on: neither an excluded token's (EXCLUDE_TOKENS) nor in a document
@@ -192,10 +194,11 @@ class StoreRows:
 
     def sample(self) -> torch.Tensor:
         spread = _spread(self.start, self.stop, SAMPLE_ROWS)
-        return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]]))
+        return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]],
+                                              self.with_target))
 
     def _read(self, lo: int, hi: int) -> torch.Tensor:
-        rows, keep = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]), self._kept(lo, hi)
+        rows, keep = self.run.rows(lo, hi, DTYPES[self.run.meta["dtype"]], self.with_target), self._kept(lo, hi)
         return torch.from_numpy(rows if keep.all() else rows[keep]).to(self.device)
 
     def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
@@ -430,7 +433,7 @@ def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
     stop = run.heldout_start(settings.HELDOUT_FRACTION)
     copies, excluded = heldout_copies(run, settings.HELDOUT_FRACTION)
     return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED,
-                     excluded, copies)
+                     excluded, copies, with_target=settings.target is not None)
 
 
 def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,
@@ -447,8 +450,11 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
     if changed:
         raise StoreError("training on the fly reads the texts stage 01 counted, but " + ", ".join(changed)
                          + f" changed since. Pass stage 01's values, or {RERUN_01[0].lower()}{RERUN_01[1:]}")
-    return ModelRows(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE),
-                     open_role_texts(settings, "train"), plan, d=run.d_model, max_length=settings.MAX_LENGTH,
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    if settings.target is not None:  # a transcoder's input and target, side by side from one forward
+        layer = (layer, resolve_layer(model, settings.target, "TARGET_SIGNATURE"))
+    return ModelRows(model, tokenizer, layer, open_role_texts(settings, "train"), plan,
+                     d=run.d_model + (run.d_target if settings.target is not None else 0), max_length=settings.MAX_LENGTH,
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
                      seed=settings.SEED, world=world, excluded=run.excluded)

@@ -1,0 +1,115 @@
+"""Transcoders (TRAIN_TARGET): from one module's output, predict another's through sparse latents. Synthetic runs
+whose target is a known map of the input, then the tiny model's MLP end to end."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_synthetic_run
+from saekit.base.settings import load_settings
+from saekit.training.sae import ARCHITECTURES
+from saekit.training.train import TrainConfig, evaluate, train_sae
+
+SMALL = dict(n_latents_multiplier=4, k=3, epochs=8, batch_size=128, lr=1e-2, warmup_steps=10,
+             heldout_fraction=0.2, shuffle_buffer_tokens=2048)
+D, N_FEATURES = 16, 48
+
+
+def _cfg(**overrides) -> TrainConfig:
+    return replace(TrainConfig.from_settings(load_settings([])), **{**SMALL, **overrides})
+
+
+def _outputs(seed: int = 1) -> torch.Tensor:
+    """Each synthetic feature's own output direction: what an MLP writes when the feature is present."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(N_FEATURES, D, generator=g)
+    return out / out.norm(dim=1, keepdim=True)
+
+
+def _sparse_map(outputs: torch.Tensor):
+    """y = sum of each active feature's output direction times its coefficient, plus a constant: sparse in the
+    features, and no linear function of x (the output directions are unrelated to the input ones)."""
+    return lambda x, which, coef: (coef.unsqueeze(2) * outputs[which]).sum(1) + 0.5
+
+
+def _best_cosines(rows: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """For each true direction, the best cosine similarity among `rows`."""
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (truth @ rows.T).max(1).values
+
+
+def test_a_transcoder_recovers_a_sparse_map_that_an_sae_of_its_input_cannot_predict(tmp_path):
+    outputs = _outputs()
+    run = make_synthetic_run(tmp_path, d=D, n_features=N_FEATURES, target=_sparse_map(outputs))
+    sae, record = train_sae(run, _cfg(train_target="transcoder"), progress=False)
+    assert sae.kind == "transcoder" and sae.d_out == D
+    fvu = record["history"][-1]["heldout_fvu"]
+    assert fvu < 0.35, fvu
+    # the folded transcoder works on raw rows: its own held-out FVU of the target is the history's
+    assert abs(evaluate(sae, run, record["heldout_start_row"], run.n_tokens).fvu - fvu) < 1e-4
+    assert _best_cosines(sae.W_dec.detach(), outputs).min() > 0.9  # each output direction is a decoder row
+    # the baseline: the best linear map from the input (what an SAE's reconstruction of x at best feeds) leaves
+    # most of the target unexplained
+    rows = torch.from_numpy(run.rows(0, run.n_tokens, with_target=True)).double()
+    x, y = torch.cat([rows[:, :D], torch.ones(len(rows), 1, dtype=torch.double)], 1), rows[:, D:]
+    linear = x @ torch.linalg.lstsq(x, y).solution
+    linear_fvu = float((y - linear).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert linear_fvu > 2 * fvu, (linear_fvu, fvu)
+
+
+def test_a_skip_transcoder_learns_a_linear_map_in_its_skip_term(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    linear = torch.randn(D, D, generator=g) / D ** 0.5
+    dense = lambda x, docs: x.add_(0.5 * torch.randn(x.shape, generator=g))  # no sparse code carries this part
+    run = make_synthetic_run(tmp_path, d=D, n_features=N_FEATURES, edit_rows=dense,
+                             target=lambda x, which, coef: x @ linear.T)
+    skip, record = train_sae(run, _cfg(train_target="skip_transcoder"), progress=False)
+    plain, plain_record = train_sae(run, _cfg(train_target="transcoder"), progress=False)
+    assert skip.kind == "skip_transcoder" and plain.W_skip is None
+    error = float((skip.W_skip.detach() - linear).norm() / linear.norm())
+    # the skip term is most of the map (measured 0.15 off: the sparse path may carry the map of the sparse part)
+    assert error < 0.25, error
+    skip_fvu, plain_fvu = record["history"][-1]["heldout_fvu"], plain_record["history"][-1]["heldout_fvu"]
+    # measured 0.002 and 0.23: k latents cannot carry the map of the dense part
+    assert skip_fvu < 0.02 and plain_fvu > 10 * skip_fvu, (skip_fvu, plain_fvu)
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_every_architecture_trains_as_a_transcoder_and_saves_and_loads_as_one(tmp_path, architecture):
+    run = make_synthetic_run(tmp_path, d=D, n_features=N_FEATURES, target=_sparse_map(_outputs()))
+    sae, record = train_sae(run, _cfg(train_target="skip_transcoder", architecture=architecture,
+                                      matryoshka_group_fractions=(0.25,)), progress=False)
+    assert record["history"][-1]["heldout_fvu"] < 0.4  # TopK: 0.25 (the test above)
+    sae.save(tmp_path / "t.pt", layer_signature="synthetic")
+    loaded, _ = ARCHITECTURES[architecture].load(tmp_path / "t.pt")
+    assert type(loaded) is type(sae) and loaded.kind == "skip_transcoder"
+    x = torch.from_numpy(run.rows(run.n_tokens - 50, run.n_tokens))
+    torch.testing.assert_close(loaded(x), sae(x))
+
+
+def test_a_transcoder_on_a_run_without_a_target_is_refused(tmp_path):
+    from saekit.base.errors import PipelineError
+
+    run = make_synthetic_run(tmp_path, d=D, n_features=N_FEATURES)
+    with pytest.raises(PipelineError, match="stores none: run stage 01 with TRAIN_TARGET='transcoder'"):
+        train_sae(run, _cfg(train_target="transcoder"), progress=False)
+
+
+def test_the_target_is_stored_beside_the_input_and_checksummed(tmp_path):
+    from saekit.base.integrity import IntegrityError
+    from saekit.activations.store import open_run
+
+    outputs = _outputs()
+    run = make_synthetic_run(tmp_path, d=D, n_features=N_FEATURES, target=_sparse_map(outputs))
+    paired = run.rows(0, run.n_tokens, with_target=True)
+    np.testing.assert_array_equal(paired[:, :D], run.rows(0, run.n_tokens))  # the input's rows as an SAE reads them
+    assert paired.shape == (run.n_tokens, 2 * D) and run.target_signature == "synthetic_target"
+    target_file = run.path / f"{run.meta['shards'][2]['name']}.target.npy"
+    data = bytearray(target_file.read_bytes())
+    data[-5] ^= 1
+    target_file.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="target.npy is corrupt"):
+        open_run(tmp_path).rows(0, run.n_tokens, with_target=True)
