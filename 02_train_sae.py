@@ -13,6 +13,7 @@ epoch and every CHECKPOINT_SECONDS (store/sae_model/checkpoint.pt); the SAE also
 (store/sae_model/saelens/: cfg.json + sae_weights.safetensors; BatchTopK and Matryoshka as the JumpReLU
 SAELens makes of them). Every file loads without running code.
 """
+import shutil
 import sys
 
 from saekit.activations.models import public_model_id, weights_identity
@@ -20,13 +21,13 @@ from saekit.activations.sources import model_rows, store_rows
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.activations.store import check_run_matches, check_same_weights, open_run
 from saekit.base.integrity import write_sealed_json
-from saekit.training.saelens_format import saelens_hook_name, save_saelens
+from saekit.training.saelens_format import SAELensFormatError, saelens_hook_name, save_saelens
 from saekit.training.train import TrainConfig, train_sae
 
 settings, flags = start_stage("02 train SAE", sys.argv[1:], {"resume"})
 device, world = stage_runtime(settings)  # under torchrun: data parallel, each process a share of each batch
 run = open_run(settings.store)
-check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE, settings.target)
 run.exclude_tokens(settings.EXCLUDE_TOKENS)  # out of the training rows and the held-out metrics
 if settings.ACTIVATION_SOURCE == "model":
     model, tokenizer = load_stage_model(settings, device, world)
@@ -50,18 +51,26 @@ if not world.is_main:  # rank 0 writes the artifacts
 provenance = {"layer_signature": run.meta["layer_signature"], "model_id": run.meta["model_id"],
               "activation_run_id": run.run_id, "activation_source": record["activation_source"],
               "input_scale": record["input_scale"], "heldout_start_row": record["heldout_start_row"],
+              "train_target": settings.TRAIN_TARGET, "target_signature": settings.target,
               "settings": settings.as_dict()}
 sae_id = sae.save(model_dir / "topk_sae.pt", **provenance, init=record.pop("init"))
 write_sealed_json(settings.store / "training_history.json", {**provenance, "sae_id": sae_id, **record})
 # the same SAE as SAELens reads it (sae_lens.SAE.load_from_disk), for use outside this project
-save_saelens(sae, model_dir / "saelens", public_model_id(run.meta["model_id"]),
-             saelens_hook_name(run.meta["layer_signature"], run.meta.get("layer_module")),
-             {**provenance, "sae_id": sae_id})
+saelens_extra = {"hook_name_out": saelens_hook_name(settings.target)} if settings.target else {}
+try:
+    save_saelens(sae, model_dir / "saelens", public_model_id(run.meta["model_id"]),
+                 saelens_hook_name(run.meta["layer_signature"], run.meta.get("layer_module")),
+                 {**provenance, "sae_id": sae_id, **saelens_extra})
+    saelens_line = f" and, in SAELens's format, {model_dir / 'saelens'}"
+except SAELensFormatError as err:  # a format SAELens lacks: the SAE itself is saved; an older export must not stay
+    shutil.rmtree(model_dir / "saelens", ignore_errors=True)
+    saelens_line = f"; not in SAELens's format: {err}"
 record_settings(settings, "02_train_sae")
 
 final = record["history"][-1]
-print(f"held-out FVU {final['heldout_fvu']:.3f} (R^2 {final['heldout_r2']:.3f}), L0 {final['heldout_l0']:.2f}, "
+of_target = f" of the target {settings.target} (its prediction from {settings.LAYER_SIGNATURE})" if settings.target else ""
+print(f"held-out FVU{of_target} {final['heldout_fvu']:.3f} (R^2 {final['heldout_r2']:.3f}), L0 {final['heldout_l0']:.2f}, "
       f"dead {final['heldout_dead']}/{record['n_latents']}, dense {final['heldout_dense']}, "
       f"{final['tokens_per_s']:.0f} tokens/s")
-print(f"saved {model_dir / 'topk_sae.pt'}, {settings.store / 'training_history.json'} and, in SAELens's format, "
-      f"{model_dir / 'saelens'}")
+what = {"sae": "SAE", "transcoder": "transcoder", "skip_transcoder": "skip transcoder"}[settings.TRAIN_TARGET]
+print(f"saved the {what} to {model_dir / 'topk_sae.pt'}, {settings.store / 'training_history.json'}{saelens_line}")
