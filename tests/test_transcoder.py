@@ -2,6 +2,7 @@
 whose target is a known map of the input, then the tiny model's MLP end to end."""
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +166,31 @@ def test_a_topk_transcoder_is_refused_by_the_saelens_export_in_one_line(tmp_path
     with pytest.raises(SAELensFormatError, match="ARCHITECTURE='batchtopk'"):
         save_saelens(TopKSAE(4, 8, 2, d_out=4), tmp_path / "x", "m", "h")
     assert not (tmp_path / "x").exists()
+
+
+TINY_MLP = "llamaforcausallm_model_layers_1_mlp"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_spliced_in_place_of_the_mlp_a_perfect_predictor_costs_nothing_and_a_zero_one_is_zero_ablation(
+        tiny_model, tiny_tokenizer, fast):
+    from conftest import STORIES, TINY_LAYER
+    from saekit.activations.models import resolve_layer
+    from saekit.evaluation.splice import splice_metrics
+
+    norm, mlp = resolve_layer(tiny_model, TINY_LAYER), resolve_layer(tiny_model, TINY_MLP, "TARGET_SIGNATURE")
+    mean = torch.zeros(tiny_model.config.hidden_size)
+
+    def scored(predict):
+        return splice_metrics(tiny_model, tiny_tokenizer, mlp, STORIES, predict, mean, max_length=16, batch_size=3,
+                              progress=False, fast=fast, input_layer=norm)
+
+    copy = deepcopy(mlp)  # the MLP itself (a copy: the MLP's own hooks would fire inside its hook)
+    with torch.no_grad():
+        perfect = scored(copy)  # from its captured input
+    assert abs(perfect["delta_ce"]) < 1e-5 and perfect["kl_sae"] < 1e-6
+    assert perfect["ce_zero"] - perfect["ce_clean"] > 5e-4  # removing this MLP costs something (0.001 nats)
+    zero = scored(lambda x: torch.zeros_like(x))
+    assert zero["ce_sae"] == pytest.approx(zero["ce_zero"], abs=1e-6)  # a transcoder predicting 0 is the MLP removed
+    with torch.no_grad():  # and the prediction reads the MLP's input, not its output: a map of the output differs
+        assert abs(scored(lambda x: copy(x) + x)["delta_ce"]) > 5e-4

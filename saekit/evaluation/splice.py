@@ -73,7 +73,8 @@ def paired_difference(a: PerText, b: PerText, figure: str = "delta_ce") -> dict[
 @torch.no_grad()
 def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_activation: torch.Tensor,
                    max_length: int, batch_size: int = 8, progress: bool = True,
-                   keep_per_text: bool = False, kept: frozenset[int] = frozenset(), fast: bool = True) -> dict[str, float]:
+                   keep_per_text: bool = False, kept: frozenset[int] = frozenset(), fast: bool = True,
+                   input_layer: nn.Module | None = None) -> dict[str, float]:
     """Next-token cross-entropy with the layer's output kept, replaced by `reconstruct(output)`
     (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token; and for
     ΔCE, each KL and CE recovered, a 95% bootstrap interval over texts (`<figure>_ci95`). With
@@ -91,10 +92,14 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     The first batch checks that this gives the clean pass's log-probabilities; if it does not, or
     the model has no block stack around the layer, every variant runs the whole model, with a line
     that says so.
+
+    With `input_layer` (a transcoder), `reconstruct` is given that module's output from the same forward
+    pass instead of the layer's own: the layer's output is replaced by a prediction from its input.
     """
     device = next(model.parameters()).device
+    capture = _InputCapture(input_layer) if input_layer is not None else None
     variants = {
-        "sae": reconstruct,
+        "sae": reconstruct if capture is None else capture.predicting(reconstruct),
         "zero": torch.zeros_like,
         "mean": lambda h: mean_activation.to(h.dtype).to(h.device).expand_as(h).clone(),
     }
@@ -105,29 +110,30 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     below = BelowLayerCache.around(model, layer) if fast else None
     if fast and below is None:
         print("the fast splice found no block stack around the layer: the whole model runs for each variant")
-    for number, batch in enumerate(tqdm(length_sorted_batches(lengths, batch_size),
-                                        desc="CE with the SAE spliced in", disable=not progress)):
-        enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_length).to(device)
-        targets = enc.input_ids[:, 1:]
-        valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
-        with below.recording() if below else nullcontext():
-            clean_logp = _next_token_logprobs(model, enc)
-        if below and number == 0 and not below.reproduces(clean_logp, lambda: _next_token_logprobs(model, enc)):
-            print("the fast splice did not reproduce the clean pass on this model: "
-                  "the whole model runs for each variant")
-            below = None
-        nll["clean"][batch] = _nll(clean_logp, targets, valid)
-        clean_p = clean_logp.exp()
-        # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
-        neg_entropy = (clean_p * clean_logp).sum(-1)
-        at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
-        for name, replace in variants.items():
-            with replaced_output(layer, _except_at(at_kept, replace)), below.replaying() if below else nullcontext():
-                logp = _next_token_logprobs(model, enc)
-            nll[name][batch] = _nll(logp, targets, valid)
-            kl[name][batch] = _per_text(neg_entropy - (clean_p * logp).sum(-1), valid)
-        predictions[batch] = valid.sum(1).cpu().numpy()
+    with capture or nullcontext():
+        for number, batch in enumerate(tqdm(length_sorted_batches(lengths, batch_size),
+                                            desc="CE with the SAE spliced in", disable=not progress)):
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length).to(device)
+            targets = enc.input_ids[:, 1:]
+            valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
+            with below.recording() if below else nullcontext():
+                clean_logp = _next_token_logprobs(model, enc)
+            if below and number == 0 and not below.reproduces(clean_logp, lambda: _next_token_logprobs(model, enc)):
+                print("the fast splice did not reproduce the clean pass on this model: "
+                      "the whole model runs for each variant")
+                below = None
+            nll["clean"][batch] = _nll(clean_logp, targets, valid)
+            clean_p = clean_logp.exp()
+            # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
+            neg_entropy = (clean_p * clean_logp).sum(-1)
+            at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
+            for name, replace in variants.items():
+                with replaced_output(layer, _except_at(at_kept, replace)), below.replaying() if below else nullcontext():
+                    logp = _next_token_logprobs(model, enc)
+                nll[name][batch] = _nll(logp, targets, valid)
+                kl[name][batch] = _per_text(neg_entropy - (clean_p * logp).sum(-1), valid)
+            predictions[batch] = valid.sum(1).cpu().numpy()
     per_text = PerText(predictions, nll, kl)
     result: dict = {name: float(value) for name, value in per_text.figures().items()}
     result.update({f"{name}_ci95": interval for name, interval in confidence_intervals(per_text).items()})
@@ -135,6 +141,32 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     if keep_per_text:
         result["per_text"] = per_text
     return result
+
+
+class _InputCapture:
+    """While entered, keeps the last output of `input_layer`; `predicting(predict)` is a replacement that
+    ignores the output it replaces and returns predict(that captured input), from the same forward pass (a
+    transcoder's input runs before its target; a replayed block's input is the clean pass's, the same)."""
+
+    def __init__(self, input_layer: nn.Module):
+        self.input_layer, self.captured, self._handle = input_layer, None, None
+
+    def __enter__(self) -> "_InputCapture":
+        self._handle = self.input_layer.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._handle.remove()
+
+    def _keep(self, _module, _inputs, output) -> None:
+        self.captured = output[0] if isinstance(output, tuple) else output
+
+    def predicting(self, predict):
+        def replace(h: torch.Tensor) -> torch.Tensor:
+            if self.captured is None or self.captured.shape[:-1] != h.shape[:-1]:
+                raise RuntimeError("the transcoder's input layer did not run before its target in this forward pass")
+            return predict(self.captured.float())
+        return replace
 
 
 def _except_at(at_kept: torch.Tensor, replace):

@@ -485,13 +485,22 @@ def load_plain(path: Path, rerun: str) -> Any:
         raise IntegrityError(f"{path} is truncated or corrupt ({type(err).__name__}). {rerun}") from None
 
 
-def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: str) -> None:
-    """Stop a stage from attaching an SAE to a model or layer other than the one it was trained on."""
+def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: str, target: str | None = None) -> None:
+    """Stop a stage from attaching an SAE to a model or layer other than the one it was trained on, or a
+    transcoder to another target (`target`: Settings.target; None for an SAE)."""
     for key, setting, value in (("model_id", "MODEL_ID", model_id),
                                 ("layer_signature", "LAYER_SIGNATURE", layer_signature)):
         if metadata[key] != value:
             raise SAEFileError(f"the SAE was trained on {key} {metadata[key]!r} but {setting} is {value!r}. "
                                "Run stages 01-02 with these settings, or pass the ones the SAE used.")
+    trained_for = metadata.get("target_signature")
+    if trained_for != target:
+        said = (f"a {metadata.get('train_target', 'transcoder')} predicting {trained_for!r}" if trained_for
+                else "an SAE (TRAIN_TARGET='sae')")
+        wanted = f"TRAIN_TARGET={metadata.get('train_target', 'transcoder')!r}" if trained_for else "TRAIN_TARGET='sae'"
+        raise SAEFileError(f"the SAE is {said}, but the settings ask for "
+                           f"{'target ' + repr(target) if target else 'an SAE'}: pass {wanted} (and the "
+                           "TARGET_SIGNATURE it used), or run stages 01-02 with these settings.")
 
 
 def check_sae_width(sae: TopKSAE, width: int, layer: str = "LAYER_SIGNATURE's layer") -> None:
