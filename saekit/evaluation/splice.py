@@ -97,7 +97,7 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     pass instead of the layer's own: the layer's output is replaced by a prediction from its input.
     """
     device = next(model.parameters()).device
-    capture = _InputCapture(input_layer) if input_layer is not None else None
+    capture = InputCapture(input_layer) if input_layer is not None else None
     variants = {
         "sae": reconstruct if capture is None else capture.predicting(reconstruct),
         "zero": torch.zeros_like,
@@ -143,7 +143,7 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     return result
 
 
-class _InputCapture:
+class InputCapture:
     """While entered, keeps the last output of `input_layer`; `predicting(predict)` is a replacement that
     ignores the output it replaces and returns predict(that captured input), from the same forward pass (a
     transcoder's input runs before its target; a replayed block's input is the clean pass's, the same)."""
@@ -151,7 +151,7 @@ class _InputCapture:
     def __init__(self, input_layer: nn.Module):
         self.input_layer, self.captured, self._handle = input_layer, None, None
 
-    def __enter__(self) -> "_InputCapture":
+    def __enter__(self) -> "InputCapture":
         self._handle = self.input_layer.register_forward_hook(self._keep)
         return self
 
