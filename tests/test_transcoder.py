@@ -194,3 +194,153 @@ def test_spliced_in_place_of_the_mlp_a_perfect_predictor_costs_nothing_and_a_zer
     assert zero["ce_sae"] == pytest.approx(zero["ce_zero"], abs=1e-6)  # a transcoder predicting 0 is the MLP removed
     with torch.no_grad():  # and the prediction reads the MLP's input, not its output: a map of the output differs
         assert abs(scored(lambda x: copy(x) + x)["delta_ce"]) > 5e-4
+
+
+# --- through the stages, on the tiny model --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def transcoder_args(tmp_path_factory, smoke_args) -> list[str]:
+    """The smoke settings for a skip transcoder of the tiny model's block-1 MLP (BatchTopK, so that it also has a
+    SAELens folder): stage 01 run, in a store of its own."""
+    from conftest import run_stage, with_store
+
+    args = with_store(smoke_args, tmp_path_factory.mktemp("transcoder") / "store") + [
+        "--TRAIN_TARGET=skip_transcoder", "--ARCHITECTURE=batchtopk"]
+    run_stage("01_save_activations.py", args)
+    return args
+
+
+def test_stage_01_stores_the_mlp_output_beside_its_input_as_one_forward_makes_them(transcoder_args, tiny_model):
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.store import open_run
+    from saekit.base.settings import load_settings
+
+    settings = load_settings(transcoder_args)
+    run = open_run(settings.store)
+    assert run.target_signature == TINY_MLP and run.d_target == tiny_model.config.hidden_size
+    assert all("target_sha256" in shard for shard in run.meta["shards"])
+    rows = torch.from_numpy(run.rows(0, run.n_tokens, np.float32, with_target=True))
+    x, y = rows[:, :run.d_model], rows[:, run.d_model:]
+    with torch.no_grad():  # the target is the MLP of the stored input (float16 storage: to its precision)
+        torch.testing.assert_close(resolve_layer(tiny_model, TINY_MLP, "TARGET_SIGNATURE")(x), y, atol=2e-3, rtol=2e-3)
+
+
+def test_every_stage_runs_for_a_transcoder_and_says_what_it_measured(transcoder_args, tmp_path):
+    import json
+
+    from conftest import copy_store, run_notebook_as_user, run_stage
+    from saekit.concepts.exports import open_concepts
+    from saekit.training.sae import TopKSAE
+
+    args = copy_store(transcoder_args, tmp_path / "store")
+    store = tmp_path / "store"
+    proc = run_stage("02_train_sae.py", args)
+    assert f"held-out FVU of the target {TINY_MLP}" in proc.stdout and "SAELens's format" in proc.stdout
+    sae, meta = TopKSAE.load(store / "sae_model" / "topk_sae.pt")
+    assert sae.kind == meta["train_target"] == "skip_transcoder" and meta["target_signature"] == TINY_MLP
+    assert json.loads((store / "sae_model" / "saelens" / "cfg.json").read_text())["architecture"] == \
+        "jumprelu_skip_transcoder"
+    run_notebook_as_user("03_analyze_training.ipynb", args)
+    report = json.loads((store / "analysis.json").read_text())
+    assert report["splice"]["spliced_as"].startswith(f"with the skip transcoder spliced in place of {TINY_MLP}")
+    assert report["splice"]["n_predictions"] > 0 and 0 <= report["heldout"]["fvu"] < 10
+    run_notebook_as_user("04_name_sae_concepts.ipynb", args)
+    concepts, _, _ = open_concepts(store, meta["sae_id"])
+    assert concepts["meta"]["target_signature"] == TINY_MLP and concepts["meta"]["output_side"]["residual_stream"]
+    run_notebook_as_user("05_show_concepts.ipynb", args)
+    page = (store / "dashboard.html").read_text()
+    data = json.loads(page.split('id="data">', 1)[1].split("</script>", 1)[0])
+    assert {row[data["columns"].index("index")] for row in data["rows"]} == {int(i) for i in concepts["latents"]}
+
+
+def test_a_transcoder_of_a_run_without_its_target_and_an_sae_for_a_transcoder_are_refused_in_one_line(
+        transcoder_args, smoke_args, tmp_path):
+    from conftest import assert_one_line_error, copy_store, run_python
+
+    sae_store = copy_store(smoke_args, tmp_path / "sae")  # stages 01-02 of an SAE
+    assert_one_line_error(run_python(["02_train_sae.py", *sae_store, "--TRAIN_TARGET=transcoder"]),
+                          f"no transcoder target (config: {TINY_MLP!r})", "Run stage 01")
+    assert_one_line_error(run_python(["-m", "saekit.notebooks", "03_analyze_training.ipynb", *sae_store,
+                                      "--TRAIN_TARGET=transcoder"]), "the SAE is an SAE", "TRAIN_TARGET='sae'")
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--TARGET_SIGNATURE=llamaforcausallm_model_layers_0_mlp"], "are not the output and input of one MLP"),
+    (["--LAYER_SIGNATURE=llamaforcausallm_model_layers_1"], "has no default MLP to predict"),
+    (["--TARGET_SIGNATURE=llamaforcausallm_model_layers_1_nothing", "--ALLOW_ANY_TARGET=True"],
+     "TARGET_SIGNATURE='llamaforcausallm_model_layers_1_nothing' is not a module"),
+])
+def test_a_pair_that_is_not_one_mlps_input_and_output_is_refused_in_one_line_before_anything_is_written(
+        transcoder_args, tmp_path, extra, says):
+    from conftest import assert_one_line_error, run_python, with_store
+
+    args = with_store(transcoder_args, tmp_path / "store") + extra
+    assert_one_line_error(run_python(["01_save_activations.py", *args]), says, "--list-layers")
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_list_layers_shows_the_transcoder_pairs(transcoder_args):
+    from conftest import run_stage
+
+    out = run_stage("01_save_activations.py", transcoder_args + ["--list-layers"]).stdout
+    assert f"{TINY_MLP.replace('_mlp', '_post_attention_layernorm')} -> {TINY_MLP}" in out
+
+
+ON_THE_FLY = ["--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150", "--CHECKPOINT_SECONDS=0"]
+
+
+def test_on_the_fly_one_forward_makes_the_rows_the_store_holds(transcoder_args, tmp_path):
+    """ModelRows with a target returns each training row's input and target side by side, equal to the stored
+    ones: the two sources train a transcoder on the same rows."""
+    from conftest import run_stage, with_store
+    from saekit.activations.models import load_model
+    from saekit.activations.sources import model_rows
+    from saekit.activations.store import open_run
+    from saekit.base.settings import load_settings
+
+    stored = open_run(load_settings(transcoder_args).store)
+    args = with_store(transcoder_args, tmp_path / "store") + ON_THE_FLY
+    run_stage("01_save_activations.py", args)
+    settings = load_settings(args)
+    model, tokenizer = load_model(settings.MODEL_ID)
+    run = open_run(settings.store)
+    assert run.d_target == stored.d_target
+    source = model_rows(settings, run, model, tokenizer, torch.device("cpu"))
+    made = torch.cat([batch for batch, _ in source.epoch(0)]).float()
+    assert made.shape[1] == run.d_model + run.d_target
+    stored.exclude_tokens(settings.EXCLUDE_TOKENS)
+    rows = torch.from_numpy(stored.kept_rows(0, stored.heldout_start(settings.HELDOUT_FRACTION), with_target=True))
+    # the same rows (shuffled otherwise, the epoch's last sliver dropped): each made row is a stored one, input and
+    # target alike, to float16's precision (the forward batches the texts otherwise)
+    assert len(rows) - settings.BATCH_SIZE_TRAIN < len(made) <= len(rows)
+    assert float(torch.cdist(made, rows).min(1).values.max()) < 0.05
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run_on_the_fly(transcoder_args, tmp_path):
+    from conftest import run_stage, with_store
+    from test_online import _assert_same_weights, _train
+
+    args = with_store(transcoder_args, tmp_path / "store") + ON_THE_FLY + ["--ARCHITECTURE=topk"]
+    run_stage("01_save_activations.py", args)
+    (straight, _), saves = _train(args, tmp_path / "a.pt")
+    assert straight.kind == "skip_transcoder"
+    assert sum(partial is not None for partial in saves) >= 2
+    with pytest.raises(KeyboardInterrupt):
+        _train(args, tmp_path / "b.pt", stop_at_save=2)
+    (resumed, _), _ = _train(args, tmp_path / "b.pt", resume=True)
+    _assert_same_weights(straight, resumed)
+
+
+def test_two_gloo_processes_train_the_transcoder_one_process_does(transcoder_args, tmp_path):
+    from conftest import ROUND_OFF, copy_store, run_stage, torchrun
+    from saekit.training.sae import TopKSAE
+
+    one = copy_store(transcoder_args, tmp_path / "one") + ["--ARCHITECTURE=topk"]
+    two = copy_store(transcoder_args, tmp_path / "two") + ["--ARCHITECTURE=topk"]
+    run_stage("02_train_sae.py", one)
+    torchrun(["02_train_sae.py"], two)
+    a, _ = TopKSAE.load(tmp_path / "one" / "sae_model" / "topk_sae.pt")
+    b, _ = TopKSAE.load(tmp_path / "two" / "sae_model" / "topk_sae.pt")
+    assert a.kind == b.kind == "skip_transcoder"
+    for name, weight in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], weight, **ROUND_OFF, msg=name)
