@@ -531,13 +531,13 @@ def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str, t
     transcoder's `target` (Settings.target), the run must store that module's output too."""
     problems = []
     if target is not None and run.target_signature != target:
-        problems.append(f"no transcoder target for {target!r}" if run.target_signature is None
-                        else f"transcoder target {run.target_signature!r} (config: {target!r})")
+        problems.append(f"transcoder target {run.target_signature!r} (config: {target!r})" if run.target_signature
+                        else f"no transcoder target (config: {target!r})")
     if run.meta.get("model_id") != model_id:
         problems.append(f"model {run.meta.get('model_id')!r} (config: {model_id!r})")
     if run.meta.get("layer_signature") != layer_signature:
         problems.append(f"layer {run.meta.get('layer_signature')!r} (config: {layer_signature!r})")
     if problems:
-        raise StoreError(f"activation run {run.run_id} was saved for " + " and ".join(problems)
+        raise StoreError(f"activation run {run.run_id} was saved with " + " and ".join(problems)
                          + ". Run stage 01 with the current settings (python 01_save_activations.py), "
                          "or pass the settings that run used.")
