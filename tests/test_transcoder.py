@@ -228,6 +228,7 @@ def test_stage_01_stores_the_mlp_output_beside_its_input_as_one_forward_makes_th
         torch.testing.assert_close(resolve_layer(tiny_model, TINY_MLP, "TARGET_SIGNATURE")(x), y, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.slow  # stages 02-05 as a user runs them (the transcoder's own pieces each have a fast test above)
 def test_every_stage_runs_for_a_transcoder_and_says_what_it_measured(transcoder_args, tmp_path):
     import json
 
