@@ -198,7 +198,8 @@ class StoreRows:
                                               self.with_target))
 
     def _read(self, lo: int, hi: int) -> torch.Tensor:
-        rows, keep = self.run.rows(lo, hi, DTYPES[self.run.meta["dtype"]], self.with_target), self._kept(lo, hi)
+        rows, keep = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]], with_target=self.with_target), \
+            self._kept(lo, hi)
         return torch.from_numpy(rows if keep.all() else rows[keep]).to(self.device)
 
     def _buffers(self, epoch: int) -> list[list[tuple[int, int]]]:
