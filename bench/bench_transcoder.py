@@ -2,6 +2,7 @@
 as a user runs them (TRAIN_TARGET = sae, transcoder, skip_transcoder).
 
     .venv/bin/python bench/bench_transcoder.py --STORE_DIR=/tmp/tc_store [--EPOCHS=3] [--out=bench/results]
+    .venv/bin/python bench/bench_transcoder.py --STORE_DIR=/tmp/tc_store --collect   # the variants done so far
 
 Stage 01 runs once with the MLP's output stored beside its input (a run with a target serves all three: an SAE
 reads the input only). Reported per variant: held-out FVU (of the MLP's input for the SAE, of the MLP's output for
@@ -31,29 +32,44 @@ def stage(argv: list[str]) -> None:
         sys.exit(f"{argv[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
+COLLECT = "--collect" in ARGS  # only gather what earlier (perhaps interrupted) runs of this script left in the store
+if COLLECT:
+    ARGS.remove("--collect")
 folder = load_settings(ARGS).store
-if not (folder / "run_id.txt").exists():
+if not COLLECT and not (folder / "run_id.txt").exists():
     stage(["01_save_activations.py", "--TRAIN_TARGET=transcoder"])
+
+
+def row(target: str) -> dict:
+    """The figures of one variant, from the copies of its analysis and history kept in the store."""
+    report = json.loads((folder / f"analysis_{target}.json").read_text())
+    history = folder / f"training_history_{target}.json"
+    speed = json.loads(history.read_text())["history"][-1]["tokens_per_s"] if history.exists() else None
+    splice = report["splice"]
+    return {"train_target": target, "sae_id": report["sae_id"], "heldout_fvu": report["heldout"]["fvu"],
+            "l0": report["heldout"]["l0"], "dead_fraction": report["heldout"]["dead_fraction"],
+            "delta_ce": splice["delta_ce"], "delta_ce_ci95": splice["delta_ce_ci95"], "kl": splice["kl_sae"],
+            "ce_recovered_vs_mean": splice["ce_recovered_vs_mean"],
+            "mean_ablation_cost": splice["ce_mean"] - splice["ce_clean"],
+            "verdict": "PASS" if report["passed"] else "FAIL", "tokens_per_s": speed,
+            "spliced": splice.get("spliced_as", "the SAE at the MLP's input")}
+
+
 rows = []
 for target in ("sae", "transcoder", "skip_transcoder"):
-    ARGS.append(f"--TRAIN_TARGET={target}")
-    stage(["02_train_sae.py"])
-    stage(["-m", "saekit.notebooks", "03_analyze_training.ipynb", "--CONTINUE_AFTER_FAIL=True"])
-    ARGS.pop()
-    history = json.loads((folder / "training_history.json").read_text())
-    report = json.loads((folder / "analysis.json").read_text())
-    shutil.copy(folder / "analysis.json", folder / f"analysis_{target}.json")
-    last = history["history"][-1]
-    rows.append({"train_target": target, "heldout_fvu": report["heldout"]["fvu"], "l0": report["heldout"]["l0"],
-                 "dead_fraction": report["heldout"]["dead_fraction"], "delta_ce": report["splice"]["delta_ce"],
-                 "delta_ce_ci95": report["splice"]["delta_ce_ci95"], "kl": report["splice"]["kl_sae"],
-                 "ce_recovered_vs_mean": report["splice"]["ce_recovered_vs_mean"],
-                 "mean_ablation_cost": report["splice"]["ce_mean"] - report["splice"]["ce_clean"],
-                 "verdict": "PASS" if report["passed"] else "FAIL", "tokens_per_s": last["tokens_per_s"],
-                 "spliced": report["splice"].get("spliced_as", "SAE at the MLP's input")})
-for row in rows:
-    row["delta_ce_vs_sae"] = row["delta_ce"] / rows[0]["delta_ce"]
-print(table(rows, ["train_target", "heldout_fvu", "l0", "dead_fraction", "delta_ce", "delta_ce_vs_sae", "kl",
-                   "ce_recovered_vs_mean", "verdict", "tokens_per_s"]))
-print(save_result("bench_transcoder", "bench/bench_transcoder.py " + " ".join(ARGS),
-                  {"cpu": "AMD EPYC, 2 cores shared with other jobs (timings under load)", "rows": rows}))
+    if not COLLECT:
+        ARGS.append(f"--TRAIN_TARGET={target}")
+        stage(["02_train_sae.py"])
+        stage(["-m", "saekit.notebooks", "03_analyze_training.ipynb", "--CONTINUE_AFTER_FAIL=True"])
+        ARGS.pop()
+        shutil.copy(folder / "analysis.json", folder / f"analysis_{target}.json")
+        shutil.copy(folder / "training_history.json", folder / f"training_history_{target}.json")
+    if (folder / f"analysis_{target}.json").exists():
+        rows.append(row(target))
+    for each in rows:
+        each["delta_ce_vs_sae"] = each["delta_ce"] / rows[0]["delta_ce"] if rows[0]["train_target"] == "sae" else None
+    print(table(rows, ["train_target", "heldout_fvu", "l0", "dead_fraction", "delta_ce", "delta_ce_vs_sae", "kl",
+                       "ce_recovered_vs_mean", "verdict", "tokens_per_s"]))
+    print(save_result("bench_transcoder", "bench/bench_transcoder.py " + " ".join(ARGS),  # after each variant
+                      {"cpu": "AMD EPYC, 2 cores shared with other jobs (timings under load)",
+                       "variants_done": [r["train_target"] for r in rows], "rows": rows}))
