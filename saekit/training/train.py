@@ -524,6 +524,8 @@ def train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | None
     sae = trainer.sae.eval()
     sae.select_dtype = torch.float32
     sae.fold_input_scale(trainer.scale, trainer.target_scale)
+    if sae.transcoder:  # the fold rescales a transcoder's encoder: its initialisation is kept in the same units
+        trainer.init = {**trainer.init, "W_enc": trainer.init["W_enc"] * (trainer.scale / trainer.target_scale)}
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
               **({"target_scale": trainer.target_scale} if sae.transcoder else {}),
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
