@@ -2,7 +2,8 @@
 
     python 01_save_activations.py                      # the local preset (embedded model and corpus)
     python 01_save_activations.py --preset=bielik      # the specification's Bielik-1.5B run
-    python 01_save_activations.py --list-layers        # every layer name of the model
+    python 01_save_activations.py --list-layers        # every layer name of the model, and the transcoder pairs
+    python 01_save_activations.py --TRAIN_TARGET=transcoder   # the MLP's output stored beside its input
     python 01_save_activations.py --ACTIVATION_SOURCE=model   # only the held-out documents; stage 02 makes the rest
 
 Writes store/runs/<run_id>/ (shards + metadata.json) and, last, store/run_id.txt.
@@ -12,7 +13,7 @@ import itertools
 import sys
 
 from saekit.activations.data import check_roles_readable, open_role_texts, texts_line
-from saekit.activations.models import layer_names, resolve_layer, weights_identity
+from saekit.activations.models import layer_names, resolve_layer, transcoder_pairs, weights_identity
 from saekit.activations.sources import count_training_texts
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.activations.store import excluded_token_ids, open_run, role_token_ids, save_activations
@@ -24,8 +25,12 @@ model, tokenizer = load_stage_model(settings, device, world)
 
 if "list-layers" in flags:
     print("\n".join(layer_names(model)))
+    print("\ntranscoder pairs (TRAIN_TARGET='transcoder'): LAYER_SIGNATURE -> its default TARGET_SIGNATURE, the "
+          "block's MLP\n" + "\n".join(f"  {layer} -> {target}" for layer, target in transcoder_pairs(model)))
     sys.exit(0)
 resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before reading any data
+if settings.target is not None:
+    resolve_layer(model, settings.target, "TARGET_SIGNATURE")
 check_roles_readable(settings)  # a wrong EVAL_SPLIT stops here, not at stage 03 after training
 check_fits("stage 01's forward", forward_parts(model, settings.BATCH_SIZE_SAVE, settings.MAX_LENGTH), device,
            "Lower BATCH_SIZE_SAVE (or MAX_LENGTH).")
@@ -54,7 +59,7 @@ run_dir = save_activations(
     model, tokenizer, texts, settings.LAYER_SIGNATURE, settings.store,
     max_length=settings.MAX_LENGTH, batch_size=settings.BATCH_SIZE_SAVE,
     dtype=settings.ACTIVATION_DTYPE, shard_tokens=settings.SHARD_TOKENS, metadata=metadata,
-    progress=world.is_main, world=world, **on_the_fly,
+    progress=world.is_main, world=world, target_signature=settings.target, **on_the_fly,
 )
 if world.is_main:
     record_settings(settings, "01_save_activations")

@@ -40,6 +40,12 @@ SHARD_TOKENS = 65536  # tokens per activation shard on disk
 ACTIVATION_SOURCE = "store"  # store: train on stage 01's saved activations (many epochs over a corpus that fits on
 #                              disk); model: make them as training goes, stage 01 saving only the held-out
 #                              documents (hundreds of millions of tokens; each epoch runs the model again). docs/scale.md
+TRAIN_TARGET = "sae"  # sae: reconstruct LAYER_SIGNATURE's output; transcoder: from it, predict TARGET_SIGNATURE's output
+#                      (what the block's MLP computes, not only what it reads: Paulo et al. 2025); skip_transcoder:
+#                      a transcoder plus a linear skip term beside its sparse path. README "Transcoders"
+TARGET_SIGNATURE = ""  # transcoders: the module whose output is predicted; "" = the MLP of LAYER_SIGNATURE's block
+#                        (LAYER_SIGNATURE then being that block's post_attention_layernorm, the MLP's input)
+ALLOW_ANY_TARGET = False  # True: a transcoder between two modules that are not the input and output of one MLP
 ARCHITECTURE = "topk"  # topk: exactly TOP_K latents a token; batchtopk: TOP_K on average over each batch (observations.md);
 #                        matryoshka: BatchTopK whose nested prefixes each learn to reconstruct alone (Bussmann et al. 2025)
 MATRYOSHKA_GROUP_FRACTIONS = (0.03125, 0.0625, 0.125, 0.25)  # matryoshka only: the groups but the last, as fractions of

@@ -78,10 +78,11 @@ def tiny_model_dir(tmp_path_factory, tiny_model, chat_tokenizer) -> Path:
 
 def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_features: int = 48,
                        active: int = 3, seed: int = 0, dtype: str = "float32", shard_tokens: int = 1000,
-                       edit_rows=None, document_hashes: list[int] | None = None):
+                       edit_rows=None, document_hashes: list[int] | None = None, target=None):
     """An activation run whose tokens are sparse sums of known unit directions (plus noise), in documents of 50
     tokens: a TopK SAE with enough latents should reconstruct it almost perfectly. `edit_rows(x, docs)` may change
-    the rows in place before they are written."""
+    the rows in place before they are written. `target(x, which, coef)` (the rows, and each row's features and
+    their coefficients) gives a transcoder's target rows, stored beside them."""
     from saekit.activations.store import RunWriter, open_run
 
     g = torch.Generator().manual_seed(seed)
@@ -93,10 +94,11 @@ def make_synthetic_run(store_dir: Path, n_tokens: int = 6000, d: int = 16, n_fea
     docs = torch.arange(n_tokens) // 50
     if edit_rows is not None:
         edit_rows(x, docs)
-    writer = RunWriter(store_dir, "synthetic", d, dtype, shard_tokens)
-    writer.add(x, torch.zeros(n_tokens, dtype=torch.long), docs, torch.arange(n_tokens) % 50)
-    writer.finish({"model_id": "synthetic", "layer_signature": "synthetic", "n_documents": int(docs[-1]) + 1},
-                  document_hashes)
+    y = target(x, which, coef) if target is not None else None
+    writer = RunWriter(store_dir, "synthetic", d, dtype, shard_tokens, d_target=0 if y is None else y.shape[1])
+    writer.add(x, torch.zeros(n_tokens, dtype=torch.long), docs, torch.arange(n_tokens) % 50, y)
+    writer.finish({"model_id": "synthetic", "layer_signature": "synthetic", "n_documents": int(docs[-1]) + 1,
+                   **({} if y is None else {"target_signature": "synthetic_target"})}, document_hashes)
     return open_run(store_dir)
 
 

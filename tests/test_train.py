@@ -155,9 +155,9 @@ def test_streaming_holds_a_bounded_number_of_buffers(tmp_path, prefetch):
     read = {"rows": 0}
     real_rows = run.rows
 
-    def counting_rows(start, stop, dtype=np.float32):
+    def counting_rows(start, stop, dtype=np.float32, with_target=False):
         read["rows"] += stop - start
-        return real_rows(start, stop, dtype)
+        return real_rows(start, stop, dtype, with_target)
 
     run.rows = counting_rows
     yielded, held = 0, []
@@ -217,9 +217,9 @@ def test_a_range_that_fits_the_buffer_is_read_once_and_reshuffled_every_epoch(tm
     reads = []
     real_rows = run.rows
 
-    def counting_rows(start, stop, dtype=np.float32):
+    def counting_rows(start, stop, dtype=np.float32, with_target=False):
         reads.append((start, stop))
-        return real_rows(start, stop, dtype)
+        return real_rows(start, stop, dtype, with_target)
 
     run.rows = counting_rows
     source = _rows(run, 0, 2496, 64, 4096)  # 39 full batches

@@ -108,6 +108,15 @@ MUTATIONS = [
     Mutation("batchtopk_codes_joined_unpadded", "stage 04 joins BatchTopK codes of batches of different widths",
              "saekit/concepts/collect.py", "parts = [_join_rows(part) if part else None",
              "parts = [torch.cat(part) if part else None", ("tests/test_concepts.py",)),
+    Mutation("transcoder_predicts_from_output", "a transcoder spliced in place of the MLP predicts from the MLP's input",
+             "saekit/evaluation/splice.py", "return predict(self.captured.float())", "return predict(h)",
+             ("tests/test_transcoder.py::test_spliced_in_place_of_the_mlp_a_perfect_predictor_costs_nothing_and_a_zero_one_is_zero_ablation",)),
+    Mutation("transcoder_target_unchecked", "a transcoder's stored target is checked against its checksum",
+             "saekit/activations/store.py", "        for kind in self._kinds():\n", "        for kind in (\"acts\", \"tokens\"):\n",
+             ("tests/test_transcoder.py::test_the_target_is_stored_beside_the_input_and_checksummed",)),
+    Mutation("transcoder_learns_its_input", "a transcoder's loss is its target's error, not its input's",
+             "saekit/training/train.py", "residual = y - reconstructions[-1]", "residual = x - reconstructions[-1]",
+             ("tests/test_transcoder.py::test_a_transcoder_recovers_a_sparse_map_that_an_sae_of_its_input_cannot_predict",)),
 ]
 
 

@@ -221,9 +221,13 @@ def mlp_input_norm_signatures(model: nn.Module) -> list[str]:
     return sorted(names, key=lambda n: int(re.search(r"_(\d+)_post_attention_layernorm$", n).group(1)))
 
 
-def resolve_layer(model: nn.Module, signature: str) -> nn.Module:
-    """The module named `signature`, or an error that lists every block's post_attention_layernorm."""
+def resolve_layer(model: nn.Module, signature: str, setting: str = "LAYER_SIGNATURE") -> nn.Module:
+    """The module named `signature` (the value of `setting`), or an error that lists every block's
+    post_attention_layernorm."""
     names = layer_names(model)
+    if signature not in names and setting != "LAYER_SIGNATURE":
+        raise LayerNotFoundError(f"{setting}={signature!r} is not a module of {type(model).__name__}; the transcoder "
+                                 "pairs and every module: python 01_save_activations.py --list-layers")
     if signature not in names:
         listed = "\n".join(f"  {n}" for n in mlp_input_norm_signatures(model)) or "  (none found)"
         raise LayerNotFoundError(
@@ -284,27 +288,46 @@ def _output_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+Layers = nn.Module | tuple[nn.Module, ...]  # one layer, or a transcoder's (input, target) pair
+
+
+def transcoder_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(LAYER_SIGNATURE, TARGET_SIGNATURE) of every block whose MLP a transcoder can replace by default:
+    its post_attention_layernorm (the MLP's input) and its MLP, in block order."""
+    from ..base.settings import MLP_INPUT, MLP_OUTPUT_SUFFIX
+
+    names = layer_names(model)
+    return [(name, MLP_INPUT.fullmatch(name)["block"] + MLP_OUTPUT_SUFFIX) for name in mlp_input_norm_signatures(model)
+            if MLP_INPUT.fullmatch(name) and MLP_INPUT.fullmatch(name)["block"] + MLP_OUTPUT_SUFFIX in names]
+
+
 @torch.no_grad()
-def forward_to_layer(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor,
+def forward_to_layer(model: nn.Module, layer: Layers, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:
     """The layer's output [batch, seq, d] for a batch, in float32 whatever the model's dtype; the
-    forward pass stops right after it."""
-    captured: list[torch.Tensor] = []
+    forward pass stops right after it. Given a tuple of layers, their outputs side by side
+    [batch, seq, d_1 + d_2 + ...] from one forward, which stops once all have run."""
+    layers = (layer,) if isinstance(layer, nn.Module) else tuple(layer)
+    captured: dict[int, torch.Tensor] = {}
 
-    def hook(_module, _inputs, output):
-        captured.append(_output_tensor(output))
-        raise _StopForward
+    def hook_for(i: int):
+        def hook(_module, _inputs, output):
+            captured[i] = _output_tensor(output)
+            if len(captured) == len(layers):
+                raise _StopForward
+        return hook
 
-    handle = layer.register_forward_hook(hook)
+    handles = [each.register_forward_hook(hook_for(i)) for i, each in enumerate(layers)]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
+        for handle in handles:
+            handle.remove()
+    if len(captured) < len(layers):
         raise RuntimeError("the layer was never called during the forward pass")
-    return captured[0].float()
+    return torch.cat([captured[i].float() for i in range(len(layers))], -1)
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -314,7 +337,7 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def document_activations(model: nn.Module, tokenizer, layer: nn.Module,
+def document_activations(model: nn.Module, tokenizer, layer: Layers,
                          documents: list[list[int]]) -> list[torch.Tensor]:
     """Each document's layer output [its tokens, d] (float32), from one forward pass of them padded
     together on the tokenizer's padding side."""
@@ -330,7 +353,7 @@ def document_activations(model: nn.Module, tokenizer, layer: nn.Module,
     return list(hidden[mask.to(device).bool()].split([len(d) for d in documents]))
 
 
-def write_document_activations(out: torch.Tensor, offsets: list[int], model: nn.Module, tokenizer, layer: nn.Module,
+def write_document_activations(out: torch.Tensor, offsets: list[int], model: nn.Module, tokenizer, layer: Layers,
                                documents: list, batches: list[list[int]]) -> None:
     """Run each batch of `documents` (lists of indices, as length_sorted_batches gives) through the model
     up to the layer and write document i's rows into out[offsets[i]:offsets[i + 1]], in out's dtype:

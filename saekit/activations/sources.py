@@ -163,6 +163,7 @@ class StoreRows:
     excluded: list[tuple[int, int]] = field(default_factory=list)
     copies_of_heldout: int = 0  # documents the excluded rows belong to
     prefetch: bool = True  # read the next buffer in the background (saekit.activations.prefetch)
+    with_target: bool = False  # a transcoder's rows: the target's beside the input's, [rows, d_model + d_target]
     kind = "store"
 
     def __post_init__(self) -> None:
@@ -183,7 +184,8 @@ class StoreRows:
         """Two buffers, each with room for a batch carried over: the one trained on and the next, read
         ahead (or, when the range fits in one, the resident rows and their copy joined to a carry)."""
         rows = min(self.n_rows, self.buffer_tokens + self.batch_size)
-        return {"the shuffle buffer": 2 * rows * self.run.d_model * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
+        width = self.run.d_model + self.run.d_target * self.with_target
+        return {"the shuffle buffer": 2 * rows * width * np.dtype(DTYPES[self.run.meta["dtype"]]).itemsize}
 
     def _kept(self, lo: int, hi: int) -> np.ndarray:
         """Which of rows [lo, hi) are trained on: neither an excluded token's (EXCLUDE_TOKENS) nor in a document
@@ -197,10 +199,12 @@ class StoreRows:
 
     def sample(self) -> torch.Tensor:
         spread = _spread(self.start, self.stop, SAMPLE_ROWS)
-        return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]]))
+        return torch.from_numpy(self.run.take(spread[self._kept(self.start, self.stop)[spread - self.start]],
+                                              self.with_target))
 
     def _read(self, lo: int, hi: int) -> np.ndarray:
-        rows, keep = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]]), self._kept(lo, hi)
+        rows = self.run.rows(lo, hi, dtype=DTYPES[self.run.meta["dtype"]], with_target=self.with_target)
+        keep = self._kept(lo, hi)
         return rows if keep.all() else rows[keep]
 
     def _read_buffer(self, chunks: list[tuple[int, int]]) -> np.ndarray:
@@ -444,7 +448,7 @@ def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
     stop = run.heldout_start(settings.HELDOUT_FRACTION)
     copies, excluded = heldout_copies(run, settings.HELDOUT_FRACTION)
     return StoreRows(run, 0, stop, settings.BATCH_SIZE_TRAIN, settings.SHUFFLE_BUFFER_TOKENS, device, settings.SEED,
-                     excluded, copies)
+                     excluded, copies, with_target=settings.target is not None)
 
 
 def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,
@@ -461,8 +465,11 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
     if changed:
         raise StoreError("training on the fly reads the texts stage 01 counted, but " + ", ".join(changed)
                          + f" changed since. Pass stage 01's values, or {RERUN_01[0].lower()}{RERUN_01[1:]}")
-    return ModelRows(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE),
-                     open_role_texts(settings, "train"), plan, d=run.d_model, max_length=settings.MAX_LENGTH,
+    layer = resolve_layer(model, settings.LAYER_SIGNATURE)
+    if settings.target is not None:  # a transcoder's input and target, side by side from one forward
+        layer = (layer, resolve_layer(model, settings.target, "TARGET_SIGNATURE"))
+    return ModelRows(model, tokenizer, layer, open_role_texts(settings, "train"), plan,
+                     d=run.d_model + (run.d_target if settings.target is not None else 0), max_length=settings.MAX_LENGTH,
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
                      seed=settings.SEED, world=world, excluded=run.excluded)

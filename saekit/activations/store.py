@@ -3,6 +3,8 @@
 Layout of one run, store/runs/<run_id>/:
     shard_00000.acts.npy     [tokens, d_model]  float16 or float32, memory-mappable
     shard_00000.tokens.npy   [tokens, 3] int32  (token id, document index, position)
+    shard_00000.target.npy   [tokens, d_target] a transcoder's target (TRAIN_TARGET): the output of the
+                             module TARGET_SIGNATURE names, for the same tokens, from the same forward
     ...
     documents.npy            [n_documents] uint64: each document's hash (data.document_hash)
     metadata.json            model, layer, dataset, tokenizer, settings, counts, dtype, time, and
@@ -73,7 +75,7 @@ class RunWriter:
     creates the folder and, once every rank has closed its writer, publishes all their shards."""
 
     def __init__(self, store_dir: Path, run_id: str, d_model: int, dtype: str, shard_tokens: int,
-                 shard_prefix: str = "shard_", create: bool = True):
+                 shard_prefix: str = "shard_", create: bool = True, d_target: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"ACTIVATION_DTYPE must be one of {list(DTYPES)}, got {dtype!r}")
         self.final_dir = Path(store_dir) / "runs" / run_id
@@ -83,12 +85,18 @@ class RunWriter:
             (self.dir / "owner.pid").write_text(str(os.getpid()))  # tells a later run a live writer from a dead one
         self.shard_prefix = shard_prefix
         self.run_id, self.d_model, self.dtype, self.shard_tokens = run_id, d_model, DTYPES[dtype], shard_tokens
+        self.d_target = d_target
         self._acts: list[np.ndarray] = []
         self._tokens: list[np.ndarray] = []
         self._buffered = 0
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, acts: torch.Tensor, token_ids: torch.Tensor, doc_idx: torch.Tensor, positions: torch.Tensor) -> None:
+    def add(self, acts: torch.Tensor, token_ids: torch.Tensor, doc_idx: torch.Tensor, positions: torch.Tensor,
+            target: torch.Tensor | None = None) -> None:
+        """Rows of the layer's output (and, for a run with a target, the target's beside them: kept as one
+        array [tokens, d_model + d_target] until each shard is cut in two files)."""
+        if self.d_target:
+            acts = torch.cat([acts, target.to(acts.device)], 1)
         stored = acts.detach().to("cpu", torch.float32).numpy().astype(self.dtype)
         if not np.isfinite(stored).all():
             bad = sorted(set(doc_idx[torch.from_numpy(~np.isfinite(stored).all(1))].tolist()))
@@ -104,9 +112,12 @@ class RunWriter:
     def _flush(self, n: int) -> None:
         acts, tokens = np.concatenate(self._acts), np.concatenate(self._tokens)
         name = f"{self.shard_prefix}{len(self.shards):05d}"
-        self.shards.append({"name": name, "n_tokens": int(n),
-                            "acts_sha256": _save_npy(self.dir / f"{name}.acts.npy", acts[:n]),
-                            "tokens_sha256": _save_npy(self.dir / f"{name}.tokens.npy", tokens[:n])})
+        shard = {"name": name, "n_tokens": int(n),
+                 "acts_sha256": _save_npy(self.dir / f"{name}.acts.npy", acts[:n, :self.d_model]),
+                 "tokens_sha256": _save_npy(self.dir / f"{name}.tokens.npy", tokens[:n])}
+        if self.d_target:
+            shard["target_sha256"] = _save_npy(self.dir / f"{name}.target.npy", acts[:n, self.d_model:])
+        self.shards.append(shard)
         self._acts, self._tokens = [acts[n:]], [tokens[n:]]
         self._buffered -= n
 
@@ -122,6 +133,7 @@ class RunWriter:
         writer's own) in row order; publish the run."""
         shards = self.close() if shards is None else shards
         metadata = {**metadata, "run_id": self.run_id, "d_model": self.d_model,
+                    **({"d_target": self.d_target} if self.d_target else {}),
                     "dtype": np.dtype(self.dtype).name, "n_tokens": sum(s["n_tokens"] for s in shards),
                     "shards": shards}
         if document_hashes is not None:
@@ -146,16 +158,23 @@ def save_activations(model, tokenizer, texts: Iterable[str], layer_signature: st
                      max_length: int, batch_size: int, dtype: str = "float16", shard_tokens: int = 65536,
                      metadata: dict[str, Any] | None = None, run_id: str | None = None,
                      progress: bool = True, world: World = World(), document_offset: int = 0,
-                     hashes_before: list[int] | None = None) -> Path:
+                     hashes_before: list[int] | None = None, target_signature: str | None = None) -> Path:
     """Run `texts` through `model` up to the layer and store every real token's activation.
 
     `texts` may be a stream (data.TextStream) read once, batch by batch: memory does not grow with
     the number of texts. Under torchrun each rank embeds a contiguous share of the texts (a stream
     is counted first) into shards of its own; rank 0 publishes one run whose metadata lists every
     rank's shards in rank order: the same rows, in the same order, as one process makes.
-    Returns the finished run folder; store/run_id.txt names it.
+    With `target_signature` (a transcoder's target), that module's output is stored beside each row,
+    from the same forward pass. Returns the finished run folder; store/run_id.txt names it.
     """
     layer = resolve_layer(model, layer_signature)
+    d_target = 0
+    if target_signature is not None:
+        target = resolve_layer(model, target_signature, "TARGET_SIGNATURE")
+        d_target = _output_width(model, target)
+        layer = (layer, target)
+        metadata = {**(metadata or {}), "target_signature": target_signature}
     if world.is_main:
         clean_stale_partials(Path(store_dir) / "runs")
     n_texts = len(texts) if hasattr(texts, "__len__") else None
@@ -167,7 +186,8 @@ def save_activations(model, tokenizer, texts: Iterable[str], layer_signature: st
     batches = itertools.chain([next(batches, [])], batches)  # a dataset that cannot be read fails before any write
     run_id = broadcast_object(run_id or (new_run_id(store_dir) if world.is_main else None), world)
     prefix = f"shard_r{world.rank:03d}_" if world.distributed else "shard_"
-    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main)
+    writer = RunWriter(store_dir, run_id, model.config.hidden_size, dtype, shard_tokens, prefix, create=world.is_main,
+                       d_target=d_target)
     barrier(world)  # the folder exists before any rank writes into it
     try:
         return _embed(model, tokenizer, layer, batches, batch_size, writer, texts, layer_signature, first, stop,
@@ -198,12 +218,12 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
                 cut[2] += len(uncut) - len(doc)
         lengths = torch.tensor([len(doc) for doc in docs])
         offsets = [0, *torch.cumsum(lengths, 0).tolist()]
-        rows = torch.empty(offsets[-1], writer.d_model, device=next(model.parameters()).device)
+        rows = torch.empty(offsets[-1], writer.d_model + writer.d_target, device=next(model.parameters()).device)
         write_document_activations(rows, offsets, model, tokenizer, layer, docs,
                                    length_sorted_batches(lengths.tolist(), batch_size))
-        writer.add(rows, torch.tensor([t for doc in docs for t in doc]),
+        writer.add(rows[:, :writer.d_model], torch.tensor([t for doc in docs for t in doc]),
                    torch.arange(len(docs)).repeat_interleave(lengths) + start,
-                   torch.cat([torch.arange(n) for n in lengths.tolist()]))
+                   torch.cat([torch.arange(n) for n in lengths.tolist()]), rows[:, writer.d_model:])
         hashes.extend(document_hash(text) for text in window)
         n_tokens += int(lengths.sum())
         start += len(window)
@@ -233,6 +253,16 @@ def _embed(model, tokenizer, layer, batches, batch_size: int, writer: RunWriter,
         writer.finish(meta, all_hashes, shards)
     barrier(world)  # no rank returns before the run is published
     return writer.final_dir
+
+
+def _output_width(model, module) -> int:
+    """The width of `module`'s output, from a forward of one token (a module's own attributes do not say it
+    the same way across architectures)."""
+    from .models import forward_to_layer
+
+    device = next(model.parameters()).device
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    return int(forward_to_layer(model, module, one, one).shape[-1])
 
 
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -280,9 +310,9 @@ class ActivationRun:
                                          for i in range(len(self.meta["shards"]))])
         return self._keep if self.excluded else None
 
-    def kept_rows(self, start: int, stop: int, dtype: np.dtype = np.float32) -> np.ndarray:
+    def kept_rows(self, start: int, stop: int, dtype: np.dtype = np.float32, with_target: bool = False) -> np.ndarray:
         """`rows(start, stop)` without the excluded tokens' rows."""
-        rows, keep = self.rows(start, stop, dtype), self.keep()
+        rows, keep = self.rows(start, stop, dtype, with_target), self.keep()
         return rows if keep is None else rows[keep[start:stop]]
 
     def count_kept(self, start: int, stop: int) -> int:
@@ -301,6 +331,18 @@ class ActivationRun:
     def d_model(self) -> int:
         return self.meta["d_model"]
 
+    @property
+    def d_target(self) -> int:
+        """The width of the transcoder's target stored beside each row; 0 for a run without one."""
+        return self.meta.get("d_target", 0)
+
+    @property
+    def target_signature(self) -> str | None:
+        return self.meta.get("target_signature")
+
+    def _kinds(self) -> tuple[str, ...]:
+        return ("acts", "tokens", "target") if self.d_target else ("acts", "tokens")
+
     def _shard_file(self, i: int, kind: str) -> Path:
         return self.path / f"{self.meta['shards'][i]['name']}.{kind}.npy"
 
@@ -309,17 +351,20 @@ class ActivationRun:
         if i in self._checked:
             return
         shard = self.meta["shards"][i]
-        for kind in ("acts", "tokens"):
+        for kind in self._kinds():
             verify_file(self._shard_file(i, kind), shard[f"{kind}_sha256"], RERUN_01)
-        acts = _load_npy(self._shard_file(i, "acts"), mmap=True)
-        if acts.shape != (shard["n_tokens"], self.d_model):
-            raise IntegrityError(f"{self._shard_file(i, 'acts')} holds {acts.shape}, not the "
-                                 f"({shard['n_tokens']}, {self.d_model}) its metadata says. {RERUN_01}")
-        for lo in range(0, len(acts), 65536):
-            block = acts[lo:lo + 65536]
-            if not np.isfinite(block).all():
-                row = lo + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
-                raise IntegrityError(f"{self._shard_file(i, 'acts')} has a non-finite value at row {row}. {RERUN_01}")
+        for kind, width in (("acts", self.d_model), ("target", self.d_target)):
+            if kind not in self._kinds():
+                continue
+            acts = _load_npy(self._shard_file(i, kind), mmap=True)
+            if acts.shape != (shard["n_tokens"], width):
+                raise IntegrityError(f"{self._shard_file(i, kind)} holds {acts.shape}, not the "
+                                     f"({shard['n_tokens']}, {width}) its metadata says. {RERUN_01}")
+            for lo in range(0, len(acts), 65536):
+                block = acts[lo:lo + 65536]
+                if not np.isfinite(block).all():
+                    row = lo + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
+                    raise IntegrityError(f"{self._shard_file(i, kind)} has a non-finite value at row {row}. {RERUN_01}")
         self._checked.add(i)
 
     def check_all(self, progress: bool = False) -> None:
@@ -339,7 +384,8 @@ class ActivationRun:
                                      f"{self.meta['n_documents']} documents its metadata says. {RERUN_01}")
         itemsize = np.dtype(DTYPES[self.meta["dtype"]]).itemsize if self.meta.get("dtype") in DTYPES else 0
         for i, shard in enumerate(self.meta["shards"]):
-            for kind, row_bytes in (("acts", self.d_model * itemsize), ("tokens", 3 * 4)):
+            for kind, row_bytes in (("acts", self.d_model * itemsize), ("tokens", 3 * 4),
+                                    ("target", self.d_target * itemsize))[:len(self._kinds())]:
                 path = self._shard_file(i, kind)
                 if not path.is_file():
                     raise IntegrityError(f"{path} is missing. {RERUN_01}")
@@ -347,9 +393,17 @@ class ActivationRun:
                     raise IntegrityError(f"{path} is truncated (shorter than its {shard['n_tokens']} rows). "
                                          f"{RERUN_01}")
 
-    def shard_acts(self, i: int) -> np.ndarray:
+    def shard_acts(self, i: int, with_target: bool = False) -> np.ndarray:
+        """Shard i's rows, memory-mapped; `with_target`: the target's beside them [n, d_model + d_target]
+        (a copy), what a transcoder trains on."""
         self.check_shard(i)
-        return _load_npy(self._shard_file(i, "acts"), mmap=True)
+        acts = _load_npy(self._shard_file(i, "acts"), mmap=True)
+        if not with_target:
+            return acts
+        if not self.d_target:
+            raise StoreError(f"activation run {self.run_id} stores no transcoder target (stage 01 ran with "
+                             f"TRAIN_TARGET='sae'). {RERUN_01} with the current TRAIN_TARGET")
+        return _Paired(acts, _load_npy(self._shard_file(i, "target"), mmap=True))
 
     def shard_tokens(self, i: int) -> np.ndarray:
         self.check_shard(i)
@@ -377,30 +431,32 @@ class ActivationRun:
         """[n_tokens, 3] int32: token id, document index, position (small enough to load whole)."""
         return np.concatenate([self.shard_tokens(i) for i in range(len(self.meta["shards"]))])
 
-    def rows(self, start: int, stop: int, dtype: np.dtype = np.float32) -> np.ndarray:
-        """Activations of global rows [start, stop), read across shards."""
+    def rows(self, start: int, stop: int, dtype: np.dtype = np.float32, with_target: bool = False) -> np.ndarray:
+        """Activations of global rows [start, stop), read across shards; `with_target`: with the
+        transcoder's target beside each, [rows, d_model + d_target]."""
         offsets = self.shard_offsets()
         parts = []
         for i in range(len(offsets) - 1):
             lo, hi = max(start, offsets[i]), min(stop, offsets[i + 1])
             if lo < hi:
-                parts.append(np.asarray(self.shard_acts(i)[lo - offsets[i]:hi - offsets[i]], dtype=dtype))
-        return np.concatenate(parts) if parts else np.zeros((0, self.d_model), dtype)
+                parts.append(np.asarray(self.shard_acts(i, with_target)[lo - offsets[i]:hi - offsets[i]], dtype=dtype))
+        width = self.d_model + self.d_target * with_target
+        return np.concatenate(parts) if parts else np.zeros((0, width), dtype)
 
-    def take(self, indices: np.ndarray) -> np.ndarray:
+    def take(self, indices: np.ndarray, with_target: bool = False) -> np.ndarray:
         """Activations of the given global rows (sorted), as float32."""
         offsets = self.shard_offsets()
         parts = []
         for i in range(len(offsets) - 1):
             local = indices[(indices >= offsets[i]) & (indices < offsets[i + 1])] - offsets[i]
             if len(local):
-                parts.append(np.asarray(self.shard_acts(i)[local], dtype=np.float32))
+                parts.append(np.asarray(self.shard_acts(i, with_target)[local], dtype=np.float32))
         return np.concatenate(parts)
 
-    def iter_rows(self, start: int, stop: int, chunk: int) -> Iterator[np.ndarray]:
+    def iter_rows(self, start: int, stop: int, chunk: int, with_target: bool = False) -> Iterator[np.ndarray]:
         """Rows [start, stop) a chunk at a time, the excluded tokens' rows left out."""
         for lo in range(start, stop, chunk):
-            yield self.kept_rows(lo, min(stop, lo + chunk))
+            yield self.kept_rows(lo, min(stop, lo + chunk), with_target=with_target)
 
     def heldout_start(self, fraction: float) -> int:
         """First row of the held-out documents: the last `fraction` of documents, whole."""
@@ -415,6 +471,20 @@ class ActivationRun:
             if docs[-1] >= first_doc:
                 return int(offsets[i] + np.searchsorted(docs, first_doc))
         return self.n_tokens
+
+
+class _Paired:
+    """A shard's rows and its target's, indexed together as one [n, d_model + d_target] array: each index
+    reads the part it names from both memory maps and joins them."""
+
+    def __init__(self, acts: np.ndarray, target: np.ndarray):
+        self.acts, self.target = acts, target
+
+    def __len__(self) -> int:
+        return len(self.acts)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.concatenate([self.acts[index], self.target[index]], axis=-1)
 
 
 def heldout_documents(n_docs: int, fraction: float) -> int:
@@ -456,14 +526,18 @@ def check_same_weights(run: ActivationRun, now: dict[str, Any]) -> None:
                          "(python 01_save_activations.py), or put back the model it read.")
 
 
-def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str) -> None:
-    """Stop a stage from mixing activations of another model or layer with the current config."""
+def check_run_matches(run: ActivationRun, model_id: str, layer_signature: str, target: str | None = None) -> None:
+    """Stop a stage from mixing activations of another model or layer with the current config; with a
+    transcoder's `target` (Settings.target), the run must store that module's output too."""
     problems = []
+    if target is not None and run.target_signature != target:
+        problems.append(f"transcoder target {run.target_signature!r} (config: {target!r})" if run.target_signature
+                        else f"no transcoder target (config: {target!r})")
     if run.meta.get("model_id") != model_id:
         problems.append(f"model {run.meta.get('model_id')!r} (config: {model_id!r})")
     if run.meta.get("layer_signature") != layer_signature:
         problems.append(f"layer {run.meta.get('layer_signature')!r} (config: {layer_signature!r})")
     if problems:
-        raise StoreError(f"activation run {run.run_id} was saved from " + " and ".join(problems)
+        raise StoreError(f"activation run {run.run_id} was saved with " + " and ".join(problems)
                          + ". Run stage 01 with the current settings (python 01_save_activations.py), "
                          "or pass the settings that run used.")

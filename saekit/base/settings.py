@@ -38,6 +38,11 @@ class Settings(SimpleNamespace):
         path = Path(self.STORE_DIR)
         return path if path.is_absolute() else PROJECT_ROOT / path
 
+    @property
+    def target(self) -> str | None:
+        """The signature of the module whose output a transcoder predicts; None when TRAIN_TARGET is "sae"."""
+        return transcoder_target(self.TRAIN_TARGET, self.LAYER_SIGNATURE, self.TARGET_SIGNATURE, self.ALLOW_ANY_TARGET)
+
     def describe(self) -> str:
         width = max(len(k) for k in vars(self))
         return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in vars(self).items())
@@ -305,6 +310,40 @@ def sweep_problems(values: dict[str, Any]) -> list[str]:
                         "to analyse the sweep, or SWEEP=[]")
     return problems
 
+# A Llama-style block's MLP input and output, by signature (mi_crow's names: saekit.activations.models).
+# Listed by name, not found by tracing: this rule is checked with the settings, before any model loads.
+MLP_INPUT = re.compile(r"(?P<block>.+_layers_\d+)_post_attention_layernorm")
+MLP_OUTPUT_SUFFIX = "_mlp"
+
+
+def transcoder_target(train_target: str, layer: str, target: str, allow_any: bool) -> str | None:
+    """TRAIN_TARGET's target module: None for an SAE; for a transcoder TARGET_SIGNATURE, by default the
+    MLP of LAYER_SIGNATURE's block. A pair that is not one MLP's input and output is refused unless
+    ALLOW_ANY_TARGET, since the splice of stage 03 then replaces something other than an MLP."""
+    if train_target == "sae":
+        if target:
+            raise SettingsError(f"TARGET_SIGNATURE={target!r} is set but TRAIN_TARGET='sae' reconstructs "
+                                "LAYER_SIGNATURE's own output: set TRAIN_TARGET='transcoder' (or 'skip_transcoder'), "
+                                "or TARGET_SIGNATURE=''")
+        return None
+    block = MLP_INPUT.fullmatch(layer)
+    mlp = block["block"] + MLP_OUTPUT_SUFFIX if block else None
+    if not target:
+        if mlp is None:
+            raise SettingsError(f"TRAIN_TARGET={train_target!r} needs TARGET_SIGNATURE: LAYER_SIGNATURE={layer!r} is no "
+                                "block's post_attention_layernorm, so it has no default MLP to predict. The pairs: "
+                                "python 01_save_activations.py --list-layers")
+        return mlp
+    if target == layer:
+        raise SettingsError(f"TARGET_SIGNATURE is LAYER_SIGNATURE ({layer!r}): a transcoder predicting its own input "
+                            "is an SAE; set TRAIN_TARGET='sae'")
+    if target != mlp and not allow_any:
+        expected = f"the MLP of its block is {mlp!r}" if mlp else "it is no block's post_attention_layernorm"
+        raise SettingsError(f"TARGET_SIGNATURE={target!r} and LAYER_SIGNATURE={layer!r} are not the output and input of "
+                            f"one MLP ({expected}); set TARGET_SIGNATURE='' for the default, or ALLOW_ANY_TARGET=True to "
+                            "train this pair anyway. The pairs: python 01_save_activations.py --list-layers")
+    return target
+
 
 RULES: dict[str, Callable[[Any], str | None]] = {
     "PRESET": _any,
@@ -316,6 +355,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "BATCH_SIZE_SAVE": _at_least(1), "ACTIVATION_DTYPE": _one_of("float16", "float32"),
     "SHARD_TOKENS": _at_least(1),
     "ARCHITECTURE": _one_of("topk", "batchtopk", "matryoshka"),
+    "TRAIN_TARGET": _one_of("sae", "transcoder", "skip_transcoder"), "TARGET_SIGNATURE": _any,
+    "ALLOW_ANY_TARGET": _one_of(True, False),
     "MATRYOSHKA_GROUP_FRACTIONS": _fractions_summing_below_one, "N_LATENTS_MULTIPLIER": _at_least(1), "TOP_K": _at_least(1), "EPOCHS": _at_least(1),
     "BATCH_SIZE_TRAIN": _at_least(2), "LR": _at_least(0), "LR_BASE": _between(0, 1, open_low=True),
     "WARMUP_STEPS": _at_least(0), "MIN_LR_FRACTION": _between(0, 1), "GRAD_CLIP": _between(0, math.inf, open_low=True),
@@ -394,7 +435,9 @@ def load_settings(args: list[str] | None = None, config_path: str | os.PathLike 
     values["PRESET"] = preset
     values.pop("PRESETS", None)
     check_values(values)
-    return Settings(**values)
+    settings = Settings(**values)
+    settings.target  # a transcoder's pair is refused here, with the other settings, before a stage writes anything
+    return settings
 
 
 def flags(args: list[str]) -> set[str]:

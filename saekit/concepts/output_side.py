@@ -49,6 +49,15 @@ def is_residual_point(model: nn.Module, layer: nn.Module) -> bool:
     return any(layer is block for blocks in model.modules() if isinstance(blocks, nn.ModuleList) for block in blocks)
 
 
+def writes_residual(model: nn.Module, layer: nn.Module) -> bool:
+    """Whether a vector added to the layer's output enters the residual stream as it is: the stream itself
+    (`is_residual_point`), or a block's MLP, whose output the block adds to the stream (where a transcoder
+    writes: its decoder rows are then read by the direct lens as a residual-stream SAE's are)."""
+    return is_residual_point(model, layer) or any(
+        layer is getattr(block, "mlp", None) for blocks in model.modules() if isinstance(blocks, nn.ModuleList)
+        for block in blocks)
+
+
 @torch.no_grad()
 def measured_effects(model: nn.Module, layer: nn.Module, sae: TopKSAE, latents: list[int], scales: np.ndarray,
                      input_ids: torch.Tensor, attention_mask: torch.Tensor, rows_per_pass: int = 16) -> torch.Tensor:
@@ -92,7 +101,7 @@ def output_sides(model: nn.Module, tokenizer, layer: nn.Module, sae: TopKSAE, li
     `measure` (`scales`: their largest activations) over `texts`, the direct lens for the others at a
     residual-stream point, N/A elsewhere. Each side is {method, promoted, suppressed}, the two lists
     empty for N/A."""
-    residual = is_residual_point(model, layer)
+    residual = writes_residual(model, layer)
     sides: dict[int, dict[str, Any]] = {}
     if measure and texts:
         enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=EFFECT_MAX_TOKENS)

@@ -129,7 +129,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     rank 0 labels, names and publishes, and the other ranks return None."""
     device = device or detect_device(settings.DEVICE)
     sae, sae_meta = load_sae(settings, device)  # stage 02's SAE, or SAE_PATH's SAELens folder
-    check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+    check_sae_matches(sae_meta, settings.MODEL_ID, settings.LAYER_SIGNATURE, settings.target)
     model, tokenizer = load_stage_model(settings, device, world)
     texts = load_role_texts(settings, "eval")  # never texts that the SAE was trained on
     check_texts_unseen(settings, sae_meta, texts)
@@ -144,6 +144,7 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
         return None
     live = sorted({int(i) for i in codes.firing[1]})
     meta = {"model_id": settings.MODEL_ID, "layer_signature": settings.LAYER_SIGNATURE,
+            "train_target": sae.kind, "target_signature": settings.target,
             "activation_run_id": sae_meta.get("activation_run_id"), "sae_id": sae_meta.get("sae_id"), "k": sae.k,
             "layer_module": layer_names(model)[settings.LAYER_SIGNATURE], "d_model": sae.d_in,
             "model_layers": getattr(model.config, "num_hidden_layers", None), "max_length": settings.MAX_LENGTH,
@@ -158,7 +159,9 @@ def run_concepts(settings, progress: bool = True, device: torch.device | None = 
     choosing_texts = [t for t, scoring in zip(texts.texts, is_scoring) if not scoring]
     by_frequency = sorted(live, key=lambda i: (-stats.fire_counts[i], i))
     measure = by_frequency if settings.OUTPUT_EFFECT_LATENTS == 0 else by_frequency[:settings.OUTPUT_EFFECT_LATENTS]
-    sides, meta["output_side"] = output_sides(model, tokenizer, layer, sae, live, measure,
+    # a transcoder's latents write into its target (the MLP's output): their output side is measured there
+    written = resolve_layer(model, settings.target, "TARGET_SIGNATURE") if settings.target else layer
+    sides, meta["output_side"] = output_sides(model, tokenizer, written, sae, live, measure,
                                               {i: float(stats.max_activation[i]) for i in measure},
                                               choosing_texts[:settings.OUTPUT_EFFECT_TEXTS], settings.BATCH_SIZE_SAVE)
     built = build_concepts(codes, sides, meta, top_n=settings.TOP_N_EXAMPLES,

@@ -53,7 +53,7 @@ def load_trained_sae(settings: Settings, name: str | None = None) -> TrainedSAE:
     if name is not None:
         settings = Settings(**{**settings.as_dict(), "SWEEP_CHOICE": name})
     sae, meta = load_sae(settings)
-    check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE)
+    check_sae_matches(meta, settings.MODEL_ID, settings.LAYER_SIGNATURE, settings.target)
     if settings.SAE_PATH:
         run = open_run(store)
         check_run_matches(run, settings.MODEL_ID, settings.LAYER_SIGNATURE)
@@ -103,26 +103,31 @@ def weight_change(sae: TopKSAE, init: dict[str, torch.Tensor]) -> dict[str, dict
     for name in ("W_enc", "W_dec"):
         trained_w = getattr(sae, name).detach()
         init_w = init[name]
-        report[name] = {"relative_change": float((trained_w - init_w).norm() / init_w.norm()),
+        # a transcoder's decoder starts at zero: moved anywhere, it moved by all of itself
+        scale = init_w.norm() if init_w.norm() > 0 else trained_w.norm().clamp_min(1e-30)
+        report[name] = {"relative_change": float((trained_w - init_w).norm() / scale),
                         "mean": float(trained_w.mean()), "std": float(trained_w.std()),
                         "init_mean": float(init_w.mean()), "init_std": float(init_w.std())}
     return report
 
 
-def mean_training_activation(run: ActivationRun, stop: int, batch_size: int = 65536) -> torch.Tensor:
+def mean_training_activation(run: ActivationRun, stop: int, batch_size: int = 65536,
+                             target: bool = False) -> torch.Tensor:
     """The mean of the run's rows before `stop` (its training rows), which mean-ablation puts in the
-    layer's place. A run saved for training on the fly holds no training rows: then the mean of its
+    layer's place (`target`: the mean of a transcoder's target, which mean-ablation puts in the MLP's
+    place). A run saved for training on the fly holds no training rows: then the mean of its
     held-out rows, an estimate of the same mean."""
     stop = stop or run.n_tokens
-    total = np.zeros(run.d_model, np.float64)
-    for chunk in run.iter_rows(0, stop, batch_size):
+    total = np.zeros(run.d_model + run.d_target * target, np.float64)
+    for chunk in run.iter_rows(0, stop, batch_size, with_target=target):
         total += chunk.sum(0, dtype=np.float64)
-    return torch.from_numpy(total / max(run.count_kept(0, stop), 1)).float()
+    return torch.from_numpy(total[run.d_model if target else 0:] / max(run.count_kept(0, stop), 1)).float()
 
 
 @dataclass
 class LayerModel:
-    """The model with its tokenizer and the SAE's layer, loaded once for stage 03's splice and probing."""
+    """The model with its tokenizer and the SAE's layer, loaded once for stage 03's splice and probing; a
+    transcoder's target module too (`target`, else None)."""
 
     model: Any
     tokenizer: Any
@@ -131,6 +136,7 @@ class LayerModel:
     # the layer's output on evaluation texts (text -> [tokens, d], the run's dtype), which splice_report's
     # clean pass computes anyway and sparse probing would otherwise run through the model again
     evaluation_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    target: Any = None
 
 
 def load_layer_model(settings: Settings) -> LayerModel:
@@ -138,23 +144,32 @@ def load_layer_model(settings: Settings) -> LayerModel:
     the SAE is judged in the model whose activations trained it."""
     device = detect_device(settings.DEVICE)
     model, tokenizer = load_stage_model(settings, device, World())
-    return LayerModel(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), device)
+    target = resolve_layer(model, settings.target, "TARGET_SIGNATURE") if settings.target else None
+    return LayerModel(model, tokenizer, resolve_layer(model, settings.LAYER_SIGNATURE), device, target=target)
 
 
 def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True,
                   loaded: LayerModel | None = None) -> dict[str, float]:
-    """CE and KL with the SAE spliced into the model (`loaded`, or loaded here), on EVAL_SPLIT texts."""
+    """CE and KL with the SAE spliced into the model (`loaded`, or loaded here), on EVAL_SPLIT texts. A
+    transcoder is spliced in place of its target (the MLP): the MLP's output is replaced by the
+    transcoder's prediction from the MLP's input, and zero- and mean-ablation ablate the MLP."""
     loaded = loaded or load_layer_model(settings)
     texts = load_role_texts(settings, "eval")
     sae = trained.sae.to(loaded.device)
-    mean = mean_training_activation(trained.run, trained.heldout_start)
+    transcoder = sae.transcoder
+    mean = mean_training_activation(trained.run, trained.heldout_start, target=transcoder)
     excluded = excluded_token_ids(settings.EXCLUDE_TOKENS, role_token_ids(loaded.tokenizer))
     # the probes' evaluation stories are the first of these texts: their layer output is kept for them
     probed = 0 if probe_fields(settings)[1] else min(settings.PROBE_TEXTS, len(texts))
-    result = splice_metrics(loaded.model, loaded.tokenizer, loaded.layer, texts.texts, sae, mean, settings.MAX_LENGTH,
+    spliced_at, input_layer = (loaded.target, loaded.layer) if transcoder else (loaded.layer, None)
+    result = splice_metrics(loaded.model, loaded.tokenizer, spliced_at, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress, kept=excluded,
-                            layer_rows=probed, rows_dtype=getattr(torch, trained.run.meta["dtype"]))
+                            layer_rows=probed, rows_dtype=getattr(torch, trained.run.meta["dtype"]),
+                            input_layer=input_layer)
     loaded.evaluation_rows = dict(zip(texts.texts, result.pop("layer_rows", [])))
+    if transcoder:  # what the verdict then says it measured
+        result["spliced_as"] = (f"with the {sae.kind.replace('_', ' ')} spliced in place of {settings.target} (its "
+                                f"output predicted from {settings.LAYER_SIGNATURE})")
     result["n_texts"] = len(texts)
     result["model_dtype"] = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     result["n_texts_asked"] = settings.EVAL_DATA_LIMIT

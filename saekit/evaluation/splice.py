@@ -74,7 +74,8 @@ def paired_difference(a: PerText, b: PerText, figure: str = "delta_ce") -> dict[
 def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_activation: torch.Tensor,
                    max_length: int, batch_size: int = 8, progress: bool = True,
                    keep_per_text: bool = False, kept: frozenset[int] = frozenset(), fast: bool = True,
-                   layer_rows: int = 0, rows_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+                   layer_rows: int = 0, rows_dtype: torch.dtype = torch.float32,
+                   input_layer: nn.Module | None = None) -> dict[str, float]:
     """Next-token cross-entropy with the layer's output kept, replaced by `reconstruct(output)`
     (the SAE), zeroed, and replaced by `mean_activation`; KL(clean || each) per token; and for
     ΔCE, each KL and CE recovered, a 95% bootstrap interval over texts (`<figure>_ci95`). With
@@ -96,10 +97,15 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     head (a vocabulary wide) runs on the real predictions only. The first batch checks that this gives
     the whole model's log-probabilities; if it does not, or the model has no block stack around the
     layer, every variant runs the whole model, one at a time, with a line that says so.
+
+    With `input_layer` (a transcoder), `reconstruct` is given that module's output from the same forward
+    pass instead of the layer's own: the layer's output is replaced by a prediction from its input. The
+    rows kept for the first `layer_rows` texts are then that input's, the rows the transcoder encodes.
     """
     device = next(model.parameters()).device
+    capture = InputCapture(input_layer) if input_layer is not None else None
     variants = {
-        "sae": reconstruct,
+        "sae": reconstruct if capture is None else capture.predicting(reconstruct),
         "zero": torch.zeros_like,
         "mean": lambda h: mean_activation.to(h.dtype).to(h.device).expand_as(h).clone(),
     }
@@ -111,32 +117,33 @@ def splice_metrics(model, tokenizer, layer, texts: list[str], reconstruct, mean_
     below = BelowLayerCache.around(model, layer) if fast else None
     if fast and below is None:
         print("the fast splice found no block stack around the layer: the whole model runs for each variant")
-    for number, batch in enumerate(tqdm(length_sorted_batches(lengths, batch_size),
-                                        desc="CE with the SAE spliced in", disable=not progress)):
-        enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                        truncation=True, max_length=max_length).to(device)
-        valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
-        text_of = valid.nonzero()[:, 0]  # the text (in the batch) of each real prediction, in order
-        targets = enc.input_ids[:, 1:][valid]
-        wanted = [(j, i) for j, i in enumerate(batch) if i < len(rows)]
-        with below.recording() if below else nullcontext(), _layer_output(layer, enc.attention_mask, wanted, rows,
-                                                                          rows_dtype):
-            clean_logp = _prediction_logprobs(model, enc, valid, at_predictions=below is not None)
-        if below and number == 0:
-            whole = _prediction_logprobs(model, enc, valid, at_predictions=False)
-            if not below.reproduces(lambda: _prediction_logprobs(model, enc, valid, at_predictions=True), whole):
-                print("the fast splice did not reproduce the clean pass on this model: "
-                      "the whole model runs for each variant")
-                below, clean_logp = None, whole
-        nll["clean"][batch] = _per_text(-clean_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), text_of, len(batch))
-        clean_p = clean_logp.exp()
-        # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
-        neg_entropy = _row_dot(clean_p, clean_logp)
-        at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
-        for name, logp in _variant_logprobs(model, layer, enc, valid, variants, at_kept, below):
-            nll[name][batch] = _per_text(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), text_of, len(batch))
-            kl[name][batch] = _per_text(neg_entropy - _row_dot(clean_p, logp), text_of, len(batch))
-        predictions[batch] = valid.sum(1).cpu().numpy()
+    with capture or nullcontext():
+        for number, batch in enumerate(tqdm(length_sorted_batches(lengths, batch_size),
+                                            desc="CE with the SAE spliced in", disable=not progress)):
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length).to(device)
+            valid = enc.attention_mask[:, 1:].bool() & enc.attention_mask[:, :-1].bool()
+            text_of = valid.nonzero()[:, 0]  # the text (in the batch) of each real prediction, in order
+            targets = enc.input_ids[:, 1:][valid]
+            wanted = [(j, i) for j, i in enumerate(batch) if i < len(rows)]
+            keeping = _layer_output(input_layer or layer, enc.attention_mask, wanted, rows, rows_dtype)
+            with below.recording() if below else nullcontext(), keeping:
+                clean_logp = _prediction_logprobs(model, enc, valid, at_predictions=below is not None)
+            if below and number == 0:
+                whole = _prediction_logprobs(model, enc, valid, at_predictions=False)
+                if not below.reproduces(lambda: _prediction_logprobs(model, enc, valid, at_predictions=True), whole):
+                    print("the fast splice did not reproduce the clean pass on this model: "
+                          "the whole model runs for each variant")
+                    below, clean_logp = None, whole
+            nll["clean"][batch] = _per_text(-clean_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), text_of, len(batch))
+            clean_p = clean_logp.exp()
+            # KL(clean || spliced) = sum p log p - sum p log q; the first sum is shared by every variant
+            neg_entropy = _row_dot(clean_p, clean_logp)
+            at_kept = torch.isin(enc.input_ids, torch.tensor(sorted(kept), dtype=enc.input_ids.dtype, device=device))
+            for name, logp in _variant_logprobs(model, layer, enc, valid, variants, at_kept, below):
+                nll[name][batch] = _per_text(-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), text_of, len(batch))
+                kl[name][batch] = _per_text(neg_entropy - _row_dot(clean_p, logp), text_of, len(batch))
+            predictions[batch] = valid.sum(1).cpu().numpy()
     per_text = PerText(predictions, nll, kl)
     result: dict = {name: float(value) for name, value in per_text.figures().items()}
     result.update({f"{name}_ci95": interval for name, interval in confidence_intervals(per_text).items()})
@@ -190,6 +197,37 @@ def _layer_output(layer: nn.Module, attention_mask: torch.Tensor, wanted: list[t
         yield
     finally:
         handle.remove()
+
+
+class InputCapture:
+    """While entered, keeps the last output of `input_layer`; `predicting(predict)` is a replacement that
+    ignores the output it replaces and returns predict(that captured input), from the same forward pass (a
+    transcoder's input runs before its target; a replayed block's input is the clean pass's, the same)."""
+
+    def __init__(self, input_layer: nn.Module):
+        self.input_layer, self.captured, self._handle = input_layer, None, None
+
+    def __enter__(self) -> "InputCapture":
+        self._handle = self.input_layer.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._handle.remove()
+
+    def _keep(self, _module, _inputs, output) -> None:
+        self.captured = output[0] if isinstance(output, tuple) else output
+
+    def predicting(self, predict):
+        def replace(h: torch.Tensor) -> torch.Tensor:
+            captured = self.captured
+            if captured is not None and len(captured) > len(h) and len(captured) % len(h) == 0:
+                # the variants' joint batch (each a copy of the texts) ran the input layer: every copy's input
+                # is the clean one, since it runs before the output replaced, so the first copy's serves
+                captured = captured[:len(h)]
+            if captured is None or captured.shape[:-1] != h.shape[:-1]:
+                raise RuntimeError("the transcoder's input layer did not run before its target in this forward pass")
+            return predict(captured.float())
+        return replace
 
 
 def _except_at(at_kept: torch.Tensor, replace):

@@ -87,21 +87,23 @@ def verdict_text(check_rows: list[dict[str, Any]], heldout: dict[str, float], sp
                  k: int | None) -> str:
     """The verdict in words, every figure taken from this run."""
     cost = ablation_cost(splice)
+    # a transcoder replaces an MLP: its splice, and what the ablations remove, are the MLP's (analysis.splice_report)
+    spliced, layer = (splice["spliced_as"], "MLP") if "spliced_as" in splice else ("spliced into the model", "layer")
     ratio = next((c for c in check_rows if c["check"].startswith("CE-loss recovered")), None)
     if ratio is not None and ratio["result"] == NOT_JUDGED:
-        recovered = (f"CE recovered not judged: mean-ablating the layer costs {cost:.4f} nats, within the ΔCE the "
+        recovered = (f"CE recovered not judged: mean-ablating the {layer} costs {cost:.4f} nats, within the ΔCE the "
                      f"verdict tolerates, so the ratio ({splice['ce_recovered_vs_mean']:.1%}) means nothing here; "
                      f"judged by ΔCE and KL (KL {splice.get('kl_sae', float('nan')):.4f} nats, "
                      f"{splice.get('kl_mean', float('nan')):.4f} mean-ablated)")
     else:
         recovered = (f"{splice['ce_recovered_vs_mean']:.1%}{_interval_text(splice, 'ce_recovered_vs_mean', '.1%')} of "
-                     "the mean-ablation loss recovered (mean-ablating the "
-                     f"layer costs {cost:.3f} nats)")
+                     f"the mean-ablation loss recovered (mean-ablating the {layer} costs {cost:.3f} nats)")
     # two sets of held-out tokens: stage 02's rows of the activation run, and the evaluation texts
     heldout_set = f" on {heldout['token_set']}" if "token_set" in heldout else " on stage 02's held-out tokens"
     eval_set = f" on {splice['n_texts']} evaluation texts" if "n_texts" in splice else ""
-    figures = (f"held-out FVU {heldout['fvu']:.3f}, L0 {heldout['l0']:.2f} (k = {k}), "
-               f"{heldout['dead_fraction']:.2%} of latents dead{heldout_set}; spliced into the model{eval_set} ΔCE "
+    of_target = " of the MLP's output" if layer == "MLP" else ""
+    figures = (f"held-out FVU{of_target} {heldout['fvu']:.3f}, L0 {heldout['l0']:.2f} (k = {k}), "
+               f"{heldout['dead_fraction']:.2%} of latents dead{heldout_set}; {spliced}{eval_set} ΔCE "
                f"{splice['delta_ce']:.4f} nats{_interval_text(splice, 'delta_ce')}, {recovered}")
     failed = [c for c in check_rows if c["result"] == "FAIL"]
     if not failed:

@@ -62,7 +62,8 @@ def weights_against_init(trained: dict[str, np.ndarray], init: dict[str, np.ndar
         bins = np.linspace(lo, hi, 80)
         ax.hist(init[name].ravel(), bins=bins, alpha=0.6, density=True, label="initialisation")
         ax.hist(trained[name].ravel(), bins=bins, alpha=0.6, density=True, label="trained")
-        change = np.linalg.norm(trained[name] - init[name]) / np.linalg.norm(init[name])
+        # a transcoder's decoder starts at zero: its change is then measured against where it went
+        change = np.linalg.norm(trained[name] - init[name]) / (np.linalg.norm(init[name]) or np.linalg.norm(trained[name]) or 1)
         ax.set(title=f"{name} values (relative change {change:.2f})", xlabel="weight", ylabel="density")
         ax.legend()
     return _finish(fig, save_to)
@@ -73,15 +74,19 @@ def decoder_geometry(W_dec: np.ndarray, W_enc: np.ndarray, max_latents: int = 40
     rng = np.random.default_rng(seed)
     rows = W_dec if len(W_dec) <= max_latents else W_dec[rng.choice(len(W_dec), max_latents, replace=False)]
     dec_norms, enc_norms = np.linalg.norm(W_dec, axis=1), np.linalg.norm(W_enc, axis=1)
-    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)  # a transcoder's may be zero
     cos = unit @ unit.T
     np.fill_diagonal(cos, np.nan)
     pairs = cos[np.triu_indices(len(cos), 1)]
     fig, axes = plt.subplots(1, 4, figsize=(20, 3.4))
-    # decoder rows are renormalised every step, so their histogram is one bar: the range shows it
-    axes[0].hist(dec_norms, bins=40, range=(0.9, 1.1), color="tab:blue")
-    axes[0].set(title=f"decoder row norms (unit by construction; max |1 − ‖·‖| {np.abs(dec_norms - 1).max():.1e})",
-                xlabel="‖W_dec[i]‖")
+    if np.allclose(dec_norms, 1, atol=1e-3):
+        # an SAE's decoder rows are renormalised every step, so their histogram is one bar: the range shows it
+        axes[0].hist(dec_norms, bins=40, range=(0.9, 1.1), color="tab:blue")
+        axes[0].set(title=f"decoder row norms (unit by construction; max |1 − ‖·‖| {np.abs(dec_norms - 1).max():.1e})",
+                    xlabel="‖W_dec[i]‖")
+    else:  # a transcoder's are free: how much each latent writes
+        axes[0].hist(dec_norms, bins=60, color="tab:blue")
+        axes[0].set(title="decoder row norms (free: how much each latent writes)", xlabel="‖W_dec[i]‖")
     axes[1].hist(enc_norms, bins=60, color="tab:purple")
     axes[1].set(title="encoder row norms (the code scale)", xlabel="‖W_enc[i]‖")
     axes[2].hist(pairs, bins=120, color="tab:green", density=True)

@@ -11,7 +11,7 @@ Generation is greedy, so the baseline and steered continuations differ only by t
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -20,12 +20,17 @@ from torch import nn
 
 from ..activations.models import forward_to_layer, replaced_output
 from ..concepts.output_side import is_residual_point
+from ..evaluation.splice import InputCapture
 from ..training.sae import TopKSAE
 
 
-def reach(model: nn.Module, layer: nn.Module, signature: str) -> str:
+def reach(model: nn.Module, layer: nn.Module, signature: str, target: str | None = None) -> str:
     """Where steering at `layer` acts: the residual stream, or only through the block that reads the
-    layer's output (post_attention_layernorm: the block's normalised MLP input, which only its MLP reads)."""
+    layer's output (post_attention_layernorm: the block's normalised MLP input, which only its MLP reads).
+    A transcoder (`target`: what it replaces) steers that module's output."""
+    if target is not None:
+        return (f"the transcoder replaces {target}, reading {signature}: steering changes what it writes in that "
+                "module's place (an MLP's output goes into the residual stream, so every later block sees it).")
     if is_residual_point(model, layer):
         return f"{signature} is the residual stream: steering there reaches every later block."
     if signature.endswith("post_attention_layernorm"):
@@ -47,17 +52,19 @@ def steered_reconstruction(sae: TopKSAE, amp: torch.Tensor) -> Callable[[torch.T
     """The layer replacement: the SAE's reconstruction with each active value times its latent's factor."""
 
     def replace(hidden: torch.Tensor) -> torch.Tensor:
-        values, indices = sae.encode(hidden.reshape(-1, sae.d_in))
+        flat = hidden.reshape(-1, sae.d_in)
+        values, indices = sae.encode(flat)
         scaled = values * amp.to(values.device, values.dtype)[indices]
-        return sae.decode(scaled, indices).reshape(hidden.shape)
+        return (sae.decode(scaled, indices) + sae.skip_term(flat)).reshape(*hidden.shape[:-1], sae.d_out)
 
     return replace
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, layer: nn.Module | None = None,
-             replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str:
-    """Greedy continuation of `prompt`, with the layer's output replaced when `replace` is given."""
+             replace: Callable[[torch.Tensor], torch.Tensor] | None = None, target: nn.Module | None = None) -> str:
+    """Greedy continuation of `prompt`, with the layer's output replaced when `replace` is given; with a
+    transcoder's `target`, the target's output is replaced by replace(the layer's output)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -66,7 +73,12 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, laye
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               bos_token_id=model.generation_config.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with replaced_output(layer, replace) if replace is not None else nullcontext():
+    with ExitStack() as stack:
+        if replace is not None and target is not None:
+            capture = stack.enter_context(InputCapture(layer))
+            stack.enter_context(replaced_output(target, capture.predicting(replace)))
+        elif replace is not None:
+            stack.enter_context(replaced_output(layer, replace))
         out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=config)
     return tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
@@ -101,9 +113,11 @@ class Steering:
 
 
 def steer(model: nn.Module, tokenizer, layer: nn.Module, sae: TopKSAE, prompt: str, latent: int,
-          factors: Sequence[float] = (0.0, 2.0, 5.0), max_new_tokens: int = 24) -> Steering:
-    """Generate from `prompt` without the SAE, with it, and with `latent` amplified by each factor."""
-    run = lambda replace: generate(model, tokenizer, prompt, max_new_tokens, layer, replace)  # noqa: E731
+          factors: Sequence[float] = (0.0, 2.0, 5.0), max_new_tokens: int = 24,
+          target: nn.Module | None = None) -> Steering:
+    """Generate from `prompt` without the SAE, with it, and with `latent` amplified by each factor; a
+    transcoder is spliced in place of its `target`."""
+    run = lambda replace: generate(model, tokenizer, prompt, max_new_tokens, layer, replace, target)  # noqa: E731
     steered = {factor: run(steered_reconstruction(sae, amplification(sae.n_latents, {latent: factor})))
                for factor in factors}
     return Steering(prompt, latent, run(None), run(sae), steered)

@@ -12,6 +12,15 @@ rows of W_enc, so a step costs one dense product (the encoder's forward) instead
 A saved SAE works on raw activations: the input scale used in training is folded into the biases
 (see `fold_input_scale`), decoder rows keep unit norm, and latent activations are in the units of
 the layer's output.
+
+Each class is also a transcoder (TRAIN_TARGET; Dunefsky et al. 2024, Paulo et al. 2025) when built
+with `d_out`: it encodes the input x as an SAE does, without centring it on b_dec, and decodes into
+another module's output y of width d_out, b_dec being y's bias:
+
+    z = TopK(ReLU(W_enc x + b_enc))        y_hat = W_dec^T z + b_dec  (+ W_skip x, a skip transcoder)
+
+As in sparsify (`transcode`, `skip_connection`), the decoder starts at zero and is not held at unit
+norm (its rows' norms are how much each latent writes), and W_skip, a plain linear map, starts at zero.
 """
 from __future__ import annotations
 
@@ -49,29 +58,63 @@ class TopKSAE(nn.Module):
     kernels: str = "sparse"
     CANDIDATES_PER_K = 2  # a lower-precision product's top 2k are re-scored in float32, and the top k of those win
 
-    def __init__(self, d_in: int, n_latents: int, k: int | None):
+    def __init__(self, d_in: int, n_latents: int, k: int | None, *, d_out: int | None = None, skip: bool = False):
         super().__init__()
         if not (k is None and self.k_optional) and not (isinstance(k, int) and 0 < k <= n_latents):
             raise ValueError(f"TOP_K must be between 1 and n_latents={n_latents}, got {k}")
+        if skip and d_out is None:
+            raise ValueError("a skip term belongs to a transcoder: give d_out")
         self.d_in, self.n_latents, self.k = d_in, n_latents, k
+        self.transcoder = d_out is not None
+        self.d_out = d_out if self.transcoder else d_in
         self.W_enc = nn.Parameter(torch.zeros(n_latents, d_in))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
-        self.W_dec = nn.Parameter(torch.zeros(n_latents, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.zeros(n_latents, self.d_out))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in)) if skip else None
+
+    @property
+    def kind(self) -> str:
+        """What it was trained to do, as TRAIN_TARGET says it: "sae", "transcoder" or "skip_transcoder"."""
+        return "skip_transcoder" if self.W_skip is not None else "transcoder" if self.transcoder else "sae"
 
     @torch.no_grad()
-    def init_weights(self, b_dec: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Unit-norm random decoder rows, encoder tied to the decoder (W_enc = W_dec), zero b_enc,
-        and b_dec at the data's centre (Gao et al. 2024, section 2.4; Bricken et al. 2023)."""
+    def init_weights(self, b_dec: torch.Tensor, generator: torch.Generator | None = None,
+                     input_mean: torch.Tensor | None = None) -> None:
+        """An SAE: unit-norm random decoder rows, encoder tied to the decoder (W_enc = W_dec), zero
+        b_enc, and b_dec at the data's centre (Gao et al. 2024, section 2.4; Bricken et al. 2023).
+
+        A transcoder (`input_mean`: its input's mean; `b_dec`: its target's): unit-norm random encoder
+        rows with b_enc = -W_enc input_mean, so pre-activations start centred as an SAE's do through
+        b_dec (sparsify's equivalent of it); a zero decoder, as sparsify starts a transcoder's, since a
+        random one would add noise to a prediction no tied encoder lines up with; a zero skip term."""
         w = torch.randn(self.n_latents, self.d_in, generator=generator)
-        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec)
-        self.b_enc.zero_()
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_enc.copy_(w)
         self.b_dec.copy_(b_dec)
+        if self.transcoder:
+            if input_mean is None:
+                raise ValueError("a transcoder's initialisation needs its input's mean")
+            self.b_enc.copy_(-(w @ input_mean))
+            self.W_dec.zero_()
+            if self.W_skip is not None:
+                self.W_skip.zero_()
+            return
+        self.W_dec.copy_(w)
+        self.b_enc.zero_()
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: x - b_dec for an SAE; x itself for a transcoder, whose b_dec is its
+        target's bias (SAELens's and sparsify's transcoders alike)."""
+        return x if self.transcoder else x - self.b_dec
+
+    def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A skip transcoder's linear term W_skip x; 0 otherwise."""
+        return x @ self.W_skip.T if self.W_skip is not None else 0.0
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU(W_enc (x - b_dec) + b_enc) for every latent: [..., n_latents]."""
-        return F.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        """ReLU(W_enc (x - b_dec) + b_enc) for every latent (a transcoder: of x): [..., n_latents]."""
+        return F.relu(self.centred(x) @ self.W_enc.T + self.b_enc)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k active latents of each row of x [batch, d_in] as (values, indices), each [batch, k]."""
@@ -97,7 +140,7 @@ class TopKSAE(nn.Module):
     def _pre_activations(self, x: torch.Tensor, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(x - b_dec, its pre-activations for every latent); the latter outside autograd, and in
         `select_dtype` unless `exact`."""
-        x_centred = x - self.b_dec
+        x_centred = self.centred(x)
         with torch.no_grad():
             if not exact and self.select_dtype != x.dtype:
                 low = self.select_dtype
@@ -122,20 +165,22 @@ class TopKSAE(nn.Module):
         dictionary only, except in a Matryoshka SAE."""
         return (self.n_latents,)
 
-    def prefix_reconstructions(self, codes: Codes) -> list[torch.Tensor]:
+    def prefix_reconstructions(self, codes: Codes, x: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The reconstruction by each prefix of `prefix_ends` (latents [0, end) only), the whole SAE's last.
-        Each is a decode of the same codes with those past the prefix zeroed, so it costs k rows a token."""
-        return [self.decode_codes(codes.with_values(codes.values * (codes.latents < end)))
-                for end in self.prefix_ends[:-1]] + [self.decode_codes(codes)]
+        Each is a decode of the same codes with those past the prefix zeroed, so it costs k rows a token.
+        A skip transcoder adds its skip term of the input `x` to each."""
+        skip = self.skip_term(x) if self.W_skip is not None else 0.0
+        return [self.decode_codes(codes.with_values(codes.values * (codes.latents < end))) + skip
+                for end in self.prefix_ends[:-1]] + [self.decode_codes(codes) + skip]
 
     def layout(self) -> dict[str, Any]:
         """What besides d_in, n_latents and k the constructor needs to rebuild this SAE (saved with it)."""
-        return {}
+        return {"d_out": self.d_out, "skip": self.W_skip is not None} if self.transcoder else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        """The reconstruction of x, or a transcoder's prediction of its target from x: [..., d_out]."""
         flat = x.reshape(-1, self.d_in)
-        return self.decode(*self.encode(flat)).reshape(shape)
+        return (self.decode(*self.encode(flat)) + self.skip_term(flat)).reshape(*x.shape[:-1], self.d_out)
 
     def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Codes as a dense [..., n_latents] tensor (zeros off the top k)."""
@@ -148,24 +193,37 @@ class TopKSAE(nn.Module):
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each decoder row, so that the step after it
-        changes the rows' direction, not their norm (Bricken et al. 2023)."""
-        if self.W_dec.grad is not None:  # in place, no [n_latents, d] temporaries
+        changes the rows' direction, not their norm (Bricken et al. 2023). A transcoder's rows are free."""
+        if self.W_dec.grad is not None and not self.transcoder:  # in place, no [n_latents, d] temporaries
             self.W_dec.grad.addcmul_(torch.linalg.vecdot(self.W_dec.grad, self.W_dec).unsqueeze(1), self.W_dec, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if not self.transcoder:  # a zero-initialised transcoder decoder has no direction to keep
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, target_scale: float | None = None) -> None:
         """Make an SAE trained on (scale * x) work on x itself.
 
         W_enc (s x - b_dec) + b_enc = s (W_enc (x - b_dec / s) + b_enc / s): with b_dec and b_enc
         divided by s, the same latents win and their values shrink by s; then W_dec^T (z / s) +
         b_dec / s is the reconstruction of s x divided by s. Decoder rows keep unit norm.
+
+        A transcoder trained to predict t y (`target_scale`) from s x: W_enc s x + b_enc =
+        t ((s / t) W_enc x + b_enc / t), so with W_enc times s / t and b_enc over t the same latents
+        win with values in y's units; W_dec stays, b_dec is divided by t, and W_skip s x / t makes
+        W_skip times s / t.
         """
-        self.b_dec /= scale
-        self.b_enc /= scale
+        if not self.transcoder:
+            self.b_dec /= scale
+            self.b_enc /= scale
+            return
+        self.W_enc *= scale / target_scale
+        self.b_enc /= target_scale
+        self.b_dec /= target_scale
+        if self.W_skip is not None:
+            self.W_skip *= scale / target_scale
 
     # --- saving -----------------------------------------------------------------------------
 
@@ -221,8 +279,8 @@ class BatchTopKSAE(TopKSAE):
     k_optional = True
     THRESHOLD_RATE = 0.01  # SAELens's topk_threshold_lr
 
-    def __init__(self, d_in: int, n_latents: int, k: int | None):
-        super().__init__(d_in, n_latents, k)
+    def __init__(self, d_in: int, n_latents: int, k: int | None, **target: Any):
+        super().__init__(d_in, n_latents, k, **target)
         self.register_buffer("threshold", torch.zeros(n_latents))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.float64))  # batches averaged so far
 
@@ -274,9 +332,9 @@ class BatchTopKSAE(TopKSAE):
         return flat.topk(min(budget, len(flat)), sorted=False).indices.sort().values
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        super().fold_input_scale(scale)
-        self.threshold /= scale  # pre-activations shrink by the same factor
+    def fold_input_scale(self, scale: float, target_scale: float | None = None) -> None:
+        super().fold_input_scale(scale, target_scale)
+        self.threshold /= target_scale if self.transcoder else scale  # pre-activations shrink by the same factor
 
 
 def matryoshka_prefix_ends(n_latents: int, group_fractions: Sequence[float]) -> tuple[int, ...]:
@@ -308,8 +366,8 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     architecture = "matryoshka"
 
-    def __init__(self, d_in: int, n_latents: int, k: int | None, *, prefix_ends: Sequence[int]):
-        super().__init__(d_in, n_latents, k)
+    def __init__(self, d_in: int, n_latents: int, k: int | None, *, prefix_ends: Sequence[int], **target: Any):
+        super().__init__(d_in, n_latents, k, **target)
         ends = tuple(int(e) for e in prefix_ends)
         if not ends or ends[-1] != n_latents or any(b <= a for a, b in zip((0,) + ends, ends)):
             raise ValueError(f"Matryoshka prefix ends must increase from above 0 to n_latents={n_latents}, got {ends}")
@@ -320,7 +378,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         return self._prefix_ends
 
     def layout(self) -> dict[str, Any]:
-        return {"prefix_ends": list(self._prefix_ends)}
+        return {**super().layout(), "prefix_ends": list(self._prefix_ends)}
 
 
 ARCHITECTURES: dict[str, type[TopKSAE]] = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaSAE}
@@ -351,13 +409,22 @@ def load_plain(path: Path, rerun: str) -> Any:
         raise IntegrityError(f"{path} is truncated or corrupt ({type(err).__name__}). {rerun}") from None
 
 
-def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: str) -> None:
-    """Stop a stage from attaching an SAE to a model or layer other than the one it was trained on."""
+def check_sae_matches(metadata: dict[str, Any], model_id: str, layer_signature: str, target: str | None = None) -> None:
+    """Stop a stage from attaching an SAE to a model or layer other than the one it was trained on, or a
+    transcoder to another target (`target`: Settings.target; None for an SAE)."""
     for key, setting, value in (("model_id", "MODEL_ID", model_id),
                                 ("layer_signature", "LAYER_SIGNATURE", layer_signature)):
         if metadata[key] != value:
             raise SAEFileError(f"the SAE was trained on {key} {metadata[key]!r} but {setting} is {value!r}. "
                                "Run stages 01-02 with these settings, or pass the ones the SAE used.")
+    trained_for = metadata.get("target_signature")
+    if trained_for != target:
+        said = (f"a {metadata.get('train_target', 'transcoder')} predicting {trained_for!r}" if trained_for
+                else "an SAE (TRAIN_TARGET='sae')")
+        wanted = f"TRAIN_TARGET={metadata.get('train_target', 'transcoder')!r}" if trained_for else "TRAIN_TARGET='sae'"
+        raise SAEFileError(f"the SAE is {said}, but the settings ask for "
+                           f"{'target ' + repr(target) if target else 'an SAE'}: pass {wanted} (and the "
+                           "TARGET_SIGNATURE it used), or run stages 01-02 with these settings.")
 
 
 def check_sae_width(sae: TopKSAE, width: int, layer: str = "LAYER_SIGNATURE's layer") -> None:

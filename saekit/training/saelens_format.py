@@ -16,6 +16,10 @@ SAELens 6 conventions this module relies on (sae_lens/saes/topk_sae.py, sae.py):
 - A BatchTopK SAE is saved for inference as a JumpReLU SAE (sae_lens/saes/batchtopk_sae.py):
   architecture "jumprelu", with a `threshold` per latent; encode = ReLU(pre) where pre > threshold.
   JumpReLU SAEs load here as BatchTopKSAE (k from the metadata where this project wrote it).
+- Transcoders (sae_lens/saes/transcoder.py): no b_dec subtracted from the input (apply_b_dec_to_input
+  must be false), W_dec [d_sae, d_out], b_dec [d_out]; the skip variants add x @ W_skip^T with W_skip
+  [d_out, d_in]. SAELens 6 has ReLU and JumpReLU transcoders but no TopK one: a BatchTopK or Matryoshka
+  transcoder is saved as "jumprelu_transcoder" / "jumprelu_skip_transcoder"; a TopK one cannot be.
 """
 from __future__ import annotations
 
@@ -66,6 +70,9 @@ def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: s
     model_name and hook_name; SAELens keeps it and ignores what it does not know.
     """
     folder = Path(folder)
+    if sae.transcoder and not isinstance(sae, BatchTopKSAE):
+        raise SAELensFormatError("a TopK transcoder has no SAELens format (SAELens 6 loads ReLU and JumpReLU "
+                                 "transcoders only); train it with ARCHITECTURE='batchtopk' to get one")
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -82,6 +89,10 @@ def save_saelens(sae: TopKSAE, folder: str | Path, model_name: str, hook_name: s
         cfg["architecture"] = "jumprelu"
         cfg["metadata"].update(trained_architecture=sae.architecture, k=sae.k)
         del cfg["k"], cfg["rescale_acts_by_decoder_norm"]
+    if sae.transcoder:
+        cfg.update(architecture=f"jumprelu_{sae.kind}", d_out=sae.d_out, apply_b_dec_to_input=False)
+        if sae.W_skip is not None:
+            weights["W_skip"] = sae.W_skip.detach()
     cfg["metadata"]["written_by"] = WRITTEN_BY
     save_file({name: w.float().cpu().contiguous() for name, w in weights.items()}, str(partial / WEIGHTS_FILE))
     (partial / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -30,7 +30,7 @@ from ..base.settings import Settings, sweep_name, sweep_variant
 from .kernels import tf32
 from .sae import TopKSAE
 from .train import (TrainConfig, TrainingDiverged, _Checkpoints, _EpochSums, _evaluate, _Trainer, device_kind,
-                    epoch_record, finish_training, prepare_training, resume_point)
+                    epoch_record, finish_training, prepare_training, resume_point, target_width)
 
 SWEEP_DIR = "sweep"
 CHOICE_FILE = "sweep_choice.json"  # beside the folder, so that no SWEEP name can clash with it
@@ -118,7 +118,8 @@ def _train_sweep(run: ActivationRun, variants: list[Variant], checkpoint_path: P
                  on_epoch: Callable[[int], None] | None) -> dict[str, tuple[TopKSAE, dict[str, Any]]]:
     device = torch.device(device)
     heldout_start, source = prepare_training(run, {v.name: v.cfg for v in variants}, source, device, world, progress)
-    trainers = [_Trainer(v.cfg, run.d_model, source.n_rows, device, world) for v in variants]
+    trainers = [_Trainer(v.cfg, run.d_model, source.n_rows, device, world, d_out=target_width(run, v.cfg))
+                for v in variants]
     sweep, shared = _Sweep(trainers), variants[0].cfg  # epochs, seed, batches and checkpoint cadence are shared
     where = {"device": device_kind(device), "select_dtype": str(trainers[0].sae.select_dtype).removeprefix("torch."),
              "kernels": trainers[0].sae.kernels}

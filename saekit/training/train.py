@@ -20,6 +20,9 @@ Recipe, and where each piece comes from:
   CPU needs a larger base (1e-3 measured best at k = 8, observations.md), and a larger k a larger
   LR still: times (k / 8)^(1/3) (`scaled_lr`). Linear warmup, cosine decay to
   MIN_LR_FRACTION, gradient-norm clipping.
+- A transcoder (TRAIN_TARGET) trains the same way on (input, target) rows, its loss the FVU of the
+  target, each scaled to unit mean squared norm on its own; its initialisation and free decoder are
+  sparsify's (saekit.training.sae).
 - Batches shuffled in a buffer of SHUFFLE_BUFFER_TOKENS rows on the training device, from the
   stored activations or made by the model as training goes (saekit.activations.sources); the last
   HELDOUT_FRACTION of documents are never trained on and give every epoch's metrics.
@@ -90,26 +93,32 @@ class TrainConfig:
     matryoshka_group_fractions: tuple[float, ...] = (0.03125, 0.0625, 0.125, 0.25)
     kernels: str = "auto"  # KERNELS (saekit.training.kernels)
     tf32: bool = True
+    train_target: str = "sae"  # TRAIN_TARGET
 
     @classmethod
     def from_settings(cls, s) -> "TrainConfig":
         return cls(s.ARCHITECTURE, s.N_LATENTS_MULTIPLIER, s.TOP_K, s.EPOCHS, s.BATCH_SIZE_TRAIN, s.LR, s.LR_BASE,
                    s.WARMUP_STEPS, s.MIN_LR_FRACTION, s.GRAD_CLIP, s.AUXK_COEF, s.AUXK_K, s.DEAD_WINDOW_TOKENS,
                    s.HELDOUT_FRACTION, s.SHUFFLE_BUFFER_TOKENS, s.SEED, s.ACTIVATION_SOURCE, s.CHECKPOINT_SECONDS,
-                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS), s.KERNELS, s.TF32)
+                   s.SELECT_DTYPE, tuple(float(f) for f in s.MATRYOSHKA_GROUP_FRACTIONS), s.KERNELS, s.TF32,
+                   s.TRAIN_TARGET)
 
-    def layout(self, n_latents: int) -> dict[str, Any]:
-        """The architecture's constructor arguments beyond (d_in, n_latents, k)."""
+    def layout(self, n_latents: int, d_out: int = 0) -> dict[str, Any]:
+        """The architecture's constructor arguments beyond (d_in, n_latents, k); a transcoder's output width
+        `d_out` too."""
+        layout = {} if self.train_target == "sae" else {"d_out": d_out, "skip": self.train_target == "skip_transcoder"}
         if self.architecture == "matryoshka":
-            return {"prefix_ends": matryoshka_prefix_ends(n_latents, self.matryoshka_group_fractions)}
-        return {}
+            layout["prefix_ends"] = matryoshka_prefix_ends(n_latents, self.matryoshka_group_fractions)
+        return layout
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed: all but the checkpoint cadence, the kernels
         and TF32 (which change only the rounding: `_Checkpoints` notes them as it notes another device),
-        and Matryoshka's groups only for a Matryoshka SAE (so checkpoints of before it resume)."""
-        ignored = {"checkpoint_seconds", "kernels", "tf32"} | (
-            {"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
+        Matryoshka's groups only for a Matryoshka SAE and the target only for a transcoder (so checkpoints
+        of before either resume)."""
+        ignored = ({"checkpoint_seconds", "kernels", "tf32"}
+                   | ({"matryoshka_group_fractions"} if self.architecture != "matryoshka" else set())
+                   | ({"train_target"} if self.train_target == "sae" else set()))
         return {k: v for k, v in asdict(self).items() if k not in ignored}
 
 
@@ -172,7 +181,7 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: t
     Only the dead latents' rows enter the products, so this costs little once few are dead.
     """
     # index_select, not W[dead_idx]: its backward is an index_add, not a sorting index_put
-    pre = torch.addmm(sae.b_enc.index_select(0, dead_idx), x - sae.b_dec.detach(), sae.W_enc.index_select(0, dead_idx).T)
+    pre = torch.addmm(sae.b_enc.index_select(0, dead_idx), sae.centred(x).detach(), sae.W_enc.index_select(0, dead_idx).T)
     if k_aux >= len(dead_idx):  # every dead latent takes part (usual once training settles): no top-k to take
         codes = F.relu(pre)
     else:  # k_aux is close to the dead count, so dense codes over the dead rows are the cheap way
@@ -185,18 +194,21 @@ def auxk_loss(sae: TopKSAE, x: torch.Tensor, residual: torch.Tensor, dead_idx: t
 @torch.no_grad()
 def evaluate(sae: TopKSAE, run: ActivationRun, start: int, stop: int, batch_size: int = 4096,
              input_scale: float = 1.0, device: str | torch.device = "cpu",
-             per_token: bool = False, world: World = World()) -> ReconstructionStats:
-    """Reconstruction and sparsity of rows [start, stop), in the units of the stored activations.
+             per_token: bool = False, world: World = World(), target_scale: float | None = None) -> ReconstructionStats:
+    """Reconstruction and sparsity of rows [start, stop), in the units of the stored activations; a
+    transcoder's prediction of the target stored beside them (its FVU is the target's).
 
     Under torchrun each rank scores a share of the rows and the sums are added up across ranks."""
     stats = ReconstructionStats(sae.n_latents, per_token=per_token)
     first, last = share(stop - start, world)
-    for chunk in run.iter_rows(start + first, start + last, batch_size):
-        x = torch.from_numpy(chunk).to(device)
+    target_scale = target_scale or input_scale
+    for chunk in run.iter_rows(start + first, start + last, batch_size, with_target=sae.transcoder):
+        rows = torch.from_numpy(chunk).to(device)
+        x, y = (rows[:, :sae.d_in], rows[:, sae.d_in:]) if sae.transcoder else (rows, rows)
         values, indices = sae.encode(x * input_scale)
-        stats.update(x, sae.decode(values, indices) / input_scale, values, indices)
+        stats.update(y, (sae.decode(values, indices) + sae.skip_term(x * input_scale)) / target_scale, values, indices)
     if world.distributed:
-        _add_up_across_ranks(stats, run.d_model, device, world)
+        _add_up_across_ranks(stats, sae.d_out, device, world)
     return stats
 
 
@@ -222,8 +234,8 @@ class _Trainer:
     """The SAE, its optimizer and schedule, and how long each latent has gone unfired: everything a
     checkpoint must hold besides the data's position. `step` is one training step on one batch."""
 
-    def __init__(self, cfg: TrainConfig, d: int, n_rows: int, device: torch.device, world: World):
-        self.cfg, self.device, self.world = cfg, device, world
+    def __init__(self, cfg: TrainConfig, d: int, n_rows: int, device: torch.device, world: World, d_out: int = 0):
+        self.cfg, self.device, self.world, self.d = cfg, device, world, d
         self.n_latents = cfg.n_latents_multiplier * d
         self.k_aux = cfg.auxk_k or d // 2
         self.steps_per_epoch = batches_in_epoch(n_rows, cfg.batch_size)
@@ -233,7 +245,7 @@ class _Trainer:
         self.lr = cfg.lr or scaled_lr(self.n_latents, cfg.lr_base, cfg.k)
         # a GPU runs ahead of the host: read values back (loss, dead latents) only every SYNC_EVERY steps
         self.sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-        self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k, **cfg.layout(self.n_latents))
+        self.sae = ARCHITECTURES[cfg.architecture](d, self.n_latents, cfg.k, **cfg.layout(self.n_latents, d_out))
         self.sae.select_dtype = select_dtype(cfg.select_dtype, device)
         self.sae.kernels = resolve_kernels(cfg.kernels, device)
         self.sae.to(device).train()
@@ -245,24 +257,40 @@ class _Trainer:
         self.dead = torch.zeros(self.n_latents, dtype=torch.bool, device=device)
         self.dead_idx = torch.zeros(0, dtype=torch.long, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.scale, self.init = 1.0, {}
+        self.scale, self.target_scale, self.init = 1.0, 1.0, {}
 
     def initialise(self, sample: torch.Tensor) -> None:
-        """Input scale (unit mean squared norm) and starting weights, from a sample of training rows."""
-        self.scale = float(1 / sample.pow(2).sum(1).mean().sqrt())
-        self.sae.init_weights(geometric_median(sample * self.scale), torch.Generator().manual_seed(self.cfg.seed))
+        """Input scale (unit mean squared norm) and starting weights, from a sample of training rows; a
+        transcoder's target gets a scale of its own."""
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.scale = float(1 / sample[:, :self.d].pow(2).sum(1).mean().sqrt())
+        if self.sae.transcoder:
+            x, y = sample[:, :self.d], sample[:, self.d:]
+            self.target_scale = float(1 / y.pow(2).sum(1).mean().sqrt())
+            self.sae.init_weights(y.mean(0) * self.target_scale, generator, input_mean=x.mean(0) * self.scale)
+        else:
+            self.target_scale = self.scale
+            self.sae.init_weights(geometric_median(sample * self.scale), generator)
         self.init = {"W_enc": self.sae.W_enc.detach().cpu().clone(), "W_dec": self.sae.W_dec.detach().cpu().clone()}
+
+    def split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of a batch, each in float32 at its training scale; an SAE's target is its input."""
+        full = batch.float()
+        if not self.sae.transcoder:
+            x = full * self.scale
+            return x, x
+        return full[:, :self.d] * self.scale, full[:, self.d:] * self.target_scale
 
     def step(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one global batch (this rank takes its share); returns (loss, FVU) on the device."""
         cfg, sae, world = self.cfg, self.sae, self.world
-        full = batch.float() * self.scale
+        full, full_target = self.split(batch)
         first, last = share(len(full), world)
-        x = full[first:last]  # this rank's rows of the global batch
-        total_variance = (full - full.mean(0)).pow(2).sum()
+        x, y = full[first:last], full_target[first:last]  # this rank's rows of the global batch
+        total_variance = (full_target - full_target.mean(0)).pow(2).sum()
         codes = sae.codes(x)
-        reconstructions = sae.prefix_reconstructions(codes)  # the whole SAE's is the last
-        residual = x - reconstructions[-1]
+        reconstructions = sae.prefix_reconstructions(codes, x)  # the whole SAE's is the last
+        residual = y - reconstructions[-1]
         batch_fvu = residual.pow(2).sum() / total_variance  # this rank's part of the batch's FVU
         with torch.no_grad():
             fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
@@ -276,7 +304,7 @@ class _Trainer:
             self.dead_idx = self.dead.nonzero().squeeze(1)  # on a GPU, kept for the next SYNC_EVERY steps
         loss = batch_fvu  # a Matryoshka SAE's: the mean over its prefixes, each reconstructing x on its own
         if len(reconstructions) > 1:
-            loss = torch.stack([(x - r).pow(2).sum() for r in reconstructions]).mean() / total_variance
+            loss = torch.stack([(y - r).pow(2).sum() for r in reconstructions]).mean() / total_variance
         if len(self.dead_idx):
             loss = loss + cfg.auxk_coef * self.auxk_term(x, residual.detach(), len(full))
         self.nonfinite |= ~torch.isfinite(loss.detach())
@@ -324,7 +352,8 @@ class _Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "tokens_since_fired": self.tokens_since_fired,
-                "dead_idx": self.dead_idx, "scale": self.scale, "init": self.init}
+                "dead_idx": self.dead_idx, "scale": self.scale, "init": self.init,
+                **({"target_scale": self.target_scale} if self.sae.transcoder else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
@@ -334,6 +363,7 @@ class _Trainer:
         self.dead = self.tokens_since_fired >= self.window
         self.dead_idx = state["dead_idx"].to(self.device)
         self.scale, self.init = state["scale"], state["init"]
+        self.target_scale = state.get("target_scale", self.scale)
 
 
 @dataclass
@@ -422,17 +452,27 @@ class _Checkpoints:
             f", step {partial['sums']['steps']} of epoch {epoch + 2}" if partial else "") + f") is kept at {self.path}"
 
 
+def target_width(run: ActivationRun, cfg: TrainConfig) -> int:
+    """The width a transcoder predicts (its target's, stored beside the input); 0 for an SAE."""
+    return run.d_target if cfg.train_target != "sae" else 0
+
+
 def prepare_training(run: ActivationRun, cfgs: dict[str, TrainConfig], source: RowSource | None,
                      device: torch.device, world: World, progress: bool) -> tuple[int, RowSource]:
     """Everything checked before anything is allocated or written, for the SAEs `cfgs` (by label: "" for
     stage 02's one SAE, a SWEEP name for each of a sweep's, which share the batches and need memory
     together); returns the held-out boundary and the source of training rows (by default the stored ones)."""
-    first = next(iter(cfgs.values()))  # the SAEs share every setting that chooses the rows
+    first = next(iter(cfgs.values()))  # the SAEs share every setting that chooses the rows (and the target)
     for label, cfg in cfgs.items():
         _check_config(cfg, run.d_model, world, f"SWEEP's {label!r}: " if label else "")
+    if first.train_target != "sae" and not run.d_target:
+        raise PipelineError(f"TRAIN_TARGET={first.train_target!r} needs its target stored with the activations, and "
+                            f"run {run.run_id} stores none: run stage 01 with TRAIN_TARGET={first.train_target!r} "
+                            "(python 01_save_activations.py)")
     heldout_start = run.heldout_start(first.heldout_fraction)
     source = source or StoreRows(run, 0, heldout_start, first.batch_size, first.shuffle_buffer_tokens, device,
-                                 first.seed, *heldout_copies(run, first.heldout_fraction)[::-1])
+                                 first.seed, *heldout_copies(run, first.heldout_fraction)[::-1],
+                                 with_target=first.train_target != "sae")
     parts = dict(source.memory_parts())
     for label, cfg in cfgs.items():
         n_latents = cfg.n_latents_multiplier * run.d_model
@@ -479,7 +519,7 @@ def _train_sae(run: ActivationRun, cfg: TrainConfig, checkpoint_path: Path | Non
                world: World, source: RowSource | None) -> tuple[TopKSAE, dict[str, Any]]:
     device = torch.device(device)
     heldout_start, source = prepare_training(run, {"": cfg}, source, device, world, progress)
-    trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world)
+    trainer = _Trainer(cfg, run.d_model, source.n_rows, device, world, d_out=target_width(run, cfg))
     where = {"device": device_kind(device), "select_dtype": str(trainer.sae.select_dtype).removeprefix("torch."),
              "kernels": trainer.sae.kernels}
     checkpoints = _Checkpoints(checkpoint_path, {"run_id": run.run_id, "config": cfg.fingerprint()}, where,
@@ -556,8 +596,11 @@ def finish_training(trainer: _Trainer, run: ActivationRun, heldout_start: int, s
         stats = _evaluate(trainer, run, heldout_start, trainer.device, world, exact=True)
     sae = trainer.sae.eval()
     sae.select_dtype, sae.kernels = torch.float32, TopKSAE.kernels
-    sae.fold_input_scale(trainer.scale)
+    sae.fold_input_scale(trainer.scale, trainer.target_scale)
+    if sae.transcoder:  # the fold rescales a transcoder's encoder: its initialisation is kept in the same units
+        trainer.init = {**trainer.init, "W_enc": trainer.init["W_enc"] * (trainer.scale / trainer.target_scale)}
     record = {"history": history, "latent_frequency": stats.frequencies.tolist(), "input_scale": trainer.scale,
+              **({"target_scale": trainer.target_scale} if sae.transcoder else {}),
               "heldout_start_row": heldout_start, "n_latents": trainer.n_latents, "lr": trainer.lr,
               "dead_window_tokens": trainer.window, "k_aux": trainer.k_aux, "init": trainer.init,
               "rows_dropped_per_epoch": rows_dropped(source.n_rows, trainer.cfg.batch_size),
@@ -577,7 +620,8 @@ def _evaluate(trainer: _Trainer, run: ActivationRun, heldout_start: int, device:
         sae.select_dtype = torch.float32
     try:
         with tf32(trainer.cfg.tf32 and not exact, device):  # the recorded frequencies are float32's, not TF32's
-            return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device, world=world)
+            return evaluate(sae, run, heldout_start, run.n_tokens, input_scale=trainer.scale, device=device,
+                            world=world, target_scale=trainer.target_scale)
     finally:
         sae.select_dtype = chosen_in
         sae.train()
