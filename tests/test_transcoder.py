@@ -309,6 +309,39 @@ def test_list_layers_shows_the_transcoder_pairs(transcoder_args):
     assert f"{TINY_MLP.replace('_mlp', '_post_attention_layernorm')} -> {TINY_MLP}" in out
 
 
+SPARSIFY_PYTHON = Path(__file__).resolve().parent.parent / "bench" / ".venv-sparsify" / "bin" / "python"
+
+
+@pytest.mark.skipif(not SPARSIFY_PYTHON.exists(), reason="sparsify venv absent: make bench-peers creates it")
+def test_bench_peers_scores_sparsifys_transcoders_as_sparsify_predicts_beside_this_projects(transcoder_args, tmp_path):
+    """bench_peers --transcoder end to end on the tiny store: every trainer runs, each sparsify transcoder loaded
+    into TopKSAE predicts what sparsify itself predicts, and the JSON holds every column and the paired ΔCE."""
+    import json
+
+    from conftest import run_python
+
+    proc = run_python(["bench/bench_peers.py", "--transcoder", *transcoder_args, "--ARCHITECTURE=topk", "--EPOCHS=1",
+                       "--eval-texts=4", f"--out={tmp_path}"])
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads((tmp_path / "bench_peers_transcoder.json").read_text())
+    rows = result["results"]
+    assert {(r["library"], r["kind"]) for r in rows} == {(library, kind) for library in ("saekit", "sparsify")
+                                                         for kind in ("transcoder", "skip_transcoder")}
+    assert result["target_signature"] == TINY_MLP and result["train_tokens"] > 0
+    for row in rows:
+        for column in ("heldout_fvu", "l0", "dead_pct", "delta_ce", "recovered_vs_mean", "train_seconds",
+                       "tokens_per_s", "load_before"):
+            assert isinstance(row[column], float), (row["trainer"], column)
+        assert 0 < row["l0"] <= row["settings"]["spec"]["k"]
+        if row["library"] == "sparsify":  # float32 round-off only: the same function
+            assert row["scorer_max_error"] < 1e-4, (row["trainer"], row["scorer_max_error"])
+    paired = {p["kind"]: p for p in result["paired_differences"]}
+    assert set(paired) == {"transcoder", "skip_transcoder"}
+    for each in paired.values():
+        low, high = each["delta_ce"]["ci95"]
+        assert each["a"].startswith("saekit") and each["b"].startswith("sparsify") and low <= high
+
+
 ON_THE_FLY = ["--ACTIVATION_SOURCE=model", "--SHUFFLE_BUFFER_TOKENS=150", "--CHECKPOINT_SECONDS=0"]
 
 
