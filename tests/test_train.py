@@ -198,7 +198,7 @@ def test_a_read_error_in_the_background_stops_training_with_its_own_message(tmp_
 
     calls = []
 
-    def failing_rows(start, stop, dtype=np.float32):
+    def failing_rows(start, stop, dtype=np.float32, with_target=False):
         calls.append(start)
         if len(calls) > 32:  # the third buffer's first chunk (16 chunks of 64 rows a buffer)
             raise IntegrityError("shard 3 is corrupt. Run stage 01 again")
