@@ -331,3 +331,33 @@ def synthetic_concept_set(n_latents: int, sae_id: str = "sae-s"):
             "dataset": "roneneldan/TinyStories"}
     return build_concepts(codes, synthetic_lens(SYNTHETIC_WORDS, live), meta, top_n=3, context=2, per_quantile=1,
                           non_activating=1, scoring_examples=6, max_keys=2, min_f1=0.3, min_support=1)
+
+
+SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
+
+
+def require_saelens_venv() -> None:
+    """Skip a round trip through SAELens where its venv is absent; fail instead where
+    SAEKIT_REQUIRE_SAELENS is set (CI builds the venv, .ci/run: there, missing is a failure)."""
+    if not SAELENS_PYTHON.exists():
+        message = "SAELens venv absent: make saelens-venv creates it"
+        if os.environ.get("SAEKIT_REQUIRE_SAELENS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def saelens_forward(folder: Path, x: torch.Tensor, workdir: Path) -> tuple[str, torch.Tensor]:
+    """SAELens itself (its venv) loads the exported `folder` with SAE.load_from_disk and applies it to `x`:
+    (the class it loaded, its output)."""
+    from safetensors.torch import load_file, save_file
+
+    require_saelens_venv()
+    save_file({"x": x.contiguous()}, str(workdir / "saelens_x.safetensors"))
+    script = (f"import torch\nfrom safetensors.torch import load_file, save_file\nfrom sae_lens import SAE\n"
+              f"x = load_file({str(workdir / 'saelens_x.safetensors')!r})['x']\n"
+              f"sae = SAE.load_from_disk({str(folder)!r})\n"
+              f"with torch.no_grad():\n    save_file({{'y': sae(x)}}, {str(workdir / 'saelens_y.safetensors')!r})\n"
+              f"print(type(sae).__name__)\n")
+    proc = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()[-1], load_file(workdir / "saelens_y.safetensors")["y"]

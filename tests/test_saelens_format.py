@@ -1,7 +1,6 @@
 """The SAELens-format export and loader. The round trip through SAELens itself runs in the peer venv
 that `make saelens-venv` creates (bench/.venv-saelens; CI builds it), and is skipped where it is absent."""
 import json
-import os
 import re
 import subprocess
 import textwrap
@@ -11,22 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, copy_store, run_python
+from conftest import ROOT, SAELENS_PYTHON, copy_store, require_saelens_venv, run_python, saelens_forward
 from saekit.training.sae import BatchTopKSAE, MatryoshkaSAE, TopKSAE
 from saekit.training.saelens_format import CFG_FILE, SEAL_FILE, WEIGHTS_FILE, SAELensFormatError, load_saelens, save_saelens
-
-SAELENS_PYTHON = ROOT / "bench" / ".venv-saelens" / "bin" / "python"
-
-
-def _require_saelens_venv() -> None:
-    """Skip a round trip through SAELens where its venv is absent; fail instead where
-    SAEKIT_REQUIRE_SAELENS is set (CI builds the venv, .ci/run: there, missing is a failure)."""
-    if not SAELENS_PYTHON.exists():
-        message = "SAELens venv absent: make saelens-venv creates it"
-        if os.environ.get("SAEKIT_REQUIRE_SAELENS"):
-            pytest.fail(message)
-        pytest.skip(message)
-
 
 def _trained_looking_sae(d=12, n=40, k=5, seed=0) -> TopKSAE:
     g = torch.Generator().manual_seed(seed)
@@ -145,7 +131,7 @@ def test_what_it_cannot_read_is_refused_with_a_reason(tmp_path):
 def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
     """Both directions, in SAELens itself: SAE.load_from_disk on our exports (TopK, and BatchTopK as a
     JumpReLU) reconstructs as we do, and a TopK SAE that SAELens saves (decoder-norm rescaling on) loads here with its reconstruction."""
-    _require_saelens_venv()
+    require_saelens_venv()
     sae = _trained_looking_sae()
     save_saelens(sae, tmp_path / "ours", "m", "h")
     batchtopk = _as_batchtopk(sae)
@@ -184,7 +170,7 @@ def test_saelens_loads_the_export_and_we_load_saelens_own_files(tmp_path):
 def test_saelens_loads_a_matryoshka_export_as_the_jumprelu_it_is_at_inference(tmp_path):
     """A Matryoshka SAE is saved as SAELens saves its own (a JumpReLU at the learned threshold):
     SAE.load_from_disk reconstructs as we do, and the folder loads back here with that reconstruction."""
-    _require_saelens_venv()
+    require_saelens_venv()
     sae = _trained_looking_sae()
     matryoshka = MatryoshkaSAE(sae.d_in, sae.n_latents, sae.k, prefix_ends=(4, 12, 40))
     matryoshka.load_state_dict(_as_batchtopk(sae).state_dict())
@@ -192,21 +178,8 @@ def test_saelens_loads_a_matryoshka_export_as_the_jumprelu_it_is_at_inference(tm
     save_saelens(matryoshka, tmp_path / "ours", "m", "h")
     assert json.loads((tmp_path / "ours" / CFG_FILE).read_text())["metadata"]["trained_architecture"] == "matryoshka"
     x = torch.randn(256, 12)
-    save_file({"x": x}, str(tmp_path / "x.safetensors"))
-    script = textwrap.dedent(f"""
-        import torch
-        from safetensors.torch import load_file, save_file
-        from sae_lens import SAE
-        x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
-        ours = SAE.load_from_disk({str(tmp_path / "ours")!r})
-        with torch.no_grad():
-            save_file({{"ours": ours(x)}}, {str(tmp_path / "out.safetensors")!r})
-        print(type(ours).__name__)
-    """)
-    proc = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == "JumpReLUSAE"
-    out = load_file(tmp_path / "out.safetensors")["ours"]
+    loaded_as, out = saelens_forward(tmp_path / "ours", x, tmp_path)
+    assert loaded_as == "JumpReLUSAE"
     with torch.no_grad():
         expected = matryoshka(x)
         assert (matryoshka.dense_codes(x) > 0).sum(1).float().mean() > 1  # the threshold leaves codes to compare

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_synthetic_run
+from conftest import make_synthetic_run, saelens_forward
 from saekit.base.settings import load_settings
 from saekit.training.sae import ARCHITECTURES
 from saekit.training.train import TrainConfig, evaluate, train_sae
@@ -139,17 +139,9 @@ def test_the_target_is_stored_beside_the_input_and_checksummed(tmp_path):
         open_run(tmp_path).rows(0, run.n_tokens, with_target=True)
 
 
-SAELENS_PYTHON = Path(__file__).resolve().parent.parent / "bench" / ".venv-saelens" / "bin" / "python"
-
-
-@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="SAELens venv absent: make saelens-venv creates it")
 @pytest.mark.parametrize("train_target", ["transcoder", "skip_transcoder"])
 def test_saelens_loads_the_export_as_its_jumprelu_transcoder_with_equal_predictions(tmp_path, train_target):
     import json
-    import subprocess
-    import textwrap
-
-    from safetensors.torch import load_file, save_file
 
     from saekit.training.saelens_format import save_saelens
 
@@ -161,24 +153,11 @@ def test_saelens_loads_the_export_as_its_jumprelu_transcoder_with_equal_predicti
     cfg = json.loads((tmp_path / "ours" / "cfg.json").read_text())
     assert cfg["architecture"] == f"jumprelu_{train_target}" and cfg["d_out"] == D
     x = torch.from_numpy(run.rows(run.n_tokens - 256, run.n_tokens))
-    save_file({"x": x}, str(tmp_path / "x.safetensors"))
-    script = textwrap.dedent(f"""
-        import torch
-        from safetensors.torch import load_file, save_file
-        from sae_lens import SAE
-        x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
-        theirs = SAE.load_from_disk({str(tmp_path / "ours")!r})
-        with torch.no_grad():
-            save_file({{"y": theirs(x)}}, {str(tmp_path / "out.safetensors")!r})
-        print(type(theirs).__name__)
-    """)
-    proc = subprocess.run([str(SAELENS_PYTHON), "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-1] == {"transcoder": "JumpReLUTranscoder",
-                                       "skip_transcoder": "JumpReLUSkipTranscoder"}[train_target]
+    loaded_as, theirs = saelens_forward(tmp_path / "ours", x, tmp_path)
+    assert loaded_as == {"transcoder": "JumpReLUTranscoder", "skip_transcoder": "JumpReLUSkipTranscoder"}[train_target]
     with torch.no_grad():
         assert (sae.dense_codes(x) > 0).sum(1).float().mean() > 1  # codes to compare, not a constant prediction
-        torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["y"], sae(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs, sae(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_topk_transcoder_is_refused_by_the_saelens_export_in_one_line(tmp_path):
