@@ -109,21 +109,26 @@ def test_sweep_choice_must_name_an_sae_of_the_sweep():
 
 
 def _rows(*specs):
-    return [{"name": n, "verdict": v, "l0": l0, "delta_ce": ce, "delta_ce_ci95": [ce - half, ce + half]}
-            for n, v, l0, ce, half in specs]
+    """Rows as compare_sweep makes them; `half`: the half-width of the 95% interval of each paired difference."""
+    rows = [{"name": n, "verdict": v, "l0": l0, "delta_ce": ce} for n, v, l0, ce, _ in specs]
+    for row, (*_, half) in zip(rows, specs):
+        row["delta_ce_minus"] = {other["name"]: [row["delta_ce"] - other["delta_ce"] + shift for shift in (0, -half, half)]
+                                 for other in rows if other is not row}
+    return rows
 
 
 @pytest.mark.parametrize("rows,chosen", [
-    # k32 has the lowest ΔCE; k16 is within its interval and sparser; k8 is not
+    # k32 has the lowest ΔCE; the texts cannot tell k16 from it (paired interval reaches 0), and it is sparser; k8 is
+    # resolved as worse
     (_rows(("k8", "PASS", 8, 0.040, 0.004), ("k16", "PASS", 16, 0.031, 0.003), ("k32", "PASS", 32, 0.029, 0.003)), "k16"),
-    # the same figures, a narrower interval: only the best itself is within it
+    # the same figures, narrower paired intervals: every other SAE is resolved as worse than the best
     (_rows(("k8", "PASS", 8, 0.040, 0.001), ("k16", "PASS", 16, 0.031, 0.001), ("k32", "PASS", 32, 0.029, 0.001)), "k32"),
     # a failing SAE is never chosen over passing ones, however good its ΔCE
     (_rows(("k8", "FAIL", 8, 0.001, 0.001), ("k16", "PASS", 16, 0.031, 0.001)), "k16"),
     # none passes: all compete by the same rule
     (_rows(("k8", "FAIL", 8, 0.070, 0.01), ("k16", "FAIL", 16, 0.065, 0.01)), "k8"),
 ])
-def test_stage_03s_rule_picks_the_sparsest_sae_within_the_best_interval(rows, chosen):
+def test_stage_03s_rule_picks_the_sparsest_sae_the_texts_cannot_tell_from_the_best(rows, chosen):
     from saekit.evaluation.sweep import choose
 
     name, why = choose(rows)

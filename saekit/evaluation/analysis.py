@@ -149,7 +149,7 @@ def load_layer_model(settings: Settings) -> LayerModel:
 
 
 def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True,
-                  loaded: LayerModel | None = None) -> dict[str, float]:
+                  loaded: LayerModel | None = None, keep_per_text: bool = False) -> dict[str, float]:
     """CE and KL with the SAE spliced into the model (`loaded`, or loaded here), on EVAL_SPLIT texts. A
     transcoder is spliced in place of its target (the MLP): the MLP's output is replaced by the
     transcoder's prediction from the MLP's input, and zero- and mean-ablation ablate the MLP."""
@@ -165,7 +165,7 @@ def splice_report(settings: Settings, trained: TrainedSAE, progress: bool = True
     result = splice_metrics(loaded.model, loaded.tokenizer, spliced_at, texts.texts, sae, mean, settings.MAX_LENGTH,
                             batch_size=settings.BATCH_SIZE_SAVE, progress=progress, kept=excluded,
                             layer_rows=probed, rows_dtype=getattr(torch, trained.run.meta["dtype"]),
-                            input_layer=input_layer)
+                            input_layer=input_layer, keep_per_text=keep_per_text)
     loaded.evaluation_rows = dict(zip(texts.texts, result.pop("layer_rows", [])))
     if transcoder:  # what the verdict then says it measured
         result["spliced_as"] = (f"with the {sae.kind.replace('_', ' ')} spliced in place of {settings.target} (its "
