@@ -242,3 +242,31 @@ def test_on_the_fly_an_epochs_last_batch_is_never_a_sliver(tiny_model, tiny_toke
     sizes = [len(batch) for batch, _ in source.epoch(0)]
     assert sizes == [batch_size] * (plan.n_tokens // batch_size)
     assert len(sizes) == batches_in_epoch(plan.n_tokens, batch_size)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_forward_batchs_rows_land_in_place_with_one_indexed_copy(tiny_model, tiny_tokenizer, padding_side):
+    """write_document_activations moves every real token's row of a batch at once (host-made indices, no
+    per-document copy): each document's rows are those of its own row of the padded forward, in order."""
+    import copy
+
+    from saekit.activations.models import forward_to_layer, length_sorted_batches, resolve_layer, write_document_activations
+
+    from conftest import STORIES, TINY_LAYER
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.padding_side = padding_side
+    layer = resolve_layer(tiny_model, TINY_LAYER)
+    docs = tokenizer(STORIES + [""], truncation=True, max_length=24)["input_ids"]
+    docs[-1] = []  # a text the tokenizer makes nothing of has no rows
+    lengths = [len(doc) for doc in docs]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    batches = length_sorted_batches(lengths, 3)
+    out = torch.full((offsets[-1], 32), float("nan"), dtype=torch.float16)
+    write_document_activations(out, offsets, tiny_model, tokenizer, layer, docs, batches)
+    for batch in batches:
+        batch = [i for i in batch if docs[i]]
+        padded = tokenizer.pad({"input_ids": [docs[i] for i in batch]}, return_tensors="pt")
+        hidden = forward_to_layer(tiny_model, layer, padded["input_ids"], padded["attention_mask"])
+        for row, i in enumerate(batch):
+            assert torch.equal(out[offsets[i]:offsets[i + 1]], hidden[row][padded["attention_mask"][row].bool()].half())

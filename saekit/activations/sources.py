@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..base.distributed import World, gather_objects
 from ..base.memory import forward_parts
 from .data import document_hash
-from .models import length_sorted_batches, write_document_activations
+from .models import length_sorted_batches, span_indices, write_document_activations
 from .prefetch import ReadAhead
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
@@ -393,13 +393,19 @@ class ModelRows:
         rows = torch.empty(offsets[-1], self.d, dtype=self.dtype, device=self.device)
         if start:
             rows[:start] = carry
-        mine = length_sorted_batches(lengths, self.forward_batch)[self.world.rank::self.world.size]
-        write_document_activations(rows, offsets, self.model, self.tokenizer, self.layer, docs, mine)
+        batches = length_sorted_batches(lengths, self.forward_batch)
+        write_document_activations(rows, offsets, self.model, self.tokenizer, self.layer, docs,
+                                   batches[self.world.rank::self.world.size])
         if self.world.distributed:  # every process needs the whole buffer to draw the same global batches
-            made = {i: rows[offsets[i]:offsets[i + 1]].cpu() for batch in mine for i in batch}
-            for share in gather_objects(made, self.world):
-                for i, acts in share.items():
-                    rows[offsets[i]:offsets[i + 1]] = acts.to(self.device)
+            starts, ends = np.array(offsets[:-1]), np.array(offsets[1:])
+            made = []  # each process's rows: those of the documents in its share of the batches, in that order
+            for rank in range(self.world.size):
+                share = [i for batch in batches[rank::self.world.size] for i in batch]
+                made.append(torch.from_numpy(span_indices(starts[share], ends[share] - starts[share])).to(self.device))
+            shares = gather_objects(rows.index_select(0, made[self.world.rank]).cpu(), self.world)
+            for rank, share in enumerate(shares):
+                if rank != self.world.rank:
+                    rows.index_copy_(0, made[rank], share.to(self.device))
         if not bool(torch.isfinite(rows[start:]).all()):
             raise StoreError(f"the layer gave non-finite activations (inf or NaN in {self.dtype}) for training "
                              "texts; use ACTIVATION_DTYPE='float32' if the values overflow float16, or check the model")
