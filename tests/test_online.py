@@ -270,3 +270,48 @@ def test_a_forward_batchs_rows_land_in_place_with_one_indexed_copy(tiny_model, t
         hidden = forward_to_layer(tiny_model, layer, padded["input_ids"], padded["attention_mask"])
         for row, i in enumerate(batch):
             assert torch.equal(out[offsets[i]:offsets[i + 1]], hidden[row][padded["attention_mask"][row].bool()].half())
+
+
+def test_forward_batches_by_tokens_hold_what_fits_padded_and_every_text_once():
+    from saekit.activations.models import length_sorted_batches
+
+    lengths = [5, 30, 7, 7, 12, 3, 40, 9, 9, 11]
+    batches = length_sorted_batches(lengths, 2, max_tokens=32)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(flat)  # neighbours in length share a batch
+    for batch in batches:  # within the budget, padding included, or a text too long for it alone
+        assert len(batch) * max(lengths[i] for i in batch) <= 32 or len(batch) == 1
+    assert [[lengths[i] for i in b] for b in batches] == [[3, 5, 7, 7], [9, 9], [11, 12], [30], [40]]
+    assert length_sorted_batches([], 2, max_tokens=32) == [] == length_sorted_batches([], 2)
+
+
+def test_the_rows_on_the_fly_do_not_depend_on_the_forward_batch(tiny_model, tiny_tokenizer):
+    """Texts a batch or tokens a batch (FORWARD_BATCH_TOKENS), the same rows in the same batches: equal
+    to float32 round-off, which another padding's kernel shapes change (measured: at most 3.6e-7 at
+    values up to 3.6), and the memory check counts the largest forward batch."""
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, count_training_texts
+    from saekit.base.memory import forward_parts
+
+    from conftest import STORIES, TINY_LAYER
+
+    texts = STORIES * 3
+    plan, _ = count_training_texts(texts, tiny_tokenizer, 24, 0.25)
+
+    def source(**forward) -> ModelRows:
+        return ModelRows(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), texts, plan, d=32,
+                         max_length=24, batch_size=8, buffer_tokens=120, dtype="float32", device=torch.device("cpu"),
+                         seed=0, **forward)
+
+    one = [batch for batch, _ in source(forward_batch=1).epoch(0)]
+    for forward in ({"forward_batch": 16}, {"forward_batch": 1, "forward_tokens": 70},
+                    {"forward_batch": 1, "forward_tokens": 10_000}):
+        batches = [batch for batch, _ in source(**forward).epoch(0)]
+        assert len(batches) == len(one)
+        for a, b in zip(batches, one):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    counted = source(forward_batch=1, forward_tokens=70).memory_parts()["a forward batch's activations"]
+    assert counted == forward_parts(tiny_model, 70, 24)["a forward batch's activations"]
+    alone = source(forward_batch=1, forward_tokens=10).memory_parts()["a forward batch's activations"]
+    assert alone == forward_parts(tiny_model, 24, 24)["a forward batch's activations"]  # a long text runs alone

@@ -331,11 +331,20 @@ def forward_to_layer(model: nn.Module, layer: Layers, input_ids: torch.Tensor,
     return torch.cat([captured[i].float() for i in range(len(layers))], -1)
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
     """Indices of documents in batches of `batch_size`, shortest first: neighbours in length share
-    a batch, so padding wastes little of the forward pass."""
+    a batch, so padding wastes little of the forward pass. With `max_tokens`, a batch instead takes
+    documents while their number times the longest (the padded batch's size) stays within it, so short
+    texts make batches of many (a longer document runs alone)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if not max_tokens:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = [[]]
+    for i in order:  # the longest so far, sorted as they are
+        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return batches if batches[-1] else []
 
 
 def span_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -40,6 +40,9 @@ Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}:
 # window, as the store's chunks are: a buffer then mixes documents from across 16 buffers' worth of the
 # stream (16 MB of token ids at the default), not one stretch of it (observations.md: ΔCE)
 READ_AHEAD_BUFFERS = 16
+# FORWARD_BATCH_TOKENS = 0 on a CUDA GPU: forward batches of this many tokens (128 texts of 128), where
+# BATCH_SIZE_SAVE's 16 texts leave the GPU waiting on kernel launches (issue 33; no GPU figure measured here)
+CUDA_FORWARD_BATCH_TOKENS = 16384
 
 
 class RowSource(Protocol):
@@ -298,7 +301,8 @@ class ModelRows:
     The texts are read READ_AHEAD_BUFFERS buffers ahead (token ids only); their documents are dealt
     at random into buffers of up to `buffer_tokens` tokens; each buffer is run through the model up to
     the layer in batches of similar length (little padding; the forward stops at the layer), and its
-    rows are shuffled on the device. Under torchrun the buffer's forward batches are
+    rows are shuffled on the device. A forward batch holds `forward_batch` texts, or with `forward_tokens`
+    as many as fit in that many tokens, padding included (`length_sorted_batches`). Under torchrun the buffer's forward batches are
     dealt out among the processes and their rows gathered, so every process holds the same buffer,
     made by the same batches, as one process would."""
 
@@ -306,9 +310,10 @@ class ModelRows:
 
     def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, d: int, max_length: int,
                  forward_batch: int, batch_size: int, buffer_tokens: int, dtype: str, device: torch.device, seed: int,
-                 world: World = World(), excluded: frozenset[int] = frozenset()):
+                 world: World = World(), excluded: frozenset[int] = frozenset(), forward_tokens: int = 0):
         self.model, self.tokenizer, self.layer, self.texts, self.plan, self.d = model, tokenizer, layer, texts, plan, d
         self.max_length, self.forward_batch, self.batch_size = max_length, forward_batch, batch_size
+        self.forward_tokens = forward_tokens
         self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
         self.device, self.seed, self.world = torch.device(device), seed, world
         self._heldout = plan.heldout
@@ -323,7 +328,14 @@ class ModelRows:
     def memory_parts(self) -> dict[str, int]:
         return {"the shuffle buffer": 2 * (self.buffer_tokens + self.batch_size) * self.d * self.dtype.itemsize,
                 "the read-ahead window's token ids": READ_AHEAD_BUFFERS * self.buffer_tokens * 4,
-                **forward_parts(self.model, self.forward_batch, self.max_length)}
+                **forward_parts(self.model, self._forward_batch_tokens, self.max_length)}
+
+    @property
+    def _forward_batch_tokens(self) -> int:
+        """The most tokens, padding included, a forward batch holds: a text longer than forward_tokens runs alone."""
+        if self.forward_tokens:
+            return max(self.forward_tokens, self.max_length)
+        return self.forward_batch * self.max_length
 
     def describe(self) -> str:
         return (f"the model, on the fly: {self.plan.n_training} training texts ({self.n_rows} tokens) "
@@ -393,7 +405,7 @@ class ModelRows:
         rows = torch.empty(offsets[-1], self.d, dtype=self.dtype, device=self.device)
         if start:
             rows[:start] = carry
-        batches = length_sorted_batches(lengths, self.forward_batch)
+        batches = length_sorted_batches(lengths, self.forward_batch, self.forward_tokens)
         write_document_activations(rows, offsets, self.model, self.tokenizer, self.layer, docs,
                                    batches[self.world.rank::self.world.size])
         if self.world.distributed:  # every process needs the whole buffer to draw the same global batches
@@ -478,4 +490,6 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
                      d=run.d_model + (run.d_target if settings.target is not None else 0), max_length=settings.MAX_LENGTH,
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
-                     seed=settings.SEED, world=world, excluded=run.excluded)
+                     seed=settings.SEED, world=world, excluded=run.excluded,
+                     forward_tokens=settings.FORWARD_BATCH_TOKENS
+                     or (CUDA_FORWARD_BATCH_TOKENS if torch.device(device).type == "cuda" else 0))
