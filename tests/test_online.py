@@ -315,3 +315,60 @@ def test_the_rows_on_the_fly_do_not_depend_on_the_forward_batch(tiny_model, tiny
     assert counted == forward_parts(tiny_model, 70, 24)["a forward batch's activations"]
     alone = source(forward_batch=1, forward_tokens=10).memory_parts()["a forward batch's activations"]
     assert alone == forward_parts(tiny_model, 24, 24)["a forward batch's activations"]  # a long text runs alone
+
+
+def test_tokenising_in_the_background_gives_the_same_buffers_and_positions(tiny_model, tiny_tokenizer):
+    """ModelRows tokenises and hashes the texts in a thread of its own, a window ahead: the buffers, their
+    documents in order and the positions after them are those made on the training thread, from the
+    start and from a position mid-epoch."""
+    import threading
+
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, count_training_texts
+
+    from conftest import STORIES, TINY_LAYER
+
+    texts = STORIES * 3
+    plan, _ = count_training_texts(texts, tiny_tokenizer, 24, 0.25)
+    threads = set()
+
+    class Recording:  # the tokenizer, noting which thread calls it
+        def __getattr__(self, name):
+            return getattr(tiny_tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            threads.add(threading.get_ident())
+            return tiny_tokenizer(*args, **kwargs)
+
+    def buffers(background: bool, position=None) -> list:
+        source = ModelRows(tiny_model, Recording(), resolve_layer(tiny_model, TINY_LAYER), texts, plan, d=32,
+                           max_length=24, forward_batch=2, batch_size=8, buffer_tokens=30, dtype="float32",
+                           device=torch.device("cpu"), seed=0, background=background)
+        return [([doc.tolist() for doc in docs], after, last) for docs, after, last in source._buffers(1, position)]
+
+    here = buffers(False)
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    assert buffers(True) == here and len(here) > 3
+    assert threads and threading.get_ident() not in threads
+    middle = here[2][1]
+    assert buffers(True, middle) == buffers(False, middle) == here[3:]
+
+
+def test_a_changed_text_met_in_the_background_is_the_same_one_line_error(tmp_path, smoke_args):
+    """The StoreError for a text that is not the one stage 01 read is raised in the tokenising thread,
+    and stage 02 reports it as it would from the training thread: one line, no traceback."""
+    import json
+
+    stories = tmp_path / "stories.jsonl"
+    args = [a for a in with_store(smoke_args, tmp_path / "store") if not a.startswith("--HF_DATASET=")]
+    args += ON_THE_FLY + [f"--HF_DATASET={stories}"]
+    texts = [json.loads(line)["text"] for line in
+             Path(next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--HF_DATASET="))).read_text().splitlines()]
+    stories.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    run_stage("01_save_activations.py", args)
+    stories.write_text("\n".join(json.dumps({"text": t + (" again" if i == 5 else "")}) for i, t in enumerate(texts)))
+    proc = run_python(["02_train_sae.py", *args])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: training text ") and "is not the one stage 01 read" in lines[-1], lines[-1]

@@ -20,6 +20,7 @@ the same batches as an uninterrupted run. The order depends only on (SEED, epoch
 from __future__ import annotations
 
 import itertools
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable, Iterator, Protocol
@@ -32,7 +33,7 @@ from ..base.distributed import World, gather_objects
 from ..base.memory import forward_parts
 from .data import document_hash
 from .models import length_sorted_batches, span_indices, write_document_activations
-from .prefetch import ReadAhead
+from .prefetch import InBackground, ReadAhead
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
 Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}: where an epoch continues
@@ -304,16 +305,19 @@ class ModelRows:
     rows are shuffled on the device. A forward batch holds `forward_batch` texts, or with `forward_tokens`
     as many as fit in that many tokens, padding included (`length_sorted_batches`). Under torchrun the buffer's forward batches are
     dealt out among the processes and their rows gathered, so every process holds the same buffer,
-    made by the same batches, as one process would."""
+    made by the same batches, as one process would. The texts are tokenised and hashed in a background thread
+    (`background`), a read-ahead window ahead of the one being trained on: the same documents, in the same
+    order, as without it."""
 
     kind = "model"
 
     def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, d: int, max_length: int,
                  forward_batch: int, batch_size: int, buffer_tokens: int, dtype: str, device: torch.device, seed: int,
-                 world: World = World(), excluded: frozenset[int] = frozenset(), forward_tokens: int = 0):
+                 world: World = World(), excluded: frozenset[int] = frozenset(), forward_tokens: int = 0,
+                 background: bool = True):
         self.model, self.tokenizer, self.layer, self.texts, self.plan, self.d = model, tokenizer, layer, texts, plan, d
         self.max_length, self.forward_batch, self.batch_size = max_length, forward_batch, batch_size
-        self.forward_tokens = forward_tokens
+        self.forward_tokens, self.background = forward_tokens, background
         self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
         self.device, self.seed, self.world = torch.device(device), seed, world
         self._heldout = plan.heldout
@@ -327,7 +331,9 @@ class ModelRows:
 
     def memory_parts(self) -> dict[str, int]:
         return {"the shuffle buffer": 2 * (self.buffer_tokens + self.batch_size) * self.d * self.dtype.itemsize,
-                "the read-ahead window's token ids": READ_AHEAD_BUFFERS * self.buffer_tokens * 4,
+                # the window trained on, the next one queued and the one after it being tokenised
+                "the read-ahead window's token ids": (3 if self.background else 1) * READ_AHEAD_BUFFERS
+                * self.buffer_tokens * 4,
                 **forward_parts(self.model, self._forward_batch_tokens, self.max_length)}
 
     @property
@@ -379,21 +385,23 @@ class ModelRows:
         window's first document), so a buffer mixes documents from across the window, not only
         neighbours in the stream, and a resumed run finds the same buffers again."""
         skip = position["in_window"] if position else 0
-        for docs, start, end in self._windows(position["next"] if position else 0):
-            order = torch.randperm(len(docs), generator=_generator(self.seed, epoch, start)).tolist()
-            buffers, current, tokens = [], [], 0
-            for i in order:
-                if current and tokens + len(docs[i]) > self.buffer_tokens:
-                    buffers.append(current)
-                    current, tokens = [], 0
-                current.append(docs[i])
-                tokens += len(docs[i])
-            buffers.append(current)
-            for b in range(skip, len(buffers)):
-                at_end = b == len(buffers) - 1
-                after = {"next": end, "in_window": 0} if at_end else {"next": start, "in_window": b + 1}
-                yield buffers[b], after, at_end and end == self.plan.n_training
-            skip = 0
+        windows = self._windows(position["next"] if position else 0)
+        with (InBackground(windows) if self.background else nullcontext(windows)) as windows:
+            for docs, start, end in windows:
+                order = torch.randperm(len(docs), generator=_generator(self.seed, epoch, start)).tolist()
+                buffers, current, tokens = [], [], 0
+                for i in order:
+                    if current and tokens + len(docs[i]) > self.buffer_tokens:
+                        buffers.append(current)
+                        current, tokens = [], 0
+                    current.append(docs[i])
+                    tokens += len(docs[i])
+                buffers.append(current)
+                for b in range(skip, len(buffers)):
+                    at_end = b == len(buffers) - 1
+                    after = {"next": end, "in_window": 0} if at_end else {"next": start, "in_window": b + 1}
+                    yield buffers[b], after, at_end and end == self.plan.n_training
+                skip = 0
 
     def _rows(self, docs: list[np.ndarray], carry: torch.Tensor | None = None) -> torch.Tensor:
         """`carry`, then the documents' activations in document order: one tensor on the device in the
@@ -427,7 +435,8 @@ class ModelRows:
         return rows
 
     def sample(self) -> torch.Tensor:
-        docs, _, _ = next(self._buffers(0, None))
+        with closing(self._buffers(0, None)) as buffers:  # its tokenising thread stops here
+            docs, _, _ = next(buffers)
         self._first = self._rows(docs)
         return evenly_spaced(self._first)
 
