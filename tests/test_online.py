@@ -250,7 +250,8 @@ def test_a_forward_batchs_rows_land_in_place_with_one_indexed_copy(tiny_model, t
     per-document copy): each document's rows are those of its own row of the padded forward, in order."""
     import copy
 
-    from saekit.activations.models import forward_to_layer, length_sorted_batches, resolve_layer, write_document_activations
+    from saekit.activations.models import (forward_to_layer, length_sorted_batches, resolve_layer,
+                                           write_document_activations)
 
     from conftest import STORIES, TINY_LAYER
 
@@ -317,6 +318,14 @@ def test_the_rows_on_the_fly_do_not_depend_on_the_forward_batch(tiny_model, tiny
     assert alone == forward_parts(tiny_model, 24, 24)["a forward batch's activations"]  # a long text runs alone
 
 
+def test_forward_batch_tokens_by_default_sizes_a_gpus_batches_by_tokens_and_a_cpus_by_texts():
+    from saekit.activations.sources import CUDA_FORWARD_BATCH_TOKENS, forward_batch_tokens
+
+    assert forward_batch_tokens(0, torch.device("cuda")) == CUDA_FORWARD_BATCH_TOKENS
+    assert forward_batch_tokens(0, torch.device("cpu")) == 0  # BATCH_SIZE_SAVE texts a batch, as stage 01
+    assert forward_batch_tokens(500, torch.device("cpu")) == forward_batch_tokens(500, torch.device("cuda")) == 500
+
+
 def test_tokenising_in_the_background_gives_the_same_buffers_and_positions(tiny_model, tiny_tokenizer):
     """ModelRows tokenises and hashes the texts in a thread of its own, a window ahead: the buffers, their
     documents in order and the positions after them are those made on the training thread, from the
@@ -363,8 +372,8 @@ def test_a_changed_text_met_in_the_background_is_the_same_one_line_error(tmp_pat
     stories = tmp_path / "stories.jsonl"
     args = [a for a in with_store(smoke_args, tmp_path / "store") if not a.startswith("--HF_DATASET=")]
     args += ON_THE_FLY + [f"--HF_DATASET={stories}"]
-    texts = [json.loads(line)["text"] for line in
-             Path(next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--HF_DATASET="))).read_text().splitlines()]
+    original = Path(next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--HF_DATASET=")))
+    texts = [json.loads(line)["text"] for line in original.read_text().splitlines()]
     stories.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     run_stage("01_save_activations.py", args)
     stories.write_text("\n".join(json.dumps({"text": t + (" again" if i == 5 else "")}) for i, t in enumerate(texts)))

@@ -303,11 +303,11 @@ class ModelRows:
     at random into buffers of up to `buffer_tokens` tokens; each buffer is run through the model up to
     the layer in batches of similar length (little padding; the forward stops at the layer), and its
     rows are shuffled on the device. A forward batch holds `forward_batch` texts, or with `forward_tokens`
-    as many as fit in that many tokens, padding included (`length_sorted_batches`). Under torchrun the buffer's forward batches are
-    dealt out among the processes and their rows gathered, so every process holds the same buffer,
-    made by the same batches, as one process would. The texts are tokenised and hashed in a background thread
-    (`background`), a read-ahead window ahead of the one being trained on: the same documents, in the same
-    order, as without it."""
+    as many as fit in that many tokens, padding included (`length_sorted_batches`). Under torchrun the
+    buffer's forward batches are dealt out among the processes and their rows gathered, so every
+    process holds the same buffer, made by the same batches, as one process would. The texts are
+    tokenised and hashed in a background thread (`background`), a read-ahead window ahead of the one
+    being trained on: the same documents, in the same order, as without it."""
 
     kind = "model"
 
@@ -478,6 +478,12 @@ def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
                      excluded, copies, with_target=settings.target is not None)
 
 
+def forward_batch_tokens(setting: int, device: torch.device) -> int:
+    """FORWARD_BATCH_TOKENS: 0 is CUDA_FORWARD_BATCH_TOKENS on a CUDA GPU, and 0 (BATCH_SIZE_SAVE texts a
+    forward batch) elsewhere."""
+    return setting or (CUDA_FORWARD_BATCH_TOKENS if torch.device(device).type == "cuda" else 0)
+
+
 def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,
                world: World = World()) -> ModelRows:
     """ACTIVATION_SOURCE='model': the training texts stage 01 counted, run through `model` as training
@@ -500,5 +506,4 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
                      seed=settings.SEED, world=world, excluded=run.excluded,
-                     forward_tokens=settings.FORWARD_BATCH_TOKENS
-                     or (CUDA_FORWARD_BATCH_TOKENS if torch.device(device).type == "cuda" else 0))
+                     forward_tokens=forward_batch_tokens(settings.FORWARD_BATCH_TOKENS, device))
