@@ -32,8 +32,8 @@ resolve_layer(model, settings.LAYER_SIGNATURE)  # fail on a wrong layer before r
 if settings.target is not None:
     resolve_layer(model, settings.target, "TARGET_SIGNATURE")
 check_roles_readable(settings)  # a wrong EVAL_SPLIT stops here, not at stage 03 after training
-check_fits("stage 01's forward", forward_parts(model, settings.BATCH_SIZE_SAVE, settings.MAX_LENGTH), device,
-           "Lower BATCH_SIZE_SAVE (or MAX_LENGTH).")
+forward = forward_parts(model, settings.BATCH_SIZE_SAVE * settings.MAX_LENGTH, settings.MAX_LENGTH)
+check_fits("stage 01's forward", forward, device, "Lower BATCH_SIZE_SAVE (or MAX_LENGTH).")
 
 texts = open_role_texts(settings, "train")  # read as it is embedded: memory stays flat however many texts
 metadata = {"model_id": settings.MODEL_ID, "dataset": settings.HF_DATASET, "split": texts.read_from.get("split"),

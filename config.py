@@ -33,6 +33,9 @@ DATA_LIMIT = 1000  # texts for stage 01
 EVAL_DATA_LIMIT = 200  # texts for stages 03-04
 MAX_LENGTH = 128  # tokens per text, BOS included
 BATCH_SIZE_SAVE = 16
+FORWARD_BATCH_TOKENS = 0  # training on the fly: a forward batch holds as many texts of similar length as fit in this many
+#                          tokens, padding included (a longer text runs alone); 0 = 16,384 on a CUDA GPU (16 texts leave
+#                          it waiting on kernel launches), BATCH_SIZE_SAVE texts a batch elsewhere (docs/settings.md)
 ACTIVATION_DTYPE = "float16"  # storage dtype of saved activations: float16 or float32
 SHARD_TOKENS = 65536  # tokens per activation shard on disk
 

@@ -242,3 +242,142 @@ def test_on_the_fly_an_epochs_last_batch_is_never_a_sliver(tiny_model, tiny_toke
     sizes = [len(batch) for batch, _ in source.epoch(0)]
     assert sizes == [batch_size] * (plan.n_tokens // batch_size)
     assert len(sizes) == batches_in_epoch(plan.n_tokens, batch_size)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_forward_batchs_rows_land_in_place_with_one_indexed_copy(tiny_model, tiny_tokenizer, padding_side):
+    """write_document_activations moves every real token's row of a batch at once (host-made indices, no
+    per-document copy): each document's rows are those of its own row of the padded forward, in order."""
+    import copy
+
+    from saekit.activations.models import (forward_to_layer, length_sorted_batches, resolve_layer,
+                                           write_document_activations)
+
+    from conftest import STORIES, TINY_LAYER
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.padding_side = padding_side
+    layer = resolve_layer(tiny_model, TINY_LAYER)
+    docs = tokenizer(STORIES + [""], truncation=True, max_length=24)["input_ids"]
+    docs[-1] = []  # a text the tokenizer makes nothing of has no rows
+    lengths = [len(doc) for doc in docs]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    batches = length_sorted_batches(lengths, 3)
+    out = torch.full((offsets[-1], 32), float("nan"), dtype=torch.float16)
+    write_document_activations(out, offsets, tiny_model, tokenizer, layer, docs, batches)
+    for batch in batches:
+        batch = [i for i in batch if docs[i]]
+        padded = tokenizer.pad({"input_ids": [docs[i] for i in batch]}, return_tensors="pt")
+        hidden = forward_to_layer(tiny_model, layer, padded["input_ids"], padded["attention_mask"])
+        for row, i in enumerate(batch):
+            assert torch.equal(out[offsets[i]:offsets[i + 1]], hidden[row][padded["attention_mask"][row].bool()].half())
+
+
+def test_forward_batches_by_tokens_hold_what_fits_padded_and_every_text_once():
+    from saekit.activations.models import length_sorted_batches
+
+    lengths = [5, 30, 7, 7, 12, 3, 40, 9, 9, 11]
+    batches = length_sorted_batches(lengths, 2, max_tokens=32)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(flat)  # neighbours in length share a batch
+    for batch in batches:  # within the budget, padding included, or a text too long for it alone
+        assert len(batch) * max(lengths[i] for i in batch) <= 32 or len(batch) == 1
+    assert [[lengths[i] for i in b] for b in batches] == [[3, 5, 7, 7], [9, 9], [11, 12], [30], [40]]
+    assert length_sorted_batches([], 2, max_tokens=32) == [] == length_sorted_batches([], 2)
+
+
+def test_the_rows_on_the_fly_do_not_depend_on_the_forward_batch(tiny_model, tiny_tokenizer):
+    """Texts a batch or tokens a batch (FORWARD_BATCH_TOKENS), the same rows in the same batches: equal
+    to float32 round-off, which another padding's kernel shapes change (measured: at most 3.6e-7 at
+    values up to 3.6), and the memory check counts the largest forward batch."""
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, count_training_texts
+    from saekit.base.memory import forward_parts
+
+    from conftest import STORIES, TINY_LAYER
+
+    texts = STORIES * 3
+    plan, _ = count_training_texts(texts, tiny_tokenizer, 24, 0.25)
+
+    def source(**forward) -> ModelRows:
+        return ModelRows(tiny_model, tiny_tokenizer, resolve_layer(tiny_model, TINY_LAYER), texts, plan, d=32,
+                         max_length=24, batch_size=8, buffer_tokens=120, dtype="float32", device=torch.device("cpu"),
+                         seed=0, **forward)
+
+    one = [batch for batch, _ in source(forward_batch=1).epoch(0)]
+    for forward in ({"forward_batch": 16}, {"forward_batch": 1, "forward_tokens": 70},
+                    {"forward_batch": 1, "forward_tokens": 10_000}):
+        batches = [batch for batch, _ in source(**forward).epoch(0)]
+        assert len(batches) == len(one)
+        for a, b in zip(batches, one):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    counted = source(forward_batch=1, forward_tokens=70).memory_parts()["a forward batch's activations"]
+    assert counted == forward_parts(tiny_model, 70, 24)["a forward batch's activations"]
+    alone = source(forward_batch=1, forward_tokens=10).memory_parts()["a forward batch's activations"]
+    assert alone == forward_parts(tiny_model, 24, 24)["a forward batch's activations"]  # a long text runs alone
+
+
+def test_forward_batch_tokens_by_default_sizes_a_gpus_batches_by_tokens_and_a_cpus_by_texts():
+    from saekit.activations.sources import CUDA_FORWARD_BATCH_TOKENS, forward_batch_tokens
+
+    assert forward_batch_tokens(0, torch.device("cuda")) == CUDA_FORWARD_BATCH_TOKENS
+    assert forward_batch_tokens(0, torch.device("cpu")) == 0  # BATCH_SIZE_SAVE texts a batch, as stage 01
+    assert forward_batch_tokens(500, torch.device("cpu")) == forward_batch_tokens(500, torch.device("cuda")) == 500
+
+
+def test_tokenising_in_the_background_gives_the_same_buffers_and_positions(tiny_model, tiny_tokenizer):
+    """ModelRows tokenises and hashes the texts in a thread of its own, a window ahead: the buffers, their
+    documents in order and the positions after them are those made on the training thread, from the
+    start and from a position mid-epoch."""
+    import threading
+
+    from saekit.activations.models import resolve_layer
+    from saekit.activations.sources import ModelRows, count_training_texts
+
+    from conftest import STORIES, TINY_LAYER
+
+    texts = STORIES * 3
+    plan, _ = count_training_texts(texts, tiny_tokenizer, 24, 0.25)
+    threads = set()
+
+    class Recording:  # the tokenizer, noting which thread calls it
+        def __getattr__(self, name):
+            return getattr(tiny_tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            threads.add(threading.get_ident())
+            return tiny_tokenizer(*args, **kwargs)
+
+    def buffers(background: bool, position=None) -> list:
+        source = ModelRows(tiny_model, Recording(), resolve_layer(tiny_model, TINY_LAYER), texts, plan, d=32,
+                           max_length=24, forward_batch=2, batch_size=8, buffer_tokens=30, dtype="float32",
+                           device=torch.device("cpu"), seed=0, background=background)
+        return [([doc.tolist() for doc in docs], after, last) for docs, after, last in source._buffers(1, position)]
+
+    here = buffers(False)
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    assert buffers(True) == here and len(here) > 3
+    assert threads and threading.get_ident() not in threads
+    middle = here[2][1]
+    assert buffers(True, middle) == buffers(False, middle) == here[3:]
+
+
+def test_a_changed_text_met_in_the_background_is_the_same_one_line_error(tmp_path, smoke_args):
+    """The StoreError for a text that is not the one stage 01 read is raised in the tokenising thread,
+    and stage 02 reports it as it would from the training thread: one line, no traceback."""
+    import json
+
+    stories = tmp_path / "stories.jsonl"
+    args = [a for a in with_store(smoke_args, tmp_path / "store") if not a.startswith("--HF_DATASET=")]
+    args += ON_THE_FLY + [f"--HF_DATASET={stories}"]
+    original = Path(next(a.split("=", 1)[1] for a in smoke_args if a.startswith("--HF_DATASET=")))
+    texts = [json.loads(line)["text"] for line in original.read_text().splitlines()]
+    stories.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    run_stage("01_save_activations.py", args)
+    stories.write_text("\n".join(json.dumps({"text": t + (" again" if i == 5 else "")}) for i, t in enumerate(texts)))
+    proc = run_python(["02_train_sae.py", *args])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: training text ") and "is not the one stage 01 read" in lines[-1], lines[-1]

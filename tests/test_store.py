@@ -62,7 +62,7 @@ def test_shards_and_metadata(tmp_path, tiny_model, tiny_tokenizer):
 def test_interrupted_run_keeps_the_previous_run(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     first = _save(tiny_model, tiny_tokenizer, tmp_path)
     calls = {"n": 0}
-    real_forward = models_module.document_activations
+    real_forward = models_module.forward_to_layer
 
     def failing_forward(*args, **kwargs):
         calls["n"] += 1
@@ -70,7 +70,7 @@ def test_interrupted_run_keeps_the_previous_run(tmp_path, tiny_model, tiny_token
             raise KeyboardInterrupt
         return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(models_module, "document_activations", failing_forward)
+    monkeypatch.setattr(models_module, "forward_to_layer", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         _save(tiny_model, tiny_tokenizer, tmp_path, texts=STORIES * 4, run_id="interrupted")
     assert (tmp_path / "run_id.txt").read_text().strip() == first.name

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -330,39 +331,57 @@ def forward_to_layer(model: nn.Module, layer: Layers, input_ids: torch.Tensor,
     return torch.cat([captured[i].float() for i in range(len(layers))], -1)
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[list[int]]:
     """Indices of documents in batches of `batch_size`, shortest first: neighbours in length share
-    a batch, so padding wastes little of the forward pass."""
+    a batch, so padding wastes little of the forward pass. With `max_tokens`, a batch instead takes
+    documents while their number times the longest (the padded batch's size) stays within it, so short
+    texts make batches of many (a longer document runs alone)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if not max_tokens:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = [[]]
+    for i in order:  # the longest so far, sorted as they are
+        if batches[-1] and (len(batches[-1]) + 1) * lengths[i] > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return batches if batches[-1] else []
 
 
-def document_activations(model: nn.Module, tokenizer, layer: Layers,
-                         documents: list[list[int]]) -> list[torch.Tensor]:
-    """Each document's layer output [its tokens, d] (float32), from one forward pass of them padded
-    together on the tokenizer's padding side."""
-    device = next(model.parameters()).device
-    longest = max(map(len, documents))
-    input_ids = torch.full((len(documents), longest), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(documents), longest, dtype=torch.long)
-    for i, doc in enumerate(documents):
-        span = slice(longest - len(doc), longest) if tokenizer.padding_side == "left" else slice(0, len(doc))
-        input_ids[i, span] = torch.tensor(doc, dtype=torch.long)
-        mask[i, span] = 1
-    hidden = forward_to_layer(model, layer, input_ids.to(device), mask.to(device))
-    return list(hidden[mask.to(device).bool()].split([len(d) for d in documents]))
+def span_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """start, start + 1, ..., start + length - 1 of each span in turn, as one int64 array: the rows of
+    several documents, to move with one indexed copy rather than one copy per document."""
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return (np.repeat(starts, lengths) + within).astype(np.int64)
 
 
 def write_document_activations(out: torch.Tensor, offsets: list[int], model: nn.Module, tokenizer, layer: Layers,
                                documents: list, batches: list[list[int]]) -> None:
     """Run each batch of `documents` (lists of indices, as length_sorted_batches gives) through the model
-    up to the layer and write document i's rows into out[offsets[i]:offsets[i + 1]], in out's dtype:
-    one tensor for all, never one per document (thousands of those a buffer fragmented the heap)."""
+    up to the layer, padded together on the tokenizer's padding side, and write document i's rows into
+    out[offsets[i]:offsets[i + 1]], in out's dtype: one tensor for all, never one per document (thousands
+    of those a buffer fragmented the heap).
+
+    A batch's real-token rows move with one gather and one scatter, by indices made on the host: no copy
+    per document, and no boolean mask, whose `nonzero` waits for the device every batch."""
+    device = next(model.parameters()).device
+    left = tokenizer.padding_side == "left"
     for batch in batches:
         batch = [i for i in batch if len(documents[i])]  # a text the tokenizer makes nothing of has no rows
-        if batch:
-            for i, acts in zip(batch, document_activations(model, tokenizer, layer, [documents[i] for i in batch])):
-                out[offsets[i]:offsets[i + 1]] = acts
+        if not batch:
+            continue
+        lengths = np.array([len(documents[i]) for i in batch])
+        longest = int(lengths.max())
+        pads = longest - lengths if left else np.zeros_like(lengths)  # where each document starts in its row
+        source = torch.from_numpy(span_indices(np.arange(len(batch)) * longest + pads, lengths))  # in [batch x seq]
+        target = torch.from_numpy(span_indices(np.asarray(offsets)[batch], lengths))
+        input_ids = torch.full((len(batch) * longest,), tokenizer.pad_token_id, dtype=torch.long)
+        input_ids[source] = torch.from_numpy(np.concatenate([np.asarray(documents[i], np.int64) for i in batch]))
+        mask = torch.zeros(len(batch) * longest, dtype=torch.long)
+        mask[source] = 1
+        hidden = forward_to_layer(model, layer, input_ids.view(len(batch), longest).to(device),
+                                  mask.view(len(batch), longest).to(device))
+        rows = hidden.flatten(0, 1).index_select(0, source.to(device))
+        out.index_copy_(0, target.to(out.device), rows.to(out.device, out.dtype))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ the same batches as an uninterrupted run. The order depends only on (SEED, epoch
 from __future__ import annotations
 
 import itertools
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable, Iterator, Protocol
@@ -31,8 +32,8 @@ from tqdm.auto import tqdm
 from ..base.distributed import World, gather_objects
 from ..base.memory import forward_parts
 from .data import document_hash
-from .models import length_sorted_batches, write_document_activations
-from .prefetch import ReadAhead
+from .models import length_sorted_batches, span_indices, write_document_activations
+from .prefetch import InBackground, ReadAhead
 from .store import DTYPES, RERUN_01, ActivationRun, StoreError, heldout_documents
 
 Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}: where an epoch continues
@@ -40,6 +41,9 @@ Position = dict[str, Any]  # {"buffer": int, "next": int, ..., "carry": tensor}:
 # window, as the store's chunks are: a buffer then mixes documents from across 16 buffers' worth of the
 # stream (16 MB of token ids at the default), not one stretch of it (observations.md: ΔCE)
 READ_AHEAD_BUFFERS = 16
+# FORWARD_BATCH_TOKENS = 0 on a CUDA GPU: forward batches of this many tokens (128 texts of 128), where
+# BATCH_SIZE_SAVE's 16 texts leave the GPU waiting on kernel launches (issue 33; no GPU figure measured here)
+CUDA_FORWARD_BATCH_TOKENS = 16384
 
 
 class RowSource(Protocol):
@@ -298,17 +302,22 @@ class ModelRows:
     The texts are read READ_AHEAD_BUFFERS buffers ahead (token ids only); their documents are dealt
     at random into buffers of up to `buffer_tokens` tokens; each buffer is run through the model up to
     the layer in batches of similar length (little padding; the forward stops at the layer), and its
-    rows are shuffled on the device. Under torchrun the buffer's forward batches are
-    dealt out among the processes and their rows gathered, so every process holds the same buffer,
-    made by the same batches, as one process would."""
+    rows are shuffled on the device. A forward batch holds `forward_batch` texts, or with `forward_tokens`
+    as many as fit in that many tokens, padding included (`length_sorted_batches`). Under torchrun the
+    buffer's forward batches are dealt out among the processes and their rows gathered, so every
+    process holds the same buffer, made by the same batches, as one process would. The texts are
+    tokenised and hashed in a background thread (`background`), a read-ahead window ahead of the one
+    being trained on: the same documents, in the same order, as without it."""
 
     kind = "model"
 
     def __init__(self, model, tokenizer, layer, texts: Iterable[str], plan: TrainingTexts, *, d: int, max_length: int,
                  forward_batch: int, batch_size: int, buffer_tokens: int, dtype: str, device: torch.device, seed: int,
-                 world: World = World(), excluded: frozenset[int] = frozenset()):
+                 world: World = World(), excluded: frozenset[int] = frozenset(), forward_tokens: int = 0,
+                 background: bool = True):
         self.model, self.tokenizer, self.layer, self.texts, self.plan, self.d = model, tokenizer, layer, texts, plan, d
         self.max_length, self.forward_batch, self.batch_size = max_length, forward_batch, batch_size
+        self.forward_tokens, self.background = forward_tokens, background
         self.buffer_tokens, self.dtype = buffer_tokens, getattr(torch, dtype)
         self.device, self.seed, self.world = torch.device(device), seed, world
         self._heldout = plan.heldout
@@ -322,8 +331,17 @@ class ModelRows:
 
     def memory_parts(self) -> dict[str, int]:
         return {"the shuffle buffer": 2 * (self.buffer_tokens + self.batch_size) * self.d * self.dtype.itemsize,
-                "the read-ahead window's token ids": READ_AHEAD_BUFFERS * self.buffer_tokens * 4,
-                **forward_parts(self.model, self.forward_batch, self.max_length)}
+                # the window trained on, the next one queued and the one after it being tokenised
+                "the read-ahead window's token ids": (3 if self.background else 1) * READ_AHEAD_BUFFERS
+                * self.buffer_tokens * 4,
+                **forward_parts(self.model, self._forward_batch_tokens, self.max_length)}
+
+    @property
+    def _forward_batch_tokens(self) -> int:
+        """The most tokens, padding included, a forward batch holds: a text longer than forward_tokens runs alone."""
+        if self.forward_tokens:
+            return max(self.forward_tokens, self.max_length)
+        return self.forward_batch * self.max_length
 
     def describe(self) -> str:
         return (f"the model, on the fly: {self.plan.n_training} training texts ({self.n_rows} tokens) "
@@ -367,21 +385,23 @@ class ModelRows:
         window's first document), so a buffer mixes documents from across the window, not only
         neighbours in the stream, and a resumed run finds the same buffers again."""
         skip = position["in_window"] if position else 0
-        for docs, start, end in self._windows(position["next"] if position else 0):
-            order = torch.randperm(len(docs), generator=_generator(self.seed, epoch, start)).tolist()
-            buffers, current, tokens = [], [], 0
-            for i in order:
-                if current and tokens + len(docs[i]) > self.buffer_tokens:
-                    buffers.append(current)
-                    current, tokens = [], 0
-                current.append(docs[i])
-                tokens += len(docs[i])
-            buffers.append(current)
-            for b in range(skip, len(buffers)):
-                at_end = b == len(buffers) - 1
-                after = {"next": end, "in_window": 0} if at_end else {"next": start, "in_window": b + 1}
-                yield buffers[b], after, at_end and end == self.plan.n_training
-            skip = 0
+        windows = self._windows(position["next"] if position else 0)
+        with (InBackground(windows) if self.background else nullcontext(windows)) as windows:
+            for docs, start, end in windows:
+                order = torch.randperm(len(docs), generator=_generator(self.seed, epoch, start)).tolist()
+                buffers, current, tokens = [], [], 0
+                for i in order:
+                    if current and tokens + len(docs[i]) > self.buffer_tokens:
+                        buffers.append(current)
+                        current, tokens = [], 0
+                    current.append(docs[i])
+                    tokens += len(docs[i])
+                buffers.append(current)
+                for b in range(skip, len(buffers)):
+                    at_end = b == len(buffers) - 1
+                    after = {"next": end, "in_window": 0} if at_end else {"next": start, "in_window": b + 1}
+                    yield buffers[b], after, at_end and end == self.plan.n_training
+                skip = 0
 
     def _rows(self, docs: list[np.ndarray], carry: torch.Tensor | None = None) -> torch.Tensor:
         """`carry`, then the documents' activations in document order: one tensor on the device in the
@@ -393,13 +413,19 @@ class ModelRows:
         rows = torch.empty(offsets[-1], self.d, dtype=self.dtype, device=self.device)
         if start:
             rows[:start] = carry
-        mine = length_sorted_batches(lengths, self.forward_batch)[self.world.rank::self.world.size]
-        write_document_activations(rows, offsets, self.model, self.tokenizer, self.layer, docs, mine)
+        batches = length_sorted_batches(lengths, self.forward_batch, self.forward_tokens)
+        write_document_activations(rows, offsets, self.model, self.tokenizer, self.layer, docs,
+                                   batches[self.world.rank::self.world.size])
         if self.world.distributed:  # every process needs the whole buffer to draw the same global batches
-            made = {i: rows[offsets[i]:offsets[i + 1]].cpu() for batch in mine for i in batch}
-            for share in gather_objects(made, self.world):
-                for i, acts in share.items():
-                    rows[offsets[i]:offsets[i + 1]] = acts.to(self.device)
+            starts, ends = np.array(offsets[:-1]), np.array(offsets[1:])
+            made = []  # each process's rows: those of the documents in its share of the batches, in that order
+            for rank in range(self.world.size):
+                share = [i for batch in batches[rank::self.world.size] for i in batch]
+                made.append(torch.from_numpy(span_indices(starts[share], ends[share] - starts[share])).to(self.device))
+            shares = gather_objects(rows.index_select(0, made[self.world.rank]).cpu(), self.world)
+            for rank, share in enumerate(shares):
+                if rank != self.world.rank:
+                    rows.index_copy_(0, made[rank], share.to(self.device))
         if not bool(torch.isfinite(rows[start:]).all()):
             raise StoreError(f"the layer gave non-finite activations (inf or NaN in {self.dtype}) for training "
                              "texts; use ACTIVATION_DTYPE='float32' if the values overflow float16, or check the model")
@@ -409,7 +435,8 @@ class ModelRows:
         return rows
 
     def sample(self) -> torch.Tensor:
-        docs, _, _ = next(self._buffers(0, None))
+        with closing(self._buffers(0, None)) as buffers:  # its tokenising thread stops here
+            docs, _, _ = next(buffers)
         self._first = self._rows(docs)
         return evenly_spaced(self._first)
 
@@ -451,6 +478,12 @@ def store_rows(settings, run: ActivationRun, device: torch.device) -> StoreRows:
                      excluded, copies, with_target=settings.target is not None)
 
 
+def forward_batch_tokens(setting: int, device: torch.device) -> int:
+    """FORWARD_BATCH_TOKENS: 0 is CUDA_FORWARD_BATCH_TOKENS on a CUDA GPU, and 0 (BATCH_SIZE_SAVE texts a
+    forward batch) elsewhere."""
+    return setting or (CUDA_FORWARD_BATCH_TOKENS if torch.device(device).type == "cuda" else 0)
+
+
 def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.device,
                world: World = World()) -> ModelRows:
     """ACTIVATION_SOURCE='model': the training texts stage 01 counted, run through `model` as training
@@ -472,4 +505,5 @@ def model_rows(settings, run: ActivationRun, model, tokenizer, device: torch.dev
                      d=run.d_model + (run.d_target if settings.target is not None else 0), max_length=settings.MAX_LENGTH,
                      forward_batch=settings.BATCH_SIZE_SAVE, batch_size=settings.BATCH_SIZE_TRAIN,
                      buffer_tokens=settings.SHUFFLE_BUFFER_TOKENS, dtype=run.meta["dtype"], device=device,
-                     seed=settings.SEED, world=world, excluded=run.excluded)
+                     seed=settings.SEED, world=world, excluded=run.excluded,
+                     forward_tokens=forward_batch_tokens(settings.FORWARD_BATCH_TOKENS, device))

@@ -60,15 +60,16 @@ def training_parts(d: int, n_latents: int, batch_size: int, initial_copy_here: b
             "the held-out evaluation": 4096 * (n_latents + 4 * d) * FLOAT32}
 
 
-def forward_parts(model, batch_size: int, max_length: int) -> dict[str, int]:
-    """A forward pass's largest activations for a batch of texts: the hidden states, the MLP's
-    intermediate ones and the attention scores (no flash attention assumed), in the model's dtype."""
+def forward_parts(model, tokens: int, max_length: int) -> dict[str, int]:
+    """A forward pass's largest activations for a batch of `tokens` tokens, padding included, of texts
+    of at most max_length: the hidden states, the MLP's intermediate ones and the attention scores (no
+    flash attention assumed; texts of length L hold tokens x L of them, at most tokens x max_length),
+    in the model's dtype."""
     config = model.config
     get = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731
     hidden = get("hidden_size", "n_embd", "d_model")
     intermediate = get("intermediate_size", "n_inner") or 4 * hidden
     heads = get("num_attention_heads", "n_head") or 1
     item = next(model.parameters()).element_size()
-    tokens = batch_size * max_length
     return {"a forward batch's activations": (tokens * (6 * hidden + 2 * intermediate)
-                                              + batch_size * heads * max_length * max_length * 2) * item}
+                                              + tokens * heads * max_length * 2) * item}

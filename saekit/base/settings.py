@@ -352,7 +352,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "HF_DATASET": _not_empty, "EVAL_DATASET": _any, "DATA_SPLIT": _not_empty, "EVAL_SPLIT": _not_empty,
     "TEXT_FIELD": _not_empty, "EVAL_SHARE": _between(0, 1, open_low=True, open_high=True),
     "DATA_LIMIT": _at_least(0), "EVAL_DATA_LIMIT": _at_least(0), "MAX_LENGTH": _at_least(2),
-    "BATCH_SIZE_SAVE": _at_least(1), "ACTIVATION_DTYPE": _one_of("float16", "float32"),
+    "BATCH_SIZE_SAVE": _at_least(1), "FORWARD_BATCH_TOKENS": _at_least(0), "ACTIVATION_DTYPE": _one_of("float16", "float32"),
     "SHARD_TOKENS": _at_least(1),
     "ARCHITECTURE": _one_of("topk", "batchtopk", "matryoshka"),
     "TRAIN_TARGET": _one_of("sae", "transcoder", "skip_transcoder"), "TARGET_SIGNATURE": _any,

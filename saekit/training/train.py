@@ -481,7 +481,7 @@ def prepare_training(run: ActivationRun, cfgs: dict[str, TrainConfig], source: R
                        **step_memory(cfg, run.d_model, device)}.items()})
     check_fits("stage 02", parts, device,
                "Lower N_LATENTS_MULTIPLIER, BATCH_SIZE_TRAIN or SHUFFLE_BUFFER_TOKENS"
-               + (" (or BATCH_SIZE_SAVE, the forward's batch)" if source.kind == "model" else "")
+               + (" (or the forward's batch: BATCH_SIZE_SAVE, FORWARD_BATCH_TOKENS)" if source.kind == "model" else "")
                + (", or train fewer SAEs in SWEEP." if len(cfgs) > 1 else "."))
     # No pass over every shard first (at 100M tokens, 2 x 307 GB read before the first step): each shard's
     # checksums and finite values are checked when it is first read (ActivationRun.check_shard), in the
