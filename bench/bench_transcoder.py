@@ -27,6 +27,7 @@ import numpy as np
 from common import ROOT, save_result, table
 
 from saekit.base.settings import load_settings
+from saekit.concepts.exports import CONCEPTS_DIR, CONCEPTS_FILE, POINTER
 
 ARGS = sys.argv[1:]
 PY = sys.executable
@@ -71,7 +72,7 @@ def row(tag: str, target: str, seed: int) -> dict:
     history = folder / f"training_history_{tag}.json"
     speed = json.loads(history.read_text())["history"][-1]["tokens_per_s"] if history.exists() else None
     splice, probes = report["splice"], report.get("sparse_probing") or {}
-    labels = folder / f"top_texts_{tag}.json"
+    labels = folder / f"concepts_{tag}.json"
     return {"train_target": target, "seed": seed, "sae_id": report["sae_id"], "heldout_fvu": report["heldout"]["fvu"],
             "l0": report["heldout"]["l0"], "dead_fraction": report["heldout"]["dead_fraction"],
             "delta_ce": splice["delta_ce"], "delta_ce_ci95": splice["delta_ce_ci95"], "kl": splice["kl_sae"],
@@ -116,8 +117,10 @@ for seed in SEEDS:
             stage(["-m", "saekit.notebooks", "03_analyze_training.ipynb", "--CONTINUE_AFTER_FAIL=True"])
             stage(["-m", "saekit.notebooks", "04_name_sae_concepts.ipynb", "--CONTINUE_AFTER_FAIL=True"])
             del ARGS[-2:]
-            for name in ("analysis", "training_history", "top_texts"):
+            for name in ("analysis", "training_history"):
                 shutil.copy(folder / f"{name}.json", folder / f"{name}_{tag}.json")
+            concepts = folder / CONCEPTS_DIR / (folder / POINTER).read_text().strip() / CONCEPTS_FILE
+            shutil.copy(concepts, folder / f"concepts_{tag}.json")
         if (folder / f"analysis_{tag}.json").exists():
             rows.append(row(tag, target, seed))
         sae_ce = {r["seed"]: r["delta_ce"] for r in rows if r["train_target"] == "sae"}
