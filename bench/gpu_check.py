@@ -18,7 +18,8 @@ Sections, each timed alone and kept when another fails (its error is recorded in
 - `on_the_fly`: a random-weight Llama of the bielik preset's shape up to its layer 16 (17 layers,
   hidden 1,536, intermediate 8,960, 12 heads, 2 key-value heads), built on the device in bf16: the
   bare forward, the source alone (saekit.activations.sources.ModelRows) at forward batches of 16 and
-  128 texts, and with training steps, against steps only.
+  128 texts and of 16,384 tokens (FORWARD_BATCH_TOKENS's CUDA default), and with training steps, against
+  steps only.
 
 Timings on a GPU wait for the device (torch.cuda.synchronize) before the clock stops. With --small
 the figures only show that every path runs; they measure nothing.
@@ -215,7 +216,7 @@ def on_the_fly_section(device: torch.device, size: dict, tmp: Path) -> dict[str,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench_scale import TOKENS_PER_TEXT, WORDS, _tokenizer, write_texts
-    from saekit.activations.models import document_activations, length_sorted_batches, resolve_layer
+    from saekit.activations.models import length_sorted_batches, resolve_layer, write_document_activations
     from saekit.activations.sources import ModelRows, count_training_texts
     from saekit.training.kernels import tf32
 
@@ -236,23 +237,28 @@ def on_the_fly_section(device: torch.device, size: dict, tmp: Path) -> dict[str,
                            "tokens": plan.n_tokens, "dtype": str(dtype)}
 
     docs = tokenizer(texts, truncation=True, max_length=TOKENS_PER_TEXT)["input_ids"]
+    lengths = [len(doc) for doc in docs]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     with torch.no_grad():
+        rows_out = torch.empty(offsets[-1], d, device=device)
         start = clock(device)
-        for group in length_sorted_batches([len(doc) for doc in docs], 128):
-            document_activations(model, tokenizer, layer, [docs[i] for i in group])
-        out["bare_forward_tokens_per_s_batch_128"] = sum(map(len, docs)) / (clock(device) - start)
+        write_document_activations(rows_out, offsets, model, tokenizer, layer, docs, length_sorted_batches(lengths, 128))
+        out["bare_forward_tokens_per_s_batch_128"] = offsets[-1] / (clock(device) - start)
+        del rows_out
 
-    def source(forward_batch: int) -> ModelRows:
+    def source(forward_batch: int, forward_tokens: int = 0) -> ModelRows:
         return ModelRows(model, tokenizer, layer, texts, plan, d=d, max_length=TOKENS_PER_TEXT,
                          forward_batch=forward_batch, batch_size=batch, buffer_tokens=size["buffer"],
-                         dtype="float16", device=device, seed=0)
+                         dtype="float16", device=device, seed=0, forward_tokens=forward_tokens)
 
+    # 16 texts (the CPU default), 128, and FORWARD_BATCH_TOKENS's CUDA default of 16,384 tokens a batch
+    forward_batches = {"forward_batch_16": (16, 0), "forward_batch_128": (128, 0), "forward_tokens_16384": (16, 16384)}
     with torch.no_grad():
-        for forward_batch in (16, 128):
+        for label, (forward_batch, forward_tokens) in forward_batches.items():
             rows, start = 0, clock(device)
-            for rows_batch, _ in source(forward_batch).epoch(0):
+            for rows_batch, _ in source(forward_batch, forward_tokens).epoch(0):
                 rows += len(rows_batch)
-            out[f"source_alone_tokens_per_s_forward_batch_{forward_batch}"] = rows / (clock(device) - start)
+            out[f"source_alone_tokens_per_s_{label}"] = rows / (clock(device) - start)
     cfg = config("topk", 8, batch, "auto", "auto", size)
     rows_source = source(128)
     trainer = trainer_for(cfg, d, device, rows_source.sample().to(device))

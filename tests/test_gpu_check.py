@@ -26,4 +26,6 @@ def test_gpu_check_small_runs_every_section_on_a_cpu(tmp_path):
     assert any("profile" in row for row in result["steps"])
     for section in ("store", "on_the_fly"):
         assert result[section]["training_vs_steps_only"] > 0
+    assert all(result["on_the_fly"][f"source_alone_tokens_per_s_{label}"] > 0
+               for label in ("forward_batch_16", "forward_batch_128", "forward_tokens_16384"))
     assert result["command"].startswith("python bench/gpu_check.py --small")
