@@ -66,7 +66,7 @@ def online(device: torch.device, tokens: int, layers: int, tmp: Path) -> dict:
 
     from bench_online import stage
     from bench_scale import TOKENS_PER_TEXT, WORDS, _tokenizer, write_texts
-    from saekit.activations.models import document_activations, length_sorted_batches, load_model, resolve_layer
+    from saekit.activations.models import length_sorted_batches, load_model, resolve_layer, write_document_activations
 
     torch.manual_seed(0)
     shape = {**BIELIK, "num_hidden_layers": layers}
@@ -85,9 +85,12 @@ def online(device: torch.device, tokens: int, layers: int, tmp: Path) -> dict:
     texts = (tmp / "texts.txt").read_text().splitlines()
     docs = tokenizer(texts, truncation=True, max_length=TOKENS_PER_TEXT)["input_ids"]
     target = resolve_layer(model, layer)
+    lengths = [len(d) for d in docs]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    rows = torch.empty(offsets[-1], shape["hidden_size"], device=device)
     start = time.perf_counter()
-    for batch in length_sorted_batches([len(d) for d in docs], 64):
-        document_activations(model, tokenizer, target, [docs[i] for i in batch])
+    with torch.no_grad():
+        write_document_activations(rows, offsets, model, tokenizer, target, docs, length_sorted_batches(lengths, 64))
     if device.type == "cuda":
         torch.cuda.synchronize()
     bare = sum(map(len, docs)) / (time.perf_counter() - start)
