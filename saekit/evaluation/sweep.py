@@ -61,10 +61,13 @@ def compare_sweep(settings: Settings, loaded: LayerModel, progress: bool = True)
                   f"{rows[-1]['verdict']}")
     for row in rows:
         row["delta_ce_minus"] = {}
-        for other in rows:
-            if other is not row:
-                paired = paired_difference(per_text[row["name"]], per_text[other["name"]])
-                row["delta_ce_minus"][other["name"]] = [paired["difference"], *paired["ci95"]]
+    for i, row in enumerate(rows):
+        for other in rows[i + 1:]:
+            # the bootstrap draws the same texts for every pair, so b - a is a - b negated: one pass a pair
+            paired = paired_difference(per_text[row["name"]], per_text[other["name"]])
+            low, high = paired["ci95"]
+            row["delta_ce_minus"][other["name"]] = [paired["difference"], low, high]
+            other["delta_ce_minus"][row["name"]] = [-paired["difference"], -high, -low]
     return rows
 
 
