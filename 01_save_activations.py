@@ -17,6 +17,7 @@ from saekit.activations.models import layer_names, resolve_layer, transcoder_pai
 from saekit.activations.sources import count_training_texts
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.activations.store import excluded_token_ids, open_run, role_token_ids, save_activations
+from saekit.base.distributed import leave_world
 from saekit.base.memory import check_fits, forward_parts
 
 settings, flags = start_stage("01 save activations", sys.argv[1:], {"list-layers"})
@@ -73,3 +74,4 @@ if world.is_main:
               "dropped. Raise MAX_LENGTH, or split long documents into several texts, to keep them")
     print(f"saved activations to {run_dir} ({world.size} process{'es' * (world.size > 1)}); "
           f"{settings.store / 'run_id.txt'} names it")
+leave_world(world)

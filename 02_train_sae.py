@@ -24,6 +24,7 @@ from saekit.activations.models import public_model_id, weights_identity
 from saekit.activations.sources import model_rows, store_rows
 from saekit.activations.stage import load_stage_model, record_settings, stage_runtime, start_stage
 from saekit.activations.store import check_run_matches, check_same_weights, open_run
+from saekit.base.distributed import leave_world
 from saekit.base.integrity import write_sealed_json
 from saekit.training.saelens_format import SAELensFormatError, saelens_hook_name, save_saelens
 from saekit.training.sweep import CHECKPOINT_FILE, history_path, sae_folder, sweep_variants, train_sweep
@@ -91,10 +92,10 @@ else:
     trained = {None: train_sae(run, TrainConfig.from_settings(settings), resume=resume, device=device,
                                checkpoint_path=sae_folder(settings.store) / "checkpoint.pt", progress=world.is_main,
                                world=world, source=source)}
-if not world.is_main:  # rank 0 writes the artifacts
-    sys.exit(0)
-for name, (sae, record) in trained.items():
-    publish(sae, record, name)
-record_settings(settings, "02_train_sae")
-if settings.SWEEP:
-    print("stage 03 compares them and chooses the one stages 04-05 read (or set SWEEP_CHOICE)")
+if world.is_main:  # rank 0 writes the artifacts while the others wait in leave_world
+    for name, (sae, record) in trained.items():
+        publish(sae, record, name)
+    record_settings(settings, "02_train_sae")
+    if settings.SWEEP:
+        print("stage 03 compares them and chooses the one stages 04-05 read (or set SWEEP_CHOICE)")
+leave_world(world)

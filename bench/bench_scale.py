@@ -66,6 +66,7 @@ def write_texts(path: Path, n_tokens: int) -> None:
 def child(stage: str, args: list[str]) -> None:
     """One measured step, in its own process; prints a JSON line with its figures."""
     from saekit.activations.stage import load_stage_model, stage_runtime
+    from saekit.base.distributed import leave_world
     from saekit.base.settings import load_settings
 
     settings = load_settings(args)
@@ -92,6 +93,7 @@ def child(stage: str, args: list[str]) -> None:
     result = Path(os.environ["SCALE_RESULTS"]) / f"rank{world.rank}.json"
     result.write_text(json.dumps({"rank": world.rank, "tokens": tokens, "seconds": seconds,
                                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    leave_world(world)
 
 
 def measure(stage: str, args: list[str], nproc: int) -> dict:

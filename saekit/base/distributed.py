@@ -48,9 +48,10 @@ def init_world(device: torch.device) -> World:
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
     world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    # a process that exits with its group still up (a rank with nothing left to write) can abort in the
-    # backend's teardown ("terminate called without an active exception"), failing the whole torchrun
-    atexit.register(close_world, world)
+    # a rank that leaves with its group still up can abort in gloo's teardown ("terminate called without
+    # an active exception"), failing the whole torchrun: stages end with `leave_world`, and this catches
+    # the ranks that leave on an error
+    atexit.register(_destroy_group, world)
     return world
 
 
@@ -96,6 +97,14 @@ def all_reduce_(tensor: torch.Tensor, world: World, op: str = "sum") -> torch.Te
     return tensor
 
 
-def close_world(world: World) -> None:
+def leave_world(world: World) -> None:
+    """The end of a stage on every rank: wait until every rank is done (rank 0 writes the artifacts
+    while the others wait), then tear the group down together. A rank that tears down while another
+    still talks to it can abort in gloo's teardown, failing the whole torchrun."""
+    barrier(world)
+    _destroy_group(world)
+
+
+def _destroy_group(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -17,7 +17,7 @@ from ..activations.data import Texts, load_role_texts
 from ..activations.models import detect_device, layer_names, load_model, resolve_layer
 from ..activations.stage import load_stage_model, stage_runtime, start_stage
 from ..activations.store import RUN_ID_FILE, open_run
-from ..base.distributed import World
+from ..base.distributed import World, leave_world
 from ..base.errors import PipelineError
 from ..base.integrity import read_sealed_json
 from ..training.sae import check_sae_matches
@@ -186,3 +186,4 @@ if __name__ == "__main__":  # stage 04 as a script, e.g. under torchrun: torchru
     stage_settings, _ = start_stage("04 name SAE concepts", sys.argv[1:])
     stage_device, stage_world = stage_runtime(stage_settings)
     run_concepts(stage_settings, device=stage_device, world=stage_world)
+    leave_world(stage_world)
