@@ -50,16 +50,18 @@ def test_a_shuffled_label_is_probed_at_chance():
         assert value < probing.chance_bound(n_pos, 200 - n_pos) and abs(value - 0.5) < 0.12, (k, value)
 
 
-def test_the_probe_weights_the_classes_and_minimises_its_loss():
-    """The fit is a minimum (gradient ~0) of the class-weighted, L2-penalised loss; a rare class is not
-    ignored: always answering "no" would score 0.5."""
+@pytest.mark.parametrize("n, d, lam", [(500, 6, 0.01), (200, 577, 1e-3)])
+def test_the_probe_weights_the_classes_and_minimises_its_loss(n, d, lam):
+    """The fit is a minimum (gradient ~0, in float64, though its Hessian is float32) of the class-weighted,
+    L2-penalised loss; a rare class is not ignored: always answering "no" would score 0.5. The second
+    case is the dense probe's shape on few stories: wider than tall, so the classes are separable and
+    only the L2 term bounds the weights."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 6, generator=g, dtype=torch.float64)
-    y = ((x[:, 0] + 0.5 * torch.randn(500, generator=g, dtype=torch.float64)) > 1.6).long()  # ~7% positive
-    lam = 0.01
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = ((x[:, 0] + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)) > 1.6).long()  # ~7% positive
     w = probing.fit_logistic(x, y, lam)
-    xb = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], 1)
-    weight = torch.where(y > 0, 0.5 / y.sum(), 0.5 / (500 - y.sum()))
+    xb = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    weight = torch.where(y > 0, 0.5 / y.sum(), 0.5 / (n - y.sum()))
     grad = xb.T @ (weight * (torch.sigmoid(xb @ w) - y)) + torch.cat([lam * w[:-1], 1e-9 * w[-1:]])
     assert grad.abs().max() < 1e-6
     assert probing.balanced_accuracy(y.numpy(), probing._predict(x, w)) > 0.8
