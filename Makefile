@@ -26,11 +26,16 @@ demo: $(STAMP)
 	$(NB_RUN) 04_name_sae_concepts.ipynb $(ARGS)
 	$(NB_RUN) 05_show_concepts.ipynb $(ARGS)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), a test file to each at a time; their stage
+# subprocesses take one thread each, so on 2 cores two workers keep both busy. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The peer trainers, each in its own venv beside the project's (their pins stay out of requirements.txt,
 # which keeps numpy<2 for mi_crow); then stage 02 against them (bench/bench_peers.py). Activations are

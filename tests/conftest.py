@@ -21,6 +21,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Under pytest-xdist (`make test`: two worker processes) each worker takes its share of the cores, as
+# the stage subprocesses that the tests start take one thread each (subprocess_env).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 STORIES = [
     "Once upon a time there was a little cat. The cat liked to play with a red ball.",
     "Tom had a big dog. One day the dog ran to the park and found a stick.",
