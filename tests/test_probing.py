@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -65,6 +66,37 @@ def test_the_probe_weights_the_classes_and_minimises_its_loss(n, d, lam):
     grad = xb.T @ (weight * (torch.sigmoid(xb @ w) - y)) + torch.cat([lam * w[:-1], 1e-9 * w[-1:]])
     assert grad.abs().max() < 1e-6
     assert probing.balanced_accuracy(y.numpy(), probing._predict(x, w)) > 0.8
+
+
+def test_a_fold_without_a_positive_does_not_choose_the_strength(monkeypatch):
+    """At PROBE_MIN_POSITIVES = 3 (the least allowed) the dense probe's nested cross-validation sees 2
+    positives, so one inner fold has none: its balanced accuracy is undefined (NaN), and the L2 strength
+    is chosen on the folds that have both classes, as if that fold were not there."""
+    assert np.isnan(probing.balanced_accuracy(np.array([0, 0, 0]), np.array([0, 1, 0])))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    y = np.zeros(60, np.int64)
+    y[[3, 17]] = 1
+    x[y == 1, 0] += 3.0
+    fold = probing._folds(y, probing.CV_FOLDS, 0)
+    empty = next(f for f in range(probing.CV_FOLDS) if not y[fold == f].any())
+    chosen = []
+    real_fit = probing.fit_logistic
+
+    def fit(a, labels, lam, **kwargs):
+        chosen.append(lam)
+        return real_fit(a, labels, lam, **kwargs)
+
+    monkeypatch.setattr(probing, "fit_logistic", fit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" on the way
+        accuracy, lam = probing.probe_accuracy(x, y, x, y)
+    scores = np.array([[probing.balanced_accuracy(y[fold == f], probing._predict(
+        probing._standardised(x[fold != f], x[fold == f])[1], real_fit(
+            probing._standardised(x[fold != f], x[fold == f])[0], torch.from_numpy(y[fold != f]), strength)))
+        for strength in sorted(probing.LAMBDAS, reverse=True)] for f in range(probing.CV_FOLDS) if f != empty])
+    assert lam == sorted(probing.LAMBDAS, reverse=True)[int(np.argmax(scores.mean(0)))]
+    assert np.isfinite(accuracy) and chosen[-1] == lam
 
 
 def test_balanced_accuracy_and_the_chance_bound():

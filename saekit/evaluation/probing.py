@@ -163,8 +163,11 @@ def chance_bound(n_positive: int, n_negative: int) -> float:
 # --- the probe -----------------------------------------------------------------------------------
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean of the accuracy on positives and on negatives: 0.5 for any guess that ignores the input."""
+    """Mean of the accuracy on positives and on negatives: 0.5 for any guess that ignores the input.
+    NaN where `y_true` holds one class only (a cross-validation fold without a positive story): undefined."""
     y_true, y_pred = np.asarray(y_true).astype(bool), np.asarray(y_pred).astype(bool)
+    if y_true.all() or not y_true.any():
+        return float("nan")
     return float((y_pred[y_true].mean() + (~y_pred[~y_true]).mean()) / 2)
 
 
@@ -251,7 +254,10 @@ def probe_accuracy(x_train: torch.Tensor, y_train: np.ndarray, x_test: torch.Ten
         for j, lam in enumerate(strengths):  # strongest first, each fit starting from the previous one
             w = fit_logistic(a, torch.from_numpy(y_train[inside]), lam, start=w)
             scores[f, j] = balanced_accuracy(y_train[outside], _predict(b, w))
-    best_lam = strengths[int(np.argmax(scores.mean(0)))]  # the first best: ties go to the stronger
+    # folds whose held-out part has both classes; with PROBE_MIN_POSITIVES = 3 the outer fold's training part
+    # can hold 2 positives, and one inner fold none: its NaN would otherwise decide the strength
+    defined = ~np.isnan(scores).any(1)
+    best_lam = strengths[int(np.argmax(scores[defined].mean(0)))] if defined.any() else strengths[0]  # ties: stronger
     a, b = _standardised(x_train, x_test)
     w = fit_logistic(a, torch.from_numpy(y_train), best_lam)
     return balanced_accuracy(y_test, _predict(b, w)), best_lam
