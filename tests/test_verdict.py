@@ -32,6 +32,24 @@ def test_config_thresholds_give_every_calibration_sae_its_expected_verdict():
         assert got == r["expected"], f"{r['sae']}: {got}, expected {r['expected']} (failing: {failed})"
 
 
+def test_config_thresholds_fail_broken_transcoders_and_pass_working_ones():
+    """The transcoder rows of bench/verdict_calibration.py --transcoders (the untrained transcoder and one of 12
+    steps: broken; the default transcoder and skip transcoder: working), measured as stage 03 measures a
+    transcoder (FVU of the MLP's output, spliced in place of the MLP), judged again with config.py's thresholds."""
+    if not CALIBRATION.exists():
+        pytest.skip("no calibration figures yet: run bench/verdict_calibration.py")
+    settings = load_settings([])
+    results = [r for r in json.loads(CALIBRATION.read_text())["results"] if r.get("train_target", "sae") != "sae"]
+    assert {r["train_target"] for r in results} == {"transcoder", "skip_transcoder"}
+    assert {r["expected"] for r in results} == {"PASS", "FAIL"}
+    for r in results:
+        assert r["splice"]["spliced_as"].startswith(f"with the {r['train_target'].replace('_', ' ')} spliced in place")
+        rows = verdict.checks(settings, r["k"], r["heldout"], r["weights"], r["splice"], r["architecture"])
+        got = "PASS" if verdict.passed(rows) else "FAIL"
+        failed = [c["check"] for c in rows if c["result"] == "FAIL"]
+        assert got == r["expected"], f"{r['sae']}: {got}, expected {r['expected']} (failing: {failed})"
+
+
 def test_the_seed_mi_crow_recipe_fails_whatever_its_ce():
     """mi_crow's SaeTrainer (3,566 steps an epoch) is measured by bench/bench_train.py rather than in
     the calibration run: its held-out figures fail the verdict even beside the default's CE."""
