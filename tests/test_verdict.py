@@ -26,10 +26,15 @@ def test_config_thresholds_give_every_calibration_sae_its_expected_verdict():
     results = json.loads(CALIBRATION.read_text())["results"]
     assert {r["expected"] for r in results} == {"PASS", "FAIL"}
     for r in results:
-        rows = verdict.checks(settings, r["k"], r["heldout"], r["weights"], r["splice"], r.get("architecture", "topk"))
-        got = "PASS" if verdict.passed(rows) else "FAIL"
-        failed = [c["check"] for c in rows if c["result"] == "FAIL"]
-        assert got == r["expected"], f"{r['sae']}: {got}, expected {r['expected']} (failing: {failed})"
+        _assert_judged_as_expected(settings, r)
+
+
+def _assert_judged_as_expected(settings, r: dict) -> None:
+    """A calibration row judged again by verdict.checks with `settings`' thresholds gives its expected verdict."""
+    rows = verdict.checks(settings, r["k"], r["heldout"], r["weights"], r["splice"], r.get("architecture", "topk"))
+    got = "PASS" if verdict.passed(rows) else "FAIL"
+    failed = [c["check"] for c in rows if c["result"] == "FAIL"]
+    assert got == r["expected"], f"{r['sae']}: {got}, expected {r['expected']} (failing: {failed})"
 
 
 def test_config_thresholds_fail_broken_transcoders_and_pass_working_ones():
@@ -44,10 +49,7 @@ def test_config_thresholds_fail_broken_transcoders_and_pass_working_ones():
     assert {r["expected"] for r in results} == {"PASS", "FAIL"}
     for r in results:
         assert r["splice"]["spliced_as"].startswith(f"with the {r['train_target'].replace('_', ' ')} spliced in place")
-        rows = verdict.checks(settings, r["k"], r["heldout"], r["weights"], r["splice"], r["architecture"])
-        got = "PASS" if verdict.passed(rows) else "FAIL"
-        failed = [c["check"] for c in rows if c["result"] == "FAIL"]
-        assert got == r["expected"], f"{r['sae']}: {got}, expected {r['expected']} (failing: {failed})"
+        _assert_judged_as_expected(settings, r)
 
 
 def test_the_seed_mi_crow_recipe_fails_whatever_its_ce():
