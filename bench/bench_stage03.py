@@ -26,7 +26,7 @@ import types
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import ROOT, save_result, table, timer
+from common import ROOT, dense_fp32_gflops, save_result, table, timer
 
 from saekit.base.settings import load_settings
 from saekit.evaluation import analysis, probing, verdict
@@ -47,16 +47,6 @@ def old_module(commit: str, name: str) -> types.ModuleType:
     exec(compile(source, f"{name}_old.py", "exec"), module.__dict__)  # the project's own past code
     return module
 
-
-def matmul_gflops(m: int, k: int, n: int, repeats: int = 20) -> float:
-    """This machine's float32 matmul rate on an [m, k] @ [k, n] product, measured now."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(3):
-        a @ b
-    with timer() as t:
-        for _ in range(repeats):
-            a @ b
-    return 2 * m * k * n * repeats / t["seconds"] / 1e9
 
 
 def main() -> None:
@@ -85,7 +75,7 @@ def main() -> None:
         after = part("splice after (fast, length-sorted)",
                      lambda: analysis.splice_report(settings, trained, progress=False, loaded=loaded))
     config = loaded.model.config
-    gemm = matmul_gflops(4096, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size))
+    gemm = dense_fp32_gflops(4096, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size))
     splice_flops = counter.get_total_flops()
     rows, loaded.evaluation_rows = loaded.evaluation_rows, {}
     probes_before = part("sparse probing before (float64 Hessians; its evaluation texts embedded again)",

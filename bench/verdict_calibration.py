@@ -206,9 +206,8 @@ thresholds = {key: getattr(base, key) for key in ("MAX_DEAD_FRACTION", "MAX_HELD
 last = Path(__file__).parent / "results" / "verdict_calibration.json"
 previous = json.loads(last.read_text()) if last.exists() else {"results": []}
 measured = {r["sae"] for r in rows}
-is_transcoder = lambda r: r.get("train_target", "sae") != "sae"  # noqa: E731 (rows before TRAIN_TARGET are SAEs')
-others = [r for r in previous["results"] if r["sae"] not in measured
-          and (only is not None or is_transcoder(r) != transcoders)]
+others = [r for r in previous["results"] if r["sae"] not in measured  # rows before TRAIN_TARGET are SAEs'
+          and (only is not None or (r.get("train_target", "sae") != "sae") != transcoders)]
 if others:
     command = f"{previous['command']}; {command}"
 rows = others + rows

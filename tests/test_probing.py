@@ -91,10 +91,14 @@ def test_a_fold_without_a_positive_does_not_choose_the_strength(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "mean of empty slice" on the way
         accuracy, lam = probing.probe_accuracy(x, y, x, y)
-    scores = np.array([[probing.balanced_accuracy(y[fold == f], probing._predict(
-        probing._standardised(x[fold != f], x[fold == f])[1], real_fit(
-            probing._standardised(x[fold != f], x[fold == f])[0], torch.from_numpy(y[fold != f]), strength)))
-        for strength in sorted(probing.LAMBDAS, reverse=True)] for f in range(probing.CV_FOLDS) if f != empty])
+    scores = []  # each strength's balanced accuracy on the folds that have a positive
+    for f in range(probing.CV_FOLDS):
+        if f != empty:
+            inside, outside = probing._standardised(x[fold != f], x[fold == f])
+            scores.append([probing.balanced_accuracy(y[fold == f], probing._predict(
+                outside, real_fit(inside, torch.from_numpy(y[fold != f]), strength)))
+                for strength in sorted(probing.LAMBDAS, reverse=True)])
+    scores = np.array(scores)
     assert lam == sorted(probing.LAMBDAS, reverse=True)[int(np.argmax(scores.mean(0)))]
     assert np.isfinite(accuracy) and chosen[-1] == lam
 
